@@ -1,0 +1,127 @@
+"""Backend selection shared by every op in :mod:`uvit_fast.ops`.
+
+Each op takes ``backend="auto" | "torch" | "triton"`` (attention takes a few more).
+``"auto"`` first looks at the process-wide default, which is set by
+:func:`use_backend` (innermost wins) or else by the environment variable
+``UVIT_FAST_BACKEND``; when that default is itself ``"auto"``, CUDA tensors go to
+the Triton kernel and CPU tensors to plain PyTorch.
+
+``"triton"`` on CPU tensors only works under the Triton interpreter
+(``TRITON_INTERPRET=1`` set before ``triton`` is imported); otherwise a
+:class:`BackendError` says so.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import threading
+from typing import Iterator, Optional
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton")
+ENV_VAR = "UVIT_FAST_BACKEND"
+
+_state = threading.local()
+
+
+class BackendError(ValueError):
+    """A backend was asked for that cannot run these tensors."""
+
+
+def _check_name(name: str, allowed=BACKENDS, what: str = "backend") -> str:
+    if not isinstance(name, str) or name not in allowed:
+        raise ValueError(f"{what} must be one of {', '.join(map(repr, allowed))}; got {name!r}")
+    return name
+
+
+def _env_default() -> str:
+    value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    return _check_name(value, what=f"environment variable {ENV_VAR}")
+
+
+def get_backend() -> str:
+    """The process-wide default that ``backend="auto"`` resolves through."""
+    stack = getattr(_state, "stack", None)
+    if stack:
+        return stack[-1]
+    return _env_default()
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run every op with ``backend="auto"`` on ``name`` inside the block.
+
+    >>> with uvit_fast.use_backend("triton"):   # e.g. under TRITON_INTERPRET=1 on CPU
+    ...     out = model(x, t, y)
+    """
+    _check_name(name)
+    stack = getattr(_state, "stack", None)
+    if stack is None:
+        stack = _state.stack = []
+    stack.append(name)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton runs kernels on the CPU through its interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip() == "1"
+
+
+def triton_available() -> bool:
+    try:
+        importlib.import_module("triton")
+    except Exception:  # noqa: BLE001 - any import failure means "not usable"
+        return False
+    return True
+
+
+def resolve(backend: str, op: str, *tensors: Optional[torch.Tensor]) -> str:
+    """Turn a user's ``backend`` argument into ``"torch"`` or ``"triton"`` for ``op``.
+
+    ``tensors`` are the op's inputs (``None`` entries are ignored); they must share
+    one device.
+    """
+    _check_name(backend)
+    present = [t for t in tensors if t is not None]
+    devices = {t.device for t in present}
+    if len(devices) > 1:
+        raise ValueError(
+            f"{op}: all tensors must be on one device; got {sorted(str(d) for d in devices)}"
+        )
+    device = present[0].device if present else torch.device("cpu")
+    choice = backend if backend != "auto" else get_backend()
+    if choice == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if choice == "triton":
+        check_triton_device(op, device)
+    return choice
+
+
+def check_triton_device(op: str, device: torch.device) -> None:
+    if not triton_available():
+        raise BackendError(f"{op}: backend='triton' needs the 'triton' package, which is not importable")
+    if device.type == "cuda":
+        return
+    if device.type == "cpu" and interpreter_enabled():
+        return
+    raise BackendError(
+        f"{op}: backend='triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 "
+        f"set before triton is imported; got tensors on {device}"
+    )
+
+
+def load_kernel(op: str, module: str):
+    """Import ``uvit_fast.kernels.<module>``; a missing kernel is a NotImplementedError naming the op."""
+    try:
+        return importlib.import_module(f"uvit_fast.kernels.{module}")
+    except ModuleNotFoundError as exc:
+        if exc.name in (f"uvit_fast.kernels.{module}",):
+            raise NotImplementedError(
+                f"{op}: the Triton kernel is not implemented yet; use backend='torch'"
+            ) from None
+        raise

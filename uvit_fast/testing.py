@@ -1,0 +1,49 @@
+"""Parity helpers shared by the tests and the GPU checks (the flash-attn rule).
+
+A kernel's result passes when its error against a float64 reference is at most
+``factor`` times the error of plain PyTorch in the same dtype, plus a small ``atol``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+#: absolute slack by dtype for :func:`assert_parity`
+DEFAULT_ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float64: 1e-12}
+
+
+def max_abs_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return (a.detach().double() - ref.detach().double()).abs().max().item()
+
+
+def assert_parity(
+    out: torch.Tensor,
+    baseline: torch.Tensor,
+    ref64: torch.Tensor,
+    *,
+    factor: float = 2.0,
+    atol: Optional[float] = None,
+    name: str = "output",
+) -> None:
+    """``|out - ref64| <= factor * |baseline - ref64| + atol`` (max-abs), and no NaN/inf.
+
+    ``baseline`` is plain PyTorch run in the same dtype as ``out``; ``ref64`` the float64 result.
+    """
+    if out.shape != ref64.shape:
+        raise AssertionError(f"{name}: shape {tuple(out.shape)} != reference {tuple(ref64.shape)}")
+    if not torch.isfinite(out).all():
+        raise AssertionError(f"{name}: non-finite values in the result")
+    if atol is None:
+        atol = DEFAULT_ATOL.get(out.dtype, 1e-5)
+    err = max_abs_err(out, ref64)
+    base = max_abs_err(baseline, ref64)
+    if not err <= factor * base + atol:
+        raise AssertionError(
+            f"{name}: max abs error {err:.3e} > {factor} x PyTorch's {base:.3e} + atol {atol:.1e} ({out.dtype})"
+        )
+
+
+def poison_(t: torch.Tensor) -> torch.Tensor:
+    """Fill with NaN so that elements a kernel fails to write are caught."""
+    return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-1)
