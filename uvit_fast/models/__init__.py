@@ -1,3 +1,157 @@
-def create_model(): pass
-def list_models(): pass
-def load_upstream_checkpoint(): pass
+"""Models with upstream constructors and state_dicts, and the preset registry.
+
+``create_model(name, **overrides)`` builds a preset by its upstream name (the U-ViT config
+names such as ``imagenet256_uvit_huge``, and ``DiT-XL/2`` style names); ``list_models()``
+lists them. ``load_upstream_checkpoint`` loads a checkpoint file written by the upstream code.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Dict, List, Mapping, Optional, Union
+
+import torch
+import torch.nn as nn
+
+from uvit_fast.models.dit import DiT
+from uvit_fast.models.uvit import UViT, UViTT2I
+
+_REGISTRY: Dict[str, Callable[..., nn.Module]] = {}
+_DEFAULTS: Dict[str, Dict[str, Any]] = {}
+
+
+def register_model(name: str, cls: Callable[..., nn.Module], **defaults: Any) -> None:
+    if name in _REGISTRY:
+        raise ValueError(f"register_model: {name!r} is already registered")
+    _REGISTRY[name] = cls
+    _DEFAULTS[name] = defaults
+
+
+_U = dict(mlp_ratio=4.0, qkv_bias=False, mlp_time_embed=False)
+# name: (img_size, patch, in_chans, embed_dim, depth, heads, num_classes, conv)
+_UVIT_PRESETS = {
+    "cifar10_uvit_small": (32, 2, 3, 512, 12, 8, -1, True),
+    "celeba64_uvit_small": (64, 4, 3, 512, 12, 8, -1, True),
+    "imagenet64_uvit_mid": (64, 4, 3, 768, 16, 12, 1000, True),
+    "imagenet64_uvit_large": (64, 4, 3, 1024, 20, 16, 1000, True),
+    "imagenet256_uvit_large": (32, 2, 4, 1024, 20, 16, 1001, True),
+    "imagenet256_uvit_huge": (32, 2, 4, 1152, 28, 16, 1001, False),
+    "imagenet512_uvit_large": (64, 4, 4, 1024, 20, 16, 1001, True),
+    "imagenet512_uvit_huge": (64, 4, 4, 1152, 28, 16, 1001, False),
+}
+for _name, (_img, _p, _c, _d, _depth, _h, _nc, _conv) in _UVIT_PRESETS.items():
+    register_model(
+        _name, UViT, img_size=_img, patch_size=_p, in_chans=_c, embed_dim=_d, depth=_depth, num_heads=_h,
+        num_classes=_nc, conv=_conv, **_U,
+    )
+for _name, _depth in (("mscoco_uvit_small", 12), ("mscoco_uvit_small_deep", 16)):
+    register_model(
+        _name, UViTT2I, img_size=32, patch_size=2, in_chans=4, embed_dim=512, depth=_depth, num_heads=8,
+        clip_dim=768, num_clip_token=77, conv=True, **_U,
+    )
+# DiT sizes: (depth, hidden, heads)
+_DIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+for _size in ("XL", "L", "B", "S"):
+    for _p in (2, 4, 8):
+        _depth, _d, _h = _DIT_SIZES[_size]
+        register_model(f"DiT-{_size}/{_p}", DiT, depth=_depth, hidden_size=_d, num_heads=_h, patch_size=_p)
+
+
+def list_models() -> List[str]:
+    """Every name :func:`create_model` accepts, in registration order."""
+    return list(_REGISTRY)
+
+
+def model_config(name: str) -> Dict[str, Any]:
+    """The constructor arguments of a preset (before overrides)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; choose from: {', '.join(_REGISTRY)}")
+    return dict(_DEFAULTS[name])
+
+
+def create_model(name: str, **overrides: Any) -> nn.Module:
+    """Build a preset by name; keyword overrides replace constructor arguments
+    (e.g. ``create_model("DiT-XL/2", input_size=64, fused=False)``)."""
+    cfg = model_config(name)
+    cfg.update(overrides)
+    model = _REGISTRY[name](**cfg)
+    model.preset_name = name
+    return model
+
+
+def _unwrap_state_dict(obj: Any, key: Optional[str]) -> Mapping[str, torch.Tensor]:
+    if key is not None:
+        if not isinstance(obj, Mapping) or key not in obj:
+            have = list(obj.keys())[:10] if isinstance(obj, Mapping) else type(obj).__name__
+            raise KeyError(f"load_upstream_checkpoint: the checkpoint has no entry {key!r} (top-level: {have})")
+        obj = obj[key]
+    elif isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        # training checkpoints: {"model": ..., "ema": ..., "opt": ...}; prefer the EMA weights
+        for k in ("ema", "model", "state_dict", "module"):
+            if k in obj and isinstance(obj[k], Mapping):
+                obj = obj[k]
+                break
+    if not isinstance(obj, Mapping):
+        raise TypeError(f"load_upstream_checkpoint: expected a state_dict mapping; got {type(obj).__name__}")
+    prefixes = ("module.", "_orig_mod.")
+    out = {}
+    for k, v in obj.items():
+        for p in prefixes:
+            if k.startswith(p):
+                k = k[len(p):]
+        out[k] = v
+    return out
+
+
+def load_upstream_checkpoint(
+    model_or_name: Union[str, nn.Module],
+    path: Union[str, os.PathLike, Mapping[str, torch.Tensor]],
+    *,
+    key: Optional[str] = None,
+    map_location: Union[str, torch.device] = "cpu",
+    **overrides: Any,
+) -> nn.Module:
+    """Load a checkpoint written by the upstream U-ViT or DiT code, strictly.
+
+    Args:
+        model_or_name: a model, or a preset name for :func:`create_model` (with ``overrides``).
+        path: a ``.pth`` / ``.pt`` file (or an already loaded state_dict). Plain state_dicts
+            load as they are; training checkpoints with ``ema`` / ``model`` entries use ``ema``
+            unless ``key`` says otherwise; ``module.`` (DDP) and ``_orig_mod.`` (compile)
+            prefixes are removed.
+
+    Raises:
+        ValueError listing every missing key, unexpected key and shape mismatch.
+    """
+    model = create_model(model_or_name, **overrides) if isinstance(model_or_name, str) else model_or_name
+    obj = torch.load(path, map_location=map_location, weights_only=True) if not isinstance(path, Mapping) else path
+    sd = _unwrap_state_dict(obj, key)
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    mismatched = [
+        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or mismatched:
+        name = getattr(model, "preset_name", type(model).__name__)
+        parts = [f"load_upstream_checkpoint: the checkpoint does not match {name}"]
+        for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)):
+            if items:
+                shown = ", ".join(items[:20]) + (f", ... ({len(items)} in all)" if len(items) > 20 else "")
+                parts.append(f"{title}: {shown}")
+        raise ValueError("\n  ".join(parts))
+    model.load_state_dict(sd, strict=True)
+    return model
+
+
+__all__ = [
+    "UViT",
+    "UViTT2I",
+    "DiT",
+    "create_model",
+    "list_models",
+    "model_config",
+    "register_model",
+    "load_upstream_checkpoint",
+]

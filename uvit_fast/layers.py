@@ -1,0 +1,198 @@
+"""Small nn modules shared by the models (timm / nanoGPT style).
+
+Every module keeps upstream's parameter names, so ``state_dict`` keys never change, and has a
+``fused`` attribute: ``False`` runs the plain PyTorch math of the upstream code, ``True``
+routes through :mod:`uvit_fast.ops` with ``backend="auto"`` (Triton on CUDA, PyTorch on CPU,
+overridable with :func:`uvit_fast.use_backend`).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from uvit_fast import ops
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding ``cat([cos(t f), sin(t f)])`` of ``(B,)`` timesteps, shape ``(B, dim)``
+    (a zero column appended when ``dim`` is odd), as in U-ViT and DiT."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
+    args = timesteps[:, None].float() * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+class LayerNorm(nn.LayerNorm):
+    """Drop-in ``nn.LayerNorm`` (same parameters and state_dict) whose fused path is the
+    Triton LayerNorm, with modulated and residual variants used by the DiT / U-ViT blocks."""
+
+    def __init__(self, *args, fused: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fused = fused
+
+    def _fusable(self, x: torch.Tensor) -> bool:
+        return self.fused and len(self.normalized_shape) == 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._fusable(x):
+            return super().forward(x)
+        return ops.adaln_layer_norm(x, weight=self.weight, bias=self.bias, eps=self.eps)
+
+    def modulated(
+        self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, scale_offset: float = 1.0
+    ) -> torch.Tensor:
+        """``LN(x) * (scale_offset + scale) + shift`` with per-sample ``(B, D)`` or per-token modulation."""
+        if not self._fusable(x):
+            return ops.adaln_layer_norm_reference(x, shift, scale, self.weight, self.bias, self.eps, scale_offset)
+        return ops.adaln_layer_norm(x, shift, scale, self.weight, self.bias, self.eps, scale_offset)
+
+    def residual(
+        self,
+        x: torch.Tensor,
+        branch: torch.Tensor,
+        gate: Optional[torch.Tensor] = None,
+        shift: Optional[torch.Tensor] = None,
+        scale: Optional[torch.Tensor] = None,
+        scale_offset: float = 1.0,
+    ):
+        """``x_new = x + gate * branch``; returns ``(x_new, self.modulated(x_new, shift, scale))``."""
+        args = (x, branch, gate, shift, scale, self.weight, self.bias, self.eps, scale_offset)
+        if not self._fusable(x):
+            return ops.residual_adaln_layer_norm_reference(*args)
+        return ops.residual_adaln_layer_norm(*args)
+
+
+class Mlp(nn.Module):
+    """``fc2(act(fc1(x)))`` with timm's parameter names."""
+
+    def __init__(self, in_features: int, hidden_features: int, act_layer=nn.GELU):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = act_layer()
+        self.fc2 = nn.Linear(hidden_features, in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a packed ``qkv`` Linear and a ``proj`` Linear.
+
+    ``upcast=True`` reproduces upstream U-ViT's attention, which casts q, k, v to float32
+    before SDPA (the fused path does not; float64 stays float64). ``causal`` masks keys after the query.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = False,
+        qk_scale: Optional[float] = None,
+        *,
+        upcast: bool = False,
+        causal: bool = False,
+        fused: bool = True,
+    ):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"Attention: dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = qk_scale or self.head_dim ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.upcast = upcast
+        self.causal = causal
+        self.fused = fused
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, C = x.shape
+        qkv = self.qkv(x).view(B, L, 3, self.num_heads, self.head_dim)
+        if self.fused:
+            out = ops.attention_qkvpacked(qkv, causal=self.causal, scale=self.scale)
+        else:
+            q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B, H, L, Dh) each
+            if self.upcast and q.dtype in (torch.float16, torch.bfloat16):
+                q, k, v = q.float(), k.float(), v.float()
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, scale=self.scale)
+            out = out.transpose(1, 2).to(qkv.dtype)
+        return self.proj(out.reshape(B, L, C))
+
+
+class SkipLinear(nn.Linear):
+    """U-ViT's ``skip_linear = nn.Linear(2D, D)`` (same state_dict) called as ``(h, skip)``;
+    the fused path never materialises ``cat([h, skip])``."""
+
+    def __init__(self, dim: int, *, fused: bool = True):
+        super().__init__(2 * dim, dim)
+        self.fused = fused
+
+    def forward(self, h: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        if self.fused:
+            return ops.skip_concat_linear(h, skip, self.weight, self.bias)
+        return F.linear(torch.cat([h, skip], dim=-1), self.weight, self.bias)
+
+
+class PatchEmbed(nn.Module):
+    """Conv patch projection (``proj``, kernel = stride = patch) with the upstream key layout.
+
+    ``forward(x)`` gives the ``(B, L, D)`` patch tokens as upstream; :meth:`embed` also puts
+    ``prefix`` tokens first and adds ``pos_embed``, fused into one kernel when ``fused``.
+    """
+
+    def __init__(self, patch_size, in_chans: int = 3, embed_dim: int = 768, bias: bool = True, *, fused: bool = True):
+        super().__init__()
+        n = 3 if (not isinstance(patch_size, int) and len(tuple(patch_size)) == 3) else 2
+        self.patch_size = (patch_size,) * n if isinstance(patch_size, int) else tuple(patch_size)
+        conv = nn.Conv3d if n == 3 else nn.Conv2d
+        self.proj = conv(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size, bias=bias)
+        self.fused = fused
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embed(x)
+
+    def embed(
+        self, x: torch.Tensor, prefix: Optional[torch.Tensor] = None, pos_embed: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        if self.fused:
+            return ops.patchify_embed(x, self.proj.weight, self.proj.bias, prefix=prefix, pos_embed=pos_embed)
+        out = self.proj(x).flatten(2).transpose(1, 2)
+        if prefix is not None:
+            out = torch.cat([prefix.expand(out.shape[0], -1, -1), out], dim=1)
+        if pos_embed is not None:
+            out = out + pos_embed
+        return out
+
+
+def decode_tokens(
+    linear: nn.Linear,
+    x: torch.Tensor,
+    *,
+    patch_size: int,
+    extras: int,
+    grid: Optional[Sequence[int]] = None,
+    fused: bool = True,
+) -> torch.Tensor:
+    """``linear`` on the patch tokens, then unpatchify to ``(B, C, H, W)`` (upstream's
+    ``(p1 p2 C)`` order). Upstream applies the linear to every token and then drops the
+    ``extras``; the result is the same."""
+    if fused:
+        return ops.decoder_unpatchify(x, linear.weight, linear.bias, patch_size=patch_size, grid=grid, extras=extras)
+    out = linear(x)[:, extras:]
+    channels = linear.out_features // (patch_size * patch_size)
+    return ops.unpatchify(out, patch_size, channels, grid)
+
+
+def set_fused(module: nn.Module, fused: bool) -> nn.Module:
+    """Switch every sub-module that has a ``fused`` attribute."""
+    for m in module.modules():
+        if hasattr(m, "fused"):
+            m.fused = fused
+    return module

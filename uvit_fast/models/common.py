@@ -1,0 +1,57 @@
+"""Input checks shared by the models: clear errors naming the argument and the shapes."""
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+
+
+def check_image(model: str, x: torch.Tensor, in_chans: int, img_size: Union[int, Tuple[int, int]], patch: int) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{model}: x must be a torch.Tensor; got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{model}: x must have shape (B, C, H, W); got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{model}: x must have a floating dtype; got {x.dtype}")
+    B, C, H, W = x.shape
+    if C != in_chans:
+        raise ValueError(f"{model}: x has {C} channels but the model was built with in_chans={in_chans} (x {tuple(x.shape)})")
+    if H % patch or W % patch:
+        raise ValueError(f"{model}: image size {H}x{W} is not divisible by the patch size {patch} (x {tuple(x.shape)})")
+    size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    if (H, W) != size:
+        raise ValueError(
+            f"{model}: x is {H}x{W} but the model was built for {size[0]}x{size[1]} "
+            f"(its position embedding has a fixed token count); x {tuple(x.shape)}"
+        )
+
+
+def check_timesteps(model: str, t, batch: int, device: torch.device) -> torch.Tensor:
+    """``(B,)`` timesteps; a Python number or a 0-d / 1-element tensor is broadcast to the batch."""
+    if not isinstance(t, torch.Tensor):
+        if isinstance(t, (int, float)) and not isinstance(t, bool):
+            t = torch.tensor(float(t), device=device)
+        else:
+            raise TypeError(f"{model}: timesteps must be a tensor of shape (B,) or a number; got {type(t).__name__}")
+    if t.dim() == 0 or (t.dim() == 1 and t.shape[0] == 1 and batch != 1):
+        t = t.reshape(1).expand(batch)
+    if t.dim() != 1 or t.shape[0] != batch:
+        raise ValueError(f"{model}: timesteps must have shape ({batch},) for a batch of {batch}; got {tuple(t.shape)}")
+    return t
+
+
+def check_labels(model: str, y: Optional[torch.Tensor], batch: int, num_classes: int) -> None:
+    """Integer labels ``(B,)`` in ``[0, num_classes)``. The range check reads the labels back
+    (one small sync on a GPU); it is skipped while torch.compile traces."""
+    if y is None:
+        raise ValueError(f"{model}: this model is class-conditional (num_classes={num_classes}); y is required")
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"{model}: y must be an integer tensor of shape ({batch},); got {type(y).__name__}")
+    if y.dtype.is_floating_point or y.dtype == torch.bool or y.is_complex():
+        raise TypeError(f"{model}: y must have an integer dtype; got {y.dtype}")
+    if tuple(y.shape) != (batch,):
+        raise ValueError(f"{model}: y must have shape ({batch},); got {tuple(y.shape)}")
+    if not torch.compiler.is_compiling() and batch > 0:
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0 or hi >= num_classes:
+            raise ValueError(f"{model}: labels must lie in [0, {num_classes}); got values in [{lo}, {hi}]")
