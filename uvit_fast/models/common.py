@@ -42,7 +42,8 @@ def check_timesteps(model: str, t, batch: int, device: torch.device) -> torch.Te
 
 def check_labels(model: str, y: Optional[torch.Tensor], batch: int, num_classes: int) -> None:
     """Integer labels ``(B,)`` in ``[0, num_classes)``. The range check reads the labels back
-    (one small sync on a GPU); it is skipped while torch.compile traces."""
+    (one small sync on a GPU); it is skipped while torch.compile traces and on meta tensors
+    (FLOP counting)."""
     if y is None:
         raise ValueError(f"{model}: this model is class-conditional (num_classes={num_classes}); y is required")
     if not isinstance(y, torch.Tensor):
@@ -51,7 +52,7 @@ def check_labels(model: str, y: Optional[torch.Tensor], batch: int, num_classes:
         raise TypeError(f"{model}: y must have an integer dtype; got {y.dtype}")
     if tuple(y.shape) != (batch,):
         raise ValueError(f"{model}: y must have shape ({batch},); got {tuple(y.shape)}")
-    if not torch.compiler.is_compiling() and batch > 0:
+    if not torch.compiler.is_compiling() and batch > 0 and y.device.type != "meta":
         lo, hi = int(y.min()), int(y.max())
         if lo < 0 or hi >= num_classes:
             raise ValueError(f"{model}: labels must lie in [0, {num_classes}); got values in [{lo}, {hi}]")
