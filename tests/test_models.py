@@ -309,3 +309,12 @@ def test_presets_run_forward_at_reduced_depth():
                 out = m(x, torch.ones(1), torch.tensor([3]))
         assert out.shape[-2:] == x.shape[-2:] and torch.isfinite(out).all()
         assert math.prod(out.shape[:1]) == 1
+
+
+@pytest.mark.parametrize("name", ["cifar10_uvit_small", "imagenet64_uvit_mid", "mscoco_uvit_small", "DiT-B/4"])
+def test_example_inputs_run(name):
+    with torch.device("meta"):
+        m = create_model(name, fused=False)
+        args = m.example_inputs(2)
+        out = m(*args)
+    assert out.shape[0] == 2 and out.shape[-2:] == args[0].shape[-2:]

@@ -171,6 +171,13 @@ class DiT(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
+    def example_inputs(self, batch_size: int = 1, device=None, dtype=None) -> tuple:
+        """Random ``(x, t, y)`` of the right shapes, for profiling and benchmarks."""
+        device = device or self.pos_embed.device
+        x = torch.randn(batch_size, self.in_channels, self.input_size, self.input_size, device=device, dtype=dtype)
+        t = torch.randint(0, 1000, (batch_size,), device=device).float()
+        return x, t, torch.randint(0, self.num_classes, (batch_size,), device=device)
+
     def forward(self, x: torch.Tensor, t, y: torch.Tensor) -> torch.Tensor:
         check_image("DiT", x, self.in_channels, self.input_size, self.patch_size)
         B = x.shape[0]

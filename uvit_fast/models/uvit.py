@@ -187,6 +187,15 @@ class UViT(_UViTBase):
             norm_layer, mlp_time_embed, use_checkpoint, conv, skip, 2 if num_classes > 0 else 1, fused,
         )
 
+    def example_inputs(self, batch_size: int = 1, device=None, dtype=None) -> tuple:
+        """Random ``(x, timesteps[, y])`` of the right shapes, for profiling and benchmarks."""
+        device = device or self.pos_embed.device
+        x = torch.randn(batch_size, self.in_chans, self.img_size, self.img_size, device=device, dtype=dtype)
+        t = torch.randint(0, 1000, (batch_size,), device=device).float()
+        if self.num_classes > 0:
+            return x, t, torch.randint(0, self.num_classes, (batch_size,), device=device)
+        return x, t
+
     def forward(self, x: torch.Tensor, timesteps, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         check_image("UViT", x, self.in_chans, self.img_size, self.patch_size)
         B = x.shape[0]
@@ -235,6 +244,14 @@ class UViTT2I(_UViTBase):
             img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, qkv_bias, qk_scale,
             norm_layer, mlp_time_embed, use_checkpoint, conv, skip, 1 + num_clip_token, fused,
         )
+
+    def example_inputs(self, batch_size: int = 1, device=None, dtype=None) -> tuple:
+        """Random ``(x, timesteps, context)`` of the right shapes, for profiling and benchmarks."""
+        device = device or self.pos_embed.device
+        x = torch.randn(batch_size, self.in_chans, self.img_size, self.img_size, device=device, dtype=dtype)
+        t = torch.randint(0, 1000, (batch_size,), device=device).float()
+        ctx = torch.randn(batch_size, self.num_clip_token, self.clip_dim, device=device, dtype=dtype)
+        return x, t, ctx
 
     def forward(self, x: torch.Tensor, timesteps, context: torch.Tensor) -> torch.Tensor:
         check_image("UViTT2I", x, self.in_chans, self.img_size, self.patch_size)
