@@ -7,11 +7,15 @@
 * no ``shift``/``scale`` is a plain (affine or not) LayerNorm.
 
 Dtypes follow ``nn.LayerNorm``: outside autocast the output has ``x``'s dtype (with
-PyTorch's type promotion against the modulation tensors); under autocast LayerNorm runs
-in float32, so the output is float32.
+PyTorch's type promotion against the modulation tensors); under CUDA autocast LayerNorm runs
+in float32, so the output is float32 (CPU autocast leaves layer_norm alone: ``x``'s dtype).
+The residual ``x_new`` is ``promote(x, branch, gate)`` in every mode. The Triton path
+(``backend="triton"``) gives the same dtypes, computes in fp32 from the inputs as they are
+(no cast copies) and rounds once; gradients come back in each input's dtype.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -107,8 +111,11 @@ def adaln_layer_norm(
 
 
 def _adaln_layer_norm_triton(x, shift, scale, weight, bias, eps, scale_offset):
-    load_kernel("adaln_layer_norm", "adaln_layer_norm")
-    raise NotImplementedError("adaln_layer_norm: the Triton kernel is not implemented yet; use backend='torch'")
+    out_dtype = _promote(_ln_dtype(x), scale, shift)
+    y, _, _ = torch.ops.uvit_fast.adaln_layer_norm(
+        x, shift, scale, weight, bias, float(eps), float(scale_offset), out_dtype
+    )
+    return y
 
 
 def _check_residual(op, x, branch, gate):
@@ -171,7 +178,238 @@ def residual_adaln_layer_norm(
 
 
 def _residual_adaln_layer_norm_triton(x, branch, gate, shift, scale, weight, bias, eps, scale_offset):
-    load_kernel("residual_adaln_layer_norm", "adaln_layer_norm")
-    raise NotImplementedError(
-        "residual_adaln_layer_norm: the Triton kernel is not implemented yet; use backend='torch'"
+    xn_dtype = _promote(x.dtype, branch, gate)
+    out_dtype = _promote(_ln_dtype(x, xn_dtype), scale, shift)
+    x_new, h, _, _ = torch.ops.uvit_fast.residual_adaln_layer_norm(
+        x, branch, gate, shift, scale, weight, bias, float(eps), float(scale_offset), out_dtype
     )
+    return x_new, h
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton path: torch.library custom ops (forward and backward), so torch.compile(fullgraph=True)
+# traces through them. The kernels module is imported inside the op bodies only.
+#
+# Dtypes / autocast. Custom ops are not autocast-aware; the Python wrappers above pick the output
+# dtype the reference would produce and pass it to the op, and the kernels read every input in its
+# own dtype, compute in fp32 and write the outputs in that dtype (no cast copies):
+#   * CUDA autocast runs layer_norm in float32 -> the LayerNorm output is float32 for fp16/bf16/fp32
+#     inputs (float64 stays float64); CPU autocast leaves layer_norm alone (output in x's dtype);
+#   * the modulation then promotes: y dtype = promote(LN dtype, scale, shift);
+#   * the residual x_new (not an autocast op) is promote(x, branch, gate).
+# Gradients are returned in each input's dtype.
+# ----------------------------------------------------------------------------------------------
+_AUTOCAST_LN_FP32 = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _ln_dtype(x: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.dtype:
+    """Dtype of ``F.layer_norm``'s output for an input of ``dtype`` (default ``x.dtype``) on x's device."""
+    dtype = x.dtype if dtype is None else dtype
+    if x.device.type == "cuda" and torch.is_autocast_enabled("cuda") and dtype in _AUTOCAST_LN_FP32:
+        return torch.float32
+    return dtype
+
+
+def _promote(dtype: torch.dtype, *tensors: Optional[torch.Tensor]) -> torch.dtype:
+    for t in tensors:
+        if t is not None:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _kernels():
+    return load_kernel("adaln_layer_norm", "adaln_layer_norm")
+
+
+def _rows(x: torch.Tensor) -> int:
+    return math.prod(x.shape[:-1])
+
+
+def _grad_or_empty(g: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    # custom ops cannot return None: absent gradients travel as empty tensors
+    return g if g is not None else like.new_empty(0)
+
+
+def _fake_grad(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    return t.new_empty(t.shape) if t is not None else like.new_empty(0)
+
+
+@torch.library.custom_op("uvit_fast::adaln_layer_norm", mutates_args=())
+def _adaln_op(
+    x: torch.Tensor,
+    shift: Optional[torch.Tensor],
+    scale: Optional[torch.Tensor],
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    eps: float,
+    scale_offset: float,
+    out_dtype: torch.dtype,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _kernels().adaln_layer_norm_forward(x, shift, scale, weight, bias, eps, scale_offset, out_dtype)
+
+
+@_adaln_op.register_fake
+def _(x, shift, scale, weight, bias, eps, scale_offset, out_dtype):
+    n = _rows(x)
+    return (
+        x.new_empty(x.shape, dtype=out_dtype),
+        x.new_empty(n, dtype=torch.float32),
+        x.new_empty(n, dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("uvit_fast::adaln_layer_norm_backward", mutates_args=())
+def _adaln_bwd_op(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    shift: Optional[torch.Tensor],
+    scale: Optional[torch.Tensor],
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    scale_offset: float,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dx, _, _, dshift, dscale, dweight, dbias = _kernels().adaln_layer_norm_backward(
+        dy, None, x, None, None, shift, scale, weight, bias, mean, rstd, scale_offset, x.dtype
+    )
+    return dx, _grad_or_empty(dshift, x), _grad_or_empty(dscale, x), _grad_or_empty(dweight, x), _grad_or_empty(dbias, x)
+
+
+@_adaln_bwd_op.register_fake
+def _(dy, x, shift, scale, weight, bias, mean, rstd, scale_offset):
+    return (
+        x.new_empty(x.shape),
+        _fake_grad(shift, x),
+        _fake_grad(scale, x),
+        _fake_grad(weight, x),
+        _fake_grad(bias, x),
+    )
+
+
+def _adaln_setup_context(ctx, inputs, output):
+    x, shift, scale, weight, bias, eps, scale_offset, out_dtype = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, shift, scale, weight, bias, mean, rstd)
+    ctx.scale_offset = scale_offset
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _adaln_backward(ctx, dy, dmean, drstd):
+    x, shift, scale, weight, bias, mean, rstd = ctx.saved_tensors
+    dx, dshift, dscale, dweight, dbias = torch.ops.uvit_fast.adaln_layer_norm_backward(
+        dy, x, shift, scale, weight, bias, mean, rstd, ctx.scale_offset
+    )
+    return (
+        dx,
+        dshift if shift is not None else None,
+        dscale if scale is not None else None,
+        dweight if weight is not None else None,
+        dbias if bias is not None else None,
+        None,
+        None,
+        None,
+    )
+
+
+_adaln_op.register_autograd(_adaln_backward, setup_context=_adaln_setup_context)
+
+
+@torch.library.custom_op("uvit_fast::residual_adaln_layer_norm", mutates_args=())
+def _residual_adaln_op(
+    x: torch.Tensor,
+    branch: torch.Tensor,
+    gate: Optional[torch.Tensor],
+    shift: Optional[torch.Tensor],
+    scale: Optional[torch.Tensor],
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    eps: float,
+    scale_offset: float,
+    out_dtype: torch.dtype,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    xn_dtype = _promote(x.dtype, branch, gate)
+    return _kernels().residual_adaln_layer_norm_forward(
+        x, branch, gate, shift, scale, weight, bias, eps, scale_offset, out_dtype, xn_dtype
+    )
+
+
+@_residual_adaln_op.register_fake
+def _(x, branch, gate, shift, scale, weight, bias, eps, scale_offset, out_dtype):
+    n = _rows(x)
+    return (
+        x.new_empty(x.shape, dtype=_promote(x.dtype, branch, gate)),
+        x.new_empty(x.shape, dtype=out_dtype),
+        x.new_empty(n, dtype=torch.float32),
+        x.new_empty(n, dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("uvit_fast::residual_adaln_layer_norm_backward", mutates_args=())
+def _residual_adaln_bwd_op(
+    dh: torch.Tensor,
+    dx_new: Optional[torch.Tensor],
+    x_new: torch.Tensor,
+    branch: torch.Tensor,
+    gate: Optional[torch.Tensor],
+    shift: Optional[torch.Tensor],
+    scale: Optional[torch.Tensor],
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    scale_offset: float,
+    x_dtype: torch.dtype,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    grads = _kernels().adaln_layer_norm_backward(
+        dh, dx_new, x_new, branch, gate, shift, scale, weight, bias, mean, rstd, scale_offset, x_dtype,
+        residual=True,
+    )
+    dx = grads[0]
+    return (dx,) + tuple(_grad_or_empty(g, x_new) for g in grads[1:])
+
+
+@_residual_adaln_bwd_op.register_fake
+def _(dh, dx_new, x_new, branch, gate, shift, scale, weight, bias, mean, rstd, scale_offset, x_dtype):
+    return (
+        x_new.new_empty(x_new.shape, dtype=x_dtype),
+        branch.new_empty(branch.shape) if gate is not None else x_new.new_empty(0),
+        _fake_grad(gate, x_new),
+        _fake_grad(shift, x_new),
+        _fake_grad(scale, x_new),
+        _fake_grad(weight, x_new),
+        _fake_grad(bias, x_new),
+    )
+
+
+def _residual_setup_context(ctx, inputs, output):
+    x, branch, gate, shift, scale, weight, bias, eps, scale_offset, out_dtype = inputs
+    x_new, _, mean, rstd = output
+    ctx.save_for_backward(x_new, branch, gate, shift, scale, weight, bias, mean, rstd)
+    ctx.scale_offset = scale_offset
+    ctx.x_dtype = x.dtype
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _residual_backward(ctx, dx_new, dh, dmean, drstd):
+    x_new, branch, gate, shift, scale, weight, bias, mean, rstd = ctx.saved_tensors
+    dx, dbranch, dgate, dshift, dscale, dweight, dbias = torch.ops.uvit_fast.residual_adaln_layer_norm_backward(
+        dh, dx_new, x_new, branch, gate, shift, scale, weight, bias, mean, rstd, ctx.scale_offset, ctx.x_dtype
+    )
+    if gate is None:  # x_new = x + branch: the branch gets the same gradient as x
+        dbranch = dx.to(branch.dtype)
+    return (
+        dx,
+        dbranch,
+        dgate if gate is not None else None,
+        dshift if shift is not None else None,
+        dscale if scale is not None else None,
+        dweight if weight is not None else None,
+        dbias if bias is not None else None,
+        None,
+        None,
+        None,
+    )
+
+
+_residual_adaln_op.register_autograd(_residual_backward, setup_context=_residual_setup_context)
