@@ -7,7 +7,7 @@ Token layout everywhere is upstream U-ViT / DiT's: patches in row-major grid ord
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +16,59 @@ from uvit_fast._backend import load_kernel, resolve
 from uvit_fast.ops._checks import as_tuple, check_same_device, check_tensor, shape_str
 
 PatchSize = Union[int, Sequence[int]]
+
+#: dtypes the Triton kernels compute in (fp64 and others go to the PyTorch path under "auto")
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@torch.compiler.assume_constant_result
+def _resolve_traced(backend: str, op: str, device: torch.device) -> str:
+    return resolve(backend, op, torch.empty(0, device=device))
+
+
+def _resolve(backend: str, op: str, *tensors: Optional[torch.Tensor]) -> str:
+    """:func:`uvit_fast._backend.resolve`; under torch.compile the choice is a trace-time
+    constant (``resolve`` imports triton to check for it, which dynamo cannot trace).
+    The tensors were already checked to share one device."""
+    if torch.compiler.is_compiling():
+        device = next(t.device for t in tensors if t is not None)
+        return _resolve_traced(backend, op, device)
+    return resolve(backend, op, *tensors)
+
+
+def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """The dtype ``torch.autocast`` would run a conv / linear in on ``device``, or None."""
+    try:
+        if torch.is_autocast_enabled(device.type):
+            return torch.get_autocast_dtype(device.type)
+    except (RuntimeError, ValueError):  # a device type autocast does not know
+        return None
+    return None
+
+
+def _autocast_cast(t: Optional[torch.Tensor], dtype: Optional[torch.dtype]) -> Optional[torch.Tensor]:
+    """Cast like autocast casts a conv / linear argument: floating, non-fp64 tensors only."""
+    if t is None or dtype is None or not t.is_floating_point() or t.dtype == torch.float64:
+        return t
+    return t.to(dtype)
+
+
+def _effective_dtype(t: Optional[torch.Tensor], dtype: Optional[torch.dtype]) -> Optional[torch.dtype]:
+    if t is None:
+        return None
+    if dtype is None or t.dtype == torch.float64:
+        return t.dtype
+    return dtype
+
+
+def _check_gemm_dtypes(op: str, names: Tuple[str, ...], tensors, device: torch.device) -> None:
+    """conv / linear need one dtype for input, weight and bias (after autocast's casts)."""
+    ac = _autocast_dtype(device)
+    eff = [(n, _effective_dtype(t, ac)) for n, t in zip(names, tensors) if t is not None]
+    if len({d for _, d in eff}) > 1:
+        desc = ", ".join(f"{n} {d}" for n, d in eff)
+        where = f" under autocast({ac})" if ac is not None else ""
+        raise TypeError(f"{op}: {', '.join(n for n, _ in eff)} must share one dtype{where}; got {desc}")
 
 
 def _grid_of(op: str, x: torch.Tensor, patch: Tuple[int, ...]) -> Tuple[int, ...]:
@@ -106,6 +159,7 @@ def _check_patchify_embed(x, weight, bias, prefix, pos_embed):
     check_tensor(op, "prefix", prefix, 3, optional=True)
     check_tensor(op, "pos_embed", pos_embed, 3, optional=True)
     check_same_device(op, x=x, weight=weight, bias=bias, prefix=prefix, pos_embed=pos_embed)
+    _check_gemm_dtypes(op, ("x", "weight", "bias"), (x, weight, bias), x.device)
     D, C = weight.shape[:2]
     if x.shape[1] != C:
         raise ValueError(
@@ -176,17 +230,137 @@ def patchify_embed(
 
     Returns:
         ``(B, E + L, D)`` with ``L = (H/p1)*(W/p2)`` (times ``T/t``), the dtype that the
-        reference chain ``cat(prefix, conv(x)) + pos_embed`` produces.
+        reference chain ``cat(prefix, conv(x)) + pos_embed`` produces:
+        ``promote_types(x.dtype, prefix.dtype, pos_embed.dtype)``. Under ``torch.autocast``
+        x, weight and bias are cast to the autocast dtype first (as autocast casts a conv's
+        arguments), so fp32 ``prefix``/``pos_embed`` give an fp32 result, as upstream's AMP
+        forward does. x, weight and bias must share one dtype (after autocast).
+
+    The Triton path (``backend="triton"``, or ``"auto"`` on CUDA) computes in float16,
+    bfloat16 or float32 with fp32 accumulation; under ``"auto"`` other dtypes (float64) use
+    the PyTorch reference.
     """
     _check_patchify_embed(x, weight, bias, prefix, pos_embed)
-    if resolve(backend, "patchify_embed", x, weight, bias, prefix, pos_embed) == "torch":
+    choice = _resolve(backend, "patchify_embed", x, weight, bias, prefix, pos_embed)
+    if choice == "triton" and backend != "triton" and not _embed_dtypes_ok(x, prefix, pos_embed):
+        choice = "torch"  # "auto": dtypes the kernel does not compute in (e.g. float64)
+    if choice == "torch":
         return patchify_embed_reference(x, weight, bias, prefix=prefix, pos_embed=pos_embed)
     return _patchify_embed_triton(x, weight, bias, prefix, pos_embed)
 
 
+def _embed_dtypes_ok(x, prefix, pos_embed) -> bool:
+    dts = [_effective_dtype(x, _autocast_dtype(x.device))]
+    dts += [t.dtype for t in (prefix, pos_embed) if t is not None]
+    return all(d in _KERNEL_DTYPES for d in dts)
+
+
+def _embed_out_dtype(x, prefix, pos_embed) -> torch.dtype:
+    dt = x.dtype
+    for t in (prefix, pos_embed):
+        if t is not None:
+            dt = torch.promote_types(dt, t.dtype)
+    return dt
+
+
 def _patchify_embed_triton(x, weight, bias, prefix, pos_embed):
-    load_kernel("patchify_embed", "patchify_embed")
-    raise NotImplementedError("patchify_embed: the Triton kernel is not implemented yet; use backend='torch'")
+    # Autocast: the reference's conv runs in the autocast dtype (x, weight and bias are cast),
+    # while cat/add then promote against prefix/pos_embed as usual. Cast the conv operands
+    # here, outside the custom op, and the op's own dtype rule does the rest.
+    ac = _autocast_dtype(x.device)
+    x, weight, bias = (_autocast_cast(t, ac) for t in (x, weight, bias))
+    if not _embed_dtypes_ok(x, prefix, pos_embed):
+        desc = ", ".join(f"{n} {t.dtype}" for n, t in (("x", x), ("prefix", prefix), ("pos_embed", pos_embed))
+                         if t is not None)
+        raise TypeError(
+            f"patchify_embed: the Triton kernel supports float16, bfloat16 and float32; got {desc} "
+            f"(use backend='torch')"
+        )
+    return torch.ops.uvit_fast.patchify_embed(x, weight, bias, prefix, pos_embed)
+
+
+@torch.library.custom_op("uvit_fast::patchify_embed", mutates_args=())
+def _patchify_embed_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    prefix: Optional[torch.Tensor],
+    pos_embed: Optional[torch.Tensor],
+) -> torch.Tensor:
+    kernel = load_kernel("patchify_embed", "patchify_embed")
+    return kernel.patchify_embed_forward(x, weight, bias, prefix, pos_embed)
+
+
+@_patchify_embed_op.register_fake
+def _(x, weight, bias, prefix, pos_embed):
+    L = 1
+    for s, p in zip(x.shape[2:], weight.shape[2:]):
+        L = L * (s // p)
+    E = prefix.shape[1] if prefix is not None else 0
+    return x.new_empty((x.shape[0], E + L, weight.shape[0]), dtype=_embed_out_dtype(x, prefix, pos_embed))
+
+
+@torch.library.custom_op("uvit_fast::patchify_embed_backward", mutates_args=())
+def _patchify_embed_backward_op(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    extras: int,
+    need_x: bool,
+    need_weight: bool,
+    need_bias: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dx, dweight, dbias)``; entries not asked for are empty ``(0,)`` tensors."""
+    kernel = load_kernel("patchify_embed", "patchify_embed")
+    return kernel.patchify_embed_backward(grad, x, weight, extras, need_x, need_weight, need_bias)
+
+
+@_patchify_embed_backward_op.register_fake
+def _(grad, x, weight, extras, need_x, need_weight, need_bias):
+    none = x.new_empty((0,))
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else none,
+        weight.new_empty(weight.shape) if need_weight else none,
+        x.new_empty((weight.shape[0],)) if need_bias else none,
+    )
+
+
+def _patchify_embed_setup_context(ctx, inputs, output):
+    x, weight, bias, prefix, pos_embed = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+    ctx.batch = x.shape[0]
+    ctx.extras = prefix.shape[1] if prefix is not None else 0
+    ctx.prefix_meta = None if prefix is None else (prefix.shape[0], prefix.dtype)
+    ctx.pos_meta = None if pos_embed is None else (pos_embed.shape[0], pos_embed.dtype)
+
+
+def _sum_to_batch(g: torch.Tensor, batch: int, target_batch: int) -> torch.Tensor:
+    return g.sum(0, keepdim=True) if target_batch == 1 and batch != 1 else g
+
+
+def _patchify_embed_backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    need_x, need_w, need_b, need_pre, need_pos = ctx.needs_input_grad
+    need_b = need_b and ctx.has_bias
+    dx = dw = db = dpre = dpos = None
+    if need_x or need_w or need_b:
+        gx, gw, gb = torch.ops.uvit_fast.patchify_embed_backward(
+            grad, x, weight, ctx.extras, need_x, need_w, need_b
+        )
+        dx = gx if need_x else None
+        dw = gw if need_w else None
+        db = gb if need_b else None
+    if need_pre and ctx.prefix_meta is not None:
+        pb, pdt = ctx.prefix_meta
+        dpre = _sum_to_batch(grad[:, : ctx.extras], ctx.batch, pb).to(pdt)
+    if need_pos and ctx.pos_meta is not None:
+        pb, pdt = ctx.pos_meta
+        dpos = _sum_to_batch(grad, ctx.batch, pb).to(pdt)
+    return dx, dw, db, dpre, dpos
+
+
+_patchify_embed_op.register_autograd(_patchify_embed_backward, setup_context=_patchify_embed_setup_context)
 
 
 # --------------------------------------------------------------------------- decoder + unpatchify
@@ -196,6 +370,7 @@ def _check_decoder_unpatchify(tokens, weight, bias, patch_size, grid, extras):
     check_tensor(op, "weight", weight, 2)
     check_tensor(op, "bias", bias, 1, optional=True)
     check_same_device(op, tokens=tokens, weight=weight, bias=bias)
+    _check_gemm_dtypes(op, ("tokens", "weight", "bias"), (tokens, weight, bias), tokens.device)
     n = 2
     if not isinstance(patch_size, int) and len(tuple(patch_size)) == 3:
         n = 3
@@ -256,14 +431,107 @@ def decoder_unpatchify(
         extras: number of leading non-patch tokens.
 
     Returns:
-        ``(B, C, h*p1, w*p2)`` (or ``(B, C, T'*t, h*p1, w*p2)``).
+        ``(B, C, h*p1, w*p2)`` (or ``(B, C, T'*t, h*p1, w*p2)``), contiguous, in the dtype of
+        ``F.linear(tokens, weight, bias)``: tokens' dtype, or the autocast dtype under
+        ``torch.autocast`` (tokens, weight and bias are cast like autocast casts a linear's
+        arguments). tokens, weight and bias must share one dtype (after autocast).
     """
     patch, g, channels = _check_decoder_unpatchify(tokens, weight, bias, patch_size, grid, extras)
-    if resolve(backend, "decoder_unpatchify", tokens, weight, bias) == "torch":
+    choice = _resolve(backend, "decoder_unpatchify", tokens, weight, bias)
+    if choice == "triton" and backend != "triton" and not _decoder_dtypes_ok(tokens):
+        choice = "torch"  # "auto": dtypes the kernel does not compute in (e.g. float64)
+    if choice == "torch":
         return decoder_unpatchify_reference(tokens, weight, bias, patch_size=patch, grid=g, extras=extras)
     return _decoder_unpatchify_triton(tokens, weight, bias, patch, g, extras)
 
 
+def _decoder_dtypes_ok(tokens) -> bool:
+    return _effective_dtype(tokens, _autocast_dtype(tokens.device)) in _KERNEL_DTYPES
+
+
 def _decoder_unpatchify_triton(tokens, weight, bias, patch, grid, extras):
-    load_kernel("decoder_unpatchify", "decoder_unpatchify")
-    raise NotImplementedError("decoder_unpatchify: the Triton kernel is not implemented yet; use backend='torch'")
+    # Autocast: the reference's linear runs in the autocast dtype and unpatchify keeps it.
+    ac = _autocast_dtype(tokens.device)
+    tokens, weight, bias = (_autocast_cast(t, ac) for t in (tokens, weight, bias))
+    if not _decoder_dtypes_ok(tokens):
+        raise TypeError(
+            f"decoder_unpatchify: the Triton kernel supports float16, bfloat16 and float32; "
+            f"got tokens {tokens.dtype} (use backend='torch')"
+        )
+    return torch.ops.uvit_fast.decoder_unpatchify(tokens, weight, bias, list(patch), list(grid), extras)
+
+
+@torch.library.custom_op("uvit_fast::decoder_unpatchify", mutates_args=())
+def _decoder_unpatchify_op(
+    tokens: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    patch: List[int],
+    grid: List[int],
+    extras: int,
+) -> torch.Tensor:
+    kernel = load_kernel("decoder_unpatchify", "decoder_unpatchify")
+    return kernel.decoder_unpatchify_forward(tokens, weight, bias, patch, grid, extras)
+
+
+@_decoder_unpatchify_op.register_fake
+def _(tokens, weight, bias, patch, grid, extras):
+    channels = weight.shape[0] // math.prod(patch)
+    return tokens.new_empty((tokens.shape[0], channels, *(g * p for g, p in zip(grid, patch))))
+
+
+@torch.library.custom_op("uvit_fast::decoder_unpatchify_backward", mutates_args=())
+def _decoder_unpatchify_backward_op(
+    grad: torch.Tensor,
+    tokens: torch.Tensor,
+    weight: torch.Tensor,
+    patch: List[int],
+    grid: List[int],
+    extras: int,
+    need_tokens: bool,
+    need_weight: bool,
+    need_bias: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dtokens, dweight, dbias)``; entries not asked for are empty ``(0,)`` tensors."""
+    kernel = load_kernel("decoder_unpatchify", "decoder_unpatchify")
+    return kernel.decoder_unpatchify_backward(
+        grad, tokens, weight, patch, grid, extras, need_tokens, need_weight, need_bias
+    )
+
+
+@_decoder_unpatchify_backward_op.register_fake
+def _(grad, tokens, weight, patch, grid, extras, need_tokens, need_weight, need_bias):
+    none = tokens.new_empty((0,))
+    return (
+        tokens.new_empty(tokens.shape) if need_tokens else none,
+        weight.new_empty(weight.shape) if need_weight else none,
+        tokens.new_empty((weight.shape[0],)) if need_bias else none,
+    )
+
+
+def _decoder_unpatchify_setup_context(ctx, inputs, output):
+    tokens, weight, bias, patch, grid, extras = inputs
+    ctx.save_for_backward(tokens, weight)
+    ctx.has_bias = bias is not None
+    ctx.geometry = (list(patch), list(grid), extras)
+
+
+def _decoder_unpatchify_backward(ctx, grad):
+    tokens, weight = ctx.saved_tensors
+    need_t, need_w, need_b = ctx.needs_input_grad[:3]
+    need_b = need_b and ctx.has_bias
+    dt = dw = db = None
+    if need_t or need_w or need_b:
+        patch, grid, extras = ctx.geometry
+        gt, gw, gb = torch.ops.uvit_fast.decoder_unpatchify_backward(
+            grad, tokens, weight, patch, grid, extras, need_t, need_w, need_b
+        )
+        dt = gt if need_t else None
+        dw = gw if need_w else None
+        db = gb if need_b else None
+    return dt, dw, db, None, None, None
+
+
+_decoder_unpatchify_op.register_autograd(
+    _decoder_unpatchify_backward, setup_context=_decoder_unpatchify_setup_context
+)
