@@ -13,6 +13,7 @@ the Triton kernel and CPU tensors to plain PyTorch.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import os
 import threading
@@ -72,6 +73,7 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip() == "1"
 
 
+@functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
     try:
         importlib.import_module("triton")
@@ -94,12 +96,24 @@ def resolve(backend: str, op: str, *tensors: Optional[torch.Tensor]) -> str:
             f"{op}: all tensors must be on one device; got {sorted(str(d) for d in devices)}"
         )
     device = present[0].device if present else torch.device("cpu")
+    if torch.compiler.is_compiling():
+        # the choice is a trace-time constant: dynamo cannot trace the import check
+        return _resolve_constant(backend, op, device.type)
+    return _resolve_device(backend, op, device.type)
+
+
+def _resolve_device(backend: str, op: str, device_type: str) -> str:
     choice = backend if backend != "auto" else get_backend()
     if choice == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
+        return "triton" if device_type == "cuda" and triton_available() else "torch"
     if choice == "triton":
-        check_triton_device(op, device)
+        check_triton_device(op, torch.device(device_type))
     return choice
+
+
+@torch.compiler.assume_constant_result
+def _resolve_constant(backend: str, op: str, device_type: str) -> str:
+    return _resolve_device(backend, op, device_type)
 
 
 def check_triton_device(op: str, device: torch.device) -> None:
