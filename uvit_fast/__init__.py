@@ -2,6 +2,7 @@
 from uvit_fast._backend import get_backend, use_backend
 from uvit_fast import ops
 from uvit_fast.models import create_model, list_models, load_upstream_checkpoint
+from uvit_fast.optimize import OptimizeReport, optimize
 
 __version__ = "0.1.0"
 
@@ -12,5 +13,7 @@ __all__ = [
     "create_model",
     "list_models",
     "load_upstream_checkpoint",
+    "optimize",
+    "OptimizeReport",
     "__version__",
 ]

@@ -1,0 +1,189 @@
+"""``uvit_fast.optimize`` on upstream-structured models: same outputs and gradients, shared
+parameters, a readable report, idempotence, checkpointing, autocast, compile, training."""
+import copy
+
+import pytest
+import torch
+
+import uvit_fast
+from uvit_fast import layers
+from uvit_fast.models.dit import DiTBlock
+from uvit_fast.models.uvit import Block
+from uvit_fast.testing import assert_parity
+
+import upstream_modules as up
+
+BACKENDS = ["torch", "triton"]
+
+
+def _randomize(model, std=0.2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def _build(kind, **kw):
+    g = torch.Generator().manual_seed(1)
+    if kind == "uvit_uncond":
+        m = up.UViT(img_size=8, patch_size=2, embed_dim=24, depth=2, num_heads=2, **kw)
+        args = (torch.randn(2, 3, 8, 8, generator=g), torch.rand(2, generator=g) * 999)
+    elif kind == "uvit_cond":
+        m = up.UViT(img_size=8, patch_size=2, in_chans=4, embed_dim=24, depth=2, num_heads=3, num_classes=5,
+                    mlp_time_embed=True, **kw)
+        args = (torch.randn(1, 4, 8, 8, generator=g), torch.rand(1, generator=g) * 999, torch.tensor([3]))
+    elif kind == "uvit_t2i":
+        m = up.UViT(img_size=8, patch_size=4, embed_dim=24, depth=2, num_heads=2, t2i=True, clip_dim=12,
+                    num_clip_token=3, **kw)
+        args = (torch.randn(2, 3, 8, 8, generator=g), torch.rand(2, generator=g) * 999, torch.randn(2, 3, 12, generator=g))
+    elif kind == "dit":
+        m = up.DiT(input_size=8, patch_size=2, hidden_size=24, depth=2, num_heads=3, num_classes=6, **kw)
+        args = (torch.randn(2, 4, 8, 8, generator=g), torch.rand(2, generator=g) * 999, torch.tensor([1, 6]))
+    else:
+        m = up.VisionTransformer(img_size=8, patch_size=4, embed_dim=24, depth=2, num_heads=2, **kw)
+        args = (torch.randn(2, 3, 8, 8, generator=g),)
+    return _randomize(m).eval(), args
+
+
+KINDS = ["uvit_uncond", "uvit_cond", "uvit_t2i", "dit", "vit"]
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_optimized_matches_upstream_outputs_and_gradients(kind, backend):
+    ref, args = _build(kind)
+    ref = ref.double()
+    args = tuple(a.double() if a.is_floating_point() else a for a in args)
+    fused = copy.deepcopy(ref)
+    fused, report = uvit_fast.optimize(fused)
+    assert report.replaced and not report.left_alone, str(report)
+    out_ref = ref(*args)
+    out_ref.square().mean().backward()
+    with uvit_fast.use_backend(backend):
+        out = fused(*args)
+        out.square().mean().backward()
+    torch.testing.assert_close(out, out_ref, rtol=1e-9, atol=1e-9)
+    g_ref, g = _grads(ref), _grads(fused)
+    assert g.keys() == g_ref.keys()
+    for n in g_ref:
+        torch.testing.assert_close(g[n], g_ref[n], rtol=1e-8, atol=1e-9, msg=n)
+
+
+def test_parameters_are_shared_and_keys_unchanged():
+    model, _ = _build("uvit_cond")
+    ids = [id(p) for p in model.parameters()]
+    keys = list(model.state_dict())
+    model, report = uvit_fast.optimize(model)
+    assert sorted(id(p) for p in model.parameters()) == sorted(ids)
+    assert sorted(model.state_dict()) == sorted(keys)
+    assert isinstance(model, up.UViT) and type(model).__name__ == "FusedUViT"
+    assert all(isinstance(b, Block) for b in model.in_blocks)
+    assert isinstance(model.norm, layers.LayerNorm)
+    text = str(report)
+    assert "uvit_fast.optimize: uvit" in text and "out_blocks.0: block -> fused LayerNorm/residual" in text
+    assert "skip linear without the concat" in text
+
+
+def test_optimize_twice_is_a_noop():
+    model, args = _build("dit")
+    model, first = uvit_fast.optimize(model)
+    blocks = list(model.blocks)
+    out = model(*args)
+    model, second = uvit_fast.optimize(model)
+    assert first.replaced and not second.replaced
+    assert "already optimized" in str(second)
+    assert list(model.blocks) == blocks and all(isinstance(b, DiTBlock) for b in blocks)
+    torch.testing.assert_close(model(*args), out)
+
+
+def test_unsupported_parts_are_left_alone_with_a_reason():
+    model, args = _build("vit")
+    model.blocks[1].attn.attn_drop.p = 0.1
+    model.blocks[0].ls1 = torch.nn.Linear(24, 24)  # not a plain pre-norm block any more
+    model, report = uvit_fast.optimize(model)
+    left = dict(report.left_alone)
+    assert "attn_drop has dropout p=0.1" in left["blocks.1"]
+    assert "block has ls1 (Linear)" in left["blocks.0"]
+    assert isinstance(model.norm, layers.LayerNorm)
+
+
+def test_nested_model_and_unrecognised_tree():
+    class Wrapper(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+    inner, args = _build("dit")
+    ref = copy.deepcopy(inner)
+    w, report = uvit_fast.optimize(Wrapper(inner))
+    assert report.kind == "dit" and type(w.net).__name__ == "FusedDiT"
+    torch.testing.assert_close(w.net(*args), ref(*args))
+    _, empty = uvit_fast.optimize(torch.nn.Linear(3, 3))
+    assert not empty.replaced and "nothing changed" in str(empty)
+
+
+def test_our_own_model_is_switched_to_fused():
+    m = uvit_fast.create_model("DiT-S/8", input_size=16, depth=1, fused=False)
+    m, report = uvit_fast.optimize(m)
+    assert all(mod.fused for mod in m.modules() if hasattr(mod, "fused"))
+    assert "a uvit_fast model" in str(report)
+
+
+def test_gradient_checkpointing_and_training_mode():
+    ref, args = _build("uvit_cond", use_checkpoint=True)
+    ref = ref.double().train()
+    args = tuple(a.double() if a.is_floating_point() else a for a in args)
+    fused, _ = uvit_fast.optimize(copy.deepcopy(ref))
+    assert all(b.use_checkpoint for b in fused.in_blocks)
+    ref(*args).sum().backward()
+    fused(*args).sum().backward()
+    for (n, a), (_, b) in zip(ref.named_parameters(), fused.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, msg=n)
+
+
+@pytest.mark.parametrize("kind", ["uvit_cond", "dit"])
+def test_autocast_bf16_within_dtype_rule(kind):
+    ref, args = _build(kind)
+    sd64 = copy.deepcopy(ref).double()
+    args64 = tuple(a.double() if a.is_floating_point() else a for a in args)
+    with torch.no_grad():
+        gold = sd64(*args64)
+        fused, _ = uvit_fast.optimize(copy.deepcopy(ref))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out_ref = ref(*args)
+            out = fused(*args)
+    assert out.dtype == out_ref.dtype
+    assert_parity(out.float(), out_ref.float(), gold, atol=2e-2, name=f"{kind} under bf16 autocast")
+
+
+def test_training_step_matches_after_adamw():
+    ref, args = _build("dit")
+    ref = ref.double().train()
+    ref.y_embedder.dropout_prob = 0.0  # deterministic labels for the comparison
+    args = tuple(a.double() if a.is_floating_point() else a for a in args)
+    fused, _ = uvit_fast.optimize(copy.deepcopy(ref))
+    target = torch.randn_like(ref(*args))
+    losses = {}
+    for name, m in (("ref", ref), ("fused", fused)):
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+        loss = torch.nn.functional.mse_loss(m(*args), target)
+        loss.backward()
+        losses[name] = [loss.item()]
+        opt.step()
+        opt.zero_grad()
+        losses[name].append(torch.nn.functional.mse_loss(m(*args), target).item())
+    assert losses["fused"] == pytest.approx(losses["ref"], rel=1e-10)
+    for (n, a), (_, b) in zip(ref.named_parameters(), fused.named_parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-10, msg=n)
+
+
+def test_torch_compile_fullgraph():
+    ref, args = _build("dit")
+    fused, _ = uvit_fast.optimize(copy.deepcopy(ref))
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(*args), ref(*args), rtol=1e-4, atol=1e-5)

@@ -1,0 +1,318 @@
+"""``uvit_fast.optimize(model)``: the drop-in patcher for models built with upstream code.
+
+It recognises upstream U-ViT (class-conditional, unconditional and text-to-image), DiT and
+timm ``VisionTransformer`` module trees by structure (attribute names and shapes; upstream
+code is never imported), and swaps in the fused modules in place:
+
+* every transformer block becomes the fused block (fused LayerNorm, the residual add fused
+  with the next LayerNorm, fused attention on the packed qkv, fused long-skip linear);
+* U-ViT and DiT also get the fused patch embedding (prefix tokens and position embedding
+  written by the same kernel) and the fused decoder + unpatchify, through a forward that
+  reads the same attributes (the model's class becomes a subclass of its own class, so
+  ``isinstance`` checks keep working);
+* timm ViT keeps its own forward; its patch embedding, blocks and final norm are swapped.
+
+Parameters are shared, never copied: ``state_dict`` keys, values and the optimizer's
+parameter objects stay valid. Anything whose semantics the fused modules do not cover
+(dropout with p > 0, LayerScale, DropPath, qk-norm, other norm layers) is left alone and
+named in the report. Applying ``optimize`` twice is a no-op.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from uvit_fast import layers
+from uvit_fast.models.dit import DiT, DiTBlock, FinalLayer
+from uvit_fast.models.uvit import Block, UViT, UViTT2I, _UViTBase
+
+
+@dataclass
+class OptimizeReport:
+    """What :func:`optimize` did: ``replaced`` and ``left_alone`` are ``(module path, note)``."""
+
+    kind: str = "unrecognised"
+    replaced: List[Tuple[str, str]] = field(default_factory=list)
+    left_alone: List[Tuple[str, str]] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"uvit_fast.optimize: {self.kind}"]
+        lines += [f"  note: {n}" for n in self.notes]
+        lines.append(f"  replaced ({len(self.replaced)}):")
+        lines += [f"    {p or '<root>'}: {what}" for p, what in self.replaced]
+        lines.append(f"  left alone ({len(self.left_alone)}):")
+        lines += [f"    {p or '<root>'}: {why}" for p, why in self.left_alone]
+        return "\n".join(lines)
+
+
+class _Skip(Exception):
+    """A module that cannot be fused without changing its semantics; the message says why."""
+
+
+# --------------------------------------------------------------------------- leaf conversions
+def _on_meta():
+    return torch.device("meta")
+
+
+def _is_identity(m: Optional[nn.Module]) -> bool:
+    return m is None or isinstance(m, nn.Identity)
+
+
+def _no_dropout(m: nn.Module, *names: str) -> None:
+    for n in names:
+        d = getattr(m, n, None)
+        if isinstance(d, nn.Dropout) and d.p > 0:
+            raise _Skip(f"{n} has dropout p={d.p}, which the fused path does not apply")
+
+
+def _fused_norm(ln: nn.Module, what: str) -> layers.LayerNorm:
+    if isinstance(ln, layers.LayerNorm):
+        ln.fused = True
+        return ln
+    if type(ln) is not nn.LayerNorm or len(ln.normalized_shape) != 1:
+        raise _Skip(f"{what} is {type(ln).__name__}, not a 1-D nn.LayerNorm")
+    with _on_meta():
+        new = layers.LayerNorm(
+            ln.normalized_shape[0], eps=ln.eps, elementwise_affine=ln.elementwise_affine,
+            bias=ln.bias is not None, fused=True,
+        )
+    new.weight, new.bias = ln.weight, ln.bias  # the same Parameter objects (or None)
+    new.train(ln.training)
+    return new
+
+
+def _fused_attention(attn: nn.Module) -> layers.Attention:
+    if isinstance(attn, layers.Attention):
+        attn.fused = True
+        return attn
+    qkv, proj, heads = getattr(attn, "qkv", None), getattr(attn, "proj", None), getattr(attn, "num_heads", None)
+    if not (isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear) and isinstance(heads, int)):
+        raise _Skip(f"attention {type(attn).__name__} has no packed qkv / proj Linear and num_heads")
+    D = qkv.in_features
+    if qkv.out_features != 3 * D or proj.in_features != D or D % heads:
+        raise _Skip(f"attention shapes qkv {tuple(qkv.weight.shape)} / proj {tuple(proj.weight.shape)} are not packed q, k, v")
+    _no_dropout(attn, "attn_drop", "proj_drop")
+    for n in ("q_norm", "k_norm", "norm"):
+        if not _is_identity(getattr(attn, n, None)):
+            raise _Skip(f"attention has {n} ({type(getattr(attn, n)).__name__}), which the fused path does not apply")
+    with _on_meta():
+        new = layers.Attention(D, heads, qkv_bias=qkv.bias is not None, qk_scale=getattr(attn, "scale", None), fused=True)
+    new.qkv, new.proj = qkv, proj
+    new.train(attn.training)
+    return new
+
+
+def _check_mlp(mlp: nn.Module) -> None:
+    if not (isinstance(getattr(mlp, "fc1", None), nn.Linear) and isinstance(getattr(mlp, "fc2", None), nn.Linear)):
+        raise _Skip(f"mlp {type(mlp).__name__} has no fc1 / fc2")
+    _no_dropout(mlp, "drop", "drop1", "drop2")
+
+
+def _fused_patch_embed(pe: nn.Module) -> layers.PatchEmbed:
+    if isinstance(pe, layers.PatchEmbed):
+        pe.fused = True
+        return pe
+    proj = getattr(pe, "proj", None)
+    if not isinstance(proj, (nn.Conv2d, nn.Conv3d)) or proj.kernel_size != proj.stride or any(proj.padding):
+        raise _Skip("patch embedding has no patch-sized, unpadded conv `proj`")
+    if not _is_identity(getattr(pe, "norm", None)) or getattr(pe, "flatten", True) is not True:
+        raise _Skip("patch embedding applies a norm or does not flatten")
+    if proj.groups != 1 or proj.dilation != (1,) * len(proj.dilation):
+        raise _Skip("patch embedding conv is grouped or dilated")
+    with _on_meta():
+        new = layers.PatchEmbed(tuple(proj.kernel_size), proj.in_channels, proj.out_channels, fused=True)
+    new.proj = proj
+    new.train(pe.training)
+    return new
+
+
+# --------------------------------------------------------------------------- blocks
+def _fused_prenorm_block(blk: nn.Module) -> Block:
+    """U-ViT block (optional skip_linear) or timm ViT block without LayerScale / DropPath."""
+    if isinstance(blk, Block):
+        return blk
+    for n in ("ls1", "ls2", "drop_path", "drop_path1", "drop_path2"):
+        if not _is_identity(getattr(blk, n, None)):
+            raise _Skip(f"block has {n} ({type(getattr(blk, n)).__name__})")
+    attn = _fused_attention(blk.attn)
+    norm1, norm2 = _fused_norm(blk.norm1, "norm1"), _fused_norm(blk.norm2, "norm2")
+    _check_mlp(blk.mlp)
+    skip = getattr(blk, "skip_linear", None)
+    D = attn.qkv.in_features
+    with _on_meta():
+        new = Block(D, attn.num_heads, skip=skip is not None, use_checkpoint=bool(getattr(blk, "use_checkpoint", False)))
+    new.norm1, new.attn, new.norm2, new.mlp = norm1, attn, norm2, blk.mlp
+    if skip is not None:
+        if not isinstance(skip, nn.Linear) or tuple(skip.weight.shape) != (D, 2 * D):
+            raise _Skip(f"skip_linear is not a Linear(2D, D) (got {type(skip).__name__})")
+        new.skip_linear.weight, new.skip_linear.bias = skip.weight, skip.bias
+    new.train(blk.training)
+    return new
+
+
+def _fused_dit_block(blk: nn.Module) -> DiTBlock:
+    if isinstance(blk, DiTBlock):
+        return blk
+    attn = _fused_attention(blk.attn)
+    norm1, norm2 = _fused_norm(blk.norm1, "norm1"), _fused_norm(blk.norm2, "norm2")
+    _check_mlp(blk.mlp)
+    D = attn.qkv.in_features
+    with _on_meta():
+        new = DiTBlock(D, attn.num_heads)
+    new.norm1, new.attn, new.norm2, new.mlp = norm1, attn, norm2, blk.mlp
+    new.adaLN_modulation = blk.adaLN_modulation
+    new.train(blk.training)
+    return new
+
+
+def _fused_final_layer(fl: nn.Module) -> FinalLayer:
+    if isinstance(fl, FinalLayer):
+        return fl
+    norm = _fused_norm(fl.norm_final, "norm_final")
+    with _on_meta():
+        new = FinalLayer(fl.linear.in_features, 1, 1)
+    new.norm_final, new.linear, new.adaLN_modulation = norm, fl.linear, fl.adaLN_modulation
+    new.train(fl.training)
+    return new
+
+
+# --------------------------------------------------------------------------- model kinds
+def _kind(m: nn.Module) -> Optional[str]:
+    has = lambda *names: all(hasattr(m, n) for n in names)  # noqa: E731
+    if isinstance(m, (UViT, UViTT2I, DiT)):
+        return "uvit_fast"
+    if has("in_blocks", "mid_block", "out_blocks", "patch_embed", "pos_embed", "decoder_pred", "norm", "extras"):
+        return "uvit_t2i" if hasattr(m, "context_embed") else "uvit"
+    if has("x_embedder", "t_embedder", "y_embedder", "blocks", "final_layer", "pos_embed"):
+        return "dit"
+    if has("patch_embed", "cls_token", "pos_embed", "blocks", "norm") and isinstance(getattr(m, "blocks"), nn.Module):
+        return "vit"
+    return None
+
+
+_FUSED_CLASSES: Dict[Tuple[type, str], type] = {}
+
+
+def _swap_forward(m: nn.Module, kind: str) -> None:
+    """Give ``m`` our fused forward by making its class a subclass of its own class."""
+    src = {"uvit": UViT, "uvit_t2i": UViTT2I, "dit": DiT}[kind]
+    key = (type(m), kind)
+    if key not in _FUSED_CLASSES:
+        attrs = {"forward": src.forward, "example_inputs": src.example_inputs, "_uvit_fast_optimized": True}
+        if kind != "dit":
+            attrs.update(_run=_UViTBase._run, _time_token=_UViTBase._time_token)
+        _FUSED_CLASSES[key] = type(f"Fused{type(m).__name__}", (type(m),), attrs)
+    m.__class__ = _FUSED_CLASSES[key]
+
+
+def _replace(parent: nn.Module, name: str, fn, path: str, what: str, report: OptimizeReport) -> bool:
+    child = getattr(parent, name)
+    try:
+        new = fn(child)
+    except (_Skip, AttributeError) as exc:
+        report.left_alone.append((path, str(exc) if isinstance(exc, _Skip) else f"unexpected structure: {exc}"))
+        return False
+    if new is not child:
+        setattr(parent, name, new)
+        report.replaced.append((path, what))
+    return True
+
+
+def _replace_list(blocks: nn.ModuleList, fn, prefix: str, what: str, report: OptimizeReport) -> bool:
+    ok = True
+    for i in range(len(blocks)):
+        ok &= _replace(blocks, str(i), fn, f"{prefix}.{i}", what, report)
+    return ok
+
+
+def _optimize_uvit(m: nn.Module, kind: str, path: str, report: OptimizeReport) -> None:
+    p = f"{path}." if path else ""
+    blk = "block -> fused LayerNorm/residual, attention"
+    _replace_list(m.in_blocks, _fused_prenorm_block, f"{p}in_blocks", blk, report)
+    _replace(m, "mid_block", _fused_prenorm_block, f"{p}mid_block", blk, report)
+    _replace_list(m.out_blocks, _fused_prenorm_block, f"{p}out_blocks", blk + ", skip linear without the concat", report)
+    ok = _replace(m, "norm", lambda n: _fused_norm(n, "norm"), f"{p}norm", "LayerNorm -> fused LayerNorm", report)
+    ok &= _replace(m, "patch_embed", _fused_patch_embed, f"{p}patch_embed", "patch embedding -> fused", report)
+    if not ok:
+        report.left_alone.append((path, "forward kept: the patch embedding or final norm could not be fused"))
+        return
+    patch = m.patch_embed.patch_size[0]
+    m.patch_size = patch
+    m.img_size = int(math.isqrt(m.pos_embed.shape[1] - m.extras)) * patch
+    m.fused = True
+    if kind == "uvit_t2i":
+        m.clip_dim, m.num_clip_token = m.context_embed.in_features, m.extras - 1
+    elif not hasattr(m, "num_classes"):
+        m.num_classes = m.label_emb.num_embeddings if hasattr(m, "label_emb") else -1
+    _swap_forward(m, kind)
+    report.replaced.append((path, "forward -> fused patch embedding with prefix tokens + position embedding, "
+                                  "fused decoder + unpatchify"))
+
+
+def _optimize_dit(m: nn.Module, path: str, report: OptimizeReport) -> None:
+    p = f"{path}." if path else ""
+    _replace_list(m.blocks, _fused_dit_block, f"{p}blocks",
+                  "DiT block -> fused modulated LayerNorm, gated residual + LayerNorm, attention", report)
+    ok = _replace(m, "final_layer", _fused_final_layer, f"{p}final_layer", "final layer -> fused modulated LayerNorm", report)
+    ok &= _replace(m, "x_embedder", _fused_patch_embed, f"{p}x_embedder", "patch embedding -> fused", report)
+    if not ok:
+        report.left_alone.append((path, "forward kept: the final layer or patch embedding could not be fused"))
+        return
+    m.patch_size = m.x_embedder.patch_size[0]
+    m.input_size = int(math.isqrt(m.pos_embed.shape[1])) * m.patch_size
+    m.fused = True
+    _swap_forward(m, "dit")
+    report.replaced.append((path, "forward -> fused patch embedding + position embedding, fused decoder + unpatchify"))
+
+
+def _optimize_vit(m: nn.Module, path: str, report: OptimizeReport) -> None:
+    p = f"{path}." if path else ""
+    _replace_list(m.blocks, _fused_prenorm_block, f"{p}blocks", "block -> fused LayerNorm/residual, attention", report)
+    _replace(m, "norm", lambda n: _fused_norm(n, "norm"), f"{p}norm", "LayerNorm -> fused LayerNorm", report)
+    _replace(m, "patch_embed", _fused_patch_embed, f"{p}patch_embed", "patch embedding -> fused", report)
+    m._uvit_fast_optimized = True
+    report.notes.append("timm ViT keeps its own forward (class token concat and position embedding stay in PyTorch)")
+
+
+def optimize(model: nn.Module) -> Tuple[nn.Module, OptimizeReport]:
+    """Swap the fused modules into an upstream-structured model, in place.
+
+    Returns ``(model, report)``; ``print(report)`` says what was replaced and what was left
+    alone and why. Works on the model itself or on any sub-module tree that contains one
+    (e.g. a wrapper holding the network as ``.model``).
+    """
+    report = OptimizeReport()
+    found = []
+    for path, m in model.named_modules():
+        if any(path.startswith(f"{done}.") or done == "" for done, _ in found):
+            continue
+        kind = _kind(m)
+        if kind is not None:
+            found.append((path, kind))
+    if not found:
+        report.notes.append("no U-ViT, DiT or ViT structure found; nothing changed")
+        return model, report
+    kinds = []
+    for path, kind in found:
+        m = model.get_submodule(path)
+        if getattr(m, "_uvit_fast_optimized", False):
+            report.notes.append(f"{path or '<root>'}: already optimized; nothing changed")
+            kinds.append(kind)
+            continue
+        if kind == "uvit_fast":
+            layers.set_fused(m, True)
+            report.notes.append(f"{path or '<root>'}: a uvit_fast model; switched to fused=True")
+        elif kind in ("uvit", "uvit_t2i"):
+            _optimize_uvit(m, kind, path, report)
+        elif kind == "dit":
+            _optimize_dit(m, path, report)
+        else:
+            _optimize_vit(m, path, report)
+        kinds.append(kind)
+    report.kind = ", ".join(sorted(set(kinds)))
+    return model, report
