@@ -29,7 +29,6 @@ This module never imports ``uvit_fast``.
 """
 from __future__ import annotations
 
-import math
 import os
 
 import torch

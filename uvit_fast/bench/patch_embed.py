@@ -25,9 +25,8 @@ case's ``fn`` and shared by the cases of the same shape; one shape's tensors are
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 import torch
 
