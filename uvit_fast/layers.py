@@ -196,3 +196,75 @@ def set_fused(module: nn.Module, fused: bool) -> nn.Module:
         if hasattr(m, "fused"):
             m.fused = fused
     return module
+
+
+# --------------------------------------------------------------------------- CLIP (OpenAI) layers
+class QuickGELU(nn.Module):
+    """OpenAI CLIP's activation ``x * sigmoid(1.702 x)``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class LayerNormFp32(LayerNorm):
+    """OpenAI CLIP's LayerNorm: computed in float32, returned in the input's dtype (eps 1e-5).
+
+    The plain path casts ``x`` (and the affine parameters) to float32 as upstream does
+    (float64 inputs stay float64, where upstream would round them to float32); the
+    fused path's kernel always computes in float32, and its result is cast back to ``x``'s dtype
+    (so the output dtype is ``x``'s under autocast too, as upstream's).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fusable(x):
+            return ops.adaln_layer_norm(x, weight=self.weight, bias=self.bias, eps=self.eps).to(x.dtype)
+        dt = torch.promote_types(x.dtype, torch.float32)  # float64 stays float64
+        w = self.weight.to(dt) if self.weight is not None else None
+        b = self.bias.to(dt) if self.bias is not None else None
+        return F.layer_norm(x.to(dt), self.normalized_shape, w, b, self.eps).to(x.dtype)
+
+    def residual(self, x: torch.Tensor, branch: torch.Tensor, *args, **kwargs):  # type: ignore[override]
+        """``x_new = x + branch``; returns ``(x_new, LN(x_new))`` (no modulation)."""
+        if args or kwargs:
+            raise TypeError("LayerNormFp32.residual takes only (x, branch)")
+        if self._fusable(x):
+            x_new, h = ops.residual_adaln_layer_norm(x, branch, weight=self.weight, bias=self.bias, eps=self.eps)
+            return x_new, h.to(x_new.dtype)
+        x_new = x + branch
+        return x_new, self.forward(x_new)
+
+
+class InProjAttention(nn.Module):
+    """Self-attention with ``nn.MultiheadAttention``'s parameter names (``in_proj_weight``
+    ``[3D, D]``, ``in_proj_bias`` ``[3D]``, ``out_proj``), as in OpenAI CLIP's state_dict.
+
+    Batch-first ``(B, L, D)`` (upstream runs sequence-first; the result is the same). The
+    packed projection's rows are ``[q; k; v]``, heads contiguous inside each. ``causal`` is
+    the text tower's mask (query i sees keys 0..i). The fused path runs
+    :func:`uvit_fast.ops.attention_qkvpacked`; the plain path runs SDPA.
+    """
+
+    def __init__(self, dim: int, num_heads: int, *, causal: bool = False, fused: bool = True):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"InProjAttention: dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * dim))
+        self.out_proj = nn.Linear(dim, dim)
+        self.causal = causal
+        self.fused = fused
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.in_proj_bias)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, C = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(B, L, 3, self.num_heads, self.head_dim)
+        if self.fused:
+            out = ops.attention_qkvpacked(qkv, causal=self.causal)
+        else:
+            q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B, H, L, Dh) each
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal).transpose(1, 2)
+        return self.out_proj(out.reshape(B, L, C))
