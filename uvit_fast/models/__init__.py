@@ -155,3 +155,40 @@ __all__ = [
     "register_model",
     "load_upstream_checkpoint",
 ]
+
+# --------------------------------------------------------------------------- the ViT family
+from uvit_fast.models.clip import CLIP, contrastive_loss, text_to_image_context  # noqa: E402
+from uvit_fast.models.vit import ViT  # noqa: E402
+from uvit_fast.models.vivit import ViViT  # noqa: E402
+
+# timm ViT names: (patch, embed_dim, depth, heads); img 224, mlp_ratio 4, qkv_bias, 1000 classes
+_VIT_PRESETS = {
+    "vit_tiny_patch16_224": (16, 192, 12, 3),
+    "vit_small_patch16_224": (16, 384, 12, 6),
+    "vit_base_patch16_224": (16, 768, 12, 12),
+    "vit_large_patch16_224": (16, 1024, 24, 16),
+    "vit_huge_patch14_224": (14, 1280, 32, 16),
+}
+for _name, (_p, _d, _depth, _h) in _VIT_PRESETS.items():
+    register_model(_name, ViT, img_size=224, patch_size=_p, embed_dim=_d, depth=_depth, num_heads=_h, num_classes=1000)
+# ViViT-B/16x2 (Kinetics-400 setting of the paper / scenic configs): 32 frames of 224 px,
+# tubelet 2x16x16, width 768, 12 heads, 12 layers; Model 2 adds a 4-layer temporal transformer.
+for _variant in (1, 2):
+    register_model(
+        f"vivit_b_16x2_model{_variant}", ViViT, num_frames=32, img_size=224, patch_size=16, tubelet_size=2,
+        embed_dim=768, depth=12, num_heads=12, num_classes=400, variant=_variant,
+        **({"temporal_depth": 4} if _variant == 2 else {}),
+    )
+# OpenAI CLIP: (embed_dim, patch, vision_width, vision_layers, text_width, text_heads)
+_CLIP_PRESETS = {
+    "clip_vit_b32": (512, 32, 768, 12, 512, 8),
+    "clip_vit_b16": (512, 16, 768, 12, 512, 8),
+    "clip_vit_l14": (768, 14, 1024, 24, 768, 12),
+}
+for _name, (_e, _p, _vw, _vl, _tw, _th) in _CLIP_PRESETS.items():
+    register_model(
+        _name, CLIP, embed_dim=_e, img_size=224, patch_size=_p, vision_width=_vw, vision_layers=_vl,
+        context_length=77, vocab_size=49408, transformer_width=_tw, transformer_heads=_th, transformer_layers=12,
+    )
+
+__all__ += ["ViT", "ViViT", "CLIP", "contrastive_loss", "text_to_image_context"]
