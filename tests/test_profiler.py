@@ -1,0 +1,252 @@
+"""``uvit-fast profile``: FLOP counts against an independent closed form, the CLI, timing, the plot."""
+import json
+import time
+
+import pytest
+import torch
+
+from uvit_fast.cli import main
+from uvit_fast.models import list_models, model_config
+from uvit_fast import profiler
+
+
+# ----------------------------------------------------------------------------------------------
+# closed form, written from the architectures (upstream-facts), not from the profiler's code
+
+
+def block(L, D, ratio=4.0):
+    """One pre-norm transformer block on L tokens of width D: (MACs, of which attention).
+    qkv 3 L D^2 + proj L D^2 + MLP 2 L D (ratio D) (= 12 L D^2 at ratio 4); Q K^T and P V 2 L^2 D."""
+    attn = 2 * L * L * D
+    return 4 * L * D * D + 2 * L * D * int(D * ratio) + attn, attn
+
+
+def closed_form(name, img=None, patch=None):
+    """(forward multiply-adds of one sample, of which attention matmuls, tokens)."""
+    cfg = model_config(name)
+    arch = profiler.family(name)
+    if arch == "ViT":  # timm ViT: [cls, patches] + pos, blocks, norm, head on the class token
+        D, p, S = cfg["embed_dim"], patch or cfg["patch_size"], img or cfg["img_size"]
+        C = cfg.get("in_chans", 3)
+        L = 1 + (S // p) ** 2
+        m, a = block(L, D, cfg.get("mlp_ratio", 4.0))
+        macs = (L - 1) * C * p * p * D + cfg["depth"] * m + D * cfg.get("num_classes", 1000)
+        return macs, cfg["depth"] * a, L
+    if arch == "ViViT":  # tubelets t x p x p; model 1 joint, model 2 spatial per time index + temporal
+        D, p, S = cfg["embed_dim"], patch or cfg["patch_size"], img or cfg["img_size"]
+        t, T, C = cfg.get("tubelet_size", 2), cfg.get("num_frames", 32), cfg.get("in_chans", 3)
+        nt, hw = T // t, (S // p) ** 2
+        macs = nt * hw * C * t * p * p * D + D * cfg.get("num_classes", 400)
+        if cfg.get("variant", 1) == 1:
+            L = 1 + nt * hw
+            m, a = block(L, D)
+            return macs + cfg["depth"] * m, cfg["depth"] * a, L
+        L = 1 + hw
+        ms, as_ = block(L, D)
+        mt, at = block(1 + nt, D)
+        depth, tdepth = cfg["depth"], cfg.get("temporal_depth", 4)
+        return macs + nt * depth * ms + tdepth * mt, nt * depth * as_ + tdepth * at, L
+    if arch == "CLIP":  # image tower (no conv bias) + causal text tower (full L^2 counted) + projections
+        W, p, S = cfg["vision_width"], patch or cfg["patch_size"], img or cfg["img_size"]
+        E, Wt, Lt = cfg["embed_dim"], cfg["transformer_width"], cfg.get("context_length", 77)
+        L = 1 + (S // p) ** 2
+        mv, av = block(L, W)
+        mt, at = block(Lt, Wt)
+        macs = (L - 1) * 3 * p * p * W + cfg["vision_layers"] * mv + W * E
+        macs += cfg["transformer_layers"] * mt + Wt * E
+        macs += E  # image-text logits for one pair
+        return macs, cfg["vision_layers"] * av + cfg["transformer_layers"] * at, L
+    if arch == "DiT":  # DiT: adaLN-Zero blocks; t-embedder 256 -> D -> D; label table is a lookup
+        D, depth = cfg["hidden_size"], cfg["depth"]
+        p = patch or cfg["patch_size"]
+        S = img or cfg.get("input_size", 32)
+        C = cfg.get("in_channels", 4)
+        c_out = 2 * C if cfg.get("learn_sigma", True) else C
+        hidden = int(D * cfg.get("mlp_ratio", 4.0))
+        L = (S // p) ** 2
+        attn = depth * 2 * L * L * D                       # Q K^T and P V
+        macs = L * C * p * p * D                           # patch-embedding conv
+        macs += 256 * D + D * D                            # timestep MLP
+        macs += depth * (4 * L * D * D + 2 * L * D * hidden + D * 6 * D)  # qkv, proj, mlp, adaLN
+        macs += attn
+        macs += D * 2 * D + L * D * p * p * c_out          # final adaLN and linear
+        return macs, attn, L
+    assert arch in ("UViT", "UViTT2I"), f"no closed form for {name} ({arch}): add one to this test"
+    D, depth = cfg["embed_dim"], cfg["depth"]
+    p = patch or cfg["patch_size"]
+    S = img or cfg["img_size"]
+    C = cfg["in_chans"]
+    hidden = int(D * cfg.get("mlp_ratio", 4.0))
+    N = (S // p) ** 2
+    text = "clip_dim" in cfg
+    extras = 1 + cfg.get("num_clip_token", 77) if text else (2 if cfg.get("num_classes", -1) > 0 else 1)
+    L = N + extras
+    blocks = 2 * (depth // 2) + 1                          # in-blocks, mid-block, out-blocks
+    attn = blocks * 2 * L * L * D
+    macs = N * C * p * p * D                               # patch-embedding conv (patches only)
+    if cfg.get("mlp_time_embed", False):
+        macs += 8 * D * D
+    if text:
+        macs += cfg.get("num_clip_token", 77) * cfg.get("clip_dim", 768) * D   # context embedding
+    macs += blocks * (4 * L * D * D + 2 * L * D * hidden) + attn            # 12 L D^2 at ratio 4
+    if cfg.get("skip", True):
+        macs += (depth // 2) * L * 2 * D * D               # long-skip linears (2D -> D) in the out-blocks
+    macs += L * D * p * p * C                              # decoder_pred on every token (as upstream)
+    if cfg.get("conv", True):
+        macs += 9 * C * C * S * S                          # final 3x3 conv
+    return macs, attn, L
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_model_matches_closed_form(name):
+    row = profiler.count_flops(name)
+    macs, attn, tokens = closed_form(name)
+    assert row["flops"] == 2 * macs, f"{name}: counter {row['flops'] / 2} MACs vs closed form {macs}"
+    assert row["gmacs"] == pytest.approx(macs / 1e9, rel=1e-12)
+    assert row["gflops"] == pytest.approx(2 * row["gmacs"], rel=1e-12)
+    assert row["tokens"] == tokens
+    assert row["attn_share"] == pytest.approx(attn / macs, rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    "name,img,patch",
+    [
+        ("imagenet256_uvit_huge", None, 1),
+        ("imagenet256_uvit_huge", None, 8),
+        ("imagenet512_uvit_huge", 64, 2),
+        ("mscoco_uvit_small", None, 4),
+        ("DiT-XL/2", 64, 4),
+        ("DiT-S/8", 16, 2),
+        ("vit_base_patch16_224", 384, 32),
+        ("vivit_b_16x2_model2", 112, 8),
+        ("clip_vit_b32", 336, 14),
+    ],
+)
+def test_other_sizes_match_closed_form(name, img, patch):
+    row = profiler.count_flops(name, img, patch)
+    macs, attn, tokens = closed_form(name, img, patch)
+    assert (row["flops"], row["tokens"]) == (2 * macs, tokens)
+    assert row["attn_share"] == pytest.approx(attn / macs, rel=1e-9)
+
+
+def test_published_numbers():
+    """The papers' "GFLOPs" (= GMACs) and parameter counts."""
+    expect = {  # name: (GMACs, params in millions)
+        "imagenet256_uvit_huge": (133, 501),
+        "DiT-XL/2": (118.6, 675),
+        "DiT-L/2": (80.7, 458),
+        "DiT-B/4": (5.56, 130),
+        "DiT-S/8": (0.36, 33),
+        "vit_base_patch16_224": (17.6, 86.6),
+        "vit_large_patch16_224": (61.6, 304),
+    }
+    for name, (gmacs, mparams) in expect.items():
+        row = profiler.count_flops(name)
+        assert row["gmacs"] == pytest.approx(gmacs, rel=0.01), name
+        assert row["params"] / 1e6 == pytest.approx(mparams, rel=0.01), name
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+
+@pytest.mark.parametrize("name", ["imagenet256_uvit_huge", "DiT-XL/2"])
+def test_cli_json(name, capsys):
+    assert main(["profile", "--model", name, "--json", "--no-progress"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1
+    row = json.loads(lines[0])
+    macs, _, tokens = closed_form(name)
+    assert row["model"] == name and row["tokens"] == tokens
+    assert row["gmacs"] == pytest.approx(macs / 1e9, rel=1e-12)
+    assert row["gflops"] == pytest.approx(2 * macs / 1e9, rel=1e-12)
+    assert {"img_size", "patch_size", "params", "attn_share"} <= set(row)
+
+
+def test_cli_patch_sweep_and_several_models(capsys):
+    assert main(["profile", "--model", "DiT-B/2,cifar10_uvit_small", "--patch-sizes", "2,4,8", "--json", "--no-progress"]) == 0
+    rows = [json.loads(s) for s in capsys.readouterr().out.strip().splitlines()]
+    assert [(r["model"], r["patch_size"]) for r in rows] == [
+        ("DiT-B/2", 2), ("DiT-B/2", 4), ("DiT-B/2", 8),
+        ("cifar10_uvit_small", 2), ("cifar10_uvit_small", 4), ("cifar10_uvit_small", 8),
+    ]
+    assert [r["tokens"] for r in rows] == [256, 64, 16, 257, 65, 17]
+    gm = [r["gmacs"] for r in rows]
+    assert gm[0] > gm[1] > gm[2] and gm[3] > gm[4] > gm[5]
+
+
+def test_default_run_table_and_plot(tmp_path, capsys):
+    png = tmp_path / "flops.png"
+    t0 = time.perf_counter()
+    assert main(["profile", "--json", "--no-progress", "--plot", str(png)]) == 0
+    elapsed = time.perf_counter() - t0
+    assert elapsed < 100, f"default profile took {elapsed:.0f} s"
+    rows = [json.loads(s) for s in capsys.readouterr().out.strip().splitlines()]
+    names = {r["model"] for r in rows}
+    uvit_dit = {n for n in list_models() if profiler.family(n) in ("UViT", "UViTT2I", "DiT")}
+    assert names == uvit_dit  # every U-ViT and DiT preset at its own size ...
+    sweep = sorted(r["patch_size"] for r in rows if r["model"] == "imagenet256_uvit_huge")
+    assert sweep == [1, 2, 4, 8]  # ... plus the U-ViT-H patch sweep
+    # the PNG exists and is a PNG
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    # the figure: log-log, labelled axes, one line per model (DiT-XL/2, /4, /8 are one model)
+    fig = profiler.make_figure(rows)
+    (ax,) = fig.axes
+    assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
+    assert "tokens" in ax.get_xlabel() and "GFLOPs" in ax.get_ylabel()
+    series = {r["series"] for r in rows}
+    assert "DiT-XL" in series and "DiT-XL/2" not in series
+    assert len(ax.get_lines()) == len(series)
+    assert sorted(line.get_label() for line in ax.get_lines()) == sorted(series)
+    assert sorted(t.get_text() for t in ax.get_legend().get_texts()) == sorted(series)
+    line = next(line for line in ax.get_lines() if line.get_label() == "imagenet256_uvit_huge")
+    assert list(line.get_xdata()) == [18, 66, 258, 1026]
+
+
+def test_default_table_is_readable(capsys):
+    assert main(["profile", "--model", "imagenet256_uvit_huge", "--patch-sizes", "1,2", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "GMACs" in out and "GFLOPs" in out and "attn %" in out
+    assert "133.20" in out and "266.39" in out and "1026" in out
+
+
+def test_batch_timing_on_this_device(capsys):
+    assert main(["profile", "--model", "DiT-S/8,DiT-XL/2", "--batch", "1", "--json", "--no-progress"]) == 0
+    small, big = [json.loads(s) for s in capsys.readouterr().out.strip().splitlines()]
+    assert small["batch"] == 1 and small["ms"] > 0
+    assert small["samples_per_s"] == pytest.approx(1e3 / small["ms"])
+    assert small["tflops"] == pytest.approx(small["gflops"] / small["ms"])
+    if torch.cuda.is_available():
+        assert small["device"] == torch.cuda.get_device_name()
+    else:
+        assert small["device"].startswith("CPU")
+        assert "ms" not in big and "--force" in big["timing_skipped"]  # too big for a CPU
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["--model", "DiT-S/8", "--patch-sizes", "3"], "patch size 3 does not divide the image size 32 of DiT-S/8"),
+        (["--model", "imagenet256_uvit_huge", "--img-size", "31"], "patch size 2 does not divide the image size 31"),
+        (["--model", "no_such_model"], "unknown model 'no_such_model'"),
+    ],
+)
+def test_bad_arguments(argv, match, capsys):
+    assert main(["profile", "--no-progress", *argv]) == 2
+    assert match in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--patch-sizes", "2,x"], ["--patch-sizes", "0"], ["--batch", "0"], ["--img-size", "-1"]])
+def test_bad_argument_types(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["profile", *argv])
+    assert exc.value.code == 2
+    assert "must be" in capsys.readouterr().err
+
+
+def test_build_model_errors():
+    with pytest.raises(ValueError, match="patch size 5 does not divide the image size 32 of DiT-XL/2"):
+        profiler.count_flops("DiT-XL/2", None, 5)
+    with pytest.raises(ValueError, match="unknown model 'x'"):
+        profiler.count_flops("x")
