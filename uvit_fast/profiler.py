@@ -409,7 +409,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = _DTYPES[args.dtype] if args.dtype else None
     if args.batch is not None and device.type == "cpu":
         print(
-            f"uvit-fast profile: no CUDA device; timing on the CPU ({device_label(device)}); rows above "
+            f"uvit-fast profile: no CUDA device; timing on {device_label(device)}; rows above "
             f"{CPU_MAX_GFLOPS:.0f} GFLOPs per forward are skipped unless --force",
             file=sys.stderr,
         )
@@ -421,11 +421,15 @@ def run(args: argparse.Namespace) -> int:
         for r in rows:
             print(json.dumps({k: v for k, v in r.items() if k != "flops_by_op"}))
     else:
-        where = "timed on " + device_label(device) if args.batch else (
-            "counted on the meta device" + ("" if device.type == "cuda" else "; no CUDA device, so nothing is timed "
-                                            "unless --batch is given (then on the CPU)"))
-        print(f"Forward FLOPs per sample ({where}). GMACs = multiply-adds x 1e-9, the papers' 'GFLOPs'; "
-              "GFLOPs = 2 x GMACs; attn % = share of FLOPs in the attention matmuls.")
+        if args.batch:
+            where = f"; forward of batch {args.batch} timed on {device_label(device)}"
+        elif device.type == "cuda":
+            where = "; pass --batch B to time it on " + device_label(device)
+        else:
+            where = " (no CUDA device: pass --batch B to time it on the CPU)"
+        print(f"Forward FLOPs per sample, counted on the meta device{where}.")
+        print("GMACs = multiply-adds x 1e-9 (the papers' \"GFLOPs\"); GFLOPs = 2 x GMACs; "
+              "attn % = share of the FLOPs in the attention matmuls.")
         print(format_table(rows))
         for r in rows:
             if "timing_skipped" in r:
