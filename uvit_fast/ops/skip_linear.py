@@ -1,12 +1,23 @@
-"""U-ViT's long-skip ``Linear(cat([h, skip], -1))`` without materialising the concat."""
+"""U-ViT's long-skip ``Linear(cat([h, skip], -1))`` without materialising the concat.
+
+The Triton path is the custom op ``uvit_fast::skip_concat_linear`` (autograd through
+``uvit_fast::skip_concat_linear_backward_input`` and ``..._backward_weight``; all three have fake
+implementations, so ``torch.compile(fullgraph=True)`` traces forward and backward).
+
+Autocast: custom ops are not autocast-aware, so :func:`skip_concat_linear` does what autocast
+does for ``nn.Linear`` before calling the op: under ``torch.autocast(device_type, dtype)`` the
+floating inputs other than float64 are cast to the autocast dtype and the output has that dtype;
+the casts are ordinary autograd ops, so float32 master weights get float32 gradients. The torch
+backend runs the reference, which autocast handles itself, with the same result dtypes.
+"""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from uvit_fast._backend import load_kernel, resolve
+from uvit_fast._backend import get_backend, load_kernel, resolve
 from uvit_fast.ops._checks import check_same_device, check_tensor, shape_str
 
 
@@ -40,6 +51,31 @@ def skip_concat_linear_reference(
     return F.linear(torch.cat([h, skip], dim=-1), weight, bias)
 
 
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The autocast dtype when autocast is on for ``device_type``, else None."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def _autocast_cast(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    # what autocast does for nn.Linear: floating tensors except float64 go to the autocast dtype
+    if t is None or not t.is_floating_point() or t.dtype == torch.float64 or t.dtype == dtype:
+        return t
+    return t.to(dtype)
+
+
+def _check_dtypes(op: str, h, weight, bias) -> None:
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype != h.dtype:
+            raise TypeError(
+                f"{op}: {name} must have the dtype of h and skip ({h.dtype}) outside autocast; got {t.dtype}"
+            )
+
+
 def skip_concat_linear(
     h: torch.Tensor,
     skip: torch.Tensor,
@@ -51,21 +87,117 @@ def skip_concat_linear(
     """``cat([h, skip], -1) @ weight.T + bias`` computed as ``h @ W1.T + skip @ W2.T + bias``.
 
     Args:
-        h: the block input ``(..., D)`` (usually ``(B, L, D)``).
-        skip: the matching in-block output, same shape as ``h``.
+        h: the block input ``(..., D)`` (usually ``(B, L, D)``); may be a strided view.
+        skip: the matching in-block output, same shape and dtype as ``h``.
         weight: ``(N, 2*D)``: upstream's ``skip_linear.weight`` (``N = D``), unchanged;
             ``W1 = weight[:, :D]``, ``W2 = weight[:, D:]``.
         bias: ``(N,)`` or None.
+        backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see :mod:`uvit_fast._backend`).
 
     Returns:
-        ``(..., N)``. Dtype as ``nn.Linear`` (under autocast, the autocast dtype).
+        ``(..., N)``. Dtypes as ``nn.Linear``: outside autocast ``weight`` and ``bias`` must have
+        ``h``'s dtype, which is the output dtype; under autocast ``h``, ``skip``, ``weight`` and
+        ``bias`` are cast to the autocast dtype (float64 excepted), which is the output dtype, and the
+        gradients flow back through the casts in the tensors' own dtypes.
+
+    The Triton backend supports float16, bfloat16 and float32. With ``backend="auto"`` and no
+    process-wide backend set, other dtypes (float64) fall back to PyTorch; with ``"triton"`` they
+    raise a TypeError.
     """
+    op = "skip_concat_linear"
     _check_skip_concat_linear(h, skip, weight, bias)
-    if resolve(backend, "skip_concat_linear", h, skip, weight, bias) == "torch":
+    cast_to = _autocast_dtype(h.device.type)
+    if cast_to is None:
+        _check_dtypes(op, h, weight, bias)
+    choice = resolve(backend, op, h, skip, weight, bias)
+    if choice == "triton" and cast_to is not None:
+        h, skip, weight, bias = (_autocast_cast(t, cast_to) for t in (h, skip, weight, bias))
+        _check_dtypes(op, h, weight, bias)
+    if choice == "triton" and h.dtype not in _TRITON_DTYPES:
+        if backend == "auto" and get_backend() == "auto":
+            choice = "torch"
+        else:
+            raise TypeError(
+                f"{op}: backend='triton' supports float16, bfloat16 and float32; got {h.dtype} "
+                f"(use backend='torch')"
+            )
+    if choice == "torch":
         return skip_concat_linear_reference(h, skip, weight, bias)
     return _skip_concat_linear_triton(h, skip, weight, bias)
 
 
 def _skip_concat_linear_triton(h, skip, weight, bias):
-    load_kernel("skip_concat_linear", "skip_concat_linear")
-    raise NotImplementedError("skip_concat_linear: the Triton kernel is not implemented yet; use backend='torch'")
+    return torch.ops.uvit_fast.skip_concat_linear(h, skip, weight, bias)
+
+
+# --------------------------------------------------------------------------------------------
+# torch.library registration: the forward op and two backward ops (inputs, weight + bias), each
+# with a fake (meta) implementation so that torch.compile(fullgraph=True) traces forward and
+# backward. Triton is imported lazily inside the op bodies.
+# --------------------------------------------------------------------------------------------
+def _kernel():
+    return load_kernel("skip_concat_linear", "skip_concat_linear")
+
+
+@torch.library.custom_op("uvit_fast::skip_concat_linear", mutates_args=())
+def _skip_concat_linear_op(
+    h: torch.Tensor, skip: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
+) -> torch.Tensor:
+    return _kernel().skip_concat_linear_forward(h, skip, weight, bias)
+
+
+@_skip_concat_linear_op.register_fake
+def _(h, skip, weight, bias):
+    return h.new_empty((*h.shape[:-1], weight.shape[0]))
+
+
+@torch.library.custom_op("uvit_fast::skip_concat_linear_backward_input", mutates_args=())
+def _skip_concat_linear_backward_input_op(
+    grad_out: torch.Tensor, weight: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _kernel().skip_concat_linear_backward_input(grad_out, weight)
+
+
+@_skip_concat_linear_backward_input_op.register_fake
+def _(grad_out, weight):
+    shape = (*grad_out.shape[:-1], weight.shape[1] // 2)
+    return grad_out.new_empty(shape), grad_out.new_empty(shape)
+
+
+@torch.library.custom_op("uvit_fast::skip_concat_linear_backward_weight", mutates_args=())
+def _skip_concat_linear_backward_weight_op(
+    grad_out: torch.Tensor, h: torch.Tensor, skip: torch.Tensor, compute_bias: bool
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _kernel().skip_concat_linear_backward_weight(grad_out, h, skip, compute_bias)
+
+
+@_skip_concat_linear_backward_weight_op.register_fake
+def _(grad_out, h, skip, compute_bias):
+    N, D = grad_out.shape[-1], h.shape[-1]
+    return grad_out.new_empty((N, 2 * D)), grad_out.new_empty((N if compute_bias else 0,))
+
+
+def _setup_context(ctx, inputs, output):
+    h, skip, weight, bias = inputs
+    ctx.save_for_backward(h, skip, weight)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad_out):
+    h, skip, weight = ctx.saved_tensors
+    need_h, need_skip, need_w, need_b = ctx.needs_input_grad
+    need_b = need_b and ctx.has_bias
+    dh = dskip = dweight = dbias = None
+    if need_h or need_skip:
+        dh, dskip = torch.ops.uvit_fast.skip_concat_linear_backward_input(grad_out, weight)
+    if need_w or need_b:
+        dweight, dbias = torch.ops.uvit_fast.skip_concat_linear_backward_weight(grad_out, h, skip, need_b)
+    return (
+        dh if need_h else None,
+        dskip if need_skip else None,
+        dweight if need_w else None,
+        dbias if need_b else None,
+    )
+
+
+_skip_concat_linear_op.register_autograd(_backward, setup_context=_setup_context)

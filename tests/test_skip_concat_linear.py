@@ -1,0 +1,275 @@
+"""skip_concat_linear: the Triton kernels (forward, dh/dskip, dweight/dbias) against float64.
+
+On CPU the kernels run under the Triton interpreter (tests/conftest.py), with outputs NaN-poisoned.
+The interpreter pins 64x64x64 tiles, so M = 66, 258, 67 and N = 72 leave partial row/column tiles,
+D = 72 leaves a partial K tile, and D = 576 / 1152 run long K loops over both halves of the weight.
+"""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from uvit_fast.ops import skip_concat_linear, skip_concat_linear_reference
+from uvit_fast.testing import assert_parity
+
+ON_CUDA = torch.cuda.is_available()
+NEEDS_CUDA_BF16 = pytest.mark.skipif(
+    not ON_CUDA, reason="bf16 tl.dot is wrong under the Triton interpreter (triton issue 11584); needs a CUDA GPU"
+)
+DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=NEEDS_CUDA_BF16)]
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    # F.linear in fp32 with TF32 off is the baseline; the kernel follows the same flag
+    if ON_CUDA:
+        old = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        yield
+        torch.backends.cuda.matmul.allow_tf32 = old
+    else:
+        yield
+
+
+def _inputs(shape, N, dtype, device, bias=True):
+    D = shape[-1]
+    h = torch.randn(shape, device=device, dtype=dtype)
+    skip = torch.randn(shape, device=device, dtype=dtype)
+    weight = torch.randn(N, 2 * D, device=device, dtype=dtype) * (2 * D) ** -0.5
+    b = torch.randn(N, device=device, dtype=dtype) if bias else None
+    return h, skip, weight, b
+
+
+def _leaf(t):
+    return None if t is None else t.detach().clone().requires_grad_(True)
+
+
+def _check(h, skip, weight, bias, grad=None, names=("h", "skip", "weight", "bias")):
+    """Triton vs PyTorch in the same dtype vs float64: output and every gradient asked for."""
+    leaves = [_leaf(t) for t in (h, skip, weight, bias)]
+    base_leaves = [_leaf(t) for t in (h, skip, weight, bias)]
+    ref_leaves = [None if t is None else t.detach().double().requires_grad_(True) for t in (h, skip, weight, bias)]
+
+    out = skip_concat_linear(*leaves, backend="triton")
+    base = skip_concat_linear_reference(*base_leaves)
+    ref = skip_concat_linear_reference(*ref_leaves)
+    assert out.dtype == base.dtype and out.shape == base.shape
+    assert_parity(out, base, ref, name="y")
+
+    g = torch.randn_like(out) if grad is None else grad
+    out.backward(g)
+    base.backward(g)
+    ref.backward(g.double())
+    for name, a, b, r in zip(names, leaves, base_leaves, ref_leaves):
+        if a is None:
+            continue
+        assert a.grad is not None, f"no gradient for {name}"
+        assert a.grad.dtype == a.dtype and a.grad.shape == a.shape
+        assert_parity(a.grad, b.grad, r.grad, name=f"d{name}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "shape, N",
+    [
+        ((2, 33, 72), 72),  # M=66, partial K tile (72 = 64 + 8), N=72 partial column tile
+        ((1, 258, 64), 64),  # batch 1, U-ViT token count, M=258 not a multiple of the tile
+        ((1, 67, 576), 576),  # D = 72*8: 9 K tiles over h then 9 over skip, two row tiles
+    ],
+)
+def test_parity(shape, N, dtype, device):
+    _check(*_inputs(shape, N, dtype, device))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_parity_d1152(dtype, device):
+    """U-ViT-H width with a tiny M (the interpreter pays per program; dW alone has 18 x 36 tiles)."""
+    _check(*_inputs((1, 5, 1152), 1152, dtype, device))
+
+
+def test_no_bias_and_partial_grads(device):
+    h, skip, weight, _ = _inputs((2, 19, 72), 40, torch.float32, device, bias=False)
+    _check(h, skip, weight, None)
+    # only h needs a gradient: the weight-gradient kernel must not be needed
+    hl = h.clone().requires_grad_(True)
+    out = skip_concat_linear(hl, skip, weight, None, backend="triton")
+    out.sum().backward()
+    h64 = h.double().requires_grad_(True)
+    skip_concat_linear_reference(h64, skip.double(), weight.double()).sum().backward()
+    base = h.clone().requires_grad_(True)
+    skip_concat_linear_reference(base, skip, weight).sum().backward()
+    assert_parity(hl.grad, base.grad, h64.grad, name="dh")
+    # only the weight needs a gradient
+    wl = weight.clone().requires_grad_(True)
+    skip_concat_linear(h, skip, wl, None, backend="triton").sum().backward()
+    w64 = weight.double().requires_grad_(True)
+    skip_concat_linear_reference(h.double(), skip.double(), w64).sum().backward()
+    wb = weight.clone().requires_grad_(True)
+    skip_concat_linear_reference(h, skip, wb).sum().backward()
+    assert_parity(wl.grad, wb.grad, w64.grad, name="dweight")
+
+
+def test_strided_inputs(device):
+    """Views read in place through strides: a slice of a wider buffer, a transposed weight, a
+    strided bias, a (B, D, L)-transposed skip (not flattenable -> one reshape copy), a zero-stride
+    (expanded) output gradient and 4-D leading dims."""
+    B, L, D, N = 2, 21, 72, 48
+    buf = torch.randn(B, L + 3, 3 * D, device=device)
+    h = buf[:, 2 : L + 2, D : 2 * D]  # row stride 3D, leading dims flattenable
+    skip = torch.randn(B, D, L, device=device).transpose(1, 2)  # column stride L
+    weight = (torch.randn(2 * D, N, device=device) * (2 * D) ** -0.5).t()  # column-major (N, 2D)
+    bias = torch.randn(2 * N, device=device)[::2]
+    assert not h.is_contiguous() and not skip.is_contiguous() and not weight.is_contiguous()
+    _check(h, skip, weight, bias)
+    # the gradient of out.sum() is an expanded tensor with stride 0
+    _check(h, skip, weight, bias, grad=torch.ones((), device=device).expand(B, L, N))
+    # 4-D inputs
+    h4 = torch.randn(2, 3, 11, D, device=device)
+    _check(h4, torch.randn_like(h4), weight, bias)
+
+
+def test_empty_batch(device):
+    h, skip, weight, bias = _inputs((0, 7, 64), 32, torch.float32, device)
+    leaves = [_leaf(t) for t in (h, skip, weight, bias)]
+    out = skip_concat_linear(*leaves, backend="triton")
+    assert out.shape == (0, 7, 32)
+    out.sum().backward()
+    assert leaves[0].grad.shape == h.shape
+    assert torch.equal(leaves[2].grad, torch.zeros_like(weight))
+    assert torch.equal(leaves[3].grad, torch.zeros_like(bias))
+
+
+def test_autocast_matches_linear(device):
+    """Under autocast the op behaves like nn.Linear: inputs and weight cast to the autocast dtype,
+    output in that dtype, gradients back in the leaves' float32."""
+    amp = torch.float16  # bf16 would need bf16 tl.dot, broken under the interpreter
+    h, skip, weight, bias = _inputs((2, 33, 72), 72, torch.float32, device)
+    leaves = [_leaf(t) for t in (h, skip, weight, bias)]
+    base_leaves = [_leaf(t) for t in (h, skip, weight, bias)]
+    with torch.autocast(device.type, dtype=amp):
+        out = skip_concat_linear(*leaves, backend="triton")
+        base = skip_concat_linear_reference(*base_leaves)
+    assert out.dtype == base.dtype == amp
+    # float64 reference of the same computation: inputs rounded to the autocast dtype first
+    ref_leaves = [t.detach().to(amp).double().requires_grad_(True) for t in (h, skip, weight, bias)]
+    ref = skip_concat_linear_reference(*ref_leaves)
+    assert_parity(out, base, ref, name="y (autocast)")
+    g = torch.randn_like(out)
+    out.backward(g)
+    base.backward(g)
+    ref.backward(g.double())
+    for name, a, b, r in zip(("h", "skip", "weight", "bias"), leaves, base_leaves, ref_leaves):
+        assert a.grad.dtype == torch.float32
+        assert_parity(a.grad, b.grad, r.grad, atol=4e-3, name=f"d{name} (autocast)")
+
+
+def test_opcheck(device):
+    h, skip, weight, bias = _inputs((2, 9, 64), 24, torch.float32, device)
+    leaves = [_leaf(t) for t in (h, skip, weight, bias)]
+    torch.library.opcheck(torch.ops.uvit_fast.skip_concat_linear.default, tuple(leaves))
+    torch.library.opcheck(torch.ops.uvit_fast.skip_concat_linear.default, (h, skip, weight, None))
+    g = torch.randn(2, 9, 24, device=device)
+    torch.library.opcheck(torch.ops.uvit_fast.skip_concat_linear_backward_input.default, (g, weight))
+    for compute_bias in (True, False):
+        torch.library.opcheck(
+            torch.ops.uvit_fast.skip_concat_linear_backward_weight.default, (g, h, skip, compute_bias)
+        )
+
+
+def test_torch_compile_fullgraph(device):
+    h, skip, weight, bias = _inputs((2, 17, 64), 40, torch.float32, device)
+
+    def f(h, skip, weight, bias):
+        return skip_concat_linear(h, skip, weight, bias, backend="triton").square()
+
+    leaves = [_leaf(t) for t in (h, skip, weight, bias)]
+    out = torch.compile(f, fullgraph=True)(*leaves)
+    out.sum().backward()
+    eager = [_leaf(t) for t in (h, skip, weight, bias)]
+    expect = skip_concat_linear_reference(*eager).square()
+    expect.sum().backward()
+    torch.testing.assert_close(out, expect, rtol=1e-4, atol=1e-4)
+    for a, b in zip(leaves, eager):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_errors(device):
+    h, skip, weight, bias = _inputs((2, 5, 8), 8, torch.float32, device)
+    with pytest.raises(ValueError, match=r"h and skip must have the same shape.*\(2, 5, 8\).*\(2, 5, 7\)"):
+        skip_concat_linear(h, skip[..., :7], weight, bias, backend="triton")
+    with pytest.raises(ValueError, match=r"weight must have shape \(N, 2\*D\) = \(N, 16\).*\(8, 8\)"):
+        skip_concat_linear(h, skip, weight[:, :8], bias, backend="triton")
+    with pytest.raises(ValueError, match=r"weight must have 2 dims; got shape \(8, 16, 1\)"):
+        skip_concat_linear(h, skip, weight[..., None], bias, backend="triton")
+    with pytest.raises(ValueError, match=r"bias has shape \(7,\) but weight \(8, 16\) needs \(8,\)"):
+        skip_concat_linear(h, skip, weight, bias[:7], backend="triton")
+    with pytest.raises(ValueError, match=r"at least 2 dims"):
+        skip_concat_linear(h[0, 0], skip[0, 0], weight, bias, backend="triton")
+    with pytest.raises(TypeError, match=r"h and skip must have the same dtype; got torch.float32 and torch.float16"):
+        skip_concat_linear(h, skip.half(), weight, bias, backend="triton")
+    with pytest.raises(TypeError, match=r"weight must have the dtype of h and skip \(torch.float32\).*torch.float16"):
+        skip_concat_linear(h, skip, weight.half(), bias, backend="triton")
+    with pytest.raises(TypeError, match=r"bias must have the dtype of h and skip \(torch.float32\).*torch.float16"):
+        skip_concat_linear(h, skip, weight, bias.half(), backend="torch")
+    with pytest.raises(TypeError, match=r"backend='triton' supports float16, bfloat16 and float32; got torch.float64"):
+        skip_concat_linear(h.double(), skip.double(), weight.double(), bias.double(), backend="triton")
+    with pytest.raises(TypeError, match=r"h must have a floating dtype; got torch.int64"):
+        skip_concat_linear(h.long(), skip.long(), weight, bias, backend="triton")
+    with pytest.raises(ValueError, match=r"all tensors must be on one device.*weight on meta"):
+        skip_concat_linear(h, skip, weight.to("meta"), bias, backend="triton")
+
+
+@pytest.mark.skipif(ON_CUDA, reason="on a GPU the parity tests compile and run the real kernels")
+def test_kernels_compile_for_sm90():
+    """Without a GPU, prove the kernels lower to PTX/cubin for an H100 (sm_90) with one fp16 config:
+    the interpreter alone does not catch constructs the compiler rejects."""
+    script = textwrap.dedent(
+        """
+        import os
+        os.environ.pop("TRITON_INTERPRET", None)
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        from uvit_fast.kernels import skip_concat_linear as k
+
+        def jit(fn):
+            while not isinstance(fn, triton.runtime.jit.JITFunction):
+                fn = fn.fn
+            return fn
+
+        def build(kernel, sig, consts):
+            attrs = {(i,): [["tt.divisibility", 16]] for i, (n, t) in enumerate(sig.items())
+                     if t != "constexpr" and n != "M"}
+            c = triton.compile(ASTSource(fn=jit(kernel), signature=sig, constexprs=consts, attrs=attrs),
+                               target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
+            assert "wgmma" in c.asm["ptx"] or "mma" in c.asm["ptx"]
+
+        P, C = "*fp16", "constexpr"
+        tile = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, INPUT_PRECISION="ieee", EVEN_K=False)
+        def sig_of(kernel, ptrs, ints, unit):
+            fn = jit(kernel)
+            const = {fn.arg_names[i] for i in fn.constexprs} | set(unit)
+            return {n: (P if n in ptrs else C if n in const else "i32") for n in fn.arg_names}
+        fwd_unit = ("stride_hk", "stride_sk", "stride_wk", "stride_yn", "stride_b")
+        build(k._skip_concat_linear_fwd_kernel,
+              sig_of(k._skip_concat_linear_fwd_kernel, ("H", "S", "W", "BIAS", "Y"), (), fwd_unit),
+              dict(tile, HAS_BIAS=True, **{n: 1 for n in fwd_unit}))
+        dx_unit = ("stride_dyn", "stride_wk", "stride_dhk", "stride_dsk")
+        build(k._skip_concat_linear_bwd_input_kernel,
+              sig_of(k._skip_concat_linear_bwd_input_kernel, ("DY", "W", "DH", "DS"), (), dx_unit),
+              dict(tile, **{n: 1 for n in dx_unit}))
+        dw_unit = ("stride_dyn", "stride_hk", "stride_sk", "stride_dwk")
+        build(k._skip_concat_linear_bwd_weight_kernel,
+              sig_of(k._skip_concat_linear_bwd_weight_kernel, ("DY", "H", "S", "DW", "DB"), (), dw_unit),
+              dict(tile, HAS_DBIAS=True, **{n: 1 for n in dw_unit}))
+        print("OK")
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    if proc.returncode != 0 and ("ptxas" in proc.stderr and "not found" in proc.stderr.lower()):
+        pytest.skip("this triton install has no ptxas to compile for sm_90")
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
