@@ -6,16 +6,18 @@ Causal masking is top-left aligned, as ``torch.nn.functional.scaled_dot_product_
 from __future__ import annotations
 
 import importlib
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from uvit_fast._backend import get_backend, load_kernel, resolve, triton_available
+from uvit_fast._backend import BackendError, check_triton_device, get_backend
 from uvit_fast.ops._checks import check_same_device, check_tensor
 
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "sdpa", "flash_attn", "xformers")
 MAX_HEAD_DIM = 256
+#: dtypes the Triton kernel runs (fp32 accumulation in every case)
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _check_attention(q, k, v, scale):
@@ -69,11 +71,15 @@ def _sdpa(q, k, v, causal, scale):
     return out.transpose(1, 2)
 
 
-def _flash_attn(q, k, v, causal, scale):
+def _flash_attn_module():
     try:
-        fa = importlib.import_module("flash_attn")
+        return importlib.import_module("flash_attn")
     except ImportError:
         raise ValueError("attention: backend='flash_attn' needs the flash-attn package (pip install 'uvit-fast[flash]')") from None
+
+
+def _flash_attn(q, k, v, causal, scale):
+    fa = _flash_attn_module()
     if causal and q.shape[1] != k.shape[1]:
         raise ValueError(
             "attention: flash_attn aligns causal masks bottom-right; with Lq != Lk use another backend "
@@ -89,8 +95,239 @@ def _xformers(q, k, v, causal, scale):
         raise ValueError("attention: backend='xformers' needs the xformers package (pip install 'uvit-fast[xformers]')") from None
     bias = None
     if causal:
-        bias = xops.LowerTriangularMask()
+        bias = xops.LowerTriangularMask()  # top-left aligned, as ours
     return xops.memory_efficient_attention(q, k, v, attn_bias=bias, scale=scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# Autocast: the custom ops are not autocast-aware, so the Python wrapper casts first, exactly as
+# autocast treats SDPA and the matmuls of the reference: inside an autocast region, floating
+# inputs other than float64 run in the autocast dtype and the output comes back in that dtype.
+# ---------------------------------------------------------------------------------------------
+
+
+def _autocast(*tensors: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    dev = tensors[0].device.type
+    try:
+        enabled = torch.is_autocast_enabled(dev)
+    except (TypeError, RuntimeError):  # device types autocast does not know
+        return tensors
+    if not enabled:
+        return tensors
+    dtype = torch.get_autocast_dtype(dev)
+    return tuple(t.to(dtype) if t.dtype not in (dtype, torch.float64) else t for t in tensors)
+
+
+# Backend choice happens in Python before the op is called. Under torch.compile these helpers are
+# evaluated once at trace time and folded as constants (importing triton and reading the
+# process-wide default cannot be traced): the choice is fixed for a compiled graph.
+
+
+@torch.compiler.assume_constant_result
+def _default_backend() -> str:
+    return get_backend()
+
+
+@torch.compiler.assume_constant_result
+def _triton_error(device_type: str) -> str:
+    """Why backend='triton' cannot run on ``device_type`` ('' when it can)."""
+    try:
+        check_triton_device("attention", torch.device(device_type))
+    except BackendError as exc:
+        return str(exc)
+    return ""
+
+
+def _select(backend: str, q: torch.Tensor) -> str:
+    """The backend that will run: one of ``torch``, ``triton``, ``sdpa``, ``flash_attn``, ``xformers``."""
+    if backend in ("sdpa", "flash_attn", "xformers"):
+        return backend
+    choice = backend if backend != "auto" else _default_backend()
+    if choice == "auto":
+        # ours on CUDA for the dtypes it runs (every validated shape), else SDPA
+        if q.is_cuda and not _triton_error("cuda") and _autocast(q)[0].dtype in TRITON_DTYPES:
+            return "triton"
+        return "sdpa"
+    if choice == "triton":
+        err = _triton_error(q.device.type)
+        if err:
+            raise BackendError(err)
+    return choice
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernel as torch.library custom ops (forward and backward are separate ops so that
+# torch.compile(fullgraph=True) traces both; the kernel module is imported inside the bodies).
+# ---------------------------------------------------------------------------------------------
+
+
+def _fp32_precision(t: torch.Tensor) -> str:
+    """fp32 inputs: exact fp32 dots ("ieee") unless TF32 matmuls are allowed in torch."""
+    if t.is_cuda and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+@torch.library.custom_op("uvit_fast::attention_fwd", mutates_args=())
+def _attention_fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    from uvit_fast.kernels.attention import attention_forward
+
+    return attention_forward(q, k, v, causal=causal, scale=scale, input_precision=_fp32_precision(q))
+
+
+@_attention_fwd_op.register_fake
+def _(q, k, v, causal, scale):
+    B, Lq, H, D = q.shape
+    return q.new_empty(B, Lq, H, D), q.new_empty(B, H, 2, Lq, dtype=torch.float32)
+
+
+@torch.library.custom_op("uvit_fast::attention_bwd", mutates_args=())
+def _attention_bwd_op(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    stats: torch.Tensor,
+    causal: bool,
+    scale: float,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from uvit_fast.kernels.attention import attention_backward
+
+    return attention_backward(
+        dout, q, k, v, out, stats, causal=causal, scale=scale, input_precision=_fp32_precision(q)
+    )
+
+
+@_attention_bwd_op.register_fake
+def _(dout, q, k, v, out, stats, causal, scale):
+    return (
+        q.new_empty(q.shape),
+        k.new_empty(k.shape),
+        v.new_empty(v.shape),
+    )
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, causal, scale = inputs
+    out, stats = output
+    ctx.save_for_backward(q, k, v, out, stats)
+    ctx.causal, ctx.scale = causal, scale
+    ctx.mark_non_differentiable(stats)
+
+
+def _attention_backward(ctx, dout, _dstats):
+    q, k, v, out, stats = ctx.saved_tensors
+    dq, dk, dv = _attention_bwd_op(dout, q, k, v, out, stats, ctx.causal, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+_attention_fwd_op.register_autograd(_attention_backward, setup_context=_attention_setup)
+
+
+@torch.library.custom_op("uvit_fast::attention_qkvpacked_fwd", mutates_args=())
+def _attention_packed_fwd_op(qkv: torch.Tensor, causal: bool, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    from uvit_fast.kernels.attention import attention_forward
+
+    q, k, v = qkv.unbind(2)
+    return attention_forward(q, k, v, causal=causal, scale=scale, input_precision=_fp32_precision(qkv))
+
+
+@_attention_packed_fwd_op.register_fake
+def _(qkv, causal, scale):
+    B, L, _, H, D = qkv.shape
+    return qkv.new_empty(B, L, H, D), qkv.new_empty(B, H, 2, L, dtype=torch.float32)
+
+
+@torch.library.custom_op("uvit_fast::attention_qkvpacked_bwd", mutates_args=())
+def _attention_packed_bwd_op(
+    dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, stats: torch.Tensor, causal: bool, scale: float
+) -> torch.Tensor:
+    from uvit_fast.kernels.attention import attention_qkvpacked_backward
+
+    return attention_qkvpacked_backward(
+        dout, qkv, out, stats, causal=causal, scale=scale, input_precision=_fp32_precision(qkv)
+    )
+
+
+@_attention_packed_bwd_op.register_fake
+def _(dout, qkv, out, stats, causal, scale):
+    return qkv.new_empty(qkv.shape)
+
+
+def _packed_setup(ctx, inputs, output):
+    qkv, causal, scale = inputs
+    out, stats = output
+    ctx.save_for_backward(qkv, out, stats)
+    ctx.causal, ctx.scale = causal, scale
+    ctx.mark_non_differentiable(stats)
+
+
+def _packed_backward(ctx, dout, _dstats):
+    qkv, out, stats = ctx.saved_tensors
+    return _attention_packed_bwd_op(dout, qkv, out, stats, ctx.causal, ctx.scale), None, None
+
+
+_attention_packed_fwd_op.register_autograd(_packed_backward, setup_context=_packed_setup)
+
+
+# FLOP formulas, in torch's SDPA convention (torch/utils/flop_counter.py): forward = the two
+# matmuls, 4 B H Lq Lk D; backward = five matmuls incl. the recomputed scores, 10 B H Lq Lk D;
+# causal masking is not discounted (SDPA's formulas do not discount it either).
+
+
+def _fwd_flops(B, H, Lq, Lk, D, Dv):
+    return 2 * B * H * Lq * Lk * D + 2 * B * H * Lq * Lk * Dv
+
+
+def _bwd_flops(B, H, Lq, Lk, D, Dv):
+    return 2 * B * H * Lq * Lk * (3 * D + 2 * Dv)
+
+
+def _register_flop_formulas() -> None:
+    from torch.utils.flop_counter import register_flop_formula
+
+    @register_flop_formula(torch.ops.uvit_fast.attention_fwd)
+    def _fwd(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+        B, Lq, H, D = q_shape
+        return _fwd_flops(B, H, Lq, k_shape[1], D, v_shape[3])
+
+    @register_flop_formula(torch.ops.uvit_fast.attention_bwd)
+    def _bwd(dout_shape, q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+        B, Lq, H, D = q_shape
+        return _bwd_flops(B, H, Lq, k_shape[1], D, v_shape[3])
+
+    @register_flop_formula(torch.ops.uvit_fast.attention_qkvpacked_fwd)
+    def _packed_fwd(qkv_shape, *args, out_shape=None, **kwargs) -> int:
+        B, L, _, H, D = qkv_shape
+        return _fwd_flops(B, H, L, L, D, D)
+
+    @register_flop_formula(torch.ops.uvit_fast.attention_qkvpacked_bwd)
+    def _packed_bwd(dout_shape, qkv_shape, *args, out_shape=None, **kwargs) -> int:
+        B, L, _, H, D = qkv_shape
+        return _bwd_flops(B, H, L, L, D, D)
+
+
+_register_flop_formulas()
+
+
+def _resolve_scale(scale: Optional[float], D: int) -> float:
+    return float(D ** -0.5 if scale is None else scale)
+
+
+def _check_triton(op: str, t: torch.Tensor) -> None:
+    if t.dtype not in TRITON_DTYPES:
+        raise TypeError(f"{op}: backend='triton' supports {', '.join(map(str, TRITON_DTYPES))}; got {t.dtype} "
+                        f"(shape {tuple(t.shape)}); use backend='sdpa' or 'torch'")
+
+
+def _attention_triton(q, k, v, causal, scale):
+    q, k, v = _autocast(q, k, v)
+    _check_triton("attention", q)
+    out, _ = _attention_fwd_op(q, k, v, bool(causal), _resolve_scale(scale, q.shape[-1]))
+    return out
 
 
 def attention(
@@ -113,36 +350,46 @@ def attention(
             (the math reference), ``"triton"``, ``"sdpa"``, ``"flash_attn"``, ``"xformers"``.
 
     Returns:
-        ``(B, Lq, H, D)`` in the inputs' dtype.
+        ``(B, Lq, H, D)`` in the inputs' dtype (the autocast dtype inside an autocast region);
+        contiguous from the Triton kernel.
     """
     if backend not in ATTENTION_BACKENDS:
         raise ValueError(f"attention: backend must be one of {ATTENTION_BACKENDS}; got {backend!r}")
     _check_attention(q, k, v, scale)
-    if backend == "sdpa":
+    choice = _select(backend, q)
+    if choice == "sdpa":
         return _sdpa(q, k, v, causal, scale)
-    if backend == "flash_attn":
-        return _flash_attn(q, k, v, causal, scale)
-    if backend == "xformers":
-        return _xformers(q, k, v, causal, scale)
-    if backend == "auto" and get_backend() == "auto":
-        if q.is_cuda and triton_available():
-            return _attention_triton(q, k, v, causal, scale)
-        return _sdpa(q, k, v, causal, scale)
-    if resolve(backend, "attention", q, k, v) == "torch":
+    if choice == "flash_attn":
+        return _flash_attn(*_autocast(q, k, v), causal, scale)
+    if choice == "xformers":
+        return _xformers(*_autocast(q, k, v), causal, scale)
+    if choice == "torch":
         return attention_reference(q, k, v, causal=causal, scale=scale)
     return _attention_triton(q, k, v, causal, scale)
-
-
-def _attention_triton(q, k, v, causal, scale):
-    load_kernel("attention", "attention")
-    raise NotImplementedError("attention: the Triton kernel is not implemented yet; use backend='torch' or 'sdpa'")
 
 
 def attention_qkvpacked(
     qkv: torch.Tensor, *, causal: bool = False, scale: Optional[float] = None, backend: str = "auto"
 ) -> torch.Tensor:
-    """:func:`attention` on a packed ``(B, L, 3, H, D)`` tensor (no copies: q, k, v are views)."""
+    """:func:`attention` on a packed ``(B, L, 3, H, D)`` tensor (no copies: q, k, v are views).
+
+    With the Triton backend the backward writes one packed ``(B, L, 3, H, D)`` gradient (no
+    per-slice zero-fill and sum); with flash-attn it calls ``flash_attn_qkvpacked_func``.
+    """
     check_tensor("attention_qkvpacked", "qkv", qkv, 5)
     if qkv.shape[2] != 3:
         raise ValueError(f"attention_qkvpacked: qkv must have shape (B, L, 3, H, D); got {tuple(qkv.shape)}")
-    return attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], causal=causal, scale=scale, backend=backend)
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention_qkvpacked: backend must be one of {ATTENTION_BACKENDS}; got {backend!r}")
+    q, k, v = qkv.unbind(2)
+    _check_attention(q, k, v, scale)
+    choice = _select(backend, qkv)
+    if choice == "triton":
+        (qkv,) = _autocast(qkv)
+        _check_triton("attention_qkvpacked", qkv)
+        out, _ = _attention_packed_fwd_op(qkv, bool(causal), _resolve_scale(scale, qkv.shape[-1]))
+        return out
+    if choice == "flash_attn":
+        (qkv,) = _autocast(qkv)
+        return _flash_attn_module().flash_attn_qkvpacked_func(qkv, softmax_scale=scale, causal=causal)
+    return attention(q, k, v, causal=causal, scale=scale, backend=choice)

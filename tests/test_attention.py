@@ -1,0 +1,393 @@
+"""Flash attention (kernels/attention.py, uvit_fast/ops/attention.py).
+
+On CPU the kernels run under the Triton interpreter (tests/conftest.py), with outputs NaN-poisoned
+before launch. Parity is the flash-attn rule: error vs float64 <= 2x plain PyTorch's error in the
+same dtype + a small atol, for the output and every gradient.
+"""
+import importlib.util
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+import uvit_fast
+from uvit_fast.ops import attention, attention_qkvpacked, attention_reference
+from uvit_fast.testing import assert_parity
+
+CUDA_ONLY_BF16 = pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="bf16 tl.dot is broken in the Triton interpreter (triton-lang/triton#11584); bf16 is checked on CUDA",
+)
+
+
+def _kernels():
+    from uvit_fast.kernels import attention as kattn
+
+    return kattn
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------------
+
+
+def _make_qkv(B, Lq, Lk, H, D, dtype, device, layout):
+    """q, k, v of shape (B, L, H, D) laid out as ``layout`` (all random, never zeros):
+
+    contig: three contiguous tensors; packed: views of one (B, L, 3, H, D) tensor (Lq == Lk);
+    heads_major: (B, H, L, D) tensors transposed to (B, L, H, D); dstride: every other element of
+    the last dim (stride_d = 2).
+    """
+    if layout == "packed":
+        assert Lq == Lk
+        qkv = torch.randn(B, Lq, 3, H, D, device=device, dtype=dtype)
+        return qkv.unbind(2)
+    out = []
+    for L in (Lq, Lk, Lk):
+        if layout == "contig":
+            t = torch.randn(B, L, H, D, device=device, dtype=dtype)
+        elif layout == "heads_major":
+            t = torch.randn(B, H, L, D, device=device, dtype=dtype).transpose(1, 2)
+        elif layout == "dstride":
+            t = torch.randn(B, L, H, 2 * D, device=device, dtype=dtype)[..., ::2]
+        else:
+            raise AssertionError(layout)
+        out.append(t)
+    return tuple(out)
+
+
+def _leaf(t):
+    """A leaf with the same strides as ``t`` (autograd needs leaves for .grad)."""
+    return t.detach().requires_grad_()
+
+
+def _run(fn, q, k, v, dout):
+    q, k, v = (_leaf(t) for t in (q, k, v))
+    out = fn(q, k, v)
+    out.backward(dout)
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+def _check_parity(q, k, v, *, causal=False, scale=None, dout=None, fn=None):
+    """Ours (backend='triton') vs plain PyTorch in the same dtype vs float64, output + dq, dk, dv."""
+    B, Lq, H, D = q.shape
+    if dout is None:
+        dout = torch.randn(B, Lq, H, D, device=q.device, dtype=q.dtype)
+    if fn is None:
+        fn = lambda a, b, c: attention(a, b, c, causal=causal, scale=scale, backend="triton")  # noqa: E731
+    ours = _run(fn, q, k, v, dout)
+    base = _run(lambda a, b, c: attention_reference(a, b, c, causal=causal, scale=scale), q, k, v, dout)
+    ref = _run(
+        lambda a, b, c: attention_reference(a, b, c, causal=causal, scale=scale),
+        q.double(), k.double(), v.double(), dout.double(),
+    )
+    for name, o, b, r in zip(("out", "dq", "dk", "dv"), ours, base, ref):
+        assert o.dtype == q.dtype, name
+        assert_parity(o, b, r, name=name)
+    return ours
+
+
+# ------------------------------------------------------------------------------------------------
+# parity: the issue's matrix, as a covering subset (every L, every D, both causal settings, both
+# dtypes, Lq != Lk both ways, batch 1, four memory layouts)
+# ------------------------------------------------------------------------------------------------
+
+MATRIX = [
+    # B, Lq, Lk, H, D, causal, layout
+    (1, 1, 1, 2, 32, False, "packed"),
+    (2, 7, 7, 1, 64, True, "contig"),
+    (1, 77, 77, 2, 72, False, "packed"),
+    (2, 77, 77, 1, 72, True, "packed"),
+    (1, 258, 258, 1, 80, False, "heads_major"),
+    (1, 334, 334, 1, 96, True, "dstride"),
+    (1, 77, 258, 2, 128, True, "contig"),
+    (2, 334, 7, 1, 72, True, "contig"),
+    (1, 258, 77, 1, 32, False, "heads_major"),
+    (1, 7, 334, 2, 64, False, "dstride"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("B,Lq,Lk,H,D,causal,layout", MATRIX, ids=lambda p: str(p))
+def test_parity_matrix(B, Lq, Lk, H, D, causal, layout, dtype, device):
+    q, k, v = _make_qkv(B, Lq, Lk, H, D, dtype, device, layout)
+    _check_parity(q, k, v, causal=causal)
+
+
+def _check_launchers(q, k, v, *, causal, block_m=None, block_n=None, name=""):
+    """The launchers directly, with pinned tiles (no autotuning: cheap on a GPU too)."""
+    k_ = _kernels()
+    dout = torch.randn_like(q)
+    out, stats = k_.attention_forward(q, k, v, causal=causal, block_m=block_m, block_n=block_n)
+    grads = k_.attention_backward(dout, q, k, v, out, stats, causal=causal, block_m=block_m, block_n=block_n)
+    spec = lambda a, b, c: attention_reference(a, b, c, causal=causal)  # noqa: E731
+    base = _run(spec, q, k, v, dout)
+    ref = _run(spec, q.double(), k.double(), v.double(), dout.double())
+    for what, o, b, r in zip(("out", "dq", "dk", "dv"), (out, *grads), base, ref):
+        assert_parity(o, b, r, name=f"{what} {name}")
+
+
+@pytest.mark.parametrize("D", list(range(8, 257, 8)))
+def test_every_head_dim_multiple_of_8(D, device):
+    """Every multiple of 8 up to 256 (exact split or padded remainder, see docs/attention.md)."""
+    q, k, v = _make_qkv(1, 19, 37, 1, D, torch.float32, device, "contig")
+    _check_launchers(q, k, v, causal=D % 16 == 0, block_m=32, block_n=16, name=f"D={D}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_large_logits_stay_finite(dtype, device):
+    """scale=30 makes logits of a few hundred: the online softmax must not overflow."""
+    q, k, v = _make_qkv(1, 77, 77, 2, 64, dtype, device, "contig")
+    out, *grads = _check_parity(q, k, v, scale=30.0, causal=True)
+    for t in (out, *grads):
+        assert torch.isfinite(t).all()
+
+
+@pytest.mark.parametrize("block_m,block_n", [(16, 32), (32, 16), (16, 16)])
+def test_explicit_tiles_causal_lq_ne_lk(block_m, block_n, device):
+    """Tiles smaller than L, BLOCK_N > BLOCK_M and < BLOCK_M: every causal range split is exercised."""
+    for Lq, Lk in ((45, 70), (70, 45)):
+        q, k, v = _make_qkv(1, Lq, Lk, 2, 40, torch.float32, device, "contig")
+        _check_launchers(q, k, v, causal=True, block_m=block_m, block_n=block_n, name=f"Lq={Lq} Lk={Lk}")
+
+
+def test_saved_log_sum_exp_is_fp32(device):
+    """The forward saves the LSE in fp32, split as (row max, log2 row sum) in base 2."""
+    q, k, v = _make_qkv(2, 77, 50, 2, 72, torch.float16, device, "contig")
+    out, stats = torch.ops.uvit_fast.attention_fwd(q, k, v, True, 0.2)
+    assert stats.dtype == torch.float32 and stats.shape == (2, 2, 2, 77)
+    lse = _kernels().logsumexp(stats)
+    assert out.is_contiguous() and out.shape == q.shape
+    s = torch.einsum("blhd,bmhd->bhlm", q.double(), k.double()) * 0.2
+    s = s.masked_fill(~torch.ones(77, 50, dtype=torch.bool, device=device).tril(), float("-inf"))
+    torch.testing.assert_close(lse.double(), s.logsumexp(-1), atol=1e-4, rtol=1e-5)
+
+
+def test_qkvpacked_writes_packed_grad(device):
+    B, L, H, D = 2, 77, 2, 72
+    qkv = torch.randn(B, L, 3, H, D, device=device)
+    dout = torch.randn(B, L, H, D, device=device)
+
+    def run(x, backend):
+        x = _leaf(x)
+        out = attention_qkvpacked(x, causal=True, backend=backend)
+        out.backward(dout.to(x.dtype))
+        return out.detach(), x.grad
+
+    ours, base, ref = run(qkv, "triton"), run(qkv, "torch"), run(qkv.double(), "torch")
+    for name, o, b, r in zip(("out", "dqkv"), ours, base, ref):
+        assert_parity(o, b, r, name=name)
+    # the packed op and the three-view op agree
+    q, k, v = qkv.unbind(2)
+    split = _run(lambda a, b, c: attention(a, b, c, causal=True, backend="triton"), q, k, v, dout)
+    torch.testing.assert_close(ours[0], split[0], atol=0, rtol=0)
+    torch.testing.assert_close(ours[1], torch.stack(split[1:], dim=2), atol=0, rtol=0)
+
+
+def test_broadcast_grad_output(device):
+    """out.sum().backward() hands the backward an expanded dout (all strides 0)."""
+    q, k, v = _make_qkv(1, 33, 33, 2, 72, torch.float32, device, "packed")
+    dout = torch.ones((), device=device).expand(1, 33, 2, 72)
+    assert dout.stride() == (0, 0, 0, 0)
+    _check_parity(q, k, v, dout=dout)
+
+
+@CUDA_ONLY_BF16
+@pytest.mark.parametrize("D,L,causal", [(72, 258, False), (64, 77, True), (80, 334, False), (128, 7, True)])
+def test_bf16_parity(D, L, causal, device):
+    q, k, v = _make_qkv(2, L, L, 2, D, torch.bfloat16, device, "packed")
+    _check_parity(q, k, v, causal=causal)
+
+
+# ------------------------------------------------------------------------------------------------
+# autocast, dispatch, registration
+# ------------------------------------------------------------------------------------------------
+
+
+def test_autocast_matches_reference_under_autocast(device):
+    """Under autocast fp32 inputs run in the autocast dtype and the output has that dtype, as the
+    reference (and SDPA) do; gradients come back in the inputs' dtype."""
+    q, k, v = (_leaf(t) for t in _make_qkv(1, 40, 40, 2, 72, torch.float32, device, "packed"))
+    with torch.autocast(device.type, dtype=torch.float16):
+        out = attention(q, k, v, backend="triton")
+        base = attention_reference(q, k, v)
+        sd = attention(q, k, v, backend="sdpa")
+    assert out.dtype == base.dtype == sd.dtype == torch.float16
+    ref = attention_reference(q.double(), k.double(), v.double())
+    assert_parity(out, base, ref)
+    out.float().sum().backward()
+    assert q.grad.dtype == torch.float32 and torch.isfinite(q.grad).all()
+
+
+def test_auto_backend_choice(device):
+    """'auto': our kernel on CUDA (float16/bfloat16/float32), SDPA otherwise (CPU, float64)."""
+    q, k, v = _make_qkv(1, 9, 9, 1, 72, torch.float32, device, "contig")
+
+    def ops_called(*args):
+        with FlopCounterMode(display=False) as m:
+            attention(*args, backend="auto")
+        return {str(op) for op in m.get_flop_counts().get("Global", {})}
+
+    called = ops_called(q, k, v)
+    assert ("uvit_fast.attention_fwd" in called) == (device.type == "cuda"), called
+    assert "uvit_fast.attention_fwd" not in ops_called(q.double(), k.double(), v.double())
+    if device.type == "cpu":
+        torch.testing.assert_close(attention(q, k, v), F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2), atol=0, rtol=0)
+    # a process-wide default of "triton" routes "auto" to our kernel (interpreter on CPU)
+    with uvit_fast.use_backend("triton"):
+        with FlopCounterMode(display=False) as m:
+            attention(q, k, v)
+    assert "uvit_fast.attention_fwd" in {str(op) for op in m.get_flop_counts()["Global"]}
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "torch"])
+def test_other_backends_top_left_causal(backend, device):
+    """SDPA's is_causal is top-left aligned like ours and the reference, also for Lq != Lk."""
+    q, k, v = _make_qkv(1, 12, 20, 2, 32, torch.float32, device, "contig")
+    got = attention(q, k, v, causal=True, backend=backend)
+    ref = attention_reference(q.double(), k.double(), v.double(), causal=True)
+    torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_opcheck_all_ops(device):
+    q, k, v = _make_qkv(1, 20, 20, 2, 24, torch.float32, device, "packed")
+    qkv = torch.randn(1, 20, 3, 2, 24, device=device)
+    fwd = torch.ops.uvit_fast.attention_fwd
+    torch.library.opcheck(fwd, (_leaf(q), _leaf(k), _leaf(v), True, 0.3))
+    torch.library.opcheck(fwd, (q, k[:, :13], v[:, :13], False, 0.2))
+    out, lse = fwd(q, k, v, True, 0.3)
+    dout = torch.randn_like(out)
+    torch.library.opcheck(torch.ops.uvit_fast.attention_bwd, (dout, q, k, v, out, lse, True, 0.3))
+    pfwd = torch.ops.uvit_fast.attention_qkvpacked_fwd
+    torch.library.opcheck(pfwd, (_leaf(qkv), False, 0.25))
+    pout, plse = pfwd(qkv, False, 0.25)
+    torch.library.opcheck(torch.ops.uvit_fast.attention_qkvpacked_bwd, (dout, qkv, pout, plse, False, 0.25))
+
+
+def test_torch_compile_fullgraph(device):
+    """One compiled graph with both ops (packed and three-view), forward and backward."""
+    qkv = _leaf(torch.randn(1, 20, 3, 2, 40, device=device))
+    q2, k2, v2 = (_leaf(t) for t in _make_qkv(1, 11, 20, 2, 40, torch.float32, device, "contig"))
+
+    def f(qkv, q2, k2, v2):
+        a = attention_qkvpacked(qkv, causal=True, backend="triton")
+        b = attention(q2, k2, v2, backend="triton")
+        return a.sum() * 2 + (b * b).sum()
+
+    eager = torch.autograd.grad(f(qkv, q2, k2, v2), (qkv, q2, k2, v2))
+    compiled = torch.compile(f, fullgraph=True)
+    got = torch.autograd.grad(compiled(qkv, q2, k2, v2), (qkv, q2, k2, v2))
+    for g, e in zip(got, eager):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+
+
+def test_flop_counter_matches_sdpa_convention(device):
+    B, Lq, Lk, H, D = 2, 17, 23, 3, 40
+    q, k, v = (_leaf(t) for t in _make_qkv(B, Lq, Lk, H, D, torch.float32, device, "contig"))
+    with FlopCounterMode(display=False) as m:
+        attention(q, k, v, causal=True, backend="triton").sum().backward()
+    counts = {str(op): n for op, n in m.get_flop_counts()["Global"].items()}
+    shapes = ((B, H, Lq, D), (B, H, Lk, D), (B, H, Lk, D))
+    assert counts["uvit_fast.attention_fwd"] == sdpa_flop_count(*shapes) == 4 * B * H * Lq * Lk * D
+    assert counts["uvit_fast.attention_bwd"] == sdpa_backward_flop_count((B, H, Lq, D), *shapes)
+    assert counts["uvit_fast.attention_bwd"] == 10 * B * H * Lq * Lk * D
+    qkv = _leaf(torch.randn(B, Lq, 3, H, D, device=device))
+    with FlopCounterMode(display=False) as m:
+        attention_qkvpacked(qkv, backend="triton").sum().backward()
+    counts = {str(op): n for op, n in m.get_flop_counts()["Global"].items()}
+    assert counts["uvit_fast.attention_qkvpacked_fwd"] == 4 * B * H * Lq * Lq * D
+    assert counts["uvit_fast.attention_qkvpacked_bwd"] == 10 * B * H * Lq * Lq * D
+    if device.type == "cuda":  # SDPA's own count on CUDA (CPU SDPA registers no formula)
+        qh, kh, vh = (t.detach().transpose(1, 2).requires_grad_() for t in (q, k, v))
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION):
+            with FlopCounterMode(display=False) as m2:
+                F.scaled_dot_product_attention(qh, kh, vh).sum().backward()
+        assert m2.get_total_flops() == 14 * B * H * Lq * Lk * D
+
+
+def test_head_dim_split_work():
+    k_ = _kernels()
+    assert k_.padded_work(72) == (80, 72)  # 64 + 8; reduction dots pad the 8 to 16
+    assert k_.padded_work(80) == (80, 80)
+    assert k_.padded_work(96) == (96, 96)
+    assert k_.padded_work(64) == (64, 64) and k_.padded_work(128) == (128, 128)
+    assert k_.padded_work(112) == (128, 128)  # 64 + 48 -> remainder padded to 64
+    assert k_.padded_work(8) == (16, 16)
+
+
+def test_outputs_poisoned_before_launch():
+    from uvit_fast.kernels._utils import poison_enabled
+
+    assert poison_enabled(), "tests/conftest.py must set UVIT_FAST_POISON=1"
+
+
+# ------------------------------------------------------------------------------------------------
+# errors
+# ------------------------------------------------------------------------------------------------
+
+
+def _t(*shape, dtype=torch.float32):
+    return torch.randn(*shape).to(dtype)
+
+
+@pytest.mark.parametrize(
+    "q,k,v,exc,match",
+    [
+        (_t(2, 5, 2, 8), _t(1, 5, 2, 8), _t(1, 5, 2, 8), ValueError, r"batch, heads and head_dim.*q \(2, 5, 2, 8\)"),
+        (_t(1, 5, 2, 8), _t(1, 5, 3, 8), _t(1, 5, 3, 8), ValueError, r"batch, heads and head_dim.*k \(1, 5, 3, 8\)"),
+        (_t(1, 5, 2, 8), _t(1, 5, 2, 16), _t(1, 5, 2, 16), ValueError, r"head_dim"),
+        (_t(1, 5, 2, 8), _t(1, 5, 2, 8), _t(1, 6, 2, 8), ValueError, r"v \(1, 6, 2, 8\)"),
+        (_t(1, 5, 1, 264), _t(1, 5, 1, 264), _t(1, 5, 1, 264), ValueError, r"head_dim 264 is above the supported maximum 256"),
+        (_t(5, 2, 8), _t(1, 5, 2, 8), _t(1, 5, 2, 8), ValueError, r"q must have 4 dims; got shape \(5, 2, 8\)"),
+        (_t(1, 5, 2, 8), _t(1, 5, 2, 8), _t(1, 5, 2, 8, dtype=torch.int64), TypeError, r"v must have a floating dtype; got torch.int64"),
+        (_t(1, 5, 2, 8, dtype=torch.int32), _t(1, 5, 2, 8), _t(1, 5, 2, 8), TypeError, r"q must have a floating dtype"),
+        (_t(1, 5, 2, 8), _t(1, 5, 2, 8, dtype=torch.float16), _t(1, 5, 2, 8), TypeError, r"share a dtype"),
+        (_t(1, 0, 2, 8), _t(1, 5, 2, 8), _t(1, 5, 2, 8), ValueError, r"sequence lengths must be >= 1"),
+    ],
+)
+@pytest.mark.parametrize("backend", ["triton", "auto"])
+def test_bad_inputs(q, k, v, exc, match, backend):
+    with pytest.raises(exc, match=match):
+        attention(q, k, v, backend=backend)
+
+
+def test_bad_backend_scale_and_packed():
+    q = _t(1, 5, 2, 8)
+    with pytest.raises(ValueError, match=r"backend must be one of .*got 'cudnn'"):
+        attention(q, q, q, backend="cudnn")
+    with pytest.raises(TypeError, match=r"scale must be a float or None; got str"):
+        attention(q, q, q, scale="0.5")
+    with pytest.raises(ValueError, match=r"qkv must have shape \(B, L, 3, H, D\); got \(1, 5, 2, 2, 8\)"):
+        attention_qkvpacked(_t(1, 5, 2, 2, 8))
+    with pytest.raises(ValueError, match=r"qkv must have 5 dims"):
+        attention_qkvpacked(q)
+    with pytest.raises(ValueError, match=r"attention_qkvpacked: backend must be one of"):
+        attention_qkvpacked(_t(1, 5, 3, 2, 8), backend="flash")
+
+
+def test_triton_rejects_float64():
+    q = _t(1, 5, 2, 8, dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"backend='triton' supports .* got torch.float64"):
+        attention(q, q, q, backend="triton")
+
+
+@pytest.mark.parametrize("backend,module", [("flash_attn", "flash_attn"), ("xformers", "xformers")])
+def test_missing_optional_backend_is_clear(backend, module):
+    if importlib.util.find_spec(module) is not None:
+        pytest.skip(f"{module} is installed, so the missing-package error cannot be provoked")
+    q = _t(1, 5, 2, 8)
+    with pytest.raises(ValueError, match=rf"backend='{backend}' needs the"):
+        attention(q, q, q, backend=backend)
+
+
+@pytest.mark.parametrize("backend,module", [("flash_attn", "flash_attn"), ("xformers", "xformers")])
+def test_optional_backend_parity(backend, module, device):
+    if device.type != "cuda" or importlib.util.find_spec(module) is None:
+        pytest.skip(f"{module} needs CUDA and the {module} package")
+    q, k, v = _make_qkv(2, 77, 77, 2, 72, torch.float16, device, "packed")
+    got = attention(q, k, v, causal=True, backend=backend)
+    base = attention_reference(q, k, v, causal=True)
+    ref = attention_reference(q.double(), k.double(), v.double(), causal=True)
+    assert_parity(got, base, ref)
