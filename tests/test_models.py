@@ -53,7 +53,7 @@ def _facts_layout(name):
 
 
 def test_list_models_has_every_upstream_name():
-    assert list_models() == UVIT_NAMES + DIT_NAMES
+    assert list_models()[: len(UVIT_NAMES + DIT_NAMES)] == UVIT_NAMES + DIT_NAMES
 
 
 @pytest.mark.parametrize("name", UVIT_NAMES + DIT_NAMES)
