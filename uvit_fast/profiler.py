@@ -199,7 +199,7 @@ def time_forward(
         warmup, rep = min(warmup, 1), min(rep, 5)
     with torch.inference_mode():
         t = time_fn(lambda: model(*inputs), device, warmup=warmup, rep=rep)
-    del model, inputs
+    model = inputs = None  # free before the next row
     if device.type == "cuda":
         torch.cuda.empty_cache()
     out.update(t)
@@ -357,14 +357,13 @@ def _positive_int(text: str) -> int:
     return v
 
 
-_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-           "fp16": torch.float16, "float16": torch.float16}
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", action="append", metavar="NAME", help=(
-        "a create_model name (repeat, or comma-separate, for several); default: every preset at its own "
-        "size plus patch-size sweeps of U-ViT-H"))
+        "a create_model name (repeat, or comma-separate, for several); default: every U-ViT and DiT preset "
+        "at its own size plus patch-size sweeps of U-ViT-H"))
     parser.add_argument("--img-size", type=_positive_int, metavar="N", help=(
         "image size the model is built for (U-ViT img_size / DiT input_size; for latent models the latent "
         "size, e.g. 32 for 256 px)"))

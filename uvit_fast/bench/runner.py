@@ -177,7 +177,7 @@ def measure_ceilings(device: torch.device, dtype: torch.dtype, *, quick: bool = 
     t = _time(lambda: dst.copy_(src), device, quick=quick, reps=5)
     out["copy_gbps"] = 2 * n_bytes / (t["ms"] * 1e-3) / 1e9
     out["copy_desc"] = f"dst.copy_(src), {n_bytes >> 20} MiB fp32, read + write counted"
-    del src, dst
+    src = dst = None  # free before the GEMM
     # GEMM
     n = 8192 if cuda else (512 if quick else 1024)
     a = torch.randn(n, n, device=device, dtype=dtype)
@@ -187,7 +187,7 @@ def measure_ceilings(device: torch.device, dtype: torch.dtype, *, quick: bool = 
     t = _time(lambda: torch.mm(a, b), device, quick=quick, reps=5)
     out["gemm_tflops"] = 2 * n**3 / (t["ms"] * 1e-3) / 1e12
     out["gemm_desc"] = f"torch.mm {n}x{n}x{n} {str(dtype).replace('torch.', '')}"
-    del a, b
+    a = b = None
     if cuda:
         torch.cuda.empty_cache()
     return out
@@ -223,17 +223,20 @@ def run_case(case: Case, device: torch.device, policy: Policy, ceilings: Dict[st
         t0 = time.perf_counter()
         case.fn()  # untimed: lazy allocation, compilation, first-touch
         _sync(device)
-        row["first_call_s"] = time.perf_counter() - t0
+        first = row["first_call_s"] = time.perf_counter() - t0
         reps = None
         if not cuda:
-            # a second untimed call estimates the cost; the repetitions fit the time left
-            t0 = time.perf_counter()
-            case.fn()
-            est = time.perf_counter() - t0
             left = policy.case_budget
             if deadline is not None:
                 left = min(left, max(0.0, deadline - time.perf_counter()))
-            reps = max(1, min(3 if policy.quick else 10, int(left / max(est, 1e-6))))
+            if first >= left:
+                reps = 1  # no time for more: one timed call
+            else:
+                # a second untimed call estimates the cost; the repetitions fit the time left
+                t0 = time.perf_counter()
+                case.fn()
+                est = time.perf_counter() - t0
+                reps = max(1, min(3 if policy.quick else 10, int(max(0.0, left - est) / max(est, 1e-6))))
         t = _time(case.fn, device, quick=policy.quick, reps=reps)
         row.update(t)
         row["status"] = "ok"
@@ -554,7 +557,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"fewer repetitions and smaller time budgets (also: {QUICK_ENV}=1)"))
     parser.add_argument("--max-shapes", type=int, metavar="N", help="run only the first N shapes of each op (default: 1 on CPU, all on CUDA)")
     parser.add_argument("--time-budget", type=float, metavar="S", help=(
-        f"seconds per op on CPU before the remaining rows are skipped (default {CPU_BUDGET[0]:.0f}, quick {CPU_BUDGET_QUICK[0]:.0f})"))
+        f"seconds per op before its remaining rows are skipped (default: {CPU_BUDGET[0]:.0f} on CPU, "
+        f"{CPU_BUDGET_QUICK[0]:.0f} with --quick; no limit on CUDA)"))
     parser.add_argument("--cpu-compile", action="store_true", help="on CPU, also run the torch.compile rows")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a row raised or a case module was skipped")
     parser.add_argument("--show-skipped", action="store_true", help="list skipped rows in the printed table too")
