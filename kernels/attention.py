@@ -131,30 +131,23 @@ def _fwd_inner(acc0, acc1, l_i, m_i, q0, q1, K_bh, V_bh,
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, O, STATS,
-              stride_qb, stride_qm, stride_qh, stride_qd,
-              stride_kb, stride_kn, stride_kh, stride_kd,
-              stride_vb, stride_vn, stride_vh, stride_vd,
-              stride_ob, stride_om, stride_oh, stride_od,
-              H, Lq, Lk, qk_scale,
-              HEAD_DIM: tl.constexpr, D0: tl.constexpr, REM: tl.constexpr, DRK: tl.constexpr,
-              DRN: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # 1-D grid: query blocks of one (batch, head) are adjacent (K/V reuse in L2), no 65535 limit.
-    pid = tl.program_id(0)
-    n_mb = tl.cdiv(Lq, BLOCK_M)
-    pid_m = pid % n_mb
-    pid_bh = pid // n_mb
-    if CAUSAL:
-        pid_m = n_mb - 1 - pid_m  # heaviest (last) query blocks first
+def _fwd_block(Q, K, V, O, STATS,
+               stride_qb, stride_qm, stride_qh, stride_qd,
+               stride_kb, stride_kn, stride_kh, stride_kd,
+               stride_vb, stride_vn, stride_vh, stride_vd,
+               stride_ob, stride_om, stride_oh, stride_od,
+               pid_bh, start_m, H, Lq, Lk, qk_scale,
+               HEAD_DIM: tl.constexpr, D0: tl.constexpr, REM: tl.constexpr, DRK: tl.constexpr,
+               DRN: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N_TAIL: tl.constexpr):
+    """Rows ``[start_m, start_m + BLOCK_M)`` of one (batch, head): output and row statistics."""
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
-    start_m = pid_m * BLOCK_M
-
-    Q_blk = Q + off_b * stride_qb + off_h * stride_qh + start_m.to(tl.int64) * stride_qm
+    start_m64 = tl.cast(start_m, tl.int64)
+    Q_blk = Q + off_b * stride_qb + off_h * stride_qh + start_m64 * stride_qm
     K_bh = K + off_b * stride_kb + off_h * stride_kh
     V_bh = V + off_b * stride_vb + off_h * stride_vh
-    O_blk = O + off_b * stride_ob + off_h * stride_oh + start_m.to(tl.int64) * stride_om
+    O_blk = O + off_b * stride_ob + off_h * stride_oh + start_m64 * stride_om
 
     offs_r = tl.arange(0, BLOCK_M)
     offs_m = start_m + offs_r
@@ -174,22 +167,28 @@ def _attn_fwd(Q, K, V, O, STATS,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
 
-    # Key blocks [0, u_hi) need no mask; [u_hi, hi) get the Lk-boundary (and causal) mask.
+    # Key blocks [0, u_hi) need no mask. The rest is masked: causal, the blocks on the diagonal
+    # (BLOCK_N wide); otherwise only the Lk tail, in BLOCK_N_TAIL steps (e.g. 258 = 4 x 64 + 16).
     lk_full = (Lk // BLOCK_N) * BLOCK_N
     if CAUSAL:
-        hi = tl.minimum(Lk, start_m + BLOCK_M)
         u_hi = tl.minimum(lk_full, ((start_m + 1) // BLOCK_N) * BLOCK_N)
+        acc0, acc1, l_i, m_i = _fwd_inner(acc0, acc1, l_i, m_i, q0, q1, K_bh, V_bh,
+                                          stride_kn, stride_kd, stride_vn, stride_vd,
+                                          offs_m, 0, u_hi, Lk, qk_scale,
+                                          HEAD_DIM, D0, REM, DRK, DRN, False, CAUSAL, DOT_PREC, BLOCK_N)
+        acc0, acc1, l_i, m_i = _fwd_inner(acc0, acc1, l_i, m_i, q0, q1, K_bh, V_bh,
+                                          stride_kn, stride_kd, stride_vn, stride_vd,
+                                          offs_m, u_hi, tl.minimum(Lk, start_m + BLOCK_M), Lk, qk_scale,
+                                          HEAD_DIM, D0, REM, DRK, DRN, True, CAUSAL, DOT_PREC, BLOCK_N)
     else:
-        hi = Lk
-        u_hi = lk_full
-    acc0, acc1, l_i, m_i = _fwd_inner(acc0, acc1, l_i, m_i, q0, q1, K_bh, V_bh,
-                                      stride_kn, stride_kd, stride_vn, stride_vd,
-                                      offs_m, 0, u_hi, Lk, qk_scale,
-                                      HEAD_DIM, D0, REM, DRK, DRN, False, CAUSAL, DOT_PREC, BLOCK_N)
-    acc0, acc1, l_i, m_i = _fwd_inner(acc0, acc1, l_i, m_i, q0, q1, K_bh, V_bh,
-                                      stride_kn, stride_kd, stride_vn, stride_vd,
-                                      offs_m, u_hi, hi, Lk, qk_scale,
-                                      HEAD_DIM, D0, REM, DRK, DRN, True, CAUSAL, DOT_PREC, BLOCK_N)
+        acc0, acc1, l_i, m_i = _fwd_inner(acc0, acc1, l_i, m_i, q0, q1, K_bh, V_bh,
+                                          stride_kn, stride_kd, stride_vn, stride_vd,
+                                          offs_m, 0, lk_full, Lk, qk_scale,
+                                          HEAD_DIM, D0, REM, DRK, DRN, False, CAUSAL, DOT_PREC, BLOCK_N)
+        acc0, acc1, l_i, m_i = _fwd_inner(acc0, acc1, l_i, m_i, q0, q1, K_bh, V_bh,
+                                          stride_kn, stride_kd, stride_vn, stride_vd,
+                                          offs_m, lk_full, Lk, Lk, qk_scale,
+                                          HEAD_DIM, D0, REM, DRK, DRN, True, CAUSAL, DOT_PREC, BLOCK_N_TAIL)
 
     l_rcp = 1.0 / l_i
     _store_tile(O_blk, (acc0 * l_rcp[:, None]).to(O.dtype.element_ty), offs_r, offs_d0, stride_om, stride_od,
@@ -204,6 +203,40 @@ def _attn_fwd(Q, K, V, O, STATS,
     STATS_bh = STATS + pid_bh.to(tl.int64) * 2 * Lq
     tl.store(STATS_bh + offs_m, m_i, mask=row_ok)
     tl.store(STATS_bh + Lq + offs_m, tl.log2(l_i), mask=row_ok)
+
+
+@triton.jit
+def _attn_fwd(Q, K, V, O, STATS,
+              stride_qb, stride_qm, stride_qh, stride_qd,
+              stride_kb, stride_kn, stride_kh, stride_kd,
+              stride_vb, stride_vn, stride_vh, stride_vd,
+              stride_ob, stride_om, stride_oh, stride_od,
+              H, Lq, Lk, n_main, n_tail, qk_scale,
+              HEAD_DIM: tl.constexpr, D0: tl.constexpr, REM: tl.constexpr, DRK: tl.constexpr,
+              DRN: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_M_TAIL: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_N_TAIL: tl.constexpr):
+    # 1-D grid, (n_main + n_tail) programs per (batch, head), adjacent (K/V reuse in L2, no 65535
+    # limit): n_main full BLOCK_M row tiles, then n_tail BLOCK_M_TAIL tiles for the Lq tail, so a
+    # 258-token sequence costs 2 x 128 + 16 rows of work, not 3 x 128.
+    pid = tl.program_id(0)
+    per_bh = n_main + n_tail
+    pid_bh = pid // per_bh
+    j = pid % per_bh
+    if j < n_main:
+        if CAUSAL:
+            j = n_main - 1 - j  # heaviest (last) row tiles first
+        _fwd_block(Q, K, V, O, STATS,
+                   stride_qb, stride_qm, stride_qh, stride_qd, stride_kb, stride_kn, stride_kh, stride_kd,
+                   stride_vb, stride_vn, stride_vh, stride_vd, stride_ob, stride_om, stride_oh, stride_od,
+                   pid_bh, j * BLOCK_M, H, Lq, Lk, qk_scale,
+                   HEAD_DIM, D0, REM, DRK, DRN, CAUSAL, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_N_TAIL)
+    else:
+        _fwd_block(Q, K, V, O, STATS,
+                   stride_qb, stride_qm, stride_qh, stride_qd, stride_kb, stride_kn, stride_kh, stride_kd,
+                   stride_vb, stride_vn, stride_vh, stride_vd, stride_ob, stride_om, stride_oh, stride_od,
+                   pid_bh, n_main * BLOCK_M + (j - n_main) * BLOCK_M_TAIL, H, Lq, Lk, qk_scale,
+                   HEAD_DIM, D0, REM, DRK, DRN, CAUSAL, DOT_PREC, BLOCK_M_TAIL, BLOCK_N, BLOCK_N_TAIL)
 
 
 @triton.jit
@@ -239,8 +272,8 @@ def _bwd_dkdv_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q_bh, DO_bh, STATS_bh, D
                     HEAD_DIM: tl.constexpr, D0: tl.constexpr, REM: tl.constexpr, DRK: tl.constexpr,
                     DRN: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Accumulate dK, dV of one key block over query blocks ``[lo, hi)`` (works on transposed
-    scores ``s^T = k q^T`` so no register transpose of P is needed)."""
+    """Accumulate dK, dV of one key tile over query rows ``[lo, hi)`` in BLOCK_M steps (works on
+    transposed scores ``s^T = k q^T``, so P never needs a register transpose)."""
     offs_i = tl.arange(0, BLOCK_M)
     offs_d0 = tl.arange(0, D0)
     offs_rk = tl.arange(0, DRK)
@@ -293,24 +326,20 @@ def _bwd_dkdv_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q_bh, DO_bh, STATS_bh, D
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, STATS, DELTA, DK, DV,
-                   stride_qb, stride_qm, stride_qh, stride_qd,
-                   stride_kb, stride_kn, stride_kh, stride_kd,
-                   stride_vb, stride_vn, stride_vh, stride_vd,
-                   stride_db, stride_dm, stride_dh, stride_dd,
-                   stride_dkb, stride_dkn, stride_dkh, stride_dkd,
-                   stride_dvb, stride_dvn, stride_dvh, stride_dvd,
-                   H, Lq, Lk, scale, qk_scale,
-                   HEAD_DIM: tl.constexpr, D0: tl.constexpr, REM: tl.constexpr, DRK: tl.constexpr,
-                   DRN: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid = tl.program_id(0)
-    n_nb = tl.cdiv(Lk, BLOCK_N)
-    pid_n = pid % n_nb
-    pid_bh = pid // n_nb
+def _dkdv_block(Q, K, V, DO, STATS, DELTA, DK, DV,
+                stride_qb, stride_qm, stride_qh, stride_qd,
+                stride_kb, stride_kn, stride_kh, stride_kd,
+                stride_vb, stride_vn, stride_vh, stride_vd,
+                stride_db, stride_dm, stride_dh, stride_dd,
+                stride_dkb, stride_dkn, stride_dkh, stride_dkd,
+                stride_dvb, stride_dvn, stride_dvh, stride_dvd,
+                pid_bh, start_n, H, Lq, Lk, scale, qk_scale,
+                HEAD_DIM: tl.constexpr, D0: tl.constexpr, REM: tl.constexpr, DRK: tl.constexpr,
+                DRN: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_M_TAIL: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dK, dV of keys ``[start_n, start_n + BLOCK_N)`` of one (batch, head)."""
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
-    start_n = pid_n * BLOCK_N
     start_n64 = tl.cast(start_n, tl.int64)
 
     Q_bh = Q + off_b * stride_qb + off_h * stride_qh
@@ -342,10 +371,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, STATS, DELTA, DK, DV,
         dk1 = dk0
         dv1 = dv0
 
-    # Query blocks: [lo, mid) straddle the causal diagonal (masked), [mid, lq_full) need no mask,
-    # [max(mid, lq_full), lq_ceil) hold the Lq tail (masked).
+    # Query rows: [lo, min(mid, lq_full)) straddle the causal diagonal (masked), [mid, lq_full)
+    # need no mask, [max(lo, lq_full), Lq) is the Lq tail (masked, BLOCK_M_TAIL steps).
     lq_full = (Lq // BLOCK_M) * BLOCK_M
-    lq_ceil = tl.cdiv(Lq, BLOCK_M) * BLOCK_M
     if CAUSAL:
         lo = (start_n // BLOCK_M) * BLOCK_M
         mid = tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M
@@ -354,7 +382,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, STATS, DELTA, DK, DV,
         mid = 0
     dk0, dk1, dv0, dv1 = _bwd_dkdv_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q_bh, DO_bh, STATS_bh, DELTA_bh,
                                          stride_qm, stride_qd, stride_dm, stride_dd,
-                                         offs_n, lo, tl.minimum(mid, lq_ceil), Lq, qk_scale,
+                                         offs_n, lo, tl.minimum(mid, lq_full), Lq, qk_scale,
                                          HEAD_DIM, D0, REM, DRK, DRN, True, CAUSAL, DOT_PREC, BLOCK_M)
     dk0, dk1, dv0, dv1 = _bwd_dkdv_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q_bh, DO_bh, STATS_bh, DELTA_bh,
                                          stride_qm, stride_qd, stride_dm, stride_dd,
@@ -362,8 +390,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, STATS, DELTA, DK, DV,
                                          HEAD_DIM, D0, REM, DRK, DRN, False, CAUSAL, DOT_PREC, BLOCK_M)
     dk0, dk1, dv0, dv1 = _bwd_dkdv_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q_bh, DO_bh, STATS_bh, DELTA_bh,
                                          stride_qm, stride_qd, stride_dm, stride_dd,
-                                         offs_n, tl.maximum(mid, lq_full), lq_ceil, Lq, qk_scale,
-                                         HEAD_DIM, D0, REM, DRK, DRN, True, CAUSAL, DOT_PREC, BLOCK_M)
+                                         offs_n, tl.maximum(lo, lq_full), Lq, Lq, qk_scale,
+                                         HEAD_DIM, D0, REM, DRK, DRN, True, CAUSAL, DOT_PREC, BLOCK_M_TAIL)
 
     DK_blk = DK + off_b * stride_dkb + off_h * stride_dkh + start_n64 * stride_dkn
     DV_blk = DV + off_b * stride_dvb + off_h * stride_dvh + start_n64 * stride_dvn
@@ -376,6 +404,40 @@ def _attn_bwd_dkdv(Q, K, V, DO, STATS, DELTA, DK, DV,
                     stride_dkn, stride_dkd, n_left, REM, DRN > REM)
         _store_tile(DV_blk + D0 * stride_dvd, dv1.to(DV.dtype.element_ty), offs_j, offs_rn,
                     stride_dvn, stride_dvd, n_left, REM, DRN > REM)
+
+
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, DO, STATS, DELTA, DK, DV,
+                   stride_qb, stride_qm, stride_qh, stride_qd,
+                   stride_kb, stride_kn, stride_kh, stride_kd,
+                   stride_vb, stride_vn, stride_vh, stride_vd,
+                   stride_db, stride_dm, stride_dh, stride_dd,
+                   stride_dkb, stride_dkn, stride_dkh, stride_dkd,
+                   stride_dvb, stride_dvn, stride_dvh, stride_dvd,
+                   H, Lq, Lk, n_main, n_tail, scale, qk_scale,
+                   HEAD_DIM: tl.constexpr, D0: tl.constexpr, REM: tl.constexpr, DRK: tl.constexpr,
+                   DRN: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_M_TAIL: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_N_TAIL: tl.constexpr):
+    # programs: n_main full BLOCK_N key tiles then n_tail BLOCK_N_TAIL tiles per (batch, head)
+    pid = tl.program_id(0)
+    per_bh = n_main + n_tail
+    pid_bh = pid // per_bh
+    j = pid % per_bh
+    if j < n_main:
+        _dkdv_block(Q, K, V, DO, STATS, DELTA, DK, DV,
+                    stride_qb, stride_qm, stride_qh, stride_qd, stride_kb, stride_kn, stride_kh, stride_kd,
+                    stride_vb, stride_vn, stride_vh, stride_vd, stride_db, stride_dm, stride_dh, stride_dd,
+                    stride_dkb, stride_dkn, stride_dkh, stride_dkd, stride_dvb, stride_dvn, stride_dvh, stride_dvd,
+                    pid_bh, j * BLOCK_N, H, Lq, Lk, scale, qk_scale,
+                    HEAD_DIM, D0, REM, DRK, DRN, CAUSAL, DOT_PREC, BLOCK_M, BLOCK_M_TAIL, BLOCK_N)
+    else:
+        _dkdv_block(Q, K, V, DO, STATS, DELTA, DK, DV,
+                    stride_qb, stride_qm, stride_qh, stride_qd, stride_kb, stride_kn, stride_kh, stride_kd,
+                    stride_vb, stride_vn, stride_vh, stride_vd, stride_db, stride_dm, stride_dh, stride_dd,
+                    stride_dkb, stride_dkn, stride_dkh, stride_dkd, stride_dvb, stride_dvn, stride_dvh, stride_dvd,
+                    pid_bh, n_main * BLOCK_N + (j - n_main) * BLOCK_N_TAIL, H, Lq, Lk, scale, qk_scale,
+                    HEAD_DIM, D0, REM, DRK, DRN, CAUSAL, DOT_PREC, BLOCK_M, BLOCK_M_TAIL, BLOCK_N_TAIL)
 
 
 @triton.jit
@@ -423,25 +485,19 @@ def _bwd_dq_inner(dq0, dq1, q0, q1, do0, do1, m_row, log2_l, delta, K_bh, V_bh,
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, STATS, DELTA, DQ,
-                 stride_qb, stride_qm, stride_qh, stride_qd,
-                 stride_kb, stride_kn, stride_kh, stride_kd,
-                 stride_vb, stride_vn, stride_vh, stride_vd,
-                 stride_db, stride_dm, stride_dh, stride_dd,
-                 stride_dqb, stride_dqm, stride_dqh, stride_dqd,
-                 H, Lq, Lk, scale, qk_scale,
-                 HEAD_DIM: tl.constexpr, D0: tl.constexpr, REM: tl.constexpr, DRK: tl.constexpr,
-                 DRN: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid = tl.program_id(0)
-    n_mb = tl.cdiv(Lq, BLOCK_M)
-    pid_m = pid % n_mb
-    pid_bh = pid // n_mb
-    if CAUSAL:
-        pid_m = n_mb - 1 - pid_m
+def _dq_block(Q, K, V, DO, STATS, DELTA, DQ,
+              stride_qb, stride_qm, stride_qh, stride_qd,
+              stride_kb, stride_kn, stride_kh, stride_kd,
+              stride_vb, stride_vn, stride_vh, stride_vd,
+              stride_db, stride_dm, stride_dh, stride_dd,
+              stride_dqb, stride_dqm, stride_dqh, stride_dqd,
+              pid_bh, start_m, H, Lq, Lk, scale, qk_scale,
+              HEAD_DIM: tl.constexpr, D0: tl.constexpr, REM: tl.constexpr, DRK: tl.constexpr,
+              DRN: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N_TAIL: tl.constexpr):
+    """dQ of rows ``[start_m, start_m + BLOCK_M)`` of one (batch, head)."""
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
-    start_m = pid_m * BLOCK_M
     start_m64 = tl.cast(start_m, tl.int64)
 
     Q_blk = Q + off_b * stride_qb + off_h * stride_qh + start_m64 * stride_qm
@@ -475,19 +531,24 @@ def _attn_bwd_dq(Q, K, V, DO, STATS, DELTA, DQ,
 
     lk_full = (Lk // BLOCK_N) * BLOCK_N
     if CAUSAL:
-        hi = tl.minimum(Lk, start_m + BLOCK_M)
         u_hi = tl.minimum(lk_full, ((start_m + 1) // BLOCK_N) * BLOCK_N)
+        dq0, dq1 = _bwd_dq_inner(dq0, dq1, q0, q1, do0, do1, m_row, log2_l, delta, K_bh, V_bh,
+                                 stride_kn, stride_kd, stride_vn, stride_vd,
+                                 offs_m, 0, u_hi, Lk, qk_scale,
+                                 HEAD_DIM, D0, REM, DRK, DRN, False, CAUSAL, DOT_PREC, BLOCK_N)
+        dq0, dq1 = _bwd_dq_inner(dq0, dq1, q0, q1, do0, do1, m_row, log2_l, delta, K_bh, V_bh,
+                                 stride_kn, stride_kd, stride_vn, stride_vd,
+                                 offs_m, u_hi, tl.minimum(Lk, start_m + BLOCK_M), Lk, qk_scale,
+                                 HEAD_DIM, D0, REM, DRK, DRN, True, CAUSAL, DOT_PREC, BLOCK_N)
     else:
-        hi = Lk
-        u_hi = lk_full
-    dq0, dq1 = _bwd_dq_inner(dq0, dq1, q0, q1, do0, do1, m_row, log2_l, delta, K_bh, V_bh,
-                             stride_kn, stride_kd, stride_vn, stride_vd,
-                             offs_m, 0, u_hi, Lk, qk_scale,
-                             HEAD_DIM, D0, REM, DRK, DRN, False, CAUSAL, DOT_PREC, BLOCK_N)
-    dq0, dq1 = _bwd_dq_inner(dq0, dq1, q0, q1, do0, do1, m_row, log2_l, delta, K_bh, V_bh,
-                             stride_kn, stride_kd, stride_vn, stride_vd,
-                             offs_m, u_hi, hi, Lk, qk_scale,
-                             HEAD_DIM, D0, REM, DRK, DRN, True, CAUSAL, DOT_PREC, BLOCK_N)
+        dq0, dq1 = _bwd_dq_inner(dq0, dq1, q0, q1, do0, do1, m_row, log2_l, delta, K_bh, V_bh,
+                                 stride_kn, stride_kd, stride_vn, stride_vd,
+                                 offs_m, 0, lk_full, Lk, qk_scale,
+                                 HEAD_DIM, D0, REM, DRK, DRN, False, CAUSAL, DOT_PREC, BLOCK_N)
+        dq0, dq1 = _bwd_dq_inner(dq0, dq1, q0, q1, do0, do1, m_row, log2_l, delta, K_bh, V_bh,
+                                 stride_kn, stride_kd, stride_vn, stride_vd,
+                                 offs_m, lk_full, Lk, Lk, qk_scale,
+                                 HEAD_DIM, D0, REM, DRK, DRN, True, CAUSAL, DOT_PREC, BLOCK_N_TAIL)
 
     DQ_blk = DQ + off_b * stride_dqb + off_h * stride_dqh + start_m64 * stride_dqm
     _store_tile(DQ_blk, (dq0 * scale).to(DQ.dtype.element_ty), offs_r, offs_d0, stride_dqm, stride_dqd,
@@ -497,68 +558,112 @@ def _attn_bwd_dq(Q, K, V, DO, STATS, DELTA, DQ,
                     stride_dqm, stride_dqd, m_left, REM, DRN > REM)
 
 
+@triton.jit
+def _attn_bwd_dq(Q, K, V, DO, STATS, DELTA, DQ,
+                 stride_qb, stride_qm, stride_qh, stride_qd,
+                 stride_kb, stride_kn, stride_kh, stride_kd,
+                 stride_vb, stride_vn, stride_vh, stride_vd,
+                 stride_db, stride_dm, stride_dh, stride_dd,
+                 stride_dqb, stride_dqm, stride_dqh, stride_dqd,
+                 H, Lq, Lk, n_main, n_tail, scale, qk_scale,
+                 HEAD_DIM: tl.constexpr, D0: tl.constexpr, REM: tl.constexpr, DRK: tl.constexpr,
+                 DRN: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_M_TAIL: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_N_TAIL: tl.constexpr):
+    pid = tl.program_id(0)
+    per_bh = n_main + n_tail
+    pid_bh = pid // per_bh
+    j = pid % per_bh
+    if j < n_main:
+        if CAUSAL:
+            j = n_main - 1 - j
+        _dq_block(Q, K, V, DO, STATS, DELTA, DQ,
+                  stride_qb, stride_qm, stride_qh, stride_qd, stride_kb, stride_kn, stride_kh, stride_kd,
+                  stride_vb, stride_vn, stride_vh, stride_vd, stride_db, stride_dm, stride_dh, stride_dd,
+                  stride_dqb, stride_dqm, stride_dqh, stride_dqd,
+                  pid_bh, j * BLOCK_M, H, Lq, Lk, scale, qk_scale,
+                  HEAD_DIM, D0, REM, DRK, DRN, CAUSAL, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_N_TAIL)
+    else:
+        _dq_block(Q, K, V, DO, STATS, DELTA, DQ,
+                  stride_qb, stride_qm, stride_qh, stride_qd, stride_kb, stride_kn, stride_kh, stride_kd,
+                  stride_vb, stride_vn, stride_vh, stride_vd, stride_db, stride_dm, stride_dh, stride_dd,
+                  stride_dqb, stride_dqm, stride_dqh, stride_dqd,
+                  pid_bh, n_main * BLOCK_M + (j - n_main) * BLOCK_M_TAIL, H, Lq, Lk, scale, qk_scale,
+                  HEAD_DIM, D0, REM, DRK, DRN, CAUSAL, DOT_PREC, BLOCK_M_TAIL, BLOCK_N, BLOCK_N_TAIL)
+
+
 # --------------------------------------------------------------------------------------------
-# Launch configuration: autotuned on GPU over a small list; a single pinned config under the
-# interpreter (autotune would run every config there).
+# Launch configuration.
+#
+# Program tiles (rows per program of the forward and dQ kernels, keys per program of the dK/dV
+# kernel) are chosen by a heuristic, so the launcher can cover the sequence with full tiles plus
+# small tail tiles (`_split`). The loop step over the other sequence is autotuned on GPU over a
+# short list (with warps and stages); under the interpreter one pinned config (autotune would run
+# every config there).
 # --------------------------------------------------------------------------------------------
 
-_KEY = ["Lq", "Lk", "HEAD_DIM", "CAUSAL", "DOT_PREC"]
-_INTERPRET_FWD = {"BLOCK_M": 64, "BLOCK_N": 32}
-_INTERPRET_DKDV = {"BLOCK_M": 32, "BLOCK_N": 64}
-_INTERPRET_DQ = {"BLOCK_M": 64, "BLOCK_N": 32}
+TAIL_STEP = 16  # loop step over the last, partial block of the other sequence
+_INTERPRET_TILE = 64
+_INTERPRET_STEP = 32
+_sm_count_cache = {}
 
 
-def _cfg(bm, bn, warps, stages):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+def _num_sms(device: torch.device) -> int:
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _sm_count_cache:
+        _sm_count_cache[key] = torch.cuda.get_device_properties(key).multi_processor_count
+    return _sm_count_cache[key]
 
 
-def _fwd_configs():
+def _program_tile(L: int, bh: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> int:
+    """128 rows for 16-bit inputs up to head_dim 128 when that still gives >= 2 programs per SM;
+    else 64."""
+    if _INTERPRET or device.type != "cuda":
+        return _INTERPRET_TILE
+    if head_dim > 128 or dtype == torch.float32:
+        return 64
+    if (L // 128) * bh < 2 * _num_sms(device):
+        return 64
+    return 128
+
+
+def _split(L: int, tile: int):
+    """``(n_main, tail_tile, n_tail)``: ``L`` rows as ``n_main`` full ``tile`` programs plus
+    ``n_tail`` programs of ``tail_tile`` (16 or 32) rows for the remainder."""
+    n_main = L // tile
+    rest = L - n_main * tile
+    tail = min(tile, 16 if rest <= 16 else 32)
+    return n_main, tail, triton.cdiv(rest, tail)
+
+
+_KEY = ["Lq", "Lk", "HEAD_DIM", "CAUSAL", "DOT_PREC", "BLOCK_M", "BLOCK_N", "n_main"]
+
+
+def _step_configs(name: str, steps_warps_stages):
     if _INTERPRET:
-        return [triton.Config(dict(_INTERPRET_FWD), num_warps=4, num_stages=1)]
-    return [_cfg(bm, bn, w, s) for bm, bn, w, s in (
-        (128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (128, 128, 8, 2),
-        (64, 64, 4, 3), (64, 32, 4, 4), (64, 64, 4, 4), (64, 128, 4, 2),
-    )]
+        return [triton.Config({name: _INTERPRET_STEP}, num_warps=4, num_stages=1)]
+    return [triton.Config({name: s}, num_warps=w, num_stages=st) for s, w, st in steps_warps_stages]
 
 
-def _dkdv_configs():
-    if _INTERPRET:
-        return [triton.Config(dict(_INTERPRET_DKDV), num_warps=4, num_stages=1)]
-    return [_cfg(bm, bn, w, s) for bm, bn, w, s in (
-        (32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 3), (16, 128, 8, 3), (64, 128, 4, 2),
-    )]
+def _prune_step(name: str, seq: str):
+    def prune(configs, named_args, **kwargs):
+        """Drop steps longer than the other sequence and, above head_dim 128, steps over 64."""
+        head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM", 64))
+        cap = max(16, triton.next_power_of_2(int(named_args.get(seq, 1 << 20))))
+        kept = [c for c in configs if c.kwargs[name] <= cap and (head_dim <= 128 or c.kwargs[name] <= 64)]
+        return kept or [min(configs, key=lambda c: c.kwargs[name])]
+    return prune
 
 
-def _dq_configs():
-    if _INTERPRET:
-        return [triton.Config(dict(_INTERPRET_DQ), num_warps=4, num_stages=1)]
-    return [_cfg(bm, bn, w, s) for bm, bn, w, s in (
-        (128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 4, 3),
-    )]
-
-
-def _prune(configs, named_args, **kwargs):
-    """Drop tiles larger than the sequence (short L) and, above head_dim 128, the biggest tiles
-    (registers / shared memory). Always keeps at least one config."""
-    head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM", 64))
-    cap_m = max(16, triton.next_power_of_2(int(named_args.get("Lq", 1 << 20))))
-    cap_n = max(16, triton.next_power_of_2(int(named_args.get("Lk", 1 << 20))))
-    kept = []
-    for c in configs:
-        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        if bm > cap_m or bn > cap_n:
-            continue
-        if head_dim > 128 and bm * bn > 64 * 64:
-            continue
-        kept.append(c)
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
-
-
-_attn_fwd_tuned = triton.autotune(_fwd_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune})(_attn_fwd)
-_attn_bwd_dkdv_tuned = triton.autotune(_dkdv_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune})(
-    _attn_bwd_dkdv)
-_attn_bwd_dq_tuned = triton.autotune(_dq_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune})(
-    _attn_bwd_dq)
+_attn_fwd_tuned = triton.autotune(
+    _step_configs("BLOCK_N", ((64, 4, 3), (64, 8, 3), (32, 4, 3), (128, 8, 2), (64, 4, 4), (32, 4, 4), (128, 4, 2))),
+    key=_KEY, prune_configs_by={"early_config_prune": _prune_step("BLOCK_N", "Lk")})(_attn_fwd)
+_attn_bwd_dkdv_tuned = triton.autotune(
+    _step_configs("BLOCK_M", ((32, 8, 3), (64, 8, 2), (32, 4, 3), (64, 4, 3), (16, 8, 3))),
+    key=_KEY, prune_configs_by={"early_config_prune": _prune_step("BLOCK_M", "Lq")})(_attn_bwd_dkdv)
+_attn_bwd_dq_tuned = triton.autotune(
+    _step_configs("BLOCK_N", ((32, 8, 3), (64, 8, 2), (32, 4, 3), (64, 4, 3))),
+    key=_KEY, prune_configs_by={"early_config_prune": _prune_step("BLOCK_N", "Lk")})(_attn_bwd_dq)
 
 
 # --------------------------------------------------------------------------------------------
@@ -584,13 +689,12 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         raise ValueError(f"attention kernel: unsupported shape q {tuple(q.shape)}, k {tuple(k.shape)}")
 
 
-def _blocks(kernel, tuned, default, block_m, block_n):
-    """(kernel to launch, extra launch kwargs): explicit block sizes bypass the autotuner."""
-    if block_m is None and block_n is None:
-        return tuned, {}
-    bm = default["BLOCK_M"] if block_m is None else block_m
-    bn = default["BLOCK_N"] if block_n is None else block_n
-    return kernel, {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": 4, "num_stages": 1 if _INTERPRET else 2}
+def _launch(tuned, kernel, step_name: str, step, grid, args, consts):
+    """Autotuned launch, or (``step`` given: tests) the plain kernel with that step."""
+    if step is None:
+        tuned[grid](*args, **consts)
+    else:
+        kernel[grid](*args, **consts, **{step_name: step}, num_warps=4, num_stages=1 if _INTERPRET else 2)
 
 
 def logsumexp(stats: torch.Tensor) -> torch.Tensor:
@@ -605,6 +709,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, caus
     Returns ``(out, stats)``: ``out`` ``(B, Lq, H, D)`` contiguous in q's dtype; ``stats``
     ``(B, H, 2, Lq)`` float32, the log-sum-exp of each row in split form (see :func:`logsumexp`).
     ``input_precision`` applies to fp32 inputs only (default ``"ieee"``, exact fp32).
+    ``block_m`` (rows per program) / ``block_n`` (key step) pin the tiles (tests).
     """
     _check(q, k, v)
     B, Lq, H, D = q.shape
@@ -613,15 +718,15 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, caus
     d0, rem, drk, drn = head_dim_split(D)
     out = empty(B, Lq, H, D, dtype=q.dtype, device=q.device)
     stats = empty(B, H, 2, Lq, dtype=torch.float32, device=q.device)
-    kernel, extra = _blocks(_attn_fwd, _attn_fwd_tuned, _INTERPRET_FWD, block_m, block_n)
-    grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]) * B * H,)  # noqa: E731
-    kernel[grid](
+    tile = block_m or _program_tile(Lq, B * H, D, q.dtype, q.device)
+    n_main, tail, n_tail = _split(Lq, tile)
+    _launch(_attn_fwd_tuned, _attn_fwd, "BLOCK_N", block_n, ((n_main + n_tail) * B * H,), (
         q, k, v, out, stats,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        H, Lq, Lk, scale * LOG2E,
-        HEAD_DIM=D, D0=d0, REM=rem, DRK=drk, DRN=drn, CAUSAL=bool(causal),
-        DOT_PREC=_dot_precision(q.dtype, input_precision), **extra,
-    )
+        H, Lq, Lk, n_main, n_tail, scale * LOG2E,
+    ), dict(HEAD_DIM=D, D0=d0, REM=rem, DRK=drk, DRN=drn, CAUSAL=bool(causal),
+            DOT_PREC=_dot_precision(q.dtype, input_precision),
+            BLOCK_M=tile, BLOCK_M_TAIL=tail, BLOCK_N_TAIL=TAIL_STEP))
     return out, stats
 
 
@@ -632,7 +737,8 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
 
     ``dq``/``dk``/``dv`` may be given as preallocated (strided) outputs, e.g. views of one packed
     ``(B, L, 3, H, D)`` gradient; otherwise they are allocated contiguous. ``block_m``/``block_n``
-    (tests only) pin the tiles of both backward kernels instead of autotuning.
+    (tests only) pin the tiles of both backward kernels instead of autotuning: query rows per
+    program / key step of the dQ kernel, query step / keys per program of the dK/dV kernel.
     """
     _check(q, k, v)
     B, Lq, H, D = q.shape
@@ -659,20 +765,22 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         HEAD_DIM=D, BLOCK_M=bm_delta, BLOCK_D=block_d, num_warps=4,
     )
 
-    prec = _dot_precision(q.dtype, input_precision)
-    common = dict(HEAD_DIM=D, D0=d0, REM=rem, DRK=drk, DRN=drn, CAUSAL=bool(causal), DOT_PREC=prec)
-    kernel, extra = _blocks(_attn_bwd_dkdv, _attn_bwd_dkdv_tuned, _INTERPRET_DKDV, block_m, block_n)
-    kernel[lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]) * B * H,)](
+    common = dict(HEAD_DIM=D, D0=d0, REM=rem, DRK=drk, DRN=drn, CAUSAL=bool(causal),
+                  DOT_PREC=_dot_precision(q.dtype, input_precision))
+    tile_n = block_n or _program_tile(Lk, B * H, D, q.dtype, dev)
+    n_main, tail, n_tail = _split(Lk, tile_n)
+    _launch(_attn_bwd_dkdv_tuned, _attn_bwd_dkdv, "BLOCK_M", block_m, ((n_main + n_tail) * B * H,), (
         q, k, v, dout, stats, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
-        H, Lq, Lk, scale, scale * LOG2E, **common, **extra,
-    )
-    kernel, extra = _blocks(_attn_bwd_dq, _attn_bwd_dq_tuned, _INTERPRET_DQ, block_m, block_n)
-    kernel[lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]) * B * H,)](
+        H, Lq, Lk, n_main, n_tail, scale, scale * LOG2E,
+    ), dict(common, BLOCK_M_TAIL=TAIL_STEP, BLOCK_N=tile_n, BLOCK_N_TAIL=tail))
+    tile_m = block_m or _program_tile(Lq, B * H, D, q.dtype, dev)
+    n_main, tail, n_tail = _split(Lq, tile_m)
+    _launch(_attn_bwd_dq_tuned, _attn_bwd_dq, "BLOCK_N", block_n, ((n_main + n_tail) * B * H,), (
         q, k, v, dout, stats, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
-        H, Lq, Lk, scale, scale * LOG2E, **common, **extra,
-    )
+        H, Lq, Lk, n_main, n_tail, scale, scale * LOG2E,
+    ), dict(common, BLOCK_M=tile_m, BLOCK_M_TAIL=tail, BLOCK_N_TAIL=TAIL_STEP))
     return dq, dk, dv
 
 

@@ -146,8 +146,9 @@ def test_large_logits_stay_finite(dtype, device):
 
 @pytest.mark.parametrize("block_m,block_n", [(16, 32), (32, 16), (16, 16)])
 def test_explicit_tiles_causal_lq_ne_lk(block_m, block_n, device):
-    """Tiles smaller than L, BLOCK_N > BLOCK_M and < BLOCK_M: every causal range split is exercised."""
-    for Lq, Lk in ((45, 70), (70, 45)):
+    """Tiles smaller than L, BLOCK_N > BLOCK_M and < BLOCK_M: every causal range split, and tail
+    programs of 16 and 32 rows (90 = 2 x 32 + 26), are exercised."""
+    for Lq, Lk in ((45, 90), (90, 45)):
         q, k, v = _make_qkv(1, Lq, Lk, 2, 40, torch.float32, device, "contig")
         _check_launchers(q, k, v, causal=True, block_m=block_m, block_n=block_n, name=f"Lq={Lq} Lk={Lk}")
 
@@ -429,12 +430,13 @@ for dt, D, causal in (("fp16", 72, True), ("bf16", 256, False)):
     c = dict(unit, HEAD_DIM=D, D0=d0, REM=rem, DRK=drk, DRN=drn, CAUSAL=causal, DOT_PREC=None)
     P = "*" + dt
     big = D <= 128
+    m, n = (128, 64) if big else (64, 32)
     build(k._attn_fwd, dict(Q=P, K=P, V=P, O=P, STATS="*fp32"), {"qk_scale"},
-          dict(c, BLOCK_M=128 if big else 64, BLOCK_N=64 if big else 32), 4)
+          dict(c, BLOCK_M=m, BLOCK_M_TAIL=16, BLOCK_N=n, BLOCK_N_TAIL=16), 4)
     build(k._attn_bwd_dkdv, dict(Q=P, K=P, V=P, DO=P, STATS="*fp32", DELTA="*fp32", DK=P, DV=P),
-          {"scale", "qk_scale"}, dict(c, BLOCK_M=32, BLOCK_N=128 if big else 64), 8)
+          {"scale", "qk_scale"}, dict(c, BLOCK_M=32, BLOCK_M_TAIL=16, BLOCK_N=m, BLOCK_N_TAIL=32), 8)
     build(k._attn_bwd_dq, dict(Q=P, K=P, V=P, DO=P, STATS="*fp32", DELTA="*fp32", DQ=P),
-          {"scale", "qk_scale"}, dict(c, BLOCK_M=128 if big else 64, BLOCK_N=32), 8)
+          {"scale", "qk_scale"}, dict(c, BLOCK_M=m, BLOCK_M_TAIL=32, BLOCK_N=32, BLOCK_N_TAIL=16), 8)
 print("OK")
 '''
 

@@ -2,6 +2,13 @@
 
 Causal masking is top-left aligned, as ``torch.nn.functional.scaled_dot_product_attention``'s
 ``is_causal``: query ``i`` sees keys ``0..i`` (every query sees at least one key).
+
+The Triton backend (``kernels/attention.py``, design in ``docs/attention.md``) is registered as
+``torch.library`` custom ops ``uvit_fast::attention_fwd`` / ``attention_bwd`` and the packed
+``uvit_fast::attention_qkvpacked_fwd`` / ``attention_qkvpacked_bwd``, with fake kernels, autograd
+and FLOP formulas (torch's SDPA convention). Autocast: inside an autocast region every backend
+computes in the autocast dtype (float64 excepted) and returns that dtype, like SDPA and the
+reference's matmuls; the custom ops are not autocast-aware, so the wrapper casts before calling.
 """
 from __future__ import annotations
 
@@ -78,8 +85,15 @@ def _flash_attn_module():
         raise ValueError("attention: backend='flash_attn' needs the flash-attn package (pip install 'uvit-fast[flash]')") from None
 
 
+def _check_half(t: torch.Tensor) -> None:
+    if t.dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(f"attention: backend='flash_attn' runs float16/bfloat16 only; got {t.dtype} "
+                        f"(shape {tuple(t.shape)}): use torch.autocast or another backend")
+
+
 def _flash_attn(q, k, v, causal, scale):
     fa = _flash_attn_module()
+    _check_half(q)
     if causal and q.shape[1] != k.shape[1]:
         raise ValueError(
             "attention: flash_attn aligns causal masks bottom-right; with Lq != Lk use another backend "
@@ -391,5 +405,7 @@ def attention_qkvpacked(
         return out
     if choice == "flash_attn":
         (qkv,) = _autocast(qkv)
-        return _flash_attn_module().flash_attn_qkvpacked_func(qkv, softmax_scale=scale, causal=causal)
+        fa = _flash_attn_module()
+        _check_half(qkv)
+        return fa.flash_attn_qkvpacked_func(qkv, softmax_scale=scale, causal=causal)
     return attention(q, k, v, causal=causal, scale=scale, backend=choice)
