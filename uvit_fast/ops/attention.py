@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from uvit_fast._backend import BackendError, check_triton_device, get_backend
+from uvit_fast.ops._autocast import autocast_cast, autocast_dtype
 from uvit_fast.ops._checks import check_same_device, check_tensor
 
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "sdpa", "flash_attn", "xformers")
@@ -58,7 +59,8 @@ def attention_reference(
 ) -> torch.Tensor:
     """Plain PyTorch math specification: ``softmax(q k^T * scale [+ causal mask]) v`` per head.
 
-    Computed in the inputs' dtype with the softmax in float32; materialises ``(B, H, Lq, Lk)``.
+    Computed in the inputs' dtype with the softmax in at least float32 (float64 stays float64);
+    materialises ``(B, H, Lq, Lk)``.
     """
     D = q.shape[-1]
     scale = D ** -0.5 if scale is None else scale
@@ -67,7 +69,7 @@ def attention_reference(
         Lq, Lk = q.shape[1], k.shape[1]
         mask = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril()
         s = s.masked_fill(~mask, float("-inf"))
-    p = s.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+    p = s.softmax(dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
     return torch.einsum("bhlm,bmhd->blhd", p, v)
 
 
@@ -121,15 +123,8 @@ def _xformers(q, k, v, causal, scale):
 
 
 def _autocast(*tensors: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-    dev = tensors[0].device.type
-    try:
-        enabled = torch.is_autocast_enabled(dev)
-    except (TypeError, RuntimeError):  # device types autocast does not know
-        return tensors
-    if not enabled:
-        return tensors
-    dtype = torch.get_autocast_dtype(dev)
-    return tuple(t.to(dtype) if t.dtype not in (dtype, torch.float64) else t for t in tensors)
+    dtype = autocast_dtype(tensors[0].device)
+    return tuple(autocast_cast(t, dtype) for t in tensors)
 
 
 # Backend choice happens in Python before the op is called. Under torch.compile these helpers are

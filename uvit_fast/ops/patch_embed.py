@@ -13,44 +13,13 @@ import torch
 import torch.nn.functional as F
 
 from uvit_fast._backend import load_kernel, resolve
+from uvit_fast.ops._autocast import autocast_cast, autocast_dtype
 from uvit_fast.ops._checks import as_tuple, check_same_device, check_tensor, shape_str
 
 PatchSize = Union[int, Sequence[int]]
 
 #: dtypes the Triton kernels compute in (fp64 and others go to the PyTorch path under "auto")
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-@torch.compiler.assume_constant_result
-def _resolve_traced(backend: str, op: str, device: torch.device) -> str:
-    return resolve(backend, op, torch.empty(0, device=device))
-
-
-def _resolve(backend: str, op: str, *tensors: Optional[torch.Tensor]) -> str:
-    """:func:`uvit_fast._backend.resolve`; under torch.compile the choice is a trace-time
-    constant (``resolve`` imports triton to check for it, which dynamo cannot trace).
-    The tensors were already checked to share one device."""
-    if torch.compiler.is_compiling():
-        device = next(t.device for t in tensors if t is not None)
-        return _resolve_traced(backend, op, device)
-    return resolve(backend, op, *tensors)
-
-
-def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
-    """The dtype ``torch.autocast`` would run a conv / linear in on ``device``, or None."""
-    try:
-        if torch.is_autocast_enabled(device.type):
-            return torch.get_autocast_dtype(device.type)
-    except (RuntimeError, ValueError):  # a device type autocast does not know
-        return None
-    return None
-
-
-def _autocast_cast(t: Optional[torch.Tensor], dtype: Optional[torch.dtype]) -> Optional[torch.Tensor]:
-    """Cast like autocast casts a conv / linear argument: floating, non-fp64 tensors only."""
-    if t is None or dtype is None or not t.is_floating_point() or t.dtype == torch.float64:
-        return t
-    return t.to(dtype)
 
 
 def _effective_dtype(t: Optional[torch.Tensor], dtype: Optional[torch.dtype]) -> Optional[torch.dtype]:
@@ -63,7 +32,7 @@ def _effective_dtype(t: Optional[torch.Tensor], dtype: Optional[torch.dtype]) ->
 
 def _check_gemm_dtypes(op: str, names: Tuple[str, ...], tensors, device: torch.device) -> None:
     """conv / linear need one dtype for input, weight and bias (after autocast's casts)."""
-    ac = _autocast_dtype(device)
+    ac = autocast_dtype(device)
     eff = [(n, _effective_dtype(t, ac)) for n, t in zip(names, tensors) if t is not None]
     if len({d for _, d in eff}) > 1:
         desc = ", ".join(f"{n} {d}" for n, d in eff)
@@ -241,7 +210,7 @@ def patchify_embed(
     the PyTorch reference.
     """
     _check_patchify_embed(x, weight, bias, prefix, pos_embed)
-    choice = _resolve(backend, "patchify_embed", x, weight, bias, prefix, pos_embed)
+    choice = resolve(backend, "patchify_embed", x, weight, bias, prefix, pos_embed)
     if choice == "triton" and backend != "triton" and not _embed_dtypes_ok(x, prefix, pos_embed):
         choice = "torch"  # "auto": dtypes the kernel does not compute in (e.g. float64)
     if choice == "torch":
@@ -250,7 +219,7 @@ def patchify_embed(
 
 
 def _embed_dtypes_ok(x, prefix, pos_embed) -> bool:
-    dts = [_effective_dtype(x, _autocast_dtype(x.device))]
+    dts = [_effective_dtype(x, autocast_dtype(x.device))]
     dts += [t.dtype for t in (prefix, pos_embed) if t is not None]
     return all(d in _KERNEL_DTYPES for d in dts)
 
@@ -267,8 +236,8 @@ def _patchify_embed_triton(x, weight, bias, prefix, pos_embed):
     # Autocast: the reference's conv runs in the autocast dtype (x, weight and bias are cast),
     # while cat/add then promote against prefix/pos_embed as usual. Cast the conv operands
     # here, outside the custom op, and the op's own dtype rule does the rest.
-    ac = _autocast_dtype(x.device)
-    x, weight, bias = (_autocast_cast(t, ac) for t in (x, weight, bias))
+    ac = autocast_dtype(x.device)
+    x, weight, bias = (autocast_cast(t, ac) for t in (x, weight, bias))
     if not _embed_dtypes_ok(x, prefix, pos_embed):
         desc = ", ".join(f"{n} {t.dtype}" for n, t in (("x", x), ("prefix", prefix), ("pos_embed", pos_embed))
                          if t is not None)
@@ -437,7 +406,7 @@ def decoder_unpatchify(
         arguments). tokens, weight and bias must share one dtype (after autocast).
     """
     patch, g, channels = _check_decoder_unpatchify(tokens, weight, bias, patch_size, grid, extras)
-    choice = _resolve(backend, "decoder_unpatchify", tokens, weight, bias)
+    choice = resolve(backend, "decoder_unpatchify", tokens, weight, bias)
     if choice == "triton" and backend != "triton" and not _decoder_dtypes_ok(tokens):
         choice = "torch"  # "auto": dtypes the kernel does not compute in (e.g. float64)
     if choice == "torch":
@@ -446,13 +415,13 @@ def decoder_unpatchify(
 
 
 def _decoder_dtypes_ok(tokens) -> bool:
-    return _effective_dtype(tokens, _autocast_dtype(tokens.device)) in _KERNEL_DTYPES
+    return _effective_dtype(tokens, autocast_dtype(tokens.device)) in _KERNEL_DTYPES
 
 
 def _decoder_unpatchify_triton(tokens, weight, bias, patch, grid, extras):
     # Autocast: the reference's linear runs in the autocast dtype and unpatchify keeps it.
-    ac = _autocast_dtype(tokens.device)
-    tokens, weight, bias = (_autocast_cast(t, ac) for t in (tokens, weight, bias))
+    ac = autocast_dtype(tokens.device)
+    tokens, weight, bias = (autocast_cast(t, ac) for t in (tokens, weight, bias))
     if not _decoder_dtypes_ok(tokens):
         raise TypeError(
             f"decoder_unpatchify: the Triton kernel supports float16, bfloat16 and float32; "

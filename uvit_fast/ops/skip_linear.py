@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from uvit_fast._backend import get_backend, load_kernel, resolve
+from uvit_fast.ops._autocast import autocast_cast, autocast_dtype
 from uvit_fast.ops._checks import check_same_device, check_tensor, shape_str
 
 
@@ -52,20 +53,6 @@ def skip_concat_linear_reference(
 
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
-    """The autocast dtype when autocast is on for ``device_type``, else None."""
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return None
-
-
-def _autocast_cast(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
-    # what autocast does for nn.Linear: floating tensors except float64 go to the autocast dtype
-    if t is None or not t.is_floating_point() or t.dtype == torch.float64 or t.dtype == dtype:
-        return t
-    return t.to(dtype)
 
 
 def _check_dtypes(op: str, h, weight, bias) -> None:
@@ -106,12 +93,12 @@ def skip_concat_linear(
     """
     op = "skip_concat_linear"
     _check_skip_concat_linear(h, skip, weight, bias)
-    cast_to = _autocast_dtype(h.device.type)
+    cast_to = autocast_dtype(h.device)
     if cast_to is None:
         _check_dtypes(op, h, weight, bias)
     choice = resolve(backend, op, h, skip, weight, bias)
     if choice == "triton" and cast_to is not None:
-        h, skip, weight, bias = (_autocast_cast(t, cast_to) for t in (h, skip, weight, bias))
+        h, skip, weight, bias = (autocast_cast(t, cast_to) for t in (h, skip, weight, bias))
         _check_dtypes(op, h, weight, bias)
     if choice == "triton" and h.dtype not in _TRITON_DTYPES:
         if backend == "auto" and get_backend() == "auto":
