@@ -6,7 +6,7 @@ import importlib
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from uvit_fast.testing import CustomOpRecorder
 
 import uvit_fast
 from uvit_fast import create_model, list_models, ops
@@ -451,19 +451,6 @@ def _triton_missing(need_causal=False, need_3d=False):
     return None
 
 
-class _OpRecorder(TorchDispatchMode):
-    """Names of the ``uvit_fast::`` custom ops dispatched inside the block."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if str(func).startswith("uvit_fast."):
-            self.ops.add(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("which", ["vit", "vivit", "clip"])
 def test_fused_models_on_triton_kernels(which, device):
     reason = _triton_missing(need_causal=which == "clip", need_3d=which == "vivit")
@@ -492,7 +479,7 @@ def test_fused_models_on_triton_kernels(which, device):
     base_out, base_g = _model_grads(model, run, lambda o: o.double().square().sum())
     base_g = {k: v.clone() for k, v in base_g.items() if v is not None}
     set_fused(model, True)
-    with uvit_fast.use_backend("triton"), _OpRecorder() as rec:
+    with uvit_fast.use_backend("triton"), CustomOpRecorder() as rec:
         out, grads = _model_grads(model, run, lambda o: o.double().square().sum())
     wanted = ("attention", "layer_norm") + (("patchify_embed",) if which != "clip" else ())
     for part in wanted:  # the kernels really ran, forward and backward

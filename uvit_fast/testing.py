@@ -5,9 +5,10 @@ A kernel's result passes when its error against a float64 reference is at most
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Set
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 #: absolute slack by dtype for :func:`assert_parity`
 DEFAULT_ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float64: 1e-12}
@@ -47,3 +48,17 @@ def assert_parity(
 def poison_(t: torch.Tensor) -> torch.Tensor:
     """Fill with NaN so that elements a kernel fails to write are caught."""
     return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-1)
+
+
+class CustomOpRecorder(TorchDispatchMode):
+    """Records the names of the ``uvit_fast::`` custom ops dispatched inside the block, to prove
+    that a model really ran on the kernels (forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: Set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func).startswith("uvit_fast."):
+            self.ops.add(str(func))
+        return func(*args, **(kwargs or {}))
