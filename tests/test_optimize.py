@@ -102,6 +102,15 @@ def test_optimized_matches_upstream_outputs_and_gradients(kind, backend):
         assert_parity(grads[n], grads_ref[n], g64, atol=1e-5 * (1 + g64.abs().max().item()), name=f"{kind} grad {n}")
 
 
+@pytest.mark.parametrize("kind", ["uvit_cond", "uvit_t2i", "dit"])
+def test_optimized_models_have_example_inputs(kind):
+    model, args = _build(kind)
+    model, _ = uvit_fast.optimize(model)
+    ex = model.example_inputs(3)
+    assert [tuple(a.shape[1:]) for a in ex] == [tuple(a.shape[1:]) for a in args]
+    assert model(*ex).shape[0] == 3
+
+
 def test_parameters_are_shared_and_keys_unchanged():
     model, _ = _build("uvit_cond")
     ids = [id(p) for p in model.parameters()]

@@ -205,7 +205,7 @@ def _swap_forward(m: nn.Module, kind: str) -> None:
     if key not in _FUSED_CLASSES:
         attrs = {"forward": src.forward, "example_inputs": src.example_inputs, "_uvit_fast_optimized": True}
         if kind != "dit":
-            attrs.update(_run=_UViTBase._run, _time_token=_UViTBase._time_token)
+            attrs.update(_run=_UViTBase._run, _time_token=_UViTBase._time_token, _image_inputs=_UViTBase._image_inputs)
         _FUSED_CLASSES[key] = type(f"Fused{type(m).__name__}", (type(m),), attrs)
     m.__class__ = _FUSED_CLASSES[key]
 

@@ -131,6 +131,10 @@ class _UViTBase(nn.Module):
     def no_weight_decay(self):
         return {"pos_embed"}
 
+    def _image_inputs(self, batch_size: int, device, dtype) -> tuple:
+        x = torch.randn(batch_size, self.in_chans, self.img_size, self.img_size, device=device, dtype=dtype)
+        return x, torch.randint(0, 1000, (batch_size,), device=device).float()
+
     def _time_token(self, timesteps: torch.Tensor) -> torch.Tensor:
         # float32 as upstream; cast to the parameter dtype so float64 / half models also work
         emb = timestep_embedding(timesteps, self.embed_dim).to(self.pos_embed.dtype)
@@ -190,8 +194,7 @@ class UViT(_UViTBase):
     def example_inputs(self, batch_size: int = 1, device=None, dtype=None) -> tuple:
         """Random ``(x, timesteps[, y])`` of the right shapes, for profiling and benchmarks."""
         device = device or self.pos_embed.device
-        x = torch.randn(batch_size, self.in_chans, self.img_size, self.img_size, device=device, dtype=dtype)
-        t = torch.randint(0, 1000, (batch_size,), device=device).float()
+        x, t = self._image_inputs(batch_size, device, dtype)
         if self.num_classes > 0:
             return x, t, torch.randint(0, self.num_classes, (batch_size,), device=device)
         return x, t
@@ -248,8 +251,7 @@ class UViTT2I(_UViTBase):
     def example_inputs(self, batch_size: int = 1, device=None, dtype=None) -> tuple:
         """Random ``(x, timesteps, context)`` of the right shapes, for profiling and benchmarks."""
         device = device or self.pos_embed.device
-        x = torch.randn(batch_size, self.in_chans, self.img_size, self.img_size, device=device, dtype=dtype)
-        t = torch.randint(0, 1000, (batch_size,), device=device).float()
+        x, t = self._image_inputs(batch_size, device, dtype)
         ctx = torch.randn(batch_size, self.num_clip_token, self.clip_dim, device=device, dtype=dtype)
         return x, t, ctx
 
