@@ -176,7 +176,7 @@ class DiT(nn.Module):
         device = device or self.pos_embed.device
         x = torch.randn(batch_size, self.in_channels, self.input_size, self.input_size, device=device, dtype=dtype)
         t = torch.randint(0, 1000, (batch_size,), device=device).float()
-        return x, t, torch.randint(0, self.num_classes, (batch_size,), device=device)
+        return x, t, torch.randint(0, self.y_embedder.num_classes, (batch_size,), device=device)
 
     def forward(self, x: torch.Tensor, t, y: torch.Tensor) -> torch.Tensor:
         check_image("DiT", x, self.in_channels, self.input_size, self.patch_size)
