@@ -257,6 +257,29 @@ def test_empty_rows(device):
     assert dx.shape == (0, 77) and torch.equal(dw, torch.zeros_like(w))
 
 
+def test_float64_runs_pytorch_under_auto(device):
+    """The kernels compute in fp32: float64 must not be silently computed at fp32 accuracy.
+    Under "auto" (here with the process-wide default set to Triton, as on CUDA) it runs the
+    PyTorch reference; an explicit backend="triton" is a TypeError."""
+    B, L, D = 2, 5, 77
+    x, br = torch.randn(B, L, D, device=device), torch.randn(B, L, D, device=device)
+    g, sh, sc = (torch.randn(B, D, device=device) for _ in range(3))
+    x64, sh64 = x.double(), sh.double()
+    with uvit_fast.use_backend("triton"):
+        y = adaln_layer_norm(x64, sh64, sc)  # fp64 x, fp32 scale
+        x_new, h = residual_adaln_layer_norm(x, br, g, sh64)  # fp64 shift only
+    ref_y = adaln_layer_norm_reference(x64, sh64, sc)
+    ref_x_new, ref_h = residual_adaln_layer_norm_reference(x, br, g, sh64)
+    assert y.dtype == h.dtype == torch.float64
+    torch.testing.assert_close(y, ref_y, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(x_new, ref_x_new, rtol=0, atol=0)
+    torch.testing.assert_close(h, ref_h, rtol=1e-12, atol=1e-12)
+    with pytest.raises(TypeError, match="adaln_layer_norm: the Triton kernel supports .* got torch.float64"):
+        adaln_layer_norm(x64, backend="triton")
+    with pytest.raises(TypeError, match="residual_adaln_layer_norm: the Triton kernel supports .* got torch.float64"):
+        residual_adaln_layer_norm(x, br, g.double(), backend="triton")
+
+
 def _opcheck_args(device):
     B, L, D = 2, 5, 33
     x, br = torch.randn(B, L, D, device=device), torch.randn(B, L, D, device=device)

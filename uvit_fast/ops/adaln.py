@@ -11,7 +11,9 @@ PyTorch's type promotion against the modulation tensors); under CUDA autocast La
 in float32, so the output is float32 (CPU autocast leaves layer_norm alone: ``x``'s dtype).
 The residual ``x_new`` is ``promote(x, branch, gate)`` in every mode. The Triton path
 (``backend="triton"``) gives the same dtypes, computes in fp32 from the inputs as they are
-(no cast copies) and rounds once; gradients come back in each input's dtype.
+(no cast copies) and rounds once; gradients come back in each input's dtype. It takes
+float16, bfloat16 and float32 tensors: with ``backend="auto"`` anything else (float64) runs the
+PyTorch reference, with ``backend="triton"`` it is a TypeError.
 """
 from __future__ import annotations
 
@@ -59,6 +61,25 @@ def _check_adaln(op, x, shift, scale, weight, bias, eps):
     check_same_device(op, x=x, shift=shift, scale=scale, weight=weight, bias=bias)
 
 
+#: dtypes the Triton kernels read and write (they compute in fp32)
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _choose(op: str, backend: str, tensors) -> str:
+    """``resolve`` plus the dtype rule of the other ops: the kernels compute in fp32, so inputs
+    in other dtypes (float64) go to PyTorch under ``"auto"`` and are a TypeError with ``"triton"``."""
+    choice = resolve(backend, op, *tensors)
+    bad = [t.dtype for t in tensors if t is not None and t.dtype not in _KERNEL_DTYPES]
+    if choice == "triton" and bad:
+        if backend == "triton":
+            raise TypeError(
+                f"{op}: the Triton kernel supports float16, bfloat16 and float32; got {bad[0]} "
+                f"(use backend='torch')"
+            )
+        choice = "torch"
+    return choice
+
+
 def _per_token(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return t.unsqueeze(1) if t is not None and t.dim() == 2 else t
 
@@ -104,8 +125,10 @@ def adaln_layer_norm(
     Returns:
         Tensor of ``x``'s shape (dtype: see the module docstring).
     """
-    _check_adaln("adaln_layer_norm", x, shift, scale, weight, bias, eps)
-    if resolve(backend, "adaln_layer_norm", x, shift, scale, weight, bias) == "torch":
+    op = "adaln_layer_norm"
+    _check_adaln(op, x, shift, scale, weight, bias, eps)
+    tensors = (x, shift, scale, weight, bias)
+    if _choose(op, backend, tensors) == "torch":
         return adaln_layer_norm_reference(x, shift, scale, weight, bias, eps, scale_offset)
     return _adaln_layer_norm_triton(x, shift, scale, weight, bias, eps, scale_offset)
 
@@ -172,7 +195,7 @@ def residual_adaln_layer_norm(
     op = "residual_adaln_layer_norm"
     _check_adaln(op, x, shift, scale, weight, bias, eps)
     _check_residual(op, x, branch, gate)
-    if resolve(backend, op, x, branch, gate, shift, scale, weight, bias) == "torch":
+    if _choose(op, backend, (x, branch, gate, shift, scale, weight, bias)) == "torch":
         return residual_adaln_layer_norm_reference(x, branch, gate, shift, scale, weight, bias, eps, scale_offset)
     return _residual_adaln_layer_norm_triton(x, branch, gate, shift, scale, weight, bias, eps, scale_offset)
 
