@@ -213,6 +213,24 @@ def test_mixed_dtypes_follow_pytorch_promotion(device):
     assert_parity(h, rh, r64[1], name="h")
 
 
+@pytest.mark.parametrize("gate", [None, "sample"])
+def test_residual_fp16_x_fp32_branch_gradients(gate, device):
+    """x fp16 with an fp32 branch: x_new is fp32, so dbranch must keep fp32 accuracy (it is not
+    dx rounded to x's fp16), with and without a gate."""
+    B, L, D = 2, 9, 77
+    x = torch.randn(B, L, D, device=device).half()
+    br = torch.randn(B, L, D, device=device)
+    g = _mod(gate, B, L, D, torch.float32, device)
+    names = ["x", "branch", "gate"]
+    raw = [x, br, g]
+    ins, base, ref = _leaves(*raw), _leaves(*raw), _leaves(*[t.double() if t is not None else None for t in raw])
+    out = residual_adaln_layer_norm(*ins, backend="triton")
+    bout = residual_adaln_layer_norm_reference(*base)
+    rout = residual_adaln_layer_norm_reference(*ref)
+    grads = [torch.randn(B, L, D, device=device) for _ in range(2)]
+    _check_all(list(out), list(bout), list(rout), ins, base, ref, names, grads)
+
+
 def test_autocast_matches_reference(device):
     """Under autocast the output dtype is the reference's: float32 on CUDA (autocast runs
     layer_norm in fp32), x's dtype on CPU (CPU autocast leaves layer_norm alone); gradients come

@@ -416,11 +416,15 @@ def _residual_setup_context(ctx, inputs, output):
 
 def _residual_backward(ctx, dx_new, dh, dmean, drstd):
     x_new, branch, gate, shift, scale, weight, bias, mean, rstd = ctx.saved_tensors
+    # Without a gate the branch's gradient is x_new's: have the kernel write it in x_new's dtype
+    # (wider than x's when e.g. x is fp16 and branch fp32) and round it to x's dtype only for dx.
+    dx_dtype = ctx.x_dtype if gate is not None else x_new.dtype
     dx, dbranch, dgate, dshift, dscale, dweight, dbias = torch.ops.uvit_fast.residual_adaln_layer_norm_backward(
-        dh, dx_new, x_new, branch, gate, shift, scale, weight, bias, mean, rstd, ctx.scale_offset, ctx.x_dtype
+        dh, dx_new, x_new, branch, gate, shift, scale, weight, bias, mean, rstd, ctx.scale_offset, dx_dtype
     )
     if gate is None:  # x_new = x + branch: the branch gets the same gradient as x
         dbranch = dx.to(branch.dtype)
+        dx = dx.to(ctx.x_dtype)
     return (
         dx,
         dbranch,
