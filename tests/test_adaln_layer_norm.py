@@ -351,16 +351,12 @@ def test_torch_compile_fullgraph(device):
     graph breaks, forward and backward, and match the eager Triton path."""
     B, L, D = 2, 9, 40
 
-    # The private Triton entry points (what the public functions call after validation and
-    # backend dispatch): uvit_fast._backend.resolve() calls importlib.import_module, which
-    # dynamo cannot trace, so the public functions with backend="triton" graph-break until
-    # _backend caches that check (reported to the maintainer).
-    from uvit_fast.ops.adaln import _adaln_layer_norm_triton, _residual_adaln_layer_norm_triton
+    # the public functions (validation and backend dispatch included) trace without a graph break
 
     def block(x, br, mod, w):
         sh, sc, g = mod.chunk(3, dim=1)
-        x_new, h = _residual_adaln_layer_norm_triton(x, br, g, sh, sc, None, None, 1e-6, 1.0)
-        return x_new, _adaln_layer_norm_triton(h, None, None, w, None, 1e-5, 1.0)
+        x_new, h = residual_adaln_layer_norm(x, br, g, sh, sc, eps=1e-6, backend="triton")
+        return x_new, adaln_layer_norm(h, weight=w, eps=1e-5, backend="triton")
 
     inputs = [
         torch.randn(B, L, D, device=device),
