@@ -5,6 +5,7 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 
 
 def poison_enabled() -> bool:
@@ -35,3 +36,19 @@ def row_launch_config(n_cols: int, elem_size: int = 4):
     elif block >= 2048:
         num_warps = 8
     return block, num_warps
+
+
+@triton.jit
+def patch_row_offsets(offs_m, L, Gh, Gw, s_b, s_t, s_h, s_w,
+                      PT: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr):
+    """Offset (int64) of the first element of patch ``m = b*L + l`` in a ``(B, C, T, H, W)``
+    tensor with strides ``s_*``, for a grid ``(L / (Gh*Gw), Gh, Gw)`` of ``(PT, PH, PW)`` patches.
+    Shared by the patch-embedding gather and the decoder's unpatchify store."""
+    b = offs_m // L
+    l = offs_m % L
+    tg = l // (Gh * Gw)
+    r = l % (Gh * Gw)
+    hh = r // Gw
+    ww = r % Gw
+    return (b.to(tl.int64) * s_b + tg.to(tl.int64) * (PT * s_t)
+            + hh.to(tl.int64) * (PH * s_h) + ww.to(tl.int64) * (PW * s_w))

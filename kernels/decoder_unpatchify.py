@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import empty
+from ._utils import empty, patch_row_offsets
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
@@ -46,20 +46,6 @@ else:
 
 
 # --------------------------------------------------------------------------- index helpers
-@triton.jit
-def _image_row_offsets(offs_m, L, Gh, Gw, s_b, s_t, s_h, s_w,
-                       PT: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr):
-    """Offset of the first pixel of patch ``m = b*L + l`` in a (B, C, T, H, W) tensor (int64)."""
-    b = offs_m // L
-    l = offs_m % L
-    tg = l // (Gh * Gw)
-    r = l % (Gh * Gw)
-    hh = r // Gw
-    ww = r % Gw
-    return (b.to(tl.int64) * s_b + tg.to(tl.int64) * (PT * s_t)
-            + hh.to(tl.int64) * (PH * s_h) + ww.to(tl.int64) * (PW * s_w))
-
-
 @triton.jit
 def _image_col_offsets(offs_n, C, s_c, s_t, s_h, s_w,
                        PH: tl.constexpr, PW: tl.constexpr):
@@ -113,7 +99,7 @@ def _decoder_unpatchify_fwd_kernel(
         acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    row_o = _image_row_offsets(offs_m, L, Gh, Gw, so_b, so_t, so_h, so_w, PT, PH, PW)
+    row_o = patch_row_offsets(offs_m, L, Gh, Gw, so_b, so_t, so_h, so_w, PT, PH, PW)
     col_o = _image_col_offsets(offs_n, C, so_c, so_t, so_h, so_w, PH, PW)
     tl.store(out_ptr + row_o[:, None] + col_o[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=mask_m[:, None] & mask_n[None, :])
@@ -143,7 +129,7 @@ def _decoder_unpatchify_dtok_kernel(
     if pid_m < n_gemm:
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         mask_m = offs_m < M
-        row_g = _image_row_offsets(offs_m, L, Gh, Gw, sg_b, sg_t, sg_h, sg_w, PT, PH, PW)
+        row_g = patch_row_offsets(offs_m, L, Gh, Gw, sg_b, sg_t, sg_h, sg_w, PT, PH, PW)
         acc = tl.zeros((BLOCK_M, BLOCK_X), dtype=tl.float32)
         for n0 in range(0, NOUT, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -194,7 +180,7 @@ def _decoder_unpatchify_dw_kernel(
     for mb in range(mb_start, mb_end):
         offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
         mask_m = offs_m < M
-        row_g = _image_row_offsets(offs_m, L, Gh, Gw, sg_b, sg_t, sg_h, sg_w, PT, PH, PW)
+        row_g = patch_row_offsets(offs_m, L, Gh, Gw, sg_b, sg_t, sg_h, sg_w, PT, PH, PW)
         gt = tl.load(g_ptr + col_g[:, None] + row_g[None, :],
                      mask=mask_n[:, None] & mask_m[None, :], other=0.0)
         row_t = _token_row_offsets(offs_m, L, E, st_b, st_l)

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import empty
+from ._utils import empty, patch_row_offsets
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
@@ -55,20 +55,6 @@ else:
 
 
 # --------------------------------------------------------------------------- index helpers
-@triton.jit
-def _patch_row_offsets(offs_m, L, Gh, Gw, s_b, s_t, s_h, s_w,
-                       PT: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr):
-    """Offset of the first element of patch ``m = b*L + l`` in a (B, C, T, H, W) tensor (int64)."""
-    b = offs_m // L
-    l = offs_m % L
-    tg = l // (Gh * Gw)
-    r = l % (Gh * Gw)
-    hh = r // Gw
-    ww = r % Gw
-    return (b.to(tl.int64) * s_b + tg.to(tl.int64) * (PT * s_t)
-            + hh.to(tl.int64) * (PH * s_h) + ww.to(tl.int64) * (PW * s_w))
-
-
 @triton.jit
 def _patch_col_offsets(offs_k, s_c, s_t, s_h, s_w,
                        PT: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr):
@@ -115,7 +101,7 @@ def _patchify_embed_fwd_kernel(
         # ---- patch tokens: gathered GEMM + bias + pos_embed
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         mask_m = offs_m < M
-        row_x = _patch_row_offsets(offs_m, L, Gh, Gw, sx_b, sx_t, sx_h, sx_w, PT, PH, PW)
+        row_x = patch_row_offsets(offs_m, L, Gh, Gw, sx_b, sx_t, sx_h, sx_w, PT, PH, PW)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -186,7 +172,7 @@ def _patchify_embed_dx_kernel(
         w = tl.load(w_ptr + offs_n[:, None] * sw_n + col_w[None, :],
                     mask=mask_n[:, None] & mask_k[None, :], other=0.0)
         acc = tl.dot(g.to(w.dtype), w, acc, input_precision=DOT_PRECISION)
-    row_d = _patch_row_offsets(offs_m, L, Gh, Gw, sd_b, sd_t, sd_h, sd_w, PT, PH, PW)
+    row_d = patch_row_offsets(offs_m, L, Gh, Gw, sd_b, sd_t, sd_h, sd_w, PT, PH, PW)
     col_d = _patch_col_offsets(offs_k, sd_c, sd_t, sd_h, sd_w, PT, PH, PW)
     tl.store(dx_ptr + row_d[:, None] + col_d[None, :], acc.to(dx_ptr.dtype.element_ty),
              mask=mask_m[:, None] & mask_k[None, :])
@@ -223,7 +209,7 @@ def _patchify_embed_dw_kernel(
         row_g = _token_row_offsets(offs_m, L, E, sg_b, sg_l)
         gt = tl.load(g_ptr + offs_n[:, None] * sg_d + row_g[None, :],
                      mask=mask_n[:, None] & mask_m[None, :], other=0.0)
-        row_x = _patch_row_offsets(offs_m, L, Gh, Gw, sx_b, sx_t, sx_h, sx_w, PT, PH, PW)
+        row_x = patch_row_offsets(offs_m, L, Gh, Gw, sx_b, sx_t, sx_h, sx_w, PT, PH, PW)
         a = tl.load(x_ptr + row_x[:, None] + col_x[None, :],
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         acc = tl.dot(gt.to(a.dtype), a, acc, input_precision=DOT_PRECISION)
