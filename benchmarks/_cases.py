@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from uvit_fast.bench import runner
-from uvit_fast.bench.core import Case
+from uvit_fast.bench.core import Case, raise_recompile_limits
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
@@ -22,7 +22,7 @@ def _policy(device: torch.device) -> runner.Policy:
 def collect(modules: List[str], device: torch.device, dtype: torch.dtype):
     """``pytest.param(module, index, skip_reason)`` for every case of ``modules``; a module that
     cannot give cases becomes one skipped param carrying its error."""
-    runner._raise_recompile_limits()
+    raise_recompile_limits()
     policy = _policy(device)
     params = []
     for module in modules:

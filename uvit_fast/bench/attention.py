@@ -162,10 +162,6 @@ def _skip(provider: str, device: torch.device, dtype: torch.dtype):
 def cases(device: torch.device, dtype: torch.dtype) -> List[Case]:
     """Every shape x pass x provider."""
     device = torch.device(device)
-    n = len(HEAD_DIMS) * len(SEQ_LENS) * len(PASSES) + 8
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, n)
-    torch._dynamo.config.accumulated_recompile_limit = max(
-        torch._dynamo.config.accumulated_recompile_limit, 4 * n)
     out: List[Case] = []
     for B, L, d in shapes():
         for pass_ in PASSES:

@@ -47,3 +47,17 @@ def time_fn(fn: Callable[[], Any], device: torch.device, *, warmup: int = 3, rep
         times.append((time.perf_counter() - t0) * 1e3)
     q = statistics.quantiles(times, n=10) if len(times) > 1 else [times[0]] * 9
     return {"ms": statistics.median(times), "ms_p20": q[1], "ms_p80": q[7]}
+
+
+def raise_recompile_limits() -> None:
+    """Runners call this before timing: case modules often ``torch.compile`` one closure per shape: they share a code object, and
+    after dynamo's default 8 recompiles the ``compile`` rows would silently run eager."""
+    try:
+        import torch._dynamo.config as cfg
+
+        for name, value in (("recompile_limit", 4096), ("accumulated_recompile_limit", 65536),
+                            ("cache_size_limit", 4096), ("accumulated_cache_size_limit", 65536)):
+            if hasattr(cfg, name) and getattr(cfg, name) < value:
+                setattr(cfg, name, value)
+    except Exception:  # noqa: BLE001 - older / newer torch without these knobs
+        pass

@@ -215,12 +215,6 @@ def specs() -> List[_Spec]:
 def cases(device: torch.device, dtype: torch.dtype) -> List[Case]:
     """Every (op, preset) x pass x provider; the ``uvit_fast`` rows need CUDA."""
     device = torch.device(device)
-    # One compiled chain per shape: more recompiles of the same function than dynamo's default
-    # limit of 8, after which it would silently fall back to eager.
-    n = len(PRESETS) * len(PASSES) + 8
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, n)
-    torch._dynamo.config.accumulated_recompile_limit = max(
-        torch._dynamo.config.accumulated_recompile_limit, 4 * n)
     out: List[Case] = []
     for spec in specs():
         for pass_ in PASSES:

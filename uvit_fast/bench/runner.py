@@ -43,7 +43,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from uvit_fast.bench.core import Case, time_fn
+from uvit_fast.bench.core import Case, raise_recompile_limits, time_fn
 
 OP_MODULES: Tuple[str, ...] = ("adaln_layer_norm", "patch_embed", "skip_concat_linear", "attention")
 NOT_OP_MODULES = {"core", "runner", "models"}
@@ -292,7 +292,7 @@ def run_suite(
     if suite not in ("ops", "models", "all"):
         raise ValueError(f"bench: suite must be 'ops', 'models' or 'all'; got {suite!r}")
     started = time.perf_counter()
-    _raise_recompile_limits()
+    raise_recompile_limits()
     meta = environment(device, dtype)
     meta.update(suite=suite, quick=policy.quick)
     ceilings = measure_ceilings(device, dtype, quick=policy.quick)
@@ -349,20 +349,6 @@ def run_suite(
     add_speedups(rows)
     meta["seconds"] = time.perf_counter() - started
     return {"meta": meta, "ceilings": ceilings, "rows": rows, "skipped_modules": skipped_modules}
-
-
-def _raise_recompile_limits() -> None:
-    """Case modules often ``torch.compile`` one closure per shape: they share a code object, and
-    after dynamo's default 8 recompiles the ``compile`` rows would silently run eager."""
-    try:
-        import torch._dynamo.config as cfg
-
-        for name, value in (("recompile_limit", 4096), ("accumulated_recompile_limit", 65536),
-                            ("cache_size_limit", 4096), ("accumulated_cache_size_limit", 65536)):
-            if hasattr(cfg, name) and getattr(cfg, name) < value:
-                setattr(cfg, name, value)
-    except Exception:  # noqa: BLE001 - older / newer torch without these knobs
-        pass
 
 
 # ----------------------------------------------------------------------------------------------

@@ -153,11 +153,6 @@ def specs() -> List[_Spec]:
 def cases(device: torch.device, dtype: torch.dtype) -> List[Case]:
     """Every out-block shape x pass x provider; the ``uvit_fast`` rows need CUDA."""
     device = torch.device(device)
-    # one compiled reference per shape and pass: keep dynamo from falling back to eager
-    n = len(SHAPES) * len(PASSES) + 8
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, n)
-    torch._dynamo.config.accumulated_recompile_limit = max(
-        torch._dynamo.config.accumulated_recompile_limit, 4 * n)
     out: List[Case] = []
     for spec in specs():
         for pass_ in PASSES:
