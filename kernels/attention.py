@@ -662,7 +662,9 @@ _attn_bwd_dkdv_tuned = triton.autotune(
     _step_configs("BLOCK_M", ((32, 8, 3), (64, 8, 2), (32, 4, 3), (64, 4, 3), (16, 8, 3))),
     key=_KEY, prune_configs_by={"early_config_prune": _prune_step("BLOCK_M", "Lq")})(_attn_bwd_dkdv)
 _attn_bwd_dq_tuned = triton.autotune(
-    _step_configs("BLOCK_N", ((32, 8, 3), (64, 8, 2), (32, 4, 3), (64, 4, 3))),
+    # (16, 8, 3) is needed for fp32 at head_dim 256 (64-row tiles): the other configs take 264-401 KiB
+    # of shared memory there, over an H100's 227 KiB (tests/test_attention.py checks it offline)
+    _step_configs("BLOCK_N", ((32, 8, 3), (64, 8, 2), (32, 4, 3), (64, 4, 3), (16, 8, 3))),
     key=_KEY, prune_configs_by={"early_config_prune": _prune_step("BLOCK_N", "Lk")})(_attn_bwd_dq)
 
 

@@ -454,3 +454,86 @@ def test_kernels_compile_for_sm90():
     if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
         pytest.skip("this triton install has no ptxas to compile for sm_90")
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
+# The autotuner drops configs that do not fit shared memory (OutOfResources), but if none fits, the
+# launch fails. fp32 at head_dim 256 (64-row program tile) is the largest case: it must keep at
+# least one config within an H100's 227 KB per block.
+_SMEM_SCRIPT = r"""
+import os
+os.environ.pop("TRITON_INTERPRET", None)
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from uvit_fast.kernels import attention as k
+
+H100_SMEM = 232448  # cudaDevAttrMaxSharedMemoryPerBlockOptin on sm_90
+
+def jit(fn):
+    while not isinstance(fn, triton.runtime.jit.JITFunction):
+        fn = fn.fn
+    return fn
+
+def shared(kernel, ptrs, floats, consts, cfg):
+    fn = jit(kernel)
+    cnames = {fn.arg_names[i] for i in fn.constexprs}
+    consts = {n: v for n, v in dict(consts, **cfg.kwargs).items() if n in fn.arg_names}
+    sig = {n: "constexpr" if (n in cnames or n in consts) else ptrs.get(n, "fp32" if n in floats else "i32")
+           for n in fn.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if sig[n].startswith("*")}
+    c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    return c.metadata.shared
+
+D = 256
+d0, rem, drk, drn = k.head_dim_split(D)
+P = "*fp32"
+c = dict(HEAD_DIM=D, D0=d0, REM=rem, DRK=drk, DRN=drn, CAUSAL=False, DOT_PREC="ieee",
+         **{n: 1 for n in ("stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_dd", "stride_dkd",
+                           "stride_dvd", "stride_dqd")})
+tile = 64  # _program_tile for fp32
+cases = (
+    ("fwd", k._attn_fwd_tuned, "BLOCK_N", "Lk", k._attn_fwd, dict(Q=P, K=P, V=P, O=P, STATS=P), {"qk_scale"},
+     dict(BLOCK_M=tile, BLOCK_M_TAIL=16, BLOCK_N_TAIL=16)),
+    ("dkdv", k._attn_bwd_dkdv_tuned, "BLOCK_M", "Lq", k._attn_bwd_dkdv,
+     dict(Q=P, K=P, V=P, DO=P, STATS=P, DELTA=P, DK=P, DV=P), {"scale", "qk_scale"},
+     dict(BLOCK_M_TAIL=16, BLOCK_N=tile, BLOCK_N_TAIL=32)),
+    ("dq", k._attn_bwd_dq_tuned, "BLOCK_N", "Lk", k._attn_bwd_dq,
+     dict(Q=P, K=P, V=P, DO=P, STATS=P, DELTA=P, DQ=P), {"scale", "qk_scale"},
+     dict(BLOCK_M=tile, BLOCK_M_TAIL=32, BLOCK_N_TAIL=16)),
+)
+for name, tuned, step, seq, kernel, ptrs, floats, consts in cases:
+    kept = k._prune_step(step, seq)(tuned.configs, {seq: 4096}, HEAD_DIM=D)
+    # cheapest first: stop at the first config that fits
+    kept = sorted(kept, key=lambda cfg: (cfg.kwargs[step] * cfg.num_stages, cfg.num_warps))
+    sizes = []
+    for cfg in kept:
+        sizes.append((str(cfg), shared(kernel, ptrs, floats, dict(c, **consts), cfg)))
+        if sizes[-1][1] <= H100_SMEM:
+            break
+    else:
+        raise SystemExit(f"{name}: no autotune config fits {H100_SMEM} B of shared memory: {sizes}")
+    print(name, sizes[-1])
+print("OK")
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU test_fp32_head_dim_256_autotuned runs the kernels")
+def test_fp32_head_dim_256_has_a_config_within_h100_shared_memory():
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run([sys.executable, "-c", _SMEM_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
+        pytest.skip("this triton install has no ptxas to compile for sm_90")
+    assert proc.returncode == 0 and "OK" in proc.stdout, (proc.stdout + proc.stderr)[-3000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (the interpreter pins one config)")
+def test_fp32_head_dim_256_autotuned(device):
+    """The autotuned path (no pinned tiles) at the largest shared-memory footprint."""
+    q, k, v = _make_qkv(1, 70, 70, 1, 256, torch.float32, device, "contig")
+    _check_parity(q, k, v, causal=True)
