@@ -18,7 +18,8 @@ Every operand is addressed through its strides (row and column), so strided view
 ``(B, L, D)`` slice of a larger buffer -- are read in place; leading dims are flattened with
 ``reshape``, which is a view whenever the strides allow it (otherwise one copy). Row offsets are
 int64. All accumulation is fp32. fp32 operands use ``input_precision="ieee"`` unless PyTorch allows
-TF32 for matmuls (``torch.backends.cuda.matmul.allow_tf32``), matching ``F.linear``.
+TF32 for matmuls (``torch.backends.cuda.matmul.fp32_precision``, or the legacy ``allow_tf32``),
+matching ``F.linear``.
 
 Launch: ``triton.autotune`` over a list of tile configs on the GPU (key: M, N, D and the dtypes);
 under ``TRITON_INTERPRET=1`` a single small config is pinned, because the interpreter would run every
@@ -294,9 +295,18 @@ def _skip_concat_linear_bwd_weight_kernel(
 # --------------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------------
+def _tf32_matmul_allowed() -> bool:
+    """Whether PyTorch lets fp32 matmuls use TF32. torch >= 2.9 has ``fp32_precision`` (the legacy
+    setters update it too); reading the legacy ``allow_tf32`` after the new API set TF32 raises."""
+    precision = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    if precision in ("tf32", "ieee"):
+        return precision == "tf32"
+    return bool(torch.backends.cuda.matmul.allow_tf32)
+
+
 def _input_precision(dtype: torch.dtype) -> str:
     """``"ieee"`` for fp32 unless PyTorch allows TF32 matmuls (then ``"tf32"``, as cuBLAS would)."""
-    if dtype == torch.float32 and not _INTERPRET and torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and not _INTERPRET and _tf32_matmul_allowed():
         return "tf32"
     return "ieee"
 
