@@ -537,3 +537,30 @@ def test_fp32_head_dim_256_autotuned(device):
     """The autotuned path (no pinned tiles) at the largest shared-memory footprint."""
     q, k, v = _make_qkv(1, 70, 70, 1, 256, torch.float32, device, "contig")
     _check_parity(q, k, v, causal=True)
+
+
+@pytest.fixture
+def _restore_fp32_precision():
+    m = torch.backends.cuda.matmul
+    old = getattr(m, "fp32_precision", None)
+    yield
+    if old is not None:
+        m.fp32_precision = old
+
+
+def test_tf32_choice_follows_the_new_precision_api(_restore_fp32_precision):
+    """torch >= 2.9 sets TF32 with ``torch.backends.cuda.matmul.fp32_precision``; reading the legacy
+    ``allow_tf32`` after that raises a RuntimeError, so the op must read the new setting."""
+    from types import SimpleNamespace
+
+    from uvit_fast.ops.attention import _fp32_precision
+
+    m = torch.backends.cuda.matmul
+    if not hasattr(m, "fp32_precision"):
+        pytest.skip("this torch has no torch.backends.cuda.matmul.fp32_precision")
+    cuda_tensor = SimpleNamespace(is_cuda=True)  # the choice only looks at the device
+    m.fp32_precision = "tf32"
+    assert _fp32_precision(cuda_tensor) == "tf32"
+    assert _fp32_precision(SimpleNamespace(is_cuda=False)) == "ieee"
+    m.fp32_precision = "ieee"
+    assert _fp32_precision(cuda_tensor) == "ieee"
