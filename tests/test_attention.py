@@ -534,8 +534,9 @@ def test_fp32_head_dim_256_has_a_config_within_h100_shared_memory():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (the interpreter pins one config)")
 def test_fp32_head_dim_256_autotuned(device):
-    """The autotuned path (no pinned tiles) at the largest shared-memory footprint."""
-    q, k, v = _make_qkv(1, 70, 70, 1, 256, torch.float32, device, "contig")
+    """The autotuned path (no pinned tiles) at the largest shared-memory footprint; L = 20 keeps
+    the 32- and 16-wide steps (8 compiles), some of which do not fit and must be skipped."""
+    q, k, v = _make_qkv(1, 20, 20, 1, 256, torch.float32, device, "contig")
     _check_parity(q, k, v, causal=True)
 
 
