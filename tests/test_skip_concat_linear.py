@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from uvit_fast.ops import skip_concat_linear, skip_concat_linear_reference
-from uvit_fast.testing import assert_parity
+from uvit_fast.testing import assert_parity, CustomOpRecorder
 
 ON_CUDA = torch.cuda.is_available()
 NEEDS_CUDA_BF16 = pytest.mark.skipif(
@@ -95,8 +95,11 @@ def test_no_bias_and_partial_grads(device):
     _check(h, skip, weight, None)
     # only h needs a gradient: the weight-gradient kernel must not be needed
     hl = h.clone().requires_grad_(True)
-    out = skip_concat_linear(hl, skip, weight, None, backend="triton")
-    out.sum().backward()
+    with CustomOpRecorder() as rec:
+        out = skip_concat_linear(hl, skip, weight, None, backend="triton")
+        out.sum().backward()
+    assert any("backward_input" in op for op in rec.ops), rec.ops
+    assert not any("backward_weight" in op for op in rec.ops), rec.ops
     h64 = h.double().requires_grad_(True)
     skip_concat_linear_reference(h64, skip.double(), weight.double()).sum().backward()
     base = h.clone().requires_grad_(True)
@@ -104,7 +107,9 @@ def test_no_bias_and_partial_grads(device):
     assert_parity(hl.grad, base.grad, h64.grad, name="dh")
     # only the weight needs a gradient
     wl = weight.clone().requires_grad_(True)
-    skip_concat_linear(h, skip, wl, None, backend="triton").sum().backward()
+    with CustomOpRecorder() as rec:
+        skip_concat_linear(h, skip, wl, None, backend="triton").sum().backward()
+    assert not any("backward_input" in op for op in rec.ops), rec.ops
     w64 = weight.double().requires_grad_(True)
     skip_concat_linear_reference(h.double(), skip.double(), w64).sum().backward()
     wb = weight.clone().requires_grad_(True)
