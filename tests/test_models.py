@@ -105,6 +105,19 @@ def test_dit_sincos_table_follows_upstream_grid_order():
     torch.testing.assert_close(m.pos_embed[0].double(), torch.from_numpy(expected), atol=1e-6, rtol=0)
 
 
+def test_dit_init_follows_upstream():
+    """Upstream initialises the patch conv like a Linear (xavier weight, zero bias) and zeroes
+    every adaLN output layer and the final linear; the other Linear biases are zero too."""
+    m = DiT(input_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=5)
+    assert torch.count_nonzero(m.x_embedder.proj.bias) == 0
+    w = m.x_embedder.proj.weight
+    bound = math.sqrt(6.0 / (w.shape[0] + w[0].numel()))  # xavier-uniform on the flattened weight
+    assert w.abs().max() <= bound and w.abs().max() > 0.5 * bound
+    zeroed = [b.adaLN_modulation[-1] for b in m.blocks] + [m.final_layer.adaLN_modulation[-1], m.final_layer.linear]
+    assert all(torch.count_nonzero(p) == 0 for layer in zeroed for p in layer.parameters())
+    assert all(torch.count_nonzero(mod.bias) == 0 for mod in m.modules() if isinstance(mod, torch.nn.Linear))
+
+
 # --------------------------------------------------------------------------- output parity
 UVIT_SMALL = dict(img_size=12, patch_size=2, in_chans=3, embed_dim=30, depth=4, num_heads=3)
 

@@ -148,7 +148,8 @@ class DiT(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        """Upstream's init: xavier-uniform linears, fixed sin-cos pos_embed, zeroed adaLN and output layers."""
+        """Upstream's init: xavier-uniform linears, fixed sin-cos pos_embed, the patch conv initialised like
+        a Linear (xavier-uniform weight, zero bias), zeroed adaLN and output layers."""
 
         def basic(m: nn.Module) -> None:
             if isinstance(m, nn.Linear):
@@ -161,6 +162,7 @@ class DiT(nn.Module):
         self.pos_embed.data.copy_(torch.from_numpy(table).float().unsqueeze(0))
         w = self.x_embedder.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
