@@ -193,14 +193,27 @@ def test_dit_forward_with_cfg():
     x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
     t = torch.tensor([10.0, 10.0])
     y = torch.tensor([1, 3])  # conditional, null class
-    out = model.forward_with_cfg(x, t, y, cfg_scale=4.0)
     both = model(torch.cat([x[:1], x[:1]]), t, y)
-    cond, uncond = both[:1, :4], both[1:, :4]
-    torch.testing.assert_close(out[0, :4], (uncond + 4.0 * (cond - uncond))[0])
-    torch.testing.assert_close(out[1, :4], out[0, :4])
+    cond, uncond = both[:1], both[1:]
+    guided = uncond + 4.0 * (cond - uncond)
+    # upstream's default guides only the first three channels; the rest is each half's own output
+    out = model.forward_with_cfg(x, t, y, cfg_scale=4.0)
+    torch.testing.assert_close(out[:, :3], guided[:, :3].expand(2, -1, -1, -1))
+    torch.testing.assert_close(out[:, 3:], both[:, 3:])
+    # guidance_channels=None: all in_channels, the standard choice
+    out = model.forward_with_cfg(x, t, y, cfg_scale=4.0, guidance_channels=None)
+    torch.testing.assert_close(out[:, :4], guided[:, :4].expand(2, -1, -1, -1))
     torch.testing.assert_close(out[:, 4:], both[:, 4:])
+    # the same weights in the upstream structure give the same guided output
+    import upstream_modules
+
+    up = upstream_modules.DiT(input_size=8, patch_size=4, hidden_size=16, depth=1, num_heads=2, num_classes=3)
+    up.double().eval().load_state_dict(model.state_dict())
+    torch.testing.assert_close(model.forward_with_cfg(x, t, y, 4.0), up.forward_with_cfg(x, t, y, 4.0))
     with pytest.raises(ValueError, match="batch must be even"):
         model.forward_with_cfg(x[:1], t[:1], y[:1], 4.0)
+    with pytest.raises(ValueError, match=r"guidance_channels must be an int in \[1, 8\].*got 9"):
+        model.forward_with_cfg(x, t, y, 4.0, guidance_channels=9)
 
 
 def test_dit_label_dropout_only_in_training():

@@ -236,7 +236,7 @@ class DiT(nn.Module):
     def forward_with_cfg(self, x, t, y, cfg_scale):
         half = x[: len(x) // 2]
         out = self.forward(torch.cat([half, half]), t, y)
-        eps, rest = out[:, : self.in_channels], out[:, self.in_channels:]
+        eps, rest = out[:, :3], out[:, 3:]  # upstream guides only three channels
         cond, uncond = torch.split(eps, len(eps) // 2)
         g = uncond + cfg_scale * (cond - uncond)
         return torch.cat([torch.cat([g, g]), rest], dim=1)

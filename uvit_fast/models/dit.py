@@ -193,18 +193,25 @@ class DiT(nn.Module):
         return decode_tokens(self.final_layer.linear, x, patch_size=self.patch_size, extras=0, fused=self.fused)
 
     def forward_with_cfg(
-        self, x: torch.Tensor, t, y: torch.Tensor, cfg_scale: float, guidance_channels: Optional[int] = None
+        self, x: torch.Tensor, t, y: torch.Tensor, cfg_scale: float, guidance_channels: Optional[int] = 3
     ) -> torch.Tensor:
-        """Classifier-free guidance in one batch: the first half of ``x`` is run with the first
-        half of ``y`` (conditional) and with the second half (usually the null class
+        """Classifier-free guidance in one batch, as upstream: the first half of ``x`` is run with
+        the first half of ``y`` (conditional) and with the second half (usually the null class
         ``num_classes``), and ``uncond + cfg_scale * (cond - uncond)`` is applied to the first
-        ``guidance_channels`` output channels (default ``in_channels``, the standard choice; 3
-        reproduces later upstream releases) and returned for both halves."""
+        ``guidance_channels`` output channels and returned for both halves; the other channels
+        are each half's own output. The default, 3, is upstream's (which guides only three
+        channels "for exact reproducibility" of the paper's samples); ``guidance_channels=None``
+        guides all ``in_channels``, the standard choice."""
         if x.shape[0] % 2:
             raise ValueError(f"DiT.forward_with_cfg: the batch must be even (cond + uncond halves); got x {tuple(x.shape)}")
+        n = self.in_channels if guidance_channels is None else guidance_channels
+        if not isinstance(n, int) or isinstance(n, bool) or not 0 < n <= self.out_channels:
+            raise ValueError(
+                f"DiT.forward_with_cfg: guidance_channels must be an int in [1, {self.out_channels}] "
+                f"(out_channels) or None; got {guidance_channels!r}"
+            )
         half = x[: len(x) // 2]
         out = self.forward(torch.cat([half, half], dim=0), t, y)
-        n = self.in_channels if guidance_channels is None else guidance_channels
         eps, rest = out[:, :n], out[:, n:]
         cond, uncond = torch.split(eps, len(eps) // 2, dim=0)
         guided = uncond + cfg_scale * (cond - uncond)
