@@ -171,6 +171,36 @@ def test_our_own_model_is_switched_to_fused():
     assert "a uvit_fast model" in str(report)
 
 
+@pytest.mark.parametrize(
+    "name, kw, shape",
+    [
+        ("vit_tiny_patch16_224", dict(img_size=16, patch_size=8, embed_dim=24, depth=1, num_heads=2), (1, 3, 16, 16)),
+        ("vivit_b_16x2_model2", dict(num_frames=4, img_size=16, patch_size=8, embed_dim=24, depth=1, num_heads=2,
+                                     temporal_depth=1, num_classes=3), (1, 3, 4, 16, 16)),
+        ("clip_vit_b32", dict(embed_dim=8, img_size=16, patch_size=8, vision_width=64, vision_layers=1,
+                              transformer_width=16, transformer_heads=2, transformer_layers=1, vocab_size=20,
+                              context_length=5), (1, 3, 16, 16)),
+    ],
+)
+def test_our_vit_family_models_are_switched_not_rebuilt(name, kw, shape):
+    """ViT, ViViT and CLIP of this package are recognised by class (not as timm ViTs, whose blocks
+    would be rebuilt, or not at all) and every module is switched to fused=True."""
+    m = uvit_fast.create_model(name, fused=False, **kw).eval()
+    _randomize(m, std=0.1)
+    args = (torch.randn(shape),) + ((torch.randint(1, 19, (1, 5)),) if name.startswith("clip") else ())
+    with torch.no_grad():
+        ref = m(*args)
+    modules = list(m.modules())
+    m, report = uvit_fast.optimize(m)
+    assert "a uvit_fast model; switched to fused=True" in str(report) and not report.replaced
+    assert list(m.modules()) == modules  # nothing rebuilt
+    assert all(mod.fused for mod in m.modules() if hasattr(mod, "fused"))
+    with torch.no_grad():
+        out = m(*args)
+    for a, b in zip(out if isinstance(out, tuple) else (out,), ref if isinstance(ref, tuple) else (ref,)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_gradient_checkpointing_and_training_mode():
     ref, args = _build("uvit_cond", use_checkpoint=True)
     ref = ref.double().train()

@@ -27,8 +27,14 @@ import torch
 import torch.nn as nn
 
 from uvit_fast import layers
+from uvit_fast.models.clip import CLIP
 from uvit_fast.models.dit import DiT, DiTBlock, FinalLayer
 from uvit_fast.models.uvit import Block, UViT, UViTT2I, _UViTBase
+from uvit_fast.models.vit import ViT
+from uvit_fast.models.vivit import ViViT
+
+# every model class of this package: optimize switches it to fused=True instead of rebuilding it
+_OWN_MODELS = (UViT, UViTT2I, DiT, ViT, ViViT, CLIP)
 
 
 @dataclass
@@ -184,7 +190,7 @@ def _fused_final_layer(fl: nn.Module) -> FinalLayer:
 # --------------------------------------------------------------------------- model kinds
 def _kind(m: nn.Module) -> Optional[str]:
     has = lambda *names: all(hasattr(m, n) for n in names)  # noqa: E731
-    if isinstance(m, (UViT, UViTT2I, DiT)):
+    if isinstance(m, _OWN_MODELS):
         return "uvit_fast"
     if has("in_blocks", "mid_block", "out_blocks", "patch_embed", "pos_embed", "decoder_pred", "norm", "extras"):
         return "uvit_t2i" if hasattr(m, "context_embed") else "uvit"
