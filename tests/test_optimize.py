@@ -149,6 +149,40 @@ def test_unsupported_parts_are_left_alone_with_a_reason():
     assert isinstance(model.norm, layers.LayerNorm)
 
 
+def test_modules_with_extra_parts_are_left_alone():
+    """A block or attention holding something the fused module would not run (a learned
+    attention bias, as BEiT's, or an added cross-attention) keeps its own forward."""
+
+    class BiasedAttention(up.Attention):
+        def __init__(self, dim, heads):
+            super().__init__(dim, heads, qkv_bias=True)
+            self.rel_bias = torch.nn.Parameter(torch.randn(dim))
+
+        def forward(self, x):
+            return super().forward(x) + self.rel_bias
+
+    class CrossBlock(up.DiTBlock):
+        def __init__(self, D, heads):
+            super().__init__(D, heads)
+            self.cross_attn = torch.nn.Linear(D, D)
+
+        def forward(self, x, c):
+            x = super().forward(x, c)
+            return x + self.cross_attn(x)
+
+    vit, vargs = _build("vit")
+    vit.blocks[0].attn = _randomize(BiasedAttention(24, 2), seed=3)
+    dit, dargs = _build("dit")
+    dit.blocks[1] = _randomize(CrossBlock(24, 3), seed=4)
+    for model, args, path, why in ((vit, vargs, "blocks.0", "attention BiasedAttention also has rel_bias"),
+                                   (dit, dargs, "blocks.1", "DiT block CrossBlock also has cross_attn")):
+        ref = copy.deepcopy(model)
+        model, report = uvit_fast.optimize(model)
+        assert why in dict(report.left_alone)[path], str(report)
+        with torch.no_grad():
+            torch.testing.assert_close(model(*args), ref(*args))
+
+
 def test_nested_model_and_unrecognised_tree():
     class Wrapper(torch.nn.Module):
         def __init__(self, net):

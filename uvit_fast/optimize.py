@@ -14,8 +14,8 @@ code is never imported), and swaps in the fused modules in place:
 
 Parameters are shared, never copied: ``state_dict`` keys, values and the optimizer's
 parameter objects stay valid. Anything whose semantics the fused modules do not cover
-(dropout with p > 0, LayerScale, DropPath, qk-norm, other norm layers) is left alone and
-named in the report. Applying ``optimize`` twice is a no-op.
+(dropout with p > 0, LayerScale, DropPath, qk-norm, other norm layers, any other sub-module,
+parameter or buffer in a block or attention) is left alone and named in the report. Applying ``optimize`` twice is a no-op.
 """
 from __future__ import annotations
 
@@ -76,6 +76,23 @@ def _no_dropout(m: nn.Module, *names: str) -> None:
             raise _Skip(f"{n} has dropout p={d.p}, which the fused path does not apply")
 
 
+# the children each recognised module may have; anything else (and any parameter or buffer of
+# its own, e.g. BEiT's q_bias / relative position table, a cross-attention added to a block)
+# would be dropped by the fused module, so such a module is left alone
+_ATTN_CHILDREN = ("qkv", "proj", "attn_drop", "proj_drop", "q_norm", "k_norm", "norm")
+_PRENORM_CHILDREN = ("norm1", "attn", "norm2", "mlp", "skip_linear", "ls1", "ls2", "drop_path", "drop_path1", "drop_path2")
+_DIT_CHILDREN = ("norm1", "attn", "norm2", "mlp", "adaLN_modulation")
+_FINAL_CHILDREN = ("norm_final", "linear", "adaLN_modulation")
+
+
+def _no_extras(m: nn.Module, what: str, allowed: Tuple[str, ...]) -> None:
+    extra = [n for n, _ in m.named_children() if n not in allowed]
+    extra += [n for n, p in m._parameters.items() if p is not None]
+    extra += [n for n, b in m._buffers.items() if b is not None]
+    if extra:
+        raise _Skip(f"{what} {type(m).__name__} also has {', '.join(extra)}, which the fused module would not compute")
+
+
 def _fused_norm(ln: nn.Module, what: str) -> layers.LayerNorm:
     if isinstance(ln, layers.LayerNorm):
         ln.fused = True
@@ -96,6 +113,7 @@ def _fused_attention(attn: nn.Module) -> layers.Attention:
     if isinstance(attn, layers.Attention):
         attn.fused = True
         return attn
+    _no_extras(attn, "attention", _ATTN_CHILDREN)
     qkv, proj, heads = getattr(attn, "qkv", None), getattr(attn, "proj", None), getattr(attn, "num_heads", None)
     if not (isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear) and isinstance(heads, int)):
         raise _Skip(f"attention {type(attn).__name__} has no packed qkv / proj Linear and num_heads")
@@ -142,6 +160,7 @@ def _fused_prenorm_block(blk: nn.Module) -> Block:
     """U-ViT block (optional skip_linear) or timm ViT block without LayerScale / DropPath."""
     if isinstance(blk, Block):
         return blk
+    _no_extras(blk, "block", _PRENORM_CHILDREN)
     for n in ("ls1", "ls2", "drop_path", "drop_path1", "drop_path2"):
         if not _is_identity(getattr(blk, n, None)):
             raise _Skip(f"block has {n} ({type(getattr(blk, n)).__name__})")
@@ -164,6 +183,7 @@ def _fused_prenorm_block(blk: nn.Module) -> Block:
 def _fused_dit_block(blk: nn.Module) -> DiTBlock:
     if isinstance(blk, DiTBlock):
         return blk
+    _no_extras(blk, "DiT block", _DIT_CHILDREN)
     attn = _fused_attention(blk.attn)
     norm1, norm2 = _fused_norm(blk.norm1, "norm1"), _fused_norm(blk.norm2, "norm2")
     _check_mlp(blk.mlp)
@@ -179,6 +199,7 @@ def _fused_dit_block(blk: nn.Module) -> DiTBlock:
 def _fused_final_layer(fl: nn.Module) -> FinalLayer:
     if isinstance(fl, FinalLayer):
         return fl
+    _no_extras(fl, "final layer", _FINAL_CHILDREN)
     norm = _fused_norm(fl.norm_final, "norm_final")
     with _on_meta():
         new = FinalLayer(fl.linear.in_features, 1, 1)
