@@ -53,6 +53,11 @@ def _worker(rank, world, init_file, out_dir, backend):
             torch.save({"loss": loss / world, "grads": grads}, os.path.join(out_dir, "ddp.pt"))
     finally:
         dist.destroy_process_group()
+    # Leave without running destructors. Freeing the DDP model frees gloo's process group, whose
+    # destructor joins its worker threads while holding the GIL; a worker thread still releasing
+    # the tensors of a finished collective waits for the GIL, so the process sometimes hung at
+    # exit (about 1 run in 4 here) and the test with it. The results are on disk already.
+    os._exit(0)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
