@@ -41,15 +41,21 @@ def main(argv=None):
     cond = null = None
     if len(x_in) == 3 and x_in[2].dtype == torch.long:  # class-conditional
         cond = x_in[2]
-        null = torch.full_like(cond, null_label(model))
+        try:
+            null = torch.full_like(cond, null_label(model))
+        except ValueError as exc:  # e.g. the 1000-class ImageNet-64 U-ViTs: trained without guidance
+            print(f"sampling without classifier-free guidance: {exc}")
     elif len(x_in) == 3:  # text-to-image: random "CLIP" context, zeros as the empty prompt
         cond, null = x_in[2], torch.zeros_like(x_in[2])
-    betas = sd_betas() if "uvit" in args.model else linear_betas()
+    # the latent U-ViTs (4 channels) were trained with latent diffusion's scaled-linear schedule;
+    # the pixel U-ViTs and DiT with the linear one
+    latent_uvit = hasattr(model, "in_blocks") and getattr(model, "in_chans", None) == 4
+    betas = sd_betas() if latent_uvit else linear_betas()
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     t0 = time.perf_counter()
     with torch.autocast(device.type, dtype=dtype, enabled=args.dtype != "fp32"):
         out = ddim_sample(model, noise, steps=args.steps, cond=cond, null_cond=null,
-                          cfg_scale=args.cfg if cond is not None else 1.0, betas=betas, progress=True)
+                          cfg_scale=args.cfg if null is not None else 1.0, betas=betas, progress=True)
     dt = time.perf_counter() - t0
     print(f"{args.model} on {device}: {args.batch} samples x {args.steps} steps in {dt:.2f} s; "
           f"output {tuple(out.shape)} mean {out.float().mean():.3f} std {out.float().std():.3f}")

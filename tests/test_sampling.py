@@ -40,17 +40,48 @@ def test_guidance_extrapolates_between_branches():
         ddim_sample(_oracle(x0, linear_betas()), noise, cfg_scale=2.0)
 
 
+def _meta(name, **kw):
+    with torch.device("meta"):
+        return uvit_fast.create_model(name, depth=1, **kw)
+
+
 def test_null_label():
-    assert null_label(uvit_fast.create_model("DiT-S/8", depth=1)) == 1000
-    assert null_label(uvit_fast.create_model("imagenet256_uvit_large", depth=1)) == 1000
+    assert null_label(_meta("DiT-S/8")) == 1000
+    assert null_label(_meta("imagenet256_uvit_large")) == 1000
     with pytest.raises(ValueError, match="not class-conditional"):
-        null_label(uvit_fast.create_model("cifar10_uvit_small", depth=1))
+        null_label(_meta("cifar10_uvit_small"))
+    # ImageNet-64 U-ViTs have the 1000 real classes only: 999 is not a null class
+    with pytest.raises(ValueError, match="this U-ViT has 1000 classes and no known null class"):
+        null_label(_meta("imagenet64_uvit_mid"))
+    with pytest.raises(ValueError, match=r"the DiT has no null class \(class_dropout_prob=0"):
+        null_label(_meta("DiT-S/8", class_dropout_prob=0.0))
 
 
-def test_sampling_example_runs_end_to_end():
+def _load_example():
     path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "sample_ddim.py"
     spec = importlib.util.spec_from_file_location("sample_ddim", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize(
+    "name, schedule, cfg, null",
+    [("imagenet64_uvit_mid", linear_betas, 1.0, None),  # pixel model, no null class: no guidance
+     ("imagenet256_uvit_large", sd_betas, 3.0, 1000),   # latent model, null class 1000
+     ("DiT-S/8", linear_betas, 3.0, 1000)],
+)
+def test_sampling_example_picks_schedule_and_guidance(name, schedule, cfg, null, monkeypatch):
+    mod = _load_example()
+    seen = {}
+    monkeypatch.setattr(mod, "ddim_sample", lambda model, noise, **kw: seen.update(kw) or noise)
+    mod.main(["--model", name, "--depth", "1", "--steps", "1", "--batch", "1", "--cfg", "3"])
+    torch.testing.assert_close(seen["betas"], schedule())
+    assert seen["cfg_scale"] == cfg
+    assert (seen["null_cond"] is None) if null is None else seen["null_cond"].tolist() == [null]
+
+
+def test_sampling_example_runs_end_to_end():
+    mod = _load_example()
     out = mod.main(["--model", "imagenet64_uvit_mid", "--depth", "2", "--steps", "2", "--batch", "1"])
     assert out.shape == (1, 3, 64, 64) and torch.isfinite(out).all()

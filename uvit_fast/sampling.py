@@ -25,12 +25,26 @@ def sd_betas(steps: int = 1000, start: float = 0.00085, end: float = 0.012) -> t
 
 def null_label(model: nn.Module) -> int:
     """The class index used for the unconditional branch of classifier-free guidance:
-    DiT's extra embedding row (``num_classes``), or U-ViT's last class (1000 of 1001)."""
+    DiT's extra embedding row (``num_classes``, present when it was built with label dropout),
+    or U-ViT's last class (1000 of 1001: its guided presets add one null class to ImageNet's
+    1000). Raises ValueError for a model with no known null class (e.g. the 1000-class
+    ImageNet-64 U-ViTs, trained without guidance): pass ``null_cond`` yourself there."""
     if hasattr(model, "y_embedder"):
-        return model.y_embedder.num_classes
+        emb = model.y_embedder
+        if emb.embedding_table.num_embeddings <= emb.num_classes:
+            raise ValueError(
+                f"null_label: the DiT has no null class (class_dropout_prob=0: its label table has "
+                f"{emb.embedding_table.num_embeddings} rows for {emb.num_classes} classes)"
+            )
+        return emb.num_classes
     n = getattr(model, "num_classes", -1)
     if n <= 0:
         raise ValueError("null_label: the model is not class-conditional")
+    if n != 1001:
+        raise ValueError(
+            f"null_label: this U-ViT has {n} classes and no known null class (U-ViT's guided presets "
+            f"have 1001, the last being the null class); pass null_cond yourself"
+        )
     return n - 1
 
 
