@@ -299,6 +299,25 @@ def test_bad_inputs_raise_clear_errors(cond_uvit):
         UViT(img_size=30, patch_size=4)
 
 
+def test_inputs_on_another_device_than_x_raise_clear_errors():
+    """Timesteps, labels or context left on the CPU next to x on an accelerator (here: meta)."""
+    with torch.device("meta"):
+        uvit = UViT(img_size=8, patch_size=2, embed_dim=16, depth=2, num_heads=2, num_classes=5)
+        dit = DiT(input_size=8, patch_size=2, hidden_size=16, depth=1, num_heads=2, num_classes=5)
+        t2i = UViTT2I(img_size=8, patch_size=2, embed_dim=16, depth=2, num_heads=2, clip_dim=12, num_clip_token=4)
+        x, t, y = torch.randn(2, 3, 8, 8), torch.ones(2), torch.zeros(2, dtype=torch.long)
+    with pytest.raises(ValueError, match="UViT: timesteps are on cpu but x is on meta"):
+        uvit(x, torch.ones(2), y)
+    with pytest.raises(ValueError, match="UViT: y is on cpu but x is on meta"):
+        uvit(x, t, torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="DiT: y is on cpu but x is on meta"):
+        dit(torch.randn(2, 4, 8, 8, device="meta"), t, torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="UViTT2I: context is on cpu but x is on meta"):
+        t2i(x, t, torch.randn(2, 4, 12))
+    with pytest.raises(TypeError, match=r"y must have an integer dtype \(int64 or int32\); got torch.uint8"):
+        uvit(x, t, torch.zeros(2, dtype=torch.uint8, device="meta"))
+
+
 def test_scalar_timestep_broadcasts(cond_uvit):
     x, y = torch.randn(2, 3, 8, 8), torch.tensor([0, 4])
     torch.testing.assert_close(cond_uvit(x, 5.0, y), cond_uvit(x, torch.tensor([5.0, 5.0]), y))

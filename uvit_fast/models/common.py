@@ -33,6 +33,8 @@ def check_timesteps(model: str, t, batch: int, device: torch.device) -> torch.Te
             t = torch.tensor(float(t), device=device)
         else:
             raise TypeError(f"{model}: timesteps must be a tensor of shape (B,) or a number; got {type(t).__name__}")
+    if t.device != device:
+        raise ValueError(f"{model}: timesteps are on {t.device} but x is on {device}; put them on one device")
     if t.dim() == 0 or (t.dim() == 1 and t.shape[0] == 1 and batch != 1):
         t = t.reshape(1).expand(batch)
     if t.dim() != 1 or t.shape[0] != batch:
@@ -40,16 +42,20 @@ def check_timesteps(model: str, t, batch: int, device: torch.device) -> torch.Te
     return t
 
 
-def check_labels(model: str, y: Optional[torch.Tensor], batch: int, num_classes: int) -> None:
-    """Integer labels ``(B,)`` in ``[0, num_classes)``. The range check reads the labels back
-    (one small sync on a GPU); it is skipped while torch.compile traces and on meta tensors
-    (FLOP counting)."""
+def check_labels(
+    model: str, y: Optional[torch.Tensor], batch: int, num_classes: int, device: Optional[torch.device] = None
+) -> None:
+    """Integer labels ``(B,)`` (int64 or int32, as ``nn.Embedding`` takes) in ``[0, num_classes)``,
+    on ``device`` (x's) when given. The range check reads the labels back (one small sync on a
+    GPU); it is skipped while torch.compile traces and on meta tensors (FLOP counting)."""
     if y is None:
         raise ValueError(f"{model}: this model is class-conditional (num_classes={num_classes}); y is required")
     if not isinstance(y, torch.Tensor):
         raise TypeError(f"{model}: y must be an integer tensor of shape ({batch},); got {type(y).__name__}")
-    if y.dtype.is_floating_point or y.dtype == torch.bool or y.is_complex():
-        raise TypeError(f"{model}: y must have an integer dtype; got {y.dtype}")
+    if y.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{model}: y must have an integer dtype (int64 or int32); got {y.dtype}")
+    if device is not None and y.device != device:
+        raise ValueError(f"{model}: y is on {y.device} but x is on {device}; put them on one device")
     if tuple(y.shape) != (batch,):
         raise ValueError(f"{model}: y must have shape ({batch},); got {tuple(y.shape)}")
     if not torch.compiler.is_compiling() and batch > 0 and y.device.type != "meta":

@@ -184,7 +184,7 @@ class DiT(nn.Module):
         check_image("DiT", x, self.in_channels, self.input_size, self.patch_size)
         B = x.shape[0]
         t = check_timesteps("DiT", t, B, x.device)
-        check_labels("DiT", y, B, self.y_embedder.embedding_table.num_embeddings)
+        check_labels("DiT", y, B, self.y_embedder.embedding_table.num_embeddings, x.device)
         x = self.x_embedder.embed(x, pos_embed=self.pos_embed)
         c = self.t_embedder(t) + self.y_embedder(y, self.training)
         for block in self.blocks:

@@ -205,7 +205,7 @@ class UViT(_UViTBase):
         timesteps = check_timesteps("UViT", timesteps, B, x.device)
         prefix = self._time_token(timesteps)
         if self.num_classes > 0:
-            check_labels("UViT", y, B, self.num_classes)
+            check_labels("UViT", y, B, self.num_classes, x.device)
             prefix = torch.cat([self.label_emb(y).unsqueeze(1), prefix], dim=1)
         elif y is not None:
             raise ValueError("UViT: y was given but the model is unconditional (num_classes <= 0)")
@@ -263,5 +263,7 @@ class UViTT2I(_UViTBase):
         if not isinstance(context, torch.Tensor) or tuple(context.shape) != want:
             got = tuple(context.shape) if isinstance(context, torch.Tensor) else type(context).__name__
             raise ValueError(f"UViTT2I: context must have shape {want} (B, num_clip_token, clip_dim); got {got}")
+        if context.device != x.device:
+            raise ValueError(f"UViTT2I: context is on {context.device} but x is on {x.device}; put them on one device")
         prefix = torch.cat([self._time_token(timesteps), self.context_embed(context)], dim=1)
         return self._run(x, prefix)
