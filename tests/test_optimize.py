@@ -198,6 +198,18 @@ def test_nested_model_and_unrecognised_tree():
     assert not empty.replaced and "nothing changed" in str(empty)
 
 
+def test_compiled_model_is_optimized_inside():
+    """torch.compile's wrapper forwards attribute look-ups to the model; the model it holds is
+    optimized, not the wrapper."""
+    inner, args = _build("dit")
+    ref = copy.deepcopy(inner)
+    compiled, report = uvit_fast.optimize(torch.compile(inner, backend="eager"))
+    assert report.kind == "dit" and not report.left_alone, str(report)
+    assert type(compiled).__name__ == "OptimizedModule" and type(compiled._orig_mod).__name__ == "FusedDiT"
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(*args), ref(*args))
+
+
 def test_our_own_model_is_switched_to_fused():
     m = uvit_fast.create_model("DiT-S/8", input_size=16, depth=1, fused=False)
     m, report = uvit_fast.optimize(m)

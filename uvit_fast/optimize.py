@@ -210,7 +210,10 @@ def _fused_final_layer(fl: nn.Module) -> FinalLayer:
 
 # --------------------------------------------------------------------------- model kinds
 def _kind(m: nn.Module) -> Optional[str]:
-    has = lambda *names: all(hasattr(m, n) for n in names)  # noqa: E731
+    # the module's own attributes only: a wrapper that forwards attribute look-ups (torch.compile's
+    # OptimizedModule) must not be taken for the model it holds (that one is found as `_orig_mod`)
+    own = lambda n: n in m._modules or n in m._parameters or n in m._buffers or n in vars(m)  # noqa: E731
+    has = lambda *names: all(own(n) for n in names)  # noqa: E731
     if isinstance(m, _OWN_MODELS):
         return "uvit_fast"
     if has("in_blocks", "mid_block", "out_blocks", "patch_embed", "pos_embed", "decoder_pred", "norm", "extras"):
