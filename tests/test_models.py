@@ -252,6 +252,23 @@ def test_load_upstream_checkpoint_roundtrip(tmp_path):
     assert load_upstream_checkpoint(create_model("DiT-S/8", input_size=16, depth=2), plain) is not None
 
 
+def test_load_dit_training_checkpoint(tmp_path):
+    """DiT's train.py saves {"model", "ema", "opt", "args": argparse.Namespace}; the EMA weights load."""
+    import argparse
+
+    src = create_model("DiT-S/8", input_size=16, depth=1)
+    randomize_(src)
+    opt = torch.optim.AdamW(src.parameters())
+    src(torch.randn(1, 4, 16, 16), torch.ones(1), torch.tensor([1])).sum().backward()
+    opt.step()
+    path = tmp_path / "0000100.pt"
+    torch.save({"model": src.state_dict(), "ema": src.state_dict(), "opt": opt.state_dict(),
+                "args": argparse.Namespace(model="DiT-S/8", image_size=128, lr=None)}, path)
+    loaded = load_upstream_checkpoint("DiT-S/8", path, input_size=16, depth=1)
+    for k, v in src.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[k], v)
+
+
 def test_load_upstream_checkpoint_reports_mismatch(tmp_path):
     sd = create_model("DiT-S/8", input_size=16, depth=2).state_dict()
     sd.pop("pos_embed")

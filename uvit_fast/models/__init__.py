@@ -6,6 +6,7 @@ lists them. ``load_upstream_checkpoint`` loads a checkpoint file written by the 
 """
 from __future__ import annotations
 
+import argparse
 import os
 from typing import Any, Callable, Dict, List, Mapping, Optional, Union
 
@@ -115,15 +116,20 @@ def load_upstream_checkpoint(
     Args:
         model_or_name: a model, or a preset name for :func:`create_model` (with ``overrides``).
         path: a ``.pth`` / ``.pt`` file (or an already loaded state_dict). Plain state_dicts
-            load as they are; training checkpoints with ``ema`` / ``model`` entries use ``ema``
-            unless ``key`` says otherwise; ``module.`` (DDP) and ``_orig_mod.`` (compile)
+            load as they are; training checkpoints with ``ema`` / ``model`` entries (DiT's, with
+            its ``opt`` and ``args`` entries, too) use ``ema`` unless ``key`` says otherwise; ``module.`` (DDP) and ``_orig_mod.`` (compile)
             prefixes are removed.
 
     Raises:
         ValueError listing every missing key, unexpected key and shape mismatch.
     """
     model = create_model(model_or_name, **overrides) if isinstance(model_or_name, str) else model_or_name
-    obj = torch.load(path, map_location=map_location, weights_only=True) if not isinstance(path, Mapping) else path
+    if isinstance(path, Mapping):
+        obj = path
+    else:
+        # DiT's train.py also saves its argparse.Namespace ("args"): allow just that class
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location=map_location, weights_only=True)
     sd = _unwrap_state_dict(obj, key)
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
