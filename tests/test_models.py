@@ -224,6 +224,8 @@ def test_dit_label_dropout_only_in_training():
     null = torch.tensor([3, 3])
     model.train()
     torch.testing.assert_close(model(x, t, y), model.eval()(x, t, null))
+    # in eval the labels are kept (the assertion above alone would pass if eval dropped them too)
+    assert not torch.allclose(model(x, t, y), model(x, t, null))
 
 
 def test_gradient_checkpointing_matches():
