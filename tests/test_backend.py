@@ -86,3 +86,16 @@ def test_fused_model_runs_on_the_torch_backend_under_use_backend():
     m_ref.load_state_dict(m.state_dict())
     assert a.abs().max() > 0
     torch.testing.assert_close(a, m_ref(x, t, y))
+
+
+def test_use_backend_is_seen_by_other_threads(monkeypatch):
+    """Autograd runs backward (and checkpoint recomputation) on its own threads."""
+    import threading
+
+    monkeypatch.delenv("UVIT_FAST_BACKEND", raising=False)
+    seen = []
+    with uvit_fast.use_backend("torch"):
+        th = threading.Thread(target=lambda: seen.append(get_backend()))
+        th.start()
+        th.join()
+    assert seen == ["torch"] and get_backend() == "auto"

@@ -17,14 +17,17 @@ import functools
 import importlib
 import os
 import threading
-from typing import Iterator, Optional
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 
 BACKENDS = ("auto", "torch", "triton")
 ENV_VAR = "UVIT_FAST_BACKEND"
 
-_state = threading.local()
+# process-wide, not per thread: autograd runs backward (and checkpoint recomputation) on its own
+# threads, which must see the same choice as the forward
+_overrides: List[Tuple[object, str]] = []
+_lock = threading.Lock()
 
 
 class BackendError(ValueError):
@@ -44,28 +47,29 @@ def _env_default() -> str:
 
 def get_backend() -> str:
     """The process-wide default that ``backend="auto"`` resolves through."""
-    stack = getattr(_state, "stack", None)
-    if stack:
-        return stack[-1]
+    with _lock:
+        if _overrides:
+            return _overrides[-1][1]
     return _env_default()
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Run every op with ``backend="auto"`` on ``name`` inside the block.
+    """Run every op with ``backend="auto"`` on ``name`` while the block runs (process-wide:
+    every thread, autograd's backward threads included, sees it; the innermost block wins).
 
     >>> with uvit_fast.use_backend("triton"):   # e.g. under TRITON_INTERPRET=1 on CPU
     ...     out = model(x, t, y)
     """
     _check_name(name)
-    stack = getattr(_state, "stack", None)
-    if stack is None:
-        stack = _state.stack = []
-    stack.append(name)
+    token = object()
+    with _lock:
+        _overrides.append((token, name))
     try:
         yield
     finally:
-        stack.pop()
+        with _lock:
+            _overrides[:] = [entry for entry in _overrides if entry[0] is not token]
 
 
 def interpreter_enabled() -> bool:
