@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from ._utils import empty
+from ._precision import tf32_matmul_allowed
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip() == "1"
 
@@ -295,18 +296,9 @@ def _skip_concat_linear_bwd_weight_kernel(
 # --------------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------------
-def _tf32_matmul_allowed() -> bool:
-    """Whether PyTorch lets fp32 matmuls use TF32. torch >= 2.9 has ``fp32_precision`` (the legacy
-    setters update it too); reading the legacy ``allow_tf32`` after the new API set TF32 raises."""
-    precision = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
-    if precision in ("tf32", "ieee"):
-        return precision == "tf32"
-    return bool(torch.backends.cuda.matmul.allow_tf32)
-
-
 def _input_precision(dtype: torch.dtype) -> str:
     """``"ieee"`` for fp32 unless PyTorch allows TF32 matmuls (then ``"tf32"``, as cuBLAS would)."""
-    if dtype == torch.float32 and not _INTERPRET and _tf32_matmul_allowed():
+    if dtype == torch.float32 and not _INTERPRET and tf32_matmul_allowed():
         return "tf32"
     return "ieee"
 

@@ -26,3 +26,13 @@ def device():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def restore_fp32_precision():
+    """Puts ``torch.backends.cuda.matmul.fp32_precision`` back after a test that changes it."""
+    m = torch.backends.cuda.matmul
+    old = getattr(m, "fp32_precision", None)
+    yield
+    if old is not None:
+        m.fp32_precision = old

@@ -560,16 +560,7 @@ def test_fp32_head_dim_256_autotuned(device):
     _check_parity(q, k, v, causal=True)
 
 
-@pytest.fixture
-def _restore_fp32_precision():
-    m = torch.backends.cuda.matmul
-    old = getattr(m, "fp32_precision", None)
-    yield
-    if old is not None:
-        m.fp32_precision = old
-
-
-def test_tf32_choice_follows_the_new_precision_api(_restore_fp32_precision):
+def test_tf32_choice_follows_the_new_precision_api(restore_fp32_precision):
     """torch >= 2.9 sets TF32 with ``torch.backends.cuda.matmul.fp32_precision``; reading the legacy
     ``allow_tf32`` after that raises a RuntimeError, so the op must read the new setting."""
     from types import SimpleNamespace

@@ -280,16 +280,7 @@ def test_kernels_compile_for_sm90():
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
 
 
-@pytest.fixture
-def _restore_fp32_precision():
-    m = torch.backends.cuda.matmul
-    old = getattr(m, "fp32_precision", None)
-    yield
-    if old is not None:
-        m.fp32_precision = old
-
-
-def test_tf32_choice_follows_the_new_precision_api(monkeypatch, _restore_fp32_precision):
+def test_tf32_choice_follows_the_new_precision_api(monkeypatch, restore_fp32_precision):
     """torch >= 2.9 sets TF32 with ``torch.backends.cuda.matmul.fp32_precision``; reading the legacy
     ``allow_tf32`` after that raises a RuntimeError, so the kernel must read the new setting."""
     from uvit_fast.kernels import skip_concat_linear as k

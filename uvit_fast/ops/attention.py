@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from uvit_fast._backend import BackendError, check_triton_device, get_backend
+from uvit_fast.kernels._precision import tf32_matmul_allowed
 from uvit_fast.ops._autocast import autocast_cast, autocast_dtype
 from uvit_fast.ops._checks import check_same_device, check_tensor
 
@@ -170,18 +171,9 @@ def _select(backend: str, q: torch.Tensor) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _tf32_matmul_allowed() -> bool:
-    """Whether PyTorch lets fp32 matmuls use TF32. torch >= 2.9 has ``fp32_precision`` (the legacy
-    setters update it too); reading the legacy ``allow_tf32`` after the new API set TF32 raises."""
-    precision = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
-    if precision in ("tf32", "ieee"):
-        return precision == "tf32"
-    return bool(torch.backends.cuda.matmul.allow_tf32)
-
-
 def _fp32_precision(t: torch.Tensor) -> str:
     """fp32 inputs: exact fp32 dots ("ieee") unless TF32 matmuls are allowed in torch."""
-    if t.is_cuda and _tf32_matmul_allowed():
+    if t.is_cuda and tf32_matmul_allowed():
         return "tf32"
     return "ieee"
 
