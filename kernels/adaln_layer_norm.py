@@ -261,6 +261,9 @@ def _dummy(device: torch.device) -> torch.Tensor:
 def _forward(x, branch, gate, shift, scale, weight, bias, eps, scale_offset, out_dtype, xn_dtype):
     D = x.shape[-1]
     device = x.device
+    # the kernels read weight and bias (D,) at unit stride: copy a strided view (D elements)
+    weight = weight.contiguous() if weight is not None else None
+    bias = bias.contiguous() if bias is not None else None
     x3 = _as_rows3(x)
     B, L = x3.shape[0], x3.shape[1]
     N = B * L
@@ -377,6 +380,9 @@ def adaln_layer_norm_backward(
     """
     D = x_new.shape[-1]
     device = x_new.device
+    # the kernels read weight and bias (D,) at unit stride: copy a strided view (D elements)
+    weight = weight.contiguous() if weight is not None else None
+    bias = bias.contiguous() if bias is not None else None
     xn3 = _as_rows3(x_new)
     B, L = xn3.shape[0], xn3.shape[1]
     N = B * L
