@@ -93,12 +93,42 @@ def _no_extras(m: nn.Module, what: str, allowed: Tuple[str, ...]) -> None:
         raise _Skip(f"{what} {type(m).__name__} also has {', '.join(extra)}, which the fused module would not compute")
 
 
+# LayerNorm classes whose ``forward`` is exactly ``F.layer_norm(x, normalized_shape, weight, bias,
+# eps)``, named by the module and qualified name of the class that defines ``forward`` (upstream code
+# is never imported). timm's ``LayerNorm`` (the ViT norm since timm 1.0.16) is one unless timm's
+# fast-norm mode was on when it was built (``_fast_norm``: it then runs in the autocast dtype).
+# Look-alikes that compute something else are refused: timm's ``LayerNormFp32`` (upcasts, returns the
+# input dtype), ``LayerNorm2d`` (normalises NCHW channels), open_clip's LayerNorm (casts back), any
+# subclass that overrides ``forward``, and norms that are not ``nn.LayerNorm`` at all (RmsNorm).
+_PLAIN_LAYER_NORMS = frozenset({
+    "torch.nn.modules.normalization.LayerNorm",
+    "timm.layers.norm.LayerNorm",
+})
+
+
+def _forward_owner(cls: type) -> str:
+    owner = next(c for c in cls.__mro__ if "forward" in vars(c))
+    return f"{owner.__module__}.{owner.__qualname__}"
+
+
+def _check_layer_norm(ln: nn.Module, what: str) -> None:
+    """Raise :class:`_Skip` unless ``ln`` computes exactly ``F.layer_norm`` over its last dim."""
+    if not isinstance(ln, nn.LayerNorm):
+        raise _Skip(f"{what} is {type(ln).__name__}, not a LayerNorm")
+    owner = _forward_owner(type(ln))
+    if owner not in _PLAIN_LAYER_NORMS:
+        raise _Skip(f"{what} is {type(ln).__name__}, whose forward ({owner}) is not known to be plain F.layer_norm")
+    if getattr(ln, "_fast_norm", False):
+        raise _Skip(f"{what} is {type(ln).__name__} built in timm's fast-norm mode (computed in the autocast dtype)")
+    if len(ln.normalized_shape) != 1:
+        raise _Skip(f"{what} normalizes over the last {len(ln.normalized_shape)} dims, not the last one")
+
+
 def _fused_norm(ln: nn.Module, what: str) -> layers.LayerNorm:
     if isinstance(ln, layers.LayerNorm):
         ln.fused = True
         return ln
-    if type(ln) is not nn.LayerNorm or len(ln.normalized_shape) != 1:
-        raise _Skip(f"{what} is {type(ln).__name__}, not a 1-D nn.LayerNorm")
+    _check_layer_norm(ln, what)
     with _on_meta():
         new = layers.LayerNorm(
             ln.normalized_shape[0], eps=ln.eps, elementwise_affine=ln.elementwise_affine,
@@ -109,10 +139,8 @@ def _fused_norm(ln: nn.Module, what: str) -> layers.LayerNorm:
     return new
 
 
-def _fused_attention(attn: nn.Module) -> layers.Attention:
-    if isinstance(attn, layers.Attention):
-        attn.fused = True
-        return attn
+def _check_attention(attn: nn.Module) -> Tuple[int, int]:
+    """Raise :class:`_Skip` unless ``attn`` is plain packed-qkv self-attention; returns ``(dim, heads)``."""
     _no_extras(attn, "attention", _ATTN_CHILDREN)
     qkv, proj, heads = getattr(attn, "qkv", None), getattr(attn, "proj", None), getattr(attn, "num_heads", None)
     if not (isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear) and isinstance(heads, int)):
@@ -120,10 +148,21 @@ def _fused_attention(attn: nn.Module) -> layers.Attention:
     D = qkv.in_features
     if qkv.out_features != 3 * D or proj.in_features != D or D % heads:
         raise _Skip(f"attention shapes qkv {tuple(qkv.weight.shape)} / proj {tuple(proj.weight.shape)} are not packed q, k, v")
+    if getattr(attn, "head_dim", D // heads) != D // heads:
+        raise _Skip(f"attention head_dim {attn.head_dim} is not dim / num_heads = {D // heads}")
     _no_dropout(attn, "attn_drop", "proj_drop")
     for n in ("q_norm", "k_norm", "norm"):
         if not _is_identity(getattr(attn, n, None)):
             raise _Skip(f"attention has {n} ({type(getattr(attn, n)).__name__}), which the fused path does not apply")
+    return D, heads
+
+
+def _fused_attention(attn: nn.Module) -> layers.Attention:
+    if isinstance(attn, layers.Attention):
+        attn.fused = True
+        return attn
+    D, heads = _check_attention(attn)
+    qkv, proj = attn.qkv, attn.proj
     with _on_meta():
         new = layers.Attention(D, heads, qkv_bias=qkv.bias is not None, qk_scale=getattr(attn, "scale", None), fused=True)
     new.qkv, new.proj = qkv, proj
@@ -300,13 +339,166 @@ def _optimize_dit(m: nn.Module, path: str, report: OptimizeReport) -> None:
     report.replaced.append((path, "forward -> fused patch embedding + position embedding, fused decoder + unpatchify"))
 
 
+# --------------------------------------------------------------------------- timm ViT, fused in place
+# A timm ViT keeps its own forward, forward_features, forward_intermediates and every other method,
+# so its modules are not rebuilt: each one's class becomes a subclass of (one of the classes below,
+# its own class). It stays the same object (hooks, attributes such as ``grid_size`` and methods
+# such as ``dynamic_feat_size`` stay) and ``isinstance`` checks against its own class still hold.
+# Calls the fused path does not cover (an attention mask, a causal mask, an input size or output
+# format the kernel does not write) run the module's own forward.
+def _given(**kwargs):
+    """Only the keyword arguments that differ from their defaults (None / False): an older timm
+    whose forward has no such parameter is called exactly as before when they are not used."""
+    return {k: v for k, v in kwargs.items() if v is not None and v is not False}
+
+
+class _TimmAttention(layers.Attention):
+    """timm ``Attention``: fused when called without a mask; otherwise timm's own forward."""
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
+        if attn_mask is None and not is_causal:
+            return layers.Attention.forward(self, x)
+        return super(layers.Attention, self).forward(x, **_given(attn_mask=attn_mask, is_causal=is_causal))
+
+
+class _TimmBlock(nn.Module):
+    """timm pre-norm ``Block``: the residual add fused with ``norm2`` when called without a mask;
+    otherwise timm's own forward (on the fused attention and norms, which then run timm's code)."""
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
+        if attn_mask is None and not is_causal and self.fused:
+            x, h = self.norm2.residual(x, self.attn(self.norm1(x)))
+            return x + self.mlp(h)
+        return super().forward(x, **_given(attn_mask=attn_mask, is_causal=is_causal))
+
+
+def _output_fmt(pe: nn.Module) -> str:
+    fmt = getattr(pe, "output_fmt", "NCHW")
+    return str(getattr(fmt, "value", fmt))  # timm's Format is a str Enum
+
+
+class _TimmPatchEmbed(layers.PatchEmbed):
+    """timm ``PatchEmbed``: the fused patch embedding for inputs it writes exactly (patch-divisible
+    size, the model's size when ``strict_img_size``; NLC or NHWC output); otherwise timm's forward,
+    which also raises timm's own errors for a wrong input size."""
+
+    def _fusable(self, x: torch.Tensor) -> bool:
+        if not self.fused or x.dim() != 4:
+            return False
+        H, W = x.shape[-2:]
+        if H % self.patch_size[0] or W % self.patch_size[1]:
+            return False
+        img_size = getattr(self, "img_size", None)
+        if img_size is not None and getattr(self, "strict_img_size", True) and tuple(img_size) != (H, W):
+            return False
+        return getattr(self, "flatten", True) is True or _output_fmt(self) in ("NLC", "NHWC")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._fusable(x):
+            return super(layers.PatchEmbed, self).forward(x)
+        out = layers.PatchEmbed.embed(self, x)  # (B, L, D), rows in (h, w) order
+        if getattr(self, "flatten", True) is True or _output_fmt(self) == "NLC":
+            return out
+        B, _, H, W = x.shape
+        return out.view(B, H // self.patch_size[0], W // self.patch_size[1], out.shape[-1])  # NHWC
+
+
+_MIXED_CLASSES: Dict[Tuple[type, type], type] = {}
+
+
+def _swap_class(m: nn.Module, mixin: type, **attrs) -> bool:
+    """Make ``m`` an instance of ``Fused<its class>(mixin, its class)``; False if it already is."""
+    if isinstance(m, mixin):
+        return False
+    key = (type(m), mixin)
+    if key not in _MIXED_CLASSES:
+        _MIXED_CLASSES[key] = type(f"Fused{type(m).__name__}", (mixin, type(m)), {"__module__": __name__})
+    m.__class__ = _MIXED_CLASSES[key]
+    for k, v in attrs.items():
+        if k == "fused" or k not in vars(m):
+            setattr(m, k, v)
+    return True
+
+
+def _fuse_timm_norm(ln: nn.Module, what: str) -> bool:
+    if isinstance(ln, layers.LayerNorm):
+        ln.fused = True
+        return False
+    _check_layer_norm(ln, what)
+    return _swap_class(ln, layers.LayerNorm, fused=True)
+
+
+def _fuse_timm_attention(attn: nn.Module) -> bool:
+    if isinstance(attn, layers.Attention):
+        attn.fused = True
+        return False
+    D, heads = _check_attention(attn)
+    return _swap_class(attn, _TimmAttention, fused=True, head_dim=D // heads, scale=(D // heads) ** -0.5,
+                       upcast=False, causal=False)
+
+
+# timm blocks with the pre-norm block's children but other math
+_OTHER_BLOCKS = {"ResPostBlock": "a post-norm block (norm after attention and MLP)"}
+_TIMM_BLOCK_CHILDREN = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2", "drop_path")
+
+
+def _fuse_timm_block(blk: nn.Module) -> bool:
+    if isinstance(blk, (_TimmBlock, Block)):
+        return False
+    if type(blk).__name__ in _OTHER_BLOCKS:
+        raise _Skip(f"block {type(blk).__name__} is {_OTHER_BLOCKS[type(blk).__name__]}")
+    _no_extras(blk, "block", _TIMM_BLOCK_CHILDREN)
+    for n in ("ls1", "ls2", "drop_path", "drop_path1", "drop_path2"):
+        if not _is_identity(getattr(blk, n, None)):
+            raise _Skip(f"block has {n} ({type(getattr(blk, n)).__name__})")
+    _check_attention(blk.attn)
+    _check_layer_norm(blk.norm1, "norm1")
+    _check_layer_norm(blk.norm2, "norm2")
+    _check_mlp(blk.mlp)
+    _fuse_timm_attention(blk.attn)
+    _fuse_timm_norm(blk.norm1, "norm1")
+    _fuse_timm_norm(blk.norm2, "norm2")
+    return _swap_class(blk, _TimmBlock, fused=True)
+
+
+def _fuse_timm_patch_embed(pe: nn.Module) -> bool:
+    if isinstance(pe, layers.PatchEmbed):
+        pe.fused = True
+        return False
+    proj = getattr(pe, "proj", None)
+    if not isinstance(proj, nn.Conv2d) or proj.kernel_size != proj.stride or any(proj.padding):
+        raise _Skip("patch embedding has no patch-sized, unpadded Conv2d `proj`")
+    if proj.groups != 1 or proj.dilation != (1, 1):
+        raise _Skip("patch embedding conv is grouped or dilated")
+    if not _is_identity(getattr(pe, "norm", None)):
+        raise _Skip(f"patch embedding applies a norm ({type(pe.norm).__name__})")
+    if type(pe).__name__ == "PatchEmbedWithSize":
+        raise _Skip("PatchEmbedWithSize returns (tokens, feature size)")
+    return _swap_class(pe, _TimmPatchEmbed, fused=True, patch_size=tuple(proj.kernel_size))
+
+
+def _fuse_in_place(m: nn.Module, fn, path: str, what: str, report: OptimizeReport) -> bool:
+    try:
+        changed = fn(m)
+    except (_Skip, AttributeError) as exc:
+        report.left_alone.append((path, str(exc) if isinstance(exc, _Skip) else f"unexpected structure: {exc}"))
+        return False
+    if changed:
+        report.replaced.append((path, what))
+    return True
+
+
 def _optimize_vit(m: nn.Module, path: str, report: OptimizeReport) -> None:
     p = f"{path}." if path else ""
-    _replace_list(m.blocks, _fused_prenorm_block, f"{p}blocks", "block -> fused LayerNorm/residual, attention", report)
-    _replace(m, "norm", lambda n: _fused_norm(n, "norm"), f"{p}norm", "LayerNorm -> fused LayerNorm", report)
-    _replace(m, "patch_embed", _fused_patch_embed, f"{p}patch_embed", "patch embedding -> fused", report)
+    for i, blk in enumerate(m.blocks):
+        _fuse_in_place(blk, _fuse_timm_block, f"{p}blocks.{i}",
+                       "block -> fused LayerNorm/residual, attention (fused in place)", report)
+    if not _is_identity(m.norm):
+        _fuse_in_place(m.norm, lambda n: _fuse_timm_norm(n, "norm"), f"{p}norm", "LayerNorm -> fused LayerNorm (in place)", report)
+    _fuse_in_place(m.patch_embed, _fuse_timm_patch_embed, f"{p}patch_embed", "patch embedding -> fused (in place)", report)
     m._uvit_fast_optimized = True
-    report.notes.append("timm ViT keeps its own forward (class token concat and position embedding stay in PyTorch)")
+    report.notes.append("timm ViT keeps its own forward and methods (class token concat and position embedding stay "
+                        "in PyTorch); calls with attn_mask or is_causal run timm's own block and attention code")
 
 
 def optimize(model: nn.Module) -> Tuple[nn.Module, OptimizeReport]:
@@ -317,6 +509,11 @@ def optimize(model: nn.Module) -> Tuple[nn.Module, OptimizeReport]:
     (e.g. a wrapper holding the network as ``.model``).
     """
     report = OptimizeReport()
+    if any(c.__name__ == "ModelMixin" and c.__module__.startswith("diffusers.") for c in type(model).__mro__):
+        from uvit_fast.optimize_diffusers import optimize_diffusers  # imports diffusers, only here
+
+        optimize_diffusers(model, report)
+        return model, report
     found = []
     for path, m in model.named_modules():
         if any(path.startswith(f"{done}.") or done == "" for done, _ in found):
