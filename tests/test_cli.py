@@ -28,3 +28,56 @@ def test_module_entry_and_help(capsys):
     assert "profile" in capsys.readouterr().out
     out = subprocess.run([sys.executable, "-m", "uvit_fast.cli", "info"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "attention_backends" in out.stdout
+
+
+_HELP_PROBE = """
+import sys
+from uvit_fast.cli import SUBCOMMANDS, main
+names = sys.argv[1:] or [None, *SUBCOMMANDS]
+for name in names:
+    try:
+        main(['--help'] if name is None else [name, '--help'])
+    except SystemExit as exc:
+        assert exc.code == 0, (name, exc.code)
+heavy = sorted(m for m in ('torch', 'triton', 'numpy') if m in sys.modules)
+print('IMPORTED', heavy, len(names))
+"""
+
+
+def test_every_help_answers_without_importing_torch():
+    """``--help`` of the top level and of every registered subcommand builds the parser from
+    torch-free code (uvit_fast.cli_args), so it answers at once."""
+    from uvit_fast.cli_args import SUBCOMMANDS
+
+    out = subprocess.run([sys.executable, "-c", _HELP_PROBE], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert f"IMPORTED [] {len(SUBCOMMANDS) + 1}" in out.stdout, out.stdout[-2000:]
+    for name in SUBCOMMANDS:
+        assert name in out.stdout  # listed by the top-level help
+
+
+def test_version_flag(capsys):
+    import uvit_fast
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"uvit-fast {uvit_fast.__version__}"
+    out = subprocess.run([sys.executable, "-m", "uvit_fast.cli", "--version"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and uvit_fast.__version__ in out.stdout
+
+
+def test_lazy_package_exports_keep_optimize_a_function():
+    """``import uvit_fast`` is lazy; importing the submodule ``uvit_fast.optimize`` must not
+    replace the function ``uvit_fast.optimize`` (Python binds submodules to their package)."""
+    probe = (
+        "import sys, uvit_fast\n"
+        "assert 'torch' not in sys.modules\n"
+        "import uvit_fast.optimize\n"
+        "assert callable(uvit_fast.optimize) and uvit_fast.optimize.__name__ == 'optimize', uvit_fast.optimize\n"
+        "from uvit_fast import create_model, text_to_image_context, ops, OptimizeReport\n"
+        "assert set(uvit_fast.__all__) <= set(dir(uvit_fast))\n"
+        "print('OK')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-2000:]

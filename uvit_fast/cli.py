@@ -1,18 +1,21 @@
-"""The ``uvit-fast`` command line: ``info``, plus the subcommands other modules register."""
+"""The ``uvit-fast`` command line: ``info`` and ``models`` here, ``profile`` and ``bench`` in their modules.
+
+The parser comes from :mod:`uvit_fast.cli_args`, which imports no torch, so every ``--help``
+answers at once; this module imports torch (and the module that runs a subcommand) only when
+a subcommand runs.
+"""
 from __future__ import annotations
 
 import argparse
 import importlib
 import platform
 import sys
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
-# name -> (module, help); each module has ``add_arguments(parser)`` and ``run(args) -> int``
-SUBCOMMANDS: Dict[str, tuple] = {
-    "info": ("uvit_fast.cli", "versions, devices and available attention backends"),
-    "profile": ("uvit_fast.profiler", "parameters and GFLOPs against token count, optionally timed"),
-    "bench": ("uvit_fast.bench.runner", "benchmark every op and model against eager, compile and SDPA"),
-}
+from uvit_fast import __version__
+from uvit_fast.cli_args import SUBCOMMANDS
+
+__all__ = ["SUBCOMMANDS", "build_parser", "info", "main", "model_rows", "run_info", "run_models"]
 
 
 def _version(module: str) -> Optional[str]:
@@ -51,11 +54,7 @@ def info() -> Dict[str, object]:
     return out
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-
-
-def run(args: argparse.Namespace) -> int:
+def run_info(args: argparse.Namespace) -> int:
     data = info()
     if args.json:
         import json
@@ -68,21 +67,64 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def model_rows(name_filter: Optional[str] = None) -> List[Dict[str, Any]]:
+    """One row per ``create_model`` name matching ``name_filter`` (see :func:`uvit_fast.models.filter_models`):
+    class, tokens, parameters and forward GFLOPs of one sample, counted by the profiler on the meta device."""
+    from uvit_fast.models import filter_models
+    from uvit_fast.profiler import count_flops
+
+    rows = []
+    for name in filter_models(name_filter):
+        r = count_flops(name)
+        rows.append({k: r[k] for k in ("model", "arch", "img_size", "patch_size", "tokens", "params", "gmacs", "gflops")})
+    return rows
+
+
+def run_models(args: argparse.Namespace) -> int:
+    from uvit_fast.models import suggest_models
+
+    rows = model_rows(args.filter)
+    if not rows:
+        hint = suggest_models(args.filter)
+        print(f"uvit-fast models: no model name matches {args.filter!r}"
+              + (f"; did you mean {', '.join(hint)}?" if hint else "; run 'uvit-fast models' for all names"),
+              file=sys.stderr)
+        return 2
+    if args.json:
+        import json
+
+        for row in rows:
+            print(json.dumps(row))
+        return 0
+    header = ("model", "class", "tokens", "params", "GFLOPs", "GMACs")
+    table = [header] + [
+        (r["model"], r["arch"], str(r["tokens"]), f"{r['params'] / 1e6:.1f}M", f"{r['gflops']:.2f}", f"{r['gmacs']:.2f}")
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for i, row in enumerate(table):
+        print("  ".join(c.ljust(w) if j < 2 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths))).rstrip())
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+    print("\nGFLOPs: forward, one sample, counted on the meta device (= 2 x GMACs; the papers' "
+          "'GFLOPs' are GMACs); tokens include U-ViT's extra tokens.")
+    return 0
+
+
+# the old name of the ``info`` runner
+run = run_info
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="uvit-fast", description="Fused Triton kernels for U-ViT / DiT / ViT.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module, help_) in SUBCOMMANDS.items():
-        p = sub.add_parser(name, help=help_, description=help_)
-        p.set_defaults(_module=module)
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-            p.set_defaults(_missing=True)
-            continue
-        mod.add_arguments(p)
-    return parser
+    """The whole ``uvit-fast`` parser (imports no torch: see :mod:`uvit_fast.cli_args`)."""
+    from uvit_fast.cli_args import build_parser as _build
+
+    return _build(__version__)
+
+
+def _run_function(target: str) -> Callable[[argparse.Namespace], int]:
+    module, _, function = target.partition(":")
+    return getattr(importlib.import_module(module), function or "run")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -91,11 +133,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    if getattr(args, "_missing", False):
-        print(f"uvit-fast {args.command}: not available in this build", file=sys.stderr)
-        return 2
-    run_fn: Callable[[argparse.Namespace], int] = importlib.import_module(args._module).run
-    return int(run_fn(args) or 0)
+    return int(_run_function(args._run)(args) or 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -33,6 +33,9 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
+# the command-line arguments are defined in the torch-free uvit_fast.cli_args (so --help is instant)
+from uvit_fast.cli_args import PROFILE_CPU_MAX_GFLOPS
+from uvit_fast.cli_args import add_profile_arguments as add_arguments  # noqa: F401
 from uvit_fast.models import create_model, list_models, model_config
 
 # Default run: every preset at its own size, plus patch-size sweeps of U-ViT-H.
@@ -42,7 +45,7 @@ DEFAULT_SWEEPS: Dict[str, Tuple[int, ...]] = {
 }
 # On a CPU, --batch times only rows whose forward over the whole batch is at most this many
 # GFLOPs (a few seconds on a laptop-class CPU); --force times the others too.
-CPU_MAX_GFLOPS = 20.0
+CPU_MAX_GFLOPS = PROFILE_CPU_MAX_GFLOPS
 
 _ATTENTION_OPS = ("bmm", "baddbmm")  # SDPA on meta / the math backend; named attention ops too
 
@@ -337,47 +340,7 @@ def save_plot(rows: Sequence[Dict[str, Any]], path: str) -> None:
     make_figure(rows).savefig(path, dpi=120)
 
 
-def _parse_patch_sizes(text: str) -> List[int]:
-    try:
-        sizes = [int(s) for s in text.replace(" ", "").split(",") if s]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--patch-sizes must be comma-separated integers like 1,2,4; got {text!r}")
-    if not sizes or any(p <= 0 for p in sizes):
-        raise argparse.ArgumentTypeError(f"--patch-sizes must be positive integers; got {text!r}")
-    return sizes
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        v = 0
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer; got {text!r}")
-    return v
-
-
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", action="append", metavar="NAME", help=(
-        "a create_model name (repeat, or comma-separate, for several); default: every U-ViT and DiT preset "
-        "at its own size plus patch-size sweeps of U-ViT-H"))
-    parser.add_argument("--img-size", type=_positive_int, metavar="N", help=(
-        "image size the model is built for (U-ViT img_size / DiT input_size; for latent models the latent "
-        "size, e.g. 32 for 256 px)"))
-    parser.add_argument("--patch-sizes", type=_parse_patch_sizes, metavar="P,P,...", help=(
-        "one row per patch size, e.g. 1,2,4,8 (default: the preset's own)"))
-    parser.add_argument("--batch", type=_positive_int, metavar="B", help=(
-        "also time a forward of B samples on the current device (CUDA if present, else CPU)"))
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), help="dtype for --batch timing (default bf16 on CUDA, fp32 on CPU)")
-    parser.add_argument("--no-fused", dest="fused", action="store_false", help="time the plain PyTorch path (fused=False)")
-    parser.add_argument("--force", action="store_true", help=f"on CPU, also time rows above {CPU_MAX_GFLOPS:.0f} GFLOPs per forward")
-    parser.add_argument("--json", action="store_true", help="print one JSON object per row on stdout")
-    parser.add_argument("--plot", metavar="FILE.png", help="write a log-log plot of GFLOPs against tokens (needs matplotlib)")
-    parser.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=None,
-                        help="no progress bar (it goes to stderr, and only when stderr is a terminal by default)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -44,14 +44,16 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from uvit_fast.bench.core import Case, raise_recompile_limits, time_fn
+from uvit_fast.cli_args import BENCH_CPU_BUDGET, BENCH_CPU_BUDGET_QUICK, BENCH_QUICK_ENV
+from uvit_fast.cli_args import add_bench_arguments as add_arguments  # noqa: F401
 
 OP_MODULES: Tuple[str, ...] = ("adaln_layer_norm", "patch_embed", "skip_concat_linear", "attention")
 NOT_OP_MODULES = {"core", "runner", "models"}
-QUICK_ENV = "UVIT_FAST_BENCH_QUICK"
-
+# the command-line arguments and their defaults are in the torch-free uvit_fast.cli_args
+QUICK_ENV = BENCH_QUICK_ENV
 # CPU defaults: (seconds per op, seconds per case) normal / quick
-CPU_BUDGET = (20.0, 2.0)
-CPU_BUDGET_QUICK = (6.0, 0.5)
+CPU_BUDGET = BENCH_CPU_BUDGET
+CPU_BUDGET_QUICK = BENCH_CPU_BUDGET_QUICK
 
 
 # ----------------------------------------------------------------------------------------------
@@ -528,28 +530,6 @@ def default_out(device: torch.device, suite: str) -> str:
 # CLI
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--suite", choices=("ops", "models", "all"), default="all", help="what to run (default all)")
-    parser.add_argument("--out", metavar="FILE.json", help=(
-        "JSON results file; the markdown table goes next to it with .md (default: "
-        "uvit-fast-bench-SUITE-DEVICE-DATE.json in the current directory)"))
-    parser.add_argument("--md", metavar="FILE.md", help="markdown table path (default: --out with .md)")
-    parser.add_argument("--op", action="append", metavar="NAME", help="only these case modules (repeatable; e.g. attention, models)")
-    parser.add_argument("--provider", action="append", metavar="NAME", help="only these providers (repeatable)")
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), help="benchmark dtype (default bf16 on CUDA, fp32 on CPU)")
-    parser.add_argument("--quick", action="store_true", default=None, help=(
-        f"fewer repetitions and smaller time budgets (also: {QUICK_ENV}=1)"))
-    parser.add_argument("--max-shapes", type=int, metavar="N", help="run only the first N shapes of each op (default: 1 on CPU, all on CUDA)")
-    parser.add_argument("--time-budget", type=float, metavar="S", help=(
-        f"seconds per op before its remaining rows are skipped (default: {CPU_BUDGET[0]:.0f} on CPU, "
-        f"{CPU_BUDGET_QUICK[0]:.0f} with --quick; no limit on CUDA)"))
-    parser.add_argument("--cpu-compile", action="store_true", help="on CPU, also run the torch.compile rows")
-    parser.add_argument("--strict", action="store_true", help="exit 1 when a row raised or a case module was skipped")
-    parser.add_argument("--show-skipped", action="store_true", help="list skipped rows in the printed table too")
-    parser.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=None,
-                        help="no progress bar (stderr; shown only on a terminal by default)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -7,7 +7,10 @@ lists them. ``load_upstream_checkpoint`` loads a checkpoint file written by the 
 from __future__ import annotations
 
 import argparse
+import difflib
+import inspect
 import os
+import re
 from typing import Any, Callable, Dict, List, Mapping, Optional, Union
 
 import torch
@@ -62,21 +65,112 @@ def list_models() -> List[str]:
     return list(_REGISTRY)
 
 
+def _normalized(name: str) -> str:
+    """Lower case without separators: ``DiT-XL-2``, ``dit_xl/2`` and ``DiT-XL/2`` are all ``ditxl2``."""
+    return re.sub(r"[\s\-_/.]+", "", name.lower())
+
+
+def suggest_models(name: object, n: int = 3) -> List[str]:
+    """Registered names close to ``name``: the names equal to it up to case and separators
+    (``dit-s/2``, ``DiT-XL-2``), else the closest by :func:`difflib.get_close_matches`."""
+    if not isinstance(name, str) or not name.strip():
+        return []
+    by_norm: Dict[str, List[str]] = {}
+    for m in _REGISTRY:
+        by_norm.setdefault(_normalized(m), []).append(m)
+    key = _normalized(name)
+    if key in by_norm:
+        return list(by_norm[key])
+    close = difflib.get_close_matches(key, list(by_norm), n=n, cutoff=0.6)
+    out = [m for c in close for m in by_norm[c]]
+    lower = {m.lower(): m for m in _REGISTRY}
+    out += [lower[c] for c in difflib.get_close_matches(name.lower(), list(lower), n=n, cutoff=0.6) if lower[c] not in out]
+    return out[:n]
+
+
+def filter_models(pattern: Optional[str] = None) -> List[str]:
+    """The names :func:`list_models` gives that contain ``pattern``, ignoring case and the
+    separators ``-``, ``_``, ``/`` (``"dit"``, ``"DiT-XL"``, ``"uvit_huge"``); all names for ``None``."""
+    if pattern is None:
+        return list_models()
+    key = _normalized(pattern)
+    return [m for m in _REGISTRY if key in _normalized(m)]
+
+
+def _unknown_model(name: object) -> ValueError:
+    hint = suggest_models(name)
+    did_you_mean = f"did you mean {' or '.join(map(repr, hint))}? " if hint else ""
+    return ValueError(
+        f"unknown model {name!r}; {did_you_mean}uvit_fast.list_models() (or `uvit-fast models`) lists every name: "
+        f"{', '.join(_REGISTRY)}"
+    )
+
+
 def model_config(name: str) -> Dict[str, Any]:
     """The constructor arguments of a preset (before overrides)."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; choose from: {', '.join(_REGISTRY)}")
+    if not isinstance(name, str) or name not in _REGISTRY:
+        raise _unknown_model(name)
     return dict(_DEFAULTS[name])
+
+
+# constructor arguments that hold the same thing under another name in another model family
+_ARGUMENT_ALIASES = {
+    "img_size": ("input_size", "the (latent) image size"),
+    "input_size": ("img_size", "the (latent) image size"),
+    "embed_dim": ("hidden_size", "the width"),
+    "hidden_size": ("embed_dim", "the width"),
+    "in_channels": ("in_chans", "the input channels"),
+    "in_chans": ("in_channels", "the input channels"),
+}
+
+
+def _check_overrides(name: str, cls: Callable[..., nn.Module], overrides: Mapping[str, Any]) -> None:
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    accepted = [k for k, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    for key in overrides:
+        if key in accepted:
+            continue
+        cls_name = getattr(cls, "__name__", str(cls))
+        alias = _ARGUMENT_ALIASES.get(key)
+        if alias is not None and alias[0] in accepted:
+            hint = f"{cls_name}'s argument for {alias[1]} is {alias[0]!r} (create_model({name!r}, {alias[0]}=...))"
+        else:
+            close = difflib.get_close_matches(key, accepted, n=3)
+            hint = f"did you mean {' or '.join(map(repr, close))}?" if close else f"its arguments: {', '.join(accepted)}"
+        raise TypeError(f"create_model({name!r}): {cls_name} has no argument {key!r}; {hint}")
 
 
 def create_model(name: str, **overrides: Any) -> nn.Module:
     """Build a preset by name; keyword overrides replace constructor arguments
-    (e.g. ``create_model("DiT-XL/2", input_size=64, fused=False)``)."""
+    (e.g. ``create_model("DiT-XL/2", input_size=64, fused=False)``).
+
+    An unknown name is a ValueError with the closest names; an argument the model's
+    constructor does not take is a TypeError naming the right one where it has another name
+    (DiT's ``input_size`` is U-ViT's ``img_size``)."""
     cfg = model_config(name)
+    _check_overrides(name, _REGISTRY[name], overrides)
     cfg.update(overrides)
     model = _REGISTRY[name](**cfg)
     model.preset_name = name
+    model.preset_overrides = dict(overrides)
     return model
+
+
+def _describe(model: nn.Module) -> str:
+    """How the model was built: ``create_model('cifar10_uvit_small', depth=3)``, or its class."""
+    name = getattr(model, "preset_name", None)
+    if name is None:
+        return type(model).__name__
+    overrides = {k: v for k, v in getattr(model, "preset_overrides", {}).items() if k != "fused"}
+    if not overrides:
+        return name
+    args = ", ".join(f"{k}={v!r}" for k, v in overrides.items())
+    return f"create_model({name!r}, {args}) (the preset {name} with overrides {args})"
 
 
 def _unwrap_state_dict(obj: Any, key: Optional[str]) -> Mapping[str, torch.Tensor]:
@@ -140,8 +234,7 @@ def load_upstream_checkpoint(
         if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)
     ]
     if missing or unexpected or mismatched:
-        name = getattr(model, "preset_name", type(model).__name__)
-        parts = [f"load_upstream_checkpoint: the checkpoint does not match {name}"]
+        parts = [f"load_upstream_checkpoint: the checkpoint does not match the model {_describe(model)}"]
         for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)):
             if items:
                 shown = ", ".join(items[:20]) + (f", ... ({len(items)} in all)" if len(items) > 20 else "")
@@ -159,6 +252,8 @@ __all__ = [
     "list_models",
     "model_config",
     "register_model",
+    "filter_models",
+    "suggest_models",
     "load_upstream_checkpoint",
 ]
 

@@ -1,0 +1,142 @@
+"""Every ``uvit-fast`` subcommand's arguments, without importing torch.
+
+``uvit-fast --help`` and ``uvit-fast SUBCOMMAND --help`` build the whole parser from this
+module alone, so they answer at once instead of after torch's and triton's import time. The
+work of a subcommand is the function ``SUBCOMMANDS[name].run`` (``"module:function"``, called
+as ``function(args) -> int``), whose module is imported only when that subcommand runs.
+
+To add a subcommand: write its ``add_<name>_arguments(parser)`` here (stdlib only: no torch,
+no numpy, no ``uvit_fast`` module that imports them), and add one :class:`Subcommand` entry
+to :data:`SUBCOMMANDS`. ``tests/test_cli.py`` checks that every entry's ``--help`` leaves
+torch unimported.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Callable, Dict, List, NamedTuple
+
+# names of the dtypes the subcommands accept (the modules that run map them to torch dtypes)
+DTYPE_NAMES = ("bf16", "fp16", "fp32")
+
+# profile: on a CPU, rows above this many GFLOPs per forward are not timed unless --force
+PROFILE_CPU_MAX_GFLOPS = 20.0
+
+# bench: environment variable for --quick; CPU time budgets (seconds per op, per case), normal / quick
+BENCH_QUICK_ENV = "UVIT_FAST_BENCH_QUICK"
+BENCH_CPU_BUDGET = (20.0, 2.0)
+BENCH_CPU_BUDGET_QUICK = (6.0, 0.5)
+BENCH_RESULTS_DIR = "benchmarks/results"
+
+
+class Subcommand(NamedTuple):
+    run: str  # "module:function"; the module is imported only to run, as function(args) -> int
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer; got {text!r}")
+    return value
+
+
+def parse_patch_sizes(text: str) -> List[int]:
+    try:
+        sizes = [int(s) for s in text.replace(" ", "").split(",") if s]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--patch-sizes must be comma-separated integers like 1,2,4; got {text!r}"
+        ) from None
+    if not sizes or any(p <= 0 for p in sizes):
+        raise argparse.ArgumentTypeError(f"--patch-sizes must be positive integers; got {text!r}")
+    return sizes
+
+
+# ----------------------------------------------------------------------------------------------
+# one function per subcommand
+
+
+def add_info_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def add_models_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("filter", nargs="?", default=None, metavar="FILTER", help=(
+        "only names containing FILTER (case-insensitive; '-', '_' and '/' are ignored, so 'dit', "
+        "'DiT-XL' and 'uvit_huge' all work); default: every name create_model accepts"))
+    parser.add_argument("--json", action="store_true", help="print one JSON object per model")
+
+
+def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", action="append", metavar="NAME", help=(
+        "a create_model name (repeat, or comma-separate, for several); default: every U-ViT and DiT preset "
+        "at its own size plus patch-size sweeps of U-ViT-H"))
+    parser.add_argument("--img-size", type=positive_int, metavar="N", help=(
+        "image size the model is built for (U-ViT img_size / DiT input_size; for latent models the latent "
+        "size, e.g. 32 for 256 px)"))
+    parser.add_argument("--patch-sizes", type=parse_patch_sizes, metavar="P,P,...", help=(
+        "one row per patch size, e.g. 1,2,4,8 (default: the preset's own)"))
+    parser.add_argument("--batch", type=positive_int, metavar="B", help=(
+        "also time a forward of B samples on the current device (CUDA if present, else CPU)"))
+    parser.add_argument("--dtype", choices=sorted(DTYPE_NAMES),
+                        help="dtype for --batch timing (default bf16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--no-fused", dest="fused", action="store_false", help="time the plain PyTorch path (fused=False)")
+    parser.add_argument("--force", action="store_true",
+                        help=f"on CPU, also time rows above {PROFILE_CPU_MAX_GFLOPS:.0f} GFLOPs per forward")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per row on stdout")
+    parser.add_argument("--plot", metavar="FILE.png", help="write a log-log plot of GFLOPs against tokens (needs matplotlib)")
+    parser.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=None,
+                        help="no progress bar (it goes to stderr, and only when stderr is a terminal by default)")
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--suite", choices=("ops", "models", "all"), default="all", help="what to run (default all)")
+    parser.add_argument("--out", metavar="FILE.json", help=(
+        "JSON results file; the markdown table goes next to it with .md (default: "
+        f"{BENCH_RESULTS_DIR}/uvit-fast-bench-SUITE-DEVICE-DATE.json, in the source checkout when run from one, "
+        "else under the current directory)"))
+    parser.add_argument("--md", metavar="FILE.md", help="markdown table path (default: --out with .md)")
+    parser.add_argument("--op", action="append", metavar="NAME", help=(
+        "only these case modules (repeatable; an unknown name is an error that lists the valid ones)"))
+    parser.add_argument("--provider", action="append", metavar="NAME", help=(
+        "only these providers (repeatable; an unknown name is an error that lists the valid ones)"))
+    parser.add_argument("--dtype", choices=sorted(DTYPE_NAMES), help="benchmark dtype (default bf16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--quick", action="store_true", default=None, help=(
+        f"fewer repetitions and smaller time budgets (also: {BENCH_QUICK_ENV}=1)"))
+    parser.add_argument("--max-shapes", type=positive_int, metavar="N",
+                        help="run only the first N shapes of each op (default: 1 on CPU, all on CUDA)")
+    parser.add_argument("--time-budget", type=float, metavar="S", help=(
+        f"seconds per op before its remaining rows are skipped (default: {BENCH_CPU_BUDGET[0]:.0f} on CPU, "
+        f"{BENCH_CPU_BUDGET_QUICK[0]:.0f} with --quick; no limit on CUDA)"))
+    parser.add_argument("--cpu-compile", action="store_true", help="on CPU, also run the torch.compile rows")
+    parser.add_argument("--strict", action="store_true", help="exit 1 when a row raised or a case module was skipped")
+    parser.add_argument("--show-skipped", action="store_true", help="list skipped rows in the printed table too")
+    parser.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=None,
+                        help="no progress bar (stderr; shown only on a terminal by default)")
+
+
+# name -> Subcommand; the order is the order of ``uvit-fast --help``
+SUBCOMMANDS: Dict[str, Subcommand] = {
+    "info": Subcommand("uvit_fast.cli:run_info", "versions, devices and available attention backends", add_info_arguments),
+    "models": Subcommand("uvit_fast.cli:run_models", "every create_model name with its class, tokens, parameters and GFLOPs",
+                         add_models_arguments),
+    "profile": Subcommand("uvit_fast.profiler:run", "parameters and GFLOPs against token count, optionally timed",
+                          add_profile_arguments),
+    "bench": Subcommand("uvit_fast.bench.runner:run", "benchmark every op and model against eager, compile and SDPA",
+                        add_bench_arguments),
+}
+
+
+def build_parser(version: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="uvit-fast", description="Fused Triton kernels for U-ViT / DiT / ViT.")
+    parser.add_argument("--version", action="version", version=f"uvit-fast {version}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, command in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=command.help, description=command.help)
+        p.set_defaults(_run=command.run)
+        command.add_arguments(p)
+    return parser
