@@ -245,6 +245,7 @@ def decoder_unpatchify_forward(tokens, weight, bias, patch, grid, extras=0):
     ``(h, w)`` or ``(T', h, w)``. Returns a contiguous ``(B, C, (T,) H, W)`` in tokens' dtype.
     """
     _check(tokens, weight, patch, grid)
+    bias = bias.contiguous() if bias is not None else None  # the kernel reads bias at unit stride
     spatial = [g * p for g, p in zip(grid, patch)]
     (PT, PH, PW), (Gt, Gh, Gw) = _geometry(patch, grid)
     B, _, D = tokens.shape

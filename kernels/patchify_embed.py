@@ -288,6 +288,7 @@ def patchify_embed_forward(x, weight, bias=None, prefix=None, pos_embed=None):
     K = weight[0].numel()
     L = Gt * Gh * Gw
     E = prefix.shape[1] if prefix is not None else 0
+    bias = bias.contiguous() if bias is not None else None  # the kernel reads bias at unit stride
     out = empty(B, E + L, D, dtype=_out_dtype(x, prefix, pos_embed), device=x.device)
     if out.numel() == 0:
         return out
