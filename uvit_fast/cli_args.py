@@ -28,6 +28,33 @@ BENCH_CPU_BUDGET_QUICK = (6.0, 0.5)
 BENCH_RESULTS_DIR = "benchmarks/results"
 
 
+# profile --memory: the GPUs of the roofline table (uvit_fast.memory.GPUS) and the size units
+PROFILE_GPUS = ("a100", "h100", "h200")
+_SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """``"80GiB"``, ``"80GB"``, ``"141 GB"``, ``"40960MiB"`` -> bytes (GB = 1e9, GiB = 2**30);
+    ValueError naming ``--gpu-memory`` otherwise."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]i?B|B)\s*", str(text), flags=re.IGNORECASE)
+    if not m:
+        raise ValueError(f"--gpu-memory must be a size with a unit, like 80GiB, 80GB or 40960MiB; got {text!r}")
+    value = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+    if value <= 0:
+        raise ValueError(f"--gpu-memory must be positive; got {text!r}")
+    return value
+
+
+def memory_size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 class Subcommand(NamedTuple):
     run: str  # "module:function"; the module is imported only to run, as function(args) -> int
     help: str
@@ -81,7 +108,17 @@ def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--patch-sizes", type=parse_patch_sizes, metavar="P,P,...", help=(
         "one row per patch size, e.g. 1,2,4,8 (default: the preset's own)"))
     parser.add_argument("--batch", type=positive_int, metavar="B", help=(
-        "also time a forward of B samples on the current device (CUDA if present, else CPU)"))
+        "also time a forward of B samples on the current device (CUDA if present, else CPU); with --memory "
+        "on a GPU, also a training step of B samples with its measured peak memory, and B is the batch of "
+        "the roofline model (default 64)"))
+    parser.add_argument("--memory", action="store_true", help=(
+        "also count, on the meta device, fused and plain: activation bytes saved for backward per sample, "
+        "weight/gradient/AdamW bytes, the largest training batch that fits, HBM bytes per forward and per "
+        "training step, arithmetic intensity and a roofline lower bound (all modelled, none measured)"))
+    parser.add_argument("--gpu", choices=PROFILE_GPUS, default="h100", type=str.lower, help=(
+        "GPU of the --memory roofline (peak dense bf16 FLOP/s and HBM bandwidth from its datasheet; default h100)"))
+    parser.add_argument("--gpu-memory", type=memory_size, metavar="SIZE", help=(
+        "memory the largest batch must fit in, e.g. 80GiB or 141GB (default: the --gpu's own)"))
     parser.add_argument("--dtype", choices=sorted(DTYPE_NAMES),
                         help="dtype for --batch timing (default bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--no-fused", dest="fused", action="store_false", help="time the plain PyTorch path (fused=False)")
