@@ -1,6 +1,8 @@
 """Small helpers shared by the kernel launchers (no import of uvit_fast here)."""
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 
 import torch
@@ -20,6 +22,30 @@ def empty(*shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if poison_enabled():
         t.fill_(float("nan") if t.is_floating_point() else -1)
     return t
+
+
+def device_guard(t: torch.Tensor):
+    """Context in which a kernel launch runs on ``t``'s device.
+
+    Triton launches on the *current* CUDA device; with inputs on ``cuda:1`` while ``cuda:0`` is
+    current every launch would fail. CUDA tensors: ``torch.cuda.device(t.device)``; anything else
+    (CPU under the interpreter): no-op."""
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+def on_inputs_device(launcher):
+    """Decorator for every launcher: the body runs under :func:`device_guard` of its first tensor
+    argument (looked up at call time, so tests can record the calls)."""
+    @functools.wraps(launcher)
+    def wrapped(*args, **kwargs):
+        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        if first is None:
+            return launcher(*args, **kwargs)
+        with device_guard(first):
+            return launcher(*args, **kwargs)
+    return wrapped
 
 
 def row_launch_config(n_cols: int, elem_size: int = 4):

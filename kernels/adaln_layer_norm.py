@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import empty, row_launch_config
+from ._utils import empty, row_launch_config, on_inputs_device
 
 
 # ----------------------------------------------------------------------------------------------
@@ -258,6 +258,7 @@ def _dummy(device: torch.device) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------
+@on_inputs_device
 def _forward(x, branch, gate, shift, scale, weight, bias, eps, scale_offset, out_dtype, xn_dtype):
     D = x.shape[-1]
     device = x.device
@@ -352,6 +353,7 @@ def _reduce_tok(buf: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return buf.to(t.dtype)
 
 
+@on_inputs_device
 def adaln_layer_norm_backward(
     dy: torch.Tensor,
     dx_new: Optional[torch.Tensor],

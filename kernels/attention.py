@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import empty
+from ._utils import empty, on_inputs_device
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -704,6 +704,7 @@ def logsumexp(stats: torch.Tensor) -> torch.Tensor:
     return (stats[:, :, 0] + stats[:, :, 1]) * LN2
 
 
+@on_inputs_device
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                       scale=None, input_precision=None, block_m=None, block_n=None):
     """Flash-attention forward on ``(B, L, H, D)`` tensors of any strides.
@@ -732,6 +733,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, caus
     return out, stats
 
 
+@on_inputs_device
 def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        out: torch.Tensor, stats: torch.Tensor, *, causal: bool = False, scale=None,
                        dq=None, dk=None, dv=None, input_precision=None, block_m=None, block_n=None):
@@ -786,6 +788,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     return dq, dk, dv
 
 
+@on_inputs_device
 def attention_qkvpacked_backward(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, stats: torch.Tensor, *,
                                  causal: bool = False, scale=None, input_precision=None):
     """Backward of attention on a packed ``(B, L, 3, H, D)`` qkv: one packed gradient, written in place

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import empty, patch_row_offsets
+from ._utils import empty, patch_row_offsets, on_inputs_device
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
@@ -237,6 +237,7 @@ def _geometry(patch, grid):
     return patch, grid
 
 
+@on_inputs_device
 def decoder_unpatchify_forward(tokens, weight, bias, patch, grid, extras=0):
     """``unpatchify(F.linear(tokens[:, extras:], weight, bias), patch, C, grid)``.
 
@@ -272,6 +273,7 @@ def decoder_unpatchify_forward(tokens, weight, bias, patch, grid, extras=0):
     return out
 
 
+@on_inputs_device
 def decoder_unpatchify_backward(grad, tokens, weight, patch, grid, extras=0,
                                 need_tokens=True, need_weight=True, need_bias=True):
     """Gradients of :func:`decoder_unpatchify_forward`.

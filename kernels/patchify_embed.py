@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import empty, patch_row_offsets
+from ._utils import empty, patch_row_offsets, on_inputs_device
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
@@ -274,6 +274,7 @@ def _out_dtype(x, prefix, pos_embed):
     return dt
 
 
+@on_inputs_device
 def patchify_embed_forward(x, weight, bias=None, prefix=None, pos_embed=None):
     """``cat([prefix, conv(x, weight, bias, stride=patch).flatten(2).mT], 1) + pos_embed``.
 
@@ -316,6 +317,7 @@ def patchify_embed_forward(x, weight, bias=None, prefix=None, pos_embed=None):
     return out
 
 
+@on_inputs_device
 def patchify_embed_backward(grad, x, weight, extras=0, need_x=True, need_weight=True, need_bias=True):
     """Gradients of the patch part of :func:`patchify_embed_forward`.
 

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import empty
+from ._utils import empty, on_inputs_device
 from ._precision import tf32_matmul_allowed
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip() == "1"
@@ -308,6 +308,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
+@on_inputs_device
 def skip_concat_linear_forward(h, skip, weight, bias=None):
     """``cat([h, skip], -1) @ weight.T + bias`` without the concat. Returns ``(..., N)`` in h's dtype."""
     D = h.shape[-1]
@@ -329,6 +330,7 @@ def skip_concat_linear_forward(h, skip, weight, bias=None):
     return y.view(*h.shape[:-1], N)
 
 
+@on_inputs_device
 def skip_concat_linear_backward_input(grad_out, weight):
     """``dh, dskip`` with ``[dh | dskip] = grad_out @ weight``, each ``(..., D)``, written directly."""
     N = weight.shape[0]
@@ -354,6 +356,7 @@ def skip_concat_linear_backward_input(grad_out, weight):
     return dh.view(*lead, D), ds.view(*lead, D)
 
 
+@on_inputs_device
 def skip_concat_linear_backward_weight(grad_out, h, skip, compute_bias=True):
     """``dweight (N, 2D)`` (halves written in place, no concat) and ``dbias (N,)`` (fp32 sums;
     shape ``(0,)`` when ``compute_bias`` is False)."""
