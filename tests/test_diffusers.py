@@ -1,0 +1,313 @@
+"""``optimize`` on Hugging Face diffusers' DiTTransformer2DModel and PixArtTransformer2DModel.
+
+Tiny random configs built here (no hub access). The float64 tests compare the optimized model
+on the PyTorch path with the untouched diffusers model (outputs and every gradient); the
+Triton tests run the kernels under the interpreter in fp32 and fp16 and hold them to the 2x rule
+against a float64 run of the diffusers model.
+"""
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip(
+    "diffusers", reason="diffusers is not installed (it is in the test extra: pip install -e '.[test]')"
+)
+
+import uvit_fast  # noqa: E402
+from uvit_fast.testing import CustomOpRecorder, assert_parity  # noqa: E402
+
+from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel  # noqa: E402
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0  # noqa: E402
+
+from uvit_fast.optimize_diffusers import (  # noqa: E402
+    FusedBasicTransformerBlock,
+    FusedPatchEmbed,
+    UvitFastAttnProcessor,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _randomize(model, std=0.2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def _dit(heads=2, head_dim=72, layers=2, sample=8):
+    m = DiTTransformer2DModel(
+        num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4, out_channels=8, num_layers=layers,
+        sample_size=sample, patch_size=2, num_embeds_ada_norm=10, norm_num_groups=1,
+    )
+    return _randomize(m)
+
+
+def _pixart(heads=2, head_dim=16, layers=2, sample=8):
+    m = PixArtTransformer2DModel(
+        num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4, out_channels=8, num_layers=layers,
+        sample_size=sample, patch_size=2, cross_attention_dim=heads * head_dim, caption_channels=24,
+        norm_num_groups=1,
+    )
+    return _randomize(m)
+
+
+BUILD = {"dit": _dit, "pixart": _pixart}
+
+
+def _close64(actual, expected, name="output"):
+    """Equal up to float64 rounding (the attention is a different sequence of float64 operations)."""
+    scale = max(1.0, expected.abs().max().item())
+    torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-11 * scale, msg=lambda m: f"{name}: {m}")
+
+
+def _inputs(kind, dtype, batch=2, sample=8, tokens=5, mask=False, grad=False):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 4, sample, sample, generator=g, dtype=torch.float64).to(dtype).requires_grad_(grad)
+    t = torch.tensor([3, 871][:batch])
+    if kind == "dit":
+        return (x, t, torch.tensor([1, 7][:batch])), {}
+    c = torch.randn(batch, tokens, 24, generator=g, dtype=torch.float64).to(dtype).requires_grad_(grad)
+    kw = {}
+    if mask:
+        kw["encoder_attention_mask"] = torch.tensor([[1] * (tokens - 2) + [0, 0], [1] * tokens][:batch])
+    return (x, c, t), kw
+
+
+def _call(model, kind, args, kw):
+    if kind == "dit":
+        x, t, y = args
+        return model(x, timestep=t, class_labels=y).sample
+    x, c, t = args
+    return model(x, encoder_hidden_states=c, timestep=t, **kw).sample
+
+
+def _run(model, kind, args, kw, backend=None, seed=0):
+    """Output and every gradient (inputs first, then parameters by name); a fixed seed so that
+    training-mode label dropout draws the same numbers in both models."""
+    model.zero_grad(set_to_none=True)
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.grad is not None:
+            a.grad = None
+    torch.manual_seed(seed)
+    if backend is None:
+        out = _call(model, kind, args, kw)
+    else:
+        with uvit_fast.use_backend(backend):
+            out = _call(model, kind, args, kw)
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype)
+    if backend is None:
+        (out * w).sum().backward()
+    else:
+        with uvit_fast.use_backend(backend):
+            (out * w).sum().backward()
+    grads = {f"input{i}": a.grad for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.grad is not None}
+    grads.update({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    return out.detach(), grads
+
+
+# --------------------------------------------------------------------------- float64, PyTorch path
+@pytest.mark.parametrize("kind,mask", [("dit", False), ("pixart", False), ("pixart", True)])
+def test_float64_outputs_and_every_gradient_equal(kind, mask):
+    ref = BUILD[kind]().double().train()  # train: DiT's label dropout draws random numbers in both
+    model = copy.deepcopy(ref)
+    model, report = uvit_fast.optimize(model)
+    assert type(model) is type(ref)
+    assert sum(isinstance(b, FusedBasicTransformerBlock) for b in model.transformer_blocks) == 2
+    args, kw = _inputs(kind, torch.float64, mask=mask, grad=True)
+    out_ref, g_ref = _run(ref, kind, args, kw)
+    out, g = _run(model, kind, args, kw, backend="torch")
+    _close64(out, out_ref)
+    assert g.keys() == g_ref.keys() and len(g) > 10
+    for n in g_ref:
+        _close64(g[n], g_ref[n], n)
+
+
+def test_padding_mask_leaves_that_call_on_the_diffusers_path():
+    model, _ = uvit_fast.optimize(_pixart().double().eval())
+    procs = {n: mod.processor for n, mod in model.named_modules() if hasattr(mod, "set_processor")}
+    assert all(type(p) is UvitFastAttnProcessor for p in procs.values())
+    args, kw = _inputs("pixart", torch.float64, mask=True)
+    with torch.no_grad():
+        _call(model, "pixart", args, kw)
+    calls = {n: p.fallback_calls for n, p in procs.items()}
+    # the cross-attention got the text mask: diffusers' AttnProcessor2_0; self-attention: the fused op
+    assert calls == {n: (1 if n.endswith("attn2") else 0) for n in procs}
+    with torch.no_grad():
+        _call(model, "pixart", *_inputs("pixart", torch.float64))
+    assert {n: p.fallback_calls for n, p in procs.items()} == calls
+
+
+def test_gradient_checkpointing():
+    ref = _dit(head_dim=16).double().eval()
+    model, _ = uvit_fast.optimize(copy.deepcopy(ref))
+    model.enable_gradient_checkpointing()
+    args, kw = _inputs("dit", torch.float64, grad=True)
+    out_ref, g_ref = _run(ref, "dit", args, kw)
+    out, g = _run(model, "dit", args, kw, backend="torch")
+    _close64(out, out_ref)
+    for n in g_ref:
+        _close64(g[n], g_ref[n], n)
+
+
+def test_other_input_size_and_unsupported_calls_run_diffusers_forward():
+    # 12 x 12 latents with sample_size 8: diffusers recomputes the position embedding; so do we (its forward)
+    ref = _dit(head_dim=16).double().eval()
+    model, _ = uvit_fast.optimize(copy.deepcopy(ref))
+    args, kw = _inputs("dit", torch.float64, sample=12)
+    with torch.no_grad():
+        _close64(_call(model, "dit", args, kw), _call(ref, "dit", args, kw))
+    # chunked feed-forward: the block runs diffusers' forward
+    for blk in (*model.transformer_blocks, *ref.transformer_blocks):
+        blk.set_chunk_feed_forward(4, 1)
+    args, kw = _inputs("dit", torch.float64)
+    with torch.no_grad():
+        _close64(_call(model, "dit", args, kw), _call(ref, "dit", args, kw))
+
+
+# --------------------------------------------------------------------------- Triton kernels (interpreter)
+def _triton_parity(kind, dtype, head_dim, layers, grads=True):
+    ref64 = BUILD[kind](head_dim=head_dim, layers=layers).double().eval()
+    base = copy.deepcopy(ref64).to(dtype)
+    model, _ = uvit_fast.optimize(copy.deepcopy(base))
+    args64, kw = _inputs(kind, torch.float64, mask=False, grad=grads)
+    argsd, _ = _inputs(kind, dtype, mask=False, grad=grads)
+    if not grads:
+        with torch.no_grad():
+            o64, ob = _call(ref64, kind, args64, kw), _call(base, kind, argsd, kw)
+            rec = CustomOpRecorder()
+            with rec, uvit_fast.use_backend("triton"):
+                o = _call(model, kind, argsd, kw)
+        assert_parity(o, ob, o64, name=f"{kind} {dtype} output")
+        return rec.ops
+    o64, g64 = _run(ref64, kind, args64, kw)
+    ob, gb = _run(base, kind, argsd, kw)
+    rec = CustomOpRecorder()
+    with rec:
+        o, g = _run(model, kind, argsd, kw, backend="triton")
+    assert_parity(o, ob, o64, name=f"{kind} {dtype} output")
+    assert g.keys() == g64.keys()
+    for n in g64:
+        assert g[n].dtype == gb[n].dtype
+        assert_parity(g[n], gb[n], g64[n], name=f"{kind} {dtype} grad {n}")
+    return rec.ops
+
+
+def test_triton_forward_fp32_fast():
+    ops = _triton_parity("pixart", torch.float32, head_dim=16, layers=1, grads=False)
+    assert {"uvit_fast.patchify_embed.default", "uvit_fast.attention_fwd.default",
+            "uvit_fast.adaln_layer_norm.default", "uvit_fast.residual_adaln_layer_norm.default"} <= ops
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("kind,head_dim", [("dit", 72), ("pixart", 16), ("pixart", 72)])
+def test_triton_kernels_within_2x_rule_with_gradients(kind, head_dim, dtype):
+    ops = _triton_parity(kind, dtype, head_dim=head_dim, layers=2)
+    assert any("attention_bwd" in o for o in ops) and any("adaln_layer_norm_backward" in o for o in ops), ops
+
+
+# --------------------------------------------------------------------------- structure, report, API
+@pytest.mark.parametrize("kind", ["dit", "pixart"])
+def test_structure_report_and_keys(kind):
+    model = BUILD[kind]()
+    keys = {k: v.data_ptr() for k, v in model.state_dict().items()}
+    params = [id(p) for p in model.parameters()]
+    config = dict(model.config)
+    model2, report = uvit_fast.optimize(model)
+    assert model2 is model and type(model) is BUILD[kind]().__class__
+    assert dict(model.config) == config
+    assert {k: v.data_ptr() for k, v in model.state_dict().items()} == keys
+    assert [id(p) for p in model.parameters()] == params
+    assert isinstance(model.pos_embed, FusedPatchEmbed)
+    replaced = dict(report.replaced)
+    assert "pos_embed" in replaced and "transformer_blocks.1" in replaced
+    assert "transformer_blocks.0.attn1" in replaced
+    assert ("transformer_blocks.0.attn2" in replaced) == (kind == "pixart")
+    assert any(p == "" and "forward kept" in why for p, why in report.left_alone)
+    assert report.kind == f"diffusers {type(model).__name__}"
+    text = str(report)
+    assert "UvitFastAttnProcessor" in text and diffusers.__version__ in text
+    # twice: nothing more to replace
+    _, again = uvit_fast.optimize(model)
+    assert again.replaced == [] and any("nothing left to replace" in n for n in again.notes)
+
+
+def test_attention_processor_api_is_kept():
+    model, _ = uvit_fast.optimize(_pixart().double().eval())
+    assert all(type(p) is UvitFastAttnProcessor for p in model.attn_processors.values())
+    args, kw = _inputs("pixart", torch.float64)
+    with torch.no_grad(), uvit_fast.use_backend("torch"):
+        fused = _call(model, "pixart", args, kw)
+    model.set_attn_processor(AttnProcessor2_0())  # back to diffusers' processor
+    assert all(type(p) is AttnProcessor2_0 for p in model.attn_processors.values())
+    with torch.no_grad():
+        _close64(_call(model, "pixart", args, kw), fused)
+
+
+def test_a_users_processor_and_other_structures_are_left_alone():
+    model = _pixart()
+    model.transformer_blocks[0].attn1.set_processor(AttnProcessor())
+    model.transformer_blocks[1].norm2 = diffusers.models.normalization.FP32LayerNorm(32, elementwise_affine=False)
+    _, report = uvit_fast.optimize(model)
+    left = dict(report.left_alone)
+    assert "not AttnProcessor2_0" in left["transformer_blocks.0.attn1"]
+    assert type(model.transformer_blocks[0].attn1.processor) is AttnProcessor
+    assert "norm2 is FP32LayerNorm" in left["transformer_blocks.1"]
+    assert type(model.transformer_blocks[1]) is not FusedBasicTransformerBlock
+    assert type(model.transformer_blocks[0]) is FusedBasicTransformerBlock
+
+
+def test_unsupported_diffusers_model_is_unchanged():
+    model = diffusers.UNet2DModel(
+        sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8,),
+        down_block_types=("DownBlock2D",), up_block_types=("UpBlock2D",), norm_num_groups=4,
+    )
+    before = {n: type(m) for n, m in model.named_modules()}
+    _, report = uvit_fast.optimize(model)
+    assert report.replaced == [] and "not one of" in report.notes[0]
+    assert {n: type(m) for n, m in model.named_modules()} == before
+
+
+@pytest.mark.parametrize("kind", ["dit", "pixart"])
+def test_save_pretrained_from_pretrained_round_trip(kind, tmp_path):
+    model, _ = uvit_fast.optimize(BUILD[kind]().double().eval())
+    model.save_pretrained(tmp_path)
+    cls = type(model)
+    loaded = cls.from_pretrained(tmp_path, torch_dtype=torch.float64).eval()
+    public = lambda cfg: {k: v for k, v in cfg.items() if not k.startswith("_")}  # noqa: E731
+    assert type(loaded) is cls and public(loaded.config) == public(model.config)
+    sd, lsd = model.state_dict(), loaded.state_dict()
+    assert sd.keys() == lsd.keys()
+    for k in sd:
+        torch.testing.assert_close(lsd[k], sd[k], rtol=0, atol=0)
+    args, kw = _inputs(kind, torch.float64)
+    with torch.no_grad(), uvit_fast.use_backend("torch"):
+        out = _call(model, kind, args, kw)
+        _close64(_call(loaded, kind, args, kw), out)
+        loaded, _ = uvit_fast.optimize(loaded)
+        torch.testing.assert_close(_call(loaded, kind, args, kw), out, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_importing_uvit_fast_does_not_import_diffusers():
+    code = "import sys, uvit_fast; uvit_fast.optimize; sys.exit('diffusers' in sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+@pytest.mark.slow
+def test_example_dit_pipeline_runs():
+    env = dict(os.environ)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "diffusers_dit.py"), "--steps", "2"],
+        capture_output=True, text=True, cwd=ROOT, env=env, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "max |difference|" in proc.stdout and "within" in proc.stdout, proc.stdout
