@@ -41,13 +41,16 @@ def _build(kind, **kw):
     elif kind == "dit":
         m = up.DiT(input_size=8, patch_size=2, hidden_size=24, depth=2, num_heads=3, num_classes=6, **kw)
         args = (torch.randn(2, 4, 8, 8, generator=g), torch.rand(2, generator=g) * 999, torch.tensor([1, 6]))
-    else:
+    elif kind == "vit":  # timm 1.0.31's structure (timm.layers.LayerNorm norms, masks in Block.forward)
         m = up.VisionTransformer(img_size=8, patch_size=4, embed_dim=24, depth=2, num_heads=2, **kw)
+        args = (torch.randn(2, 3, 8, 8, generator=g),)
+    else:  # timm before 1.0.16: plain nn.LayerNorm, Block.forward(x)
+        m = up.VisionTransformerPre116(img_size=8, patch_size=4, embed_dim=24, depth=2, num_heads=2, **kw)
         args = (torch.randn(2, 3, 8, 8, generator=g),)
     return _randomize(m).eval(), args
 
 
-KINDS = ["uvit_uncond", "uvit_cond", "uvit_t2i", "dit", "vit"]
+KINDS = ["uvit_uncond", "uvit_cond", "uvit_t2i", "dit", "vit", "vit_pre116"]
 
 
 def _grads(model):
@@ -69,6 +72,7 @@ KERNELS = {
     "vit": ("patchify_embed", "adaln_layer_norm", "attention"),
 }
 KERNELS["uvit_cond"] = KERNELS["uvit_t2i"] = KERNELS["uvit_uncond"]
+KERNELS["vit_pre116"] = KERNELS["vit"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -153,13 +157,13 @@ def test_modules_with_extra_parts_are_left_alone():
     """A block or attention holding something the fused module would not run (a learned
     attention bias, as BEiT's, or an added cross-attention) keeps its own forward."""
 
-    class BiasedAttention(up.Attention):
+    class BiasedAttention(up.TimmAttention):
         def __init__(self, dim, heads):
             super().__init__(dim, heads, qkv_bias=True)
             self.rel_bias = torch.nn.Parameter(torch.randn(dim))
 
-        def forward(self, x):
-            return super().forward(x) + self.rel_bias
+        def forward(self, x, attn_mask=None, is_causal=False):
+            return super().forward(x, attn_mask, is_causal) + self.rel_bias
 
     class CrossBlock(up.DiTBlock):
         def __init__(self, D, heads):

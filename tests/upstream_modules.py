@@ -1,5 +1,6 @@
 """Module trees with the structure of the upstream code (U-ViT ``libs/uvit.py`` and
-``libs/uvit_t2i.py``, DiT ``models.py`` with timm's layers, timm ``VisionTransformer``),
+``libs/uvit_t2i.py``, DiT ``models.py`` with timm's layers, timm ``VisionTransformer`` as of timm
+1.0.31 and as before timm 1.0.16),
 written for the tests from ``shared/reference/upstream-facts.md``: same attribute names,
 same parameter shapes, same forward math. ``uvit_fast.optimize`` must recognise them by
 structure alone.
@@ -242,7 +243,7 @@ class DiT(nn.Module):
         return torch.cat([torch.cat([g, g]), rest], dim=1)
 
 
-# --------------------------------------------------------------------------- timm ViT
+# --------------------------------------------------------------------------- timm ViT before 1.0.16
 class VBlock(nn.Module):
     def __init__(self, D, heads):
         super().__init__()
@@ -258,7 +259,9 @@ class VBlock(nn.Module):
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformerPre116(nn.Module):
+    """timm's ViT before 1.0.16: plain ``nn.LayerNorm`` norms, ``Block.forward(x)``."""
+
     def __init__(self, img_size=16, patch_size=4, in_chans=3, num_classes=7, embed_dim=32, depth=2, num_heads=2):
         super().__init__()
         self.patch_embed = TPatchEmbed(img_size, patch_size, in_chans, embed_dim)
@@ -274,3 +277,320 @@ class VisionTransformer(nn.Module):
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
         x = self.norm(self.blocks(self.pos_drop(x)))
         return self.head(x[:, 0])
+
+
+# --------------------------------------------------------------------------- timm ViT today (1.0.31)
+# Written from the facts file's "timm today" section. The norm classes report timm's module name
+# (``timm.layers.norm``), as ``type(m).__module__`` does for the real ones: optimize recognises
+# norms by the qualified name of the class that defines ``forward``.
+class LayerNorm(nn.LayerNorm):
+    """``timm.layers.LayerNorm`` (the ViT norm since timm 1.0.16): ``F.layer_norm``; in timm's
+    fast-norm mode (``_fast_norm``) it runs in the autocast dtype instead."""
+
+    __module__ = "timm.layers.norm"
+
+    def __init__(self, num_channels, eps=1e-6, affine=True, fast_norm=False):
+        super().__init__(num_channels, eps=eps, elementwise_affine=affine)
+        self._fast_norm = fast_norm
+
+    def forward(self, x):
+        if self._fast_norm and torch.is_autocast_enabled(x.device.type):
+            dt = torch.get_autocast_dtype(x.device.type)
+            w = self.weight.to(dt) if self.weight is not None else None
+            b = self.bias.to(dt) if self.bias is not None else None
+            with torch.autocast(x.device.type, enabled=False):
+                return F.layer_norm(x.to(dt), self.normalized_shape, w, b, self.eps)
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+class LayerNormFp32(nn.LayerNorm):
+    """``timm.layers.LayerNormFp32``: computed in float32, returned in the input dtype."""
+
+    __module__ = "timm.layers.norm"
+
+    def forward(self, x):
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """``timm.layers.LayerNorm2d``: normalises the channels of an NCHW tensor."""
+
+    __module__ = "timm.layers.norm"
+
+    def forward(self, x):
+        x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class RmsNorm(nn.Module):
+    __module__ = "timm.layers.norm"
+
+    def __init__(self, channels, eps=1e-6):
+        super().__init__()
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(channels))
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim, init_values=1e-5):
+        super().__init__()
+        self.gamma = nn.Parameter(init_values * torch.ones(dim))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class DropPath(nn.Module):
+    def __init__(self, p):
+        super().__init__()
+        self.drop_prob = p
+
+    def forward(self, x):
+        if not self.training or self.drop_prob == 0:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - self.drop_prob)
+        return x * keep / (1 - self.drop_prob)
+
+
+class TimmAttention(nn.Module):
+    """timm 1.0.31 ``Attention``: ``forward(x, attn_mask=None, is_causal=False)`` on SDPA."""
+
+    def __init__(self, dim, num_heads=8, attn_head_dim=None, dim_out=None, qkv_bias=False, qk_norm=False,
+                 scale_norm=False, proj_bias=True, gated=False, attn_drop=0.0, proj_drop=0.0, norm_layer=None):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = attn_head_dim or dim // num_heads
+        self.attn_dim = self.num_heads * self.head_dim
+        self.scale = self.head_dim ** -0.5
+        self.fused_attn = True
+        self.qkv = nn.Linear(dim, 3 * self.attn_dim, bias=qkv_bias)
+        self.q_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.norm = norm_layer(self.attn_dim) if scale_norm else nn.Identity()
+        self.gate = nn.Linear(dim, self.attn_dim, bias=qkv_bias) if gated else None
+        self.proj = nn.Linear(self.attn_dim, dim_out or dim, bias=proj_bias)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        B, N, _ = x.shape
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = self.q_norm(q), self.k_norm(k)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                           dropout_p=self.attn_drop.p if self.training else 0.0)
+        x = self.norm(x.transpose(1, 2).reshape(B, N, self.attn_dim))
+        if gate is not None:
+            x = x * gate
+        return self.proj_drop(self.proj(x))
+
+
+class TimmBlock(nn.Module):
+    """timm 1.0.31 ``Block``; children ``norm1, attn, ls1, drop_path1, norm2, mlp, ls2, drop_path2``."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, qk_norm=False, init_values=None,
+                 drop_path=0.0, norm_layer=LayerNorm):
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = TimmAttention(dim, num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm, norm_layer=norm_layer)
+        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+class ResPostBlock(TimmBlock):
+    """timm's post-norm block: the pre-norm block's children, norms after attention and MLP."""
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        x = x + self.drop_path1(self.norm1(self.attn(x, attn_mask=attn_mask, is_causal=is_causal)))
+        return x + self.drop_path2(self.norm2(self.mlp(x)))
+
+
+class PatchEmbed(nn.Module):
+    """timm 1.0.31 ``timm.layers.PatchEmbed`` (output_fmt as a plain string here)."""
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, norm_layer=None, flatten=True,
+                 output_fmt=None, bias=True, strict_img_size=True, dynamic_img_pad=False):
+        super().__init__()
+        self.patch_size = (patch_size, patch_size)
+        self.img_size = (img_size, img_size)
+        self.grid_size = (img_size // patch_size, img_size // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        if output_fmt is not None:
+            self.flatten, self.output_fmt = False, output_fmt
+        else:
+            self.flatten, self.output_fmt = flatten, "NCHW"
+        self.strict_img_size, self.dynamic_img_pad = strict_img_size, dynamic_img_pad
+        self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, patch_size, bias=bias)
+        self.norm = norm_layer(embed_dim) if norm_layer else nn.Identity()
+
+    def feat_ratio(self, as_scalar=True):
+        return max(self.patch_size) if as_scalar else self.patch_size
+
+    def dynamic_feat_size(self, img_size):
+        if self.dynamic_img_pad:
+            return math.ceil(img_size[0] / self.patch_size[0]), math.ceil(img_size[1] / self.patch_size[1])
+        return img_size[0] // self.patch_size[0], img_size[1] // self.patch_size[1]
+
+    def forward(self, x):
+        _, _, H, W = x.shape
+        if self.strict_img_size:
+            if (H, W) != self.img_size:
+                raise AssertionError(f"Input size ({H}, {W}) doesn't match model {self.img_size}.")
+        elif not self.dynamic_img_pad and (H % self.patch_size[0] or W % self.patch_size[1]):
+            raise AssertionError(f"Input size ({H}, {W}) should be divisible by patch size {self.patch_size}.")
+        if self.dynamic_img_pad:
+            x = F.pad(x, (0, (-W) % self.patch_size[1], 0, (-H) % self.patch_size[0]))
+        x = self.proj(x)
+        if self.flatten:
+            x = x.flatten(2).transpose(1, 2)
+        elif self.output_fmt == "NHWC":
+            x = x.permute(0, 2, 3, 1)
+        elif self.output_fmt == "NLC":
+            x = x.flatten(2).transpose(1, 2)
+        return self.norm(x)
+
+
+def resample_abs_pos_embed(pos_embed, new_size, old_size, num_prefix_tokens):
+    if tuple(new_size) == tuple(old_size):
+        return pos_embed
+    prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    D = grid.shape[-1]
+    grid = grid.reshape(1, old_size[0], old_size[1], D).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid.float(), size=tuple(new_size), mode="bicubic", antialias=True).to(pos_embed.dtype)
+    return torch.cat([prefix, grid.permute(0, 2, 3, 1).reshape(1, -1, D)], dim=1)
+
+
+def feature_take_indices(num_blocks, indices=None):
+    if indices is None:
+        indices = num_blocks
+    if isinstance(indices, int):
+        take = [num_blocks - indices + i for i in range(indices)]
+    else:
+        take = [num_blocks + i if i < 0 else i for i in indices]
+    return take, max(take)
+
+
+class VisionTransformer(nn.Module):
+    """timm 1.0.31 ``VisionTransformer`` (class token, learned absolute position embedding)."""
+
+    def __init__(self, img_size=16, patch_size=4, in_chans=3, num_classes=7, global_pool="token", embed_dim=32,
+                 depth=2, num_heads=2, mlp_ratio=4.0, qkv_bias=True, qk_norm=False, init_values=None,
+                 class_token=True, no_embed_class=False, dynamic_img_size=False, dynamic_img_pad=False,
+                 drop_path_rate=0.0, norm_layer=LayerNorm, block_fn=TimmBlock):
+        super().__init__()
+        self.num_classes, self.global_pool = num_classes, global_pool
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.num_prefix_tokens = 1 if class_token else 0
+        self.no_embed_class, self.dynamic_img_size = no_embed_class, dynamic_img_size
+        self.grad_checkpointing = False
+        kw = dict(flatten=False, output_fmt="NHWC", strict_img_size=False) if dynamic_img_size else {}
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, dynamic_img_pad=dynamic_img_pad, **kw)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        self.reg_token = None
+        L = self.patch_embed.num_patches + (0 if no_embed_class else self.num_prefix_tokens)
+        self.pos_embed = nn.Parameter(torch.randn(1, L, embed_dim) * 0.02)
+        self.pos_drop, self.patch_drop, self.norm_pre = nn.Dropout(0.0), nn.Identity(), nn.Identity()
+        self.blocks = nn.Sequential(*[
+            block_fn(embed_dim, num_heads, mlp_ratio, qkv_bias, qk_norm, init_values,
+                     drop_path_rate * i / max(depth - 1, 1), norm_layer)
+            for i in range(depth)
+        ])
+        use_fc_norm = global_pool == "avg"
+        self.norm = nn.Identity() if use_fc_norm else norm_layer(embed_dim)
+        self.attn_pool = None
+        self.fc_norm = norm_layer(embed_dim) if use_fc_norm else nn.Identity()
+        self.head_drop = nn.Dropout(0.0)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def set_grad_checkpointing(self, enable=True):
+        self.grad_checkpointing = enable
+
+    def reset_classifier(self, num_classes, global_pool=None):
+        self.num_classes = num_classes
+        if global_pool is not None:
+            self.global_pool = global_pool
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def _pos_embed(self, x):
+        prefix = [self.cls_token.expand(x.shape[0], -1, -1)] if self.cls_token is not None else []
+        if self.dynamic_img_size:
+            B, H, W, C = x.shape
+            pos_embed = resample_abs_pos_embed(self.pos_embed, (H, W), self.patch_embed.grid_size,
+                                               0 if self.no_embed_class else self.num_prefix_tokens)
+            x = x.view(B, -1, C)
+        else:
+            pos_embed = self.pos_embed
+        if self.no_embed_class:
+            x = torch.cat(prefix + [x + pos_embed], dim=1)
+        else:
+            x = torch.cat(prefix + [x], dim=1) + pos_embed
+        return self.pos_drop(x)
+
+    def _run_blocks(self, blocks, x, attn_mask, is_causal, each=None):
+        for i, blk in enumerate(blocks):
+            if attn_mask is not None or is_causal:
+                x = blk(x, attn_mask=attn_mask, is_causal=is_causal)
+            elif self.grad_checkpointing:
+                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+            if each is not None:
+                each(i, x)
+        return x
+
+    def forward_intermediates(self, x, indices=None, return_prefix_tokens=False, norm=False, stop_early=False,
+                              output_fmt="NCHW", intermediates_only=False, output_dict=False, attn_mask=None,
+                              is_causal=False):
+        if output_fmt not in ("NCHW", "NLC"):
+            raise AssertionError("Output format must be one of NCHW or NLC.")
+        take, max_index = feature_take_indices(len(self.blocks), indices)
+        B, _, height, width = x.shape
+        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+        blocks = self.blocks[:max_index + 1] if stop_early else self.blocks
+        inter = []
+        x = self._run_blocks(blocks, x, attn_mask, is_causal,
+                             lambda i, y: inter.append(self.norm(y) if norm else y) if i in take else None)
+        n = self.num_prefix_tokens
+        prefix = [y[:, :n] for y in inter] if n else None
+        inter = [y[:, n:] for y in inter]
+        if output_fmt == "NCHW":
+            H, W = self.patch_embed.dynamic_feat_size((height, width))
+            inter = [y.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous() for y in inter]
+        if output_dict:
+            out = {"image_intermediates": inter}
+            if prefix is not None and return_prefix_tokens:
+                out["image_intermediates_prefix"] = prefix
+            if not intermediates_only:
+                out["image_features"] = self.norm(x)
+            return out
+        if return_prefix_tokens and prefix is not None:
+            inter = list(zip(inter, prefix))
+        return inter if intermediates_only else (self.norm(x), inter)
+
+    def forward_features(self, x, attn_mask=None, is_causal=False):
+        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+        if attn_mask is None and not is_causal and not self.grad_checkpointing:
+            x = self.blocks(x)
+        else:
+            x = self._run_blocks(self.blocks, x, attn_mask, is_causal)
+        return self.norm(x)
+
+    def forward_head(self, x, pre_logits=False):
+        x = x[:, self.num_prefix_tokens:].mean(1) if self.global_pool == "avg" else x[:, 0]
+        x = self.head_drop(self.fc_norm(x))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        return self.forward_head(self.forward_features(x, attn_mask=attn_mask, is_causal=is_causal))
