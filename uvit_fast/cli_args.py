@@ -156,6 +156,30 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="no progress bar (stderr; shown only on a terminal by default)")
 
 
+# kernels: what `uvit_fast.kernel_report` knows (kept here so --help imports neither torch nor triton)
+KERNEL_REPORT_ARCHS = ("sm_90", "sm_80")
+KERNEL_REPORT_SHAPES = ("uvit-h2", "dit-xl2", "uvit-m4", "clip-l14-text", "clip-l14-vision", "vivit-b")
+KERNEL_REPORT_OPS = ("adaln", "adaln_residual", "patchify", "decoder", "skip_linear", "attention")
+
+
+def add_kernels_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--arch", choices=KERNEL_REPORT_ARCHS, default="sm_90", help=(
+        "GPU to compile for, without needing one: sm_90 (H100/H200) or sm_80 (A100); default sm_90"))
+    parser.add_argument("--shape", action="append", choices=KERNEL_REPORT_SHAPES, help=(
+        "only this model's shapes (repeatable; default all)"))
+    parser.add_argument("--op", action="append", choices=KERNEL_REPORT_OPS, help="only this op (repeatable; default all)")
+    parser.add_argument("--kernel", action="append", metavar="NAME", help=(
+        "only kernels whose name contains NAME, e.g. _attn_fwd or dkdv (repeatable; others are not compiled)"))
+    parser.add_argument("--dtype", action="append", choices=DTYPE_NAMES, help="only this dtype (repeatable; default all)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per compiled config")
+    parser.add_argument("--cache-dir", metavar="DIR", help=(
+        "Triton cache directory (default: Triton's own, ~/.triton/cache or TRITON_CACHE_DIR); a warm cache "
+        "turns the hour-long cold sweep into minutes"))
+    parser.add_argument("--strict", action="store_true", help="exit 1 when a config failed to compile")
+    parser.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=None,
+                        help="no progress bar (stderr; shown only on a terminal by default)")
+
+
 # name -> Subcommand; the order is the order of ``uvit-fast --help``
 SUBCOMMANDS: Dict[str, Subcommand] = {
     "info": Subcommand("uvit_fast.cli:run_info", "versions, devices and available attention backends", add_info_arguments),
@@ -165,6 +189,8 @@ SUBCOMMANDS: Dict[str, Subcommand] = {
                           add_profile_arguments),
     "bench": Subcommand("uvit_fast.bench.runner:run", "benchmark every op and model against eager, compile and SDPA",
                         add_bench_arguments),
+    "kernels": Subcommand("uvit_fast.kernel_report:run", "compile every kernel for sm_90/sm_80 without a GPU: registers, "
+                          "spills, shared memory, MMA, load widths, async copies", add_kernels_arguments),
 }
 
 

@@ -183,12 +183,13 @@ def _as_cuda_mode():
 
 
 @contextlib.contextmanager
-def compile_only(arch: Any = "sm_90") -> Iterator[List[Launch]]:
+def compile_only(arch: Any = "sm_90", kernels: Optional[List[str]] = None) -> Iterator[List[Launch]]:
     """Within the block, every ``kernel[grid](...)`` launch compiles for ``arch`` instead of running.
 
     Yields the list that collects one :class:`Launch` per launch. Autotuned kernels compile every
     config their ``early_config_prune`` keeps (the others are recorded as ``pruned``); compile
     errors are recorded, not raised. Kernel outputs stay as the launcher allocated them.
+    ``kernels``: compile only kernels whose name contains one of these strings (others are skipped).
     """
     import torch
     from triton.runtime.autotuner import Autotuner, Heuristics
@@ -218,8 +219,10 @@ def compile_only(arch: Any = "sm_90") -> Iterator[List[Launch]]:
         return res
 
     def launch(kernel, grid, args, kwargs):
+        name = _jit_name(kernel)
+        if kernels and not any(k in name for k in kernels):
+            return
         if isinstance(kernel, Autotuner):
-            name = _jit_name(kernel.fn)
             if len(kernel.configs) > 1:
                 kernel.nargs = dict(zip(kernel.arg_names, args))
                 try:
@@ -228,14 +231,16 @@ def compile_only(arch: Any = "sm_90") -> Iterator[List[Launch]]:
                     kernel.nargs = None
             else:
                 kept = list(kernel.configs)
-            results = [compile_one(kernel.fn, grid, args, kwargs, c.all_kwargs(), _config_dict(c), i)
+            tiles = {k: v for k, v in kwargs.items() if k.startswith("BLOCK_")}  # the launcher's own tiles
+            results = [compile_one(kernel.fn, grid, args, kwargs, c.all_kwargs(), dict(tiles, **_config_dict(c)), i)
                        for i, c in enumerate(kept)]
-            results += [ConfigResult(config=_config_dict(c), status="pruned") for c in kernel.configs if c not in kept]
+            results += [ConfigResult(config=dict(tiles, **_config_dict(c)), status="pruned")
+                        for c in kernel.configs if c not in kept]
             launches.append(Launch(name, True, results))
         else:
             opts = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
             cfg = dict({k: v for k, v in kwargs.items() if k.isupper()}, **opts)
-            launches.append(Launch(_jit_name(kernel), False, [compile_one(kernel, grid, args, kwargs, {}, cfg, 0)]))
+            launches.append(Launch(name, False, [compile_one(kernel, grid, args, kwargs, {}, cfg, 0)]))
 
     def getitem(kernel, grid):
         return lambda *args, **kwargs: launch(kernel, grid, args, kwargs)
@@ -263,7 +268,7 @@ def compile_only(arch: Any = "sm_90") -> Iterator[List[Launch]]:
 # ------------------------------------------------------------------------------------------------
 
 _LD_GLOBAL = re.compile(r"\bld\.global((?:\.[\w:]+)*?)(?:\.v(\d))?\.[bfsu](\d+)\b")
-_CP_ASYNC = re.compile(r"\bcp\.async\.c[ag]\.shared(?:::\w+)?\.global(?:\.[\w:]+)*\s+\[[^\]]*\],\s*\[[^\]]*\],\s*(\d+)")
+_CP_ASYNC = re.compile(r"\bcp\.async\.c[ag]\.shared(?:::\w+)?\.global(?:\.[\w:]+)*\s+\[[^\]]*\],\s*\[[^\]]*\],\s*(0x[0-9a-fA-F]+|\d+)")
 _TMA = re.compile(r"\bcp\.async\.bulk\.tensor\b")
 _LABEL = re.compile(r"^(\$L__BB\d+_\d+):", re.M)
 _BRANCH = re.compile(r"\bbra(?:\.uni)?\s+(\$L__BB\d+_\d+);")
@@ -295,7 +300,8 @@ def _cp_async(ptx: str, spans=None) -> Dict[int, int]:
     for m in _CP_ASYNC.finditer(ptx):
         if spans is not None and not any(a <= m.start() < b for a, b in spans):
             continue
-        out[int(m.group(1))] = out.get(int(m.group(1)), 0) + 1
+        size = int(m.group(1), 0)
+        out[size] = out.get(size, 0) + 1
     return out
 
 
@@ -391,3 +397,298 @@ def loop_load_width(facts: Dict[str, Any]) -> Tuple[int, int]:
     and ``cp.async``); ``(0, 0)`` when a kernel has no loop reads."""
     widths = list(facts["loop_loads"]) + list(facts["loop_cp_async_sizes"])
     return (max(widths), min(widths)) if widths else (0, 0)
+
+
+# ------------------------------------------------------------------------------------------------
+# The flagship shapes and the launches of every kernel at them
+# ------------------------------------------------------------------------------------------------
+
+DTYPES = ("bf16", "fp16", "fp32")
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """One model's kernel shapes. ``tokens`` counts the extras (non-patch tokens) too."""
+
+    name: str
+    title: str
+    dim: int
+    heads: int
+    tokens: int
+    batch: int
+    ops: Tuple[str, ...]
+    extras: int = 0
+    causal: bool = False
+    image: Tuple[int, ...] = ()  # (C, [T,] H, W) of the patch embedding's input
+    patch: Tuple[int, ...] = ()  # ([t,] p, p)
+    out_chans: int = 0  # channels the decoder writes
+    norm: str = "ln"  # "ln": LayerNorm with weight and bias; "adaln": DiT's modulation, no affine
+    prefix: bool = False  # patch embedding writes a class token (CLIP / ViViT)
+
+
+SHAPES: Tuple[Shape, ...] = (
+    Shape("uvit-h2", "U-ViT-H/2 (latent 256 px)", 1152, 16, 258, 32, extras=2, image=(4, 32, 32), patch=(2, 2),
+          out_chans=4, ops=("adaln", "adaln_residual", "patchify", "decoder", "skip_linear", "attention")),
+    Shape("dit-xl2", "DiT-XL/2 (latent 256 px)", 1152, 16, 256, 32, image=(4, 32, 32), patch=(2, 2), out_chans=8,
+          norm="adaln", ops=("adaln", "adaln_residual", "patchify", "decoder", "attention")),
+    Shape("uvit-m4", "U-ViT-M/4 (ImageNet 64 px)", 768, 12, 258, 32, extras=2, image=(3, 64, 64), patch=(4, 4),
+          out_chans=3, ops=("adaln", "adaln_residual", "patchify", "decoder", "skip_linear", "attention")),
+    Shape("clip-l14-text", "CLIP ViT-L/14 text tower (causal)", 768, 12, 77, 32, causal=True,
+          ops=("adaln", "adaln_residual", "attention")),
+    Shape("clip-l14-vision", "CLIP ViT-L/14 image patch embedding", 1024, 16, 257, 8, image=(3, 224, 224),
+          patch=(14, 14), prefix=True, ops=("patchify",)),
+    Shape("vivit-b", "ViViT-B tubelet embedding 2x16x16", 768, 12, 3137, 2, image=(3, 32, 224, 224),
+          patch=(2, 16, 16), prefix=True, ops=("patchify",)),
+)
+
+OPS = ("adaln", "adaln_residual", "patchify", "decoder", "skip_linear", "attention")
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def _randn(*shape, dtype):
+    import torch
+
+    return torch.randn(*shape).to(dtype)
+
+
+def _launch_adaln(s: Shape, dt, residual: bool) -> None:
+    from uvit_fast.kernels import adaln_layer_norm as k
+
+    B, L, D = s.batch, s.tokens, s.dim
+    x = _randn(B, L, D, dtype=dt)
+    if s.norm == "adaln":  # DiT: shift/scale/gate are chunks of one (B, 6D) modulation
+        mod = _randn(B, 6 * D, dtype=dt)
+        shift, scale, gate = mod[:, :D], mod[:, D:2 * D], mod[:, 2 * D:3 * D]
+        weight = bias = None
+        eps, offset = 1e-6, 1.0
+    else:
+        shift = scale = gate = None
+        weight, bias = _randn(D, dtype=dt), _randn(D, dtype=dt)
+        eps, offset = 1e-5, 0.0
+    dy = _randn(B, L, D, dtype=dt)
+    if residual:
+        branch = _randn(B, L, D, dtype=dt)
+        xn, y, mean, rstd = k.residual_adaln_layer_norm_forward(x, branch, gate, shift, scale, weight, bias, eps,
+                                                                offset, dt, dt)
+        k.adaln_layer_norm_backward(dy, dy, xn, branch, gate, shift, scale, weight, bias, mean, rstd, offset, dt,
+                                    residual=True)
+    else:
+        y, mean, rstd = k.adaln_layer_norm_forward(x, shift, scale, weight, bias, eps, offset, dt)
+        k.adaln_layer_norm_backward(dy, None, x, None, None, shift, scale, weight, bias, mean, rstd, offset, dt)
+
+
+def _launch_patchify(s: Shape, dt) -> None:
+    from uvit_fast.kernels import patchify_embed as k
+
+    x = _randn(s.batch, *s.image, dtype=dt)
+    weight = _randn(s.dim, s.image[0], *s.patch, dtype=dt)
+    n_patch = s.tokens - (1 if s.prefix else s.extras)
+    # CLIP's conv has no bias and a class token; U-ViT's extras (time, label) are written by the model
+    bias = None if s.prefix else _randn(s.dim, dtype=dt)
+    prefix = _randn(1, 1, s.dim, dtype=dt) if s.prefix else None
+    pos = _randn(1, s.tokens if s.prefix else n_patch, s.dim, dtype=dt)
+    out = k.patchify_embed_forward(x, weight, bias, prefix, pos)
+    k.patchify_embed_backward(_randn(*out.shape, dtype=dt), x, weight, extras=1 if s.prefix else 0,
+                              need_bias=bias is not None)
+
+
+def _launch_decoder(s: Shape, dt) -> None:
+    from uvit_fast.kernels import decoder_unpatchify as k
+
+    tokens = _randn(s.batch, s.tokens, s.dim, dtype=dt)
+    n_out = s.out_chans
+    for p in s.patch:
+        n_out *= p
+    weight, bias = _randn(n_out, s.dim, dtype=dt), _randn(n_out, dtype=dt)
+    grid = tuple(n // p for n, p in zip(s.image[1:], s.patch))
+    img = k.decoder_unpatchify_forward(tokens, weight, bias, s.patch, grid, extras=s.extras)
+    k.decoder_unpatchify_backward(_randn(*img.shape, dtype=dt), tokens, weight, s.patch, grid, extras=s.extras)
+
+
+def _launch_skip_linear(s: Shape, dt) -> None:
+    from uvit_fast.kernels import skip_concat_linear as k
+
+    B, L, D = s.batch, s.tokens, s.dim
+    h, skip = _randn(B, L, D, dtype=dt), _randn(B, L, D, dtype=dt)
+    weight, bias = _randn(D, 2 * D, dtype=dt), _randn(D, dtype=dt)
+    k.skip_concat_linear_forward(h, skip, weight, bias)
+    dy = _randn(B, L, D, dtype=dt)
+    k.skip_concat_linear_backward_input(dy, weight)
+    k.skip_concat_linear_backward_weight(dy, h, skip, compute_bias=True)
+    k.skip_concat_linear_backward_weight(dy, h, skip, compute_bias=False)
+
+
+def _launch_attention(s: Shape, dt) -> None:
+    from uvit_fast.kernels import attention as k
+
+    B, L, H = s.batch, s.tokens, s.heads
+    hd = s.dim // H
+    qkv = _randn(B, L, 3, H, hd, dtype=dt)  # the models' packed qkv projection, read through views
+    q, kk, v = qkv.unbind(2)
+    out, stats = k.attention_forward(q, kk, v, causal=s.causal)
+    k.attention_qkvpacked_backward(_randn(*out.shape, dtype=dt), qkv, out, stats, causal=s.causal)
+
+
+_LAUNCHERS: Dict[str, Callable] = {
+    "adaln": lambda s, dt: _launch_adaln(s, dt, residual=False),
+    "adaln_residual": lambda s, dt: _launch_adaln(s, dt, residual=True),
+    "patchify": _launch_patchify,
+    "decoder": _launch_decoder,
+    "skip_linear": _launch_skip_linear,
+    "attention": _launch_attention,
+}
+
+
+@dataclasses.dataclass
+class Case:
+    shape: Shape
+    op: str
+    dtype: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.shape.name}/{self.op}/{self.dtype}"
+
+
+def cases(shapes=None, ops=None, dtypes=None) -> List[Case]:
+    """Every (shape, op, dtype), filtered by shape names / op names / dtype names."""
+    out = []
+    for s in SHAPES:
+        if shapes and s.name not in shapes:
+            continue
+        for op in s.ops:
+            if ops and op not in ops:
+                continue
+            for dt in DTYPES:
+                if not dtypes or dt in dtypes:
+                    out.append(Case(s, op, dt))
+    return out
+
+
+def run_case(case: Case, arch: Any = "sm_90", kernels: Optional[List[str]] = None) -> List[Launch]:
+    """Compile every launch of ``case`` for ``arch`` (only kernels whose name contains one of
+    ``kernels``, when given)."""
+    with compile_only(arch, kernels=kernels) as launches:
+        _LAUNCHERS[case.op](case.shape, _torch_dtype(case.dtype))
+    return launches
+
+
+def rows(case: Case, launches: List[Launch], arch: Any) -> List[Dict[str, Any]]:
+    """One flat dict per (launch, config): the report's rows."""
+    out = []
+    for launch in launches:
+        for r in launch.results:
+            row = {"shape": case.shape.name, "op": case.op, "dtype": case.dtype, "kernel": launch.kernel,
+                   "config": r.config, "status": r.status, "order": r.order, "programs": r.programs,
+                   "error": r.error}
+            if r.compiled is not None:
+                row.update(kernel_facts(r.compiled, arch))
+            out.append(row)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The report
+# ------------------------------------------------------------------------------------------------
+
+
+def _config_text(cfg: Dict[str, Any]) -> str:
+    tiles = [f"{k.replace('BLOCK_', 'B')}{v}" for k, v in cfg.items() if k.startswith("BLOCK_") and "TAIL" not in k]
+    return " ".join(tiles + [f"w{cfg.get('num_warps', '?')}", f"s{cfg.get('num_stages', '-')}"])
+
+
+def _load_text(row: Dict[str, Any]) -> str:
+    loads = row.get("loads") or {}
+    if not loads:
+        return "-"
+    w = max(loads)
+    kind = f"v{w // 4}.b32" if w >= 8 else ("b32" if w == 4 else f"b{8 * w}")
+    return f"{kind} ({w} B)"
+
+
+def _async_text(row: Dict[str, Any]) -> str:
+    parts = []
+    if row.get("cp_async"):
+        parts.append(f"cp.async x{row['cp_async']} ({'/'.join(str(k) for k in sorted(row['cp_async_sizes']))} B)")
+    if row.get("tma"):
+        parts.append(f"TMA x{row['tma']}")
+    return ", ".join(parts) or "none"
+
+
+def format_table(report_rows: List[Dict[str, Any]]) -> str:
+    """A fixed-width text table, one line per (case, kernel, config)."""
+    head = ("case", "kernel", "config", "#", "status", "regs", "spill B", "smem KiB", "blk/SM", "mma",
+            "widest load", "async copies")
+    lines = [head]
+    for r in report_rows:
+        ok = r["status"] in ("compiled", "oversize")
+        lines.append((
+            f"{r['shape']}/{r['op']}/{r['dtype']}", r["kernel"].lstrip("_"), _config_text(r["config"]),
+            "-" if r["order"] is None else str(r["order"]),
+            r["status"] if r["status"] != "error" else f"error: {r['error']}",
+            str(r["regs"]) if ok else "", str(r["spill_bytes"]) if ok else "",
+            f"{r['smem'] / 1024:.1f}" if ok else "", str(r["blocks_per_sm"]) if ok else "",
+            r["mma"] if ok else "", _load_text(r) if ok else "", _async_text(r) if ok else "",
+        ))
+    widths = [max(len(line[i]) for line in lines if i < len(line)) for i in range(len(head))]
+    widths[4] = min(widths[4], 40)
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
+
+
+def report(arch: Any = "sm_90", shapes=None, ops=None, dtypes=None, kernels=None,
+           progress: Optional[bool] = None) -> List[Dict[str, Any]]:
+    """Compile every selected case for ``arch`` and return the rows (see :func:`rows`)."""
+    import sys
+
+    selected = cases(shapes, ops, dtypes)
+    if not selected:
+        raise ValueError(f"no case matches shapes={shapes} ops={ops} dtypes={dtypes}; shapes are "
+                         f"{[s.name for s in SHAPES]}, ops {list(OPS)}, dtypes {list(DTYPES)}")
+    if progress is None:
+        progress = sys.stderr.isatty()
+    it = selected
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(selected, desc=f"compiling for {get_arch(arch).name}", unit="case", file=sys.stderr)
+    out = []
+    for case in it:
+        if progress:
+            it.set_postfix_str(case.name)
+        out.extend(rows(case, run_case(case, arch, kernels), arch))
+    return out
+
+
+def run(args) -> int:
+    """``uvit-fast kernels``: see :func:`uvit_fast.cli_args.add_kernels_arguments`."""
+    import json
+    import sys
+
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        print("uvit-fast kernels: unset TRITON_INTERPRET (the interpreter never compiles)", file=sys.stderr)
+        return 2
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, without its warning
+    if args.cache_dir:
+        import triton
+
+        triton.knobs.cache.dir = args.cache_dir
+    try:
+        out = report(args.arch, args.shape, args.op, args.dtype, args.kernel, progress=args.progress)
+    except ValueError as exc:
+        print(f"uvit-fast kernels: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        for r in out:
+            print(json.dumps(r, default=str))
+    else:
+        a = get_arch(args.arch)
+        print(f"# {a.name} ({a.gpu}: {a.sms} SMs, {a.smem_per_block // 1024} KiB shared memory per block, "
+              f"64K registers per SM); compiled ahead of time, nothing run")
+        print(format_table(out))
+    bad = [r for r in out if r["status"] == "error"]
+    return 1 if bad and args.strict else 0
