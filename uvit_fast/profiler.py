@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import re
 import sys
 import warnings
@@ -211,6 +212,47 @@ def time_forward(
     return out
 
 
+def measure_training(row: Dict[str, Any], batch: int, device: torch.device, *, fused: bool = True) -> Dict[str, Any]:
+    """Measured beside the memory model, on CUDA only: one AMP training step (fp32 weights,
+    bf16 autocast, AdamW) of ``batch`` samples: ``torch.cuda.max_memory_allocated`` and the
+    median step time. On other devices ``measured_skipped`` says why nothing was measured."""
+    if device.type != "cuda":
+        return {"measured_skipped": "no CUDA device: peak memory and step time are measured on a GPU only "
+                                    "(the memory fields are the model)"}
+    from uvit_fast.bench.core import time_fn
+
+    torch.cuda.empty_cache()
+    with torch.device(device):
+        model, _, _ = build_model(row["model"], row["img_size"], row["patch_size"], fused=fused)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    inputs = model.example_inputs(batch, device=device)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(*inputs)
+        out.float().square().mean().backward()
+        opt.step()
+
+    step()  # AdamW state exists from here on, as in a training run
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    t = time_fn(step, device, warmup=1, rep=5)
+    model = opt = inputs = None
+    torch.cuda.empty_cache()
+    return {
+        "measured_batch": batch,
+        "measured_path": "fused" if fused else "plain",
+        "measured_peak_bytes": int(peak),
+        "measured_step_ms": t["ms"],
+        "measured_device": device_label(device),
+    }
+
+
 DEFAULT_FAMILIES = ("UViT", "UViTT2I", "DiT")
 
 
@@ -247,8 +289,13 @@ def profile(
     fused: bool = True,
     force: bool = False,
     progress: Optional[bool] = None,
+    memory: bool = False,
+    gpu: str = "h100",
+    gpu_memory: Optional[int] = None,
 ) -> List[Dict[str, Any]]:
-    """Count (and with ``batch``, time) every entry of ``plan``; one dict per row."""
+    """Count (and with ``batch``, time) every entry of ``plan``; one dict per row. ``memory``
+    adds the modelled memory / traffic fields of :func:`uvit_fast.memory.memory_fields` and,
+    with ``batch`` on CUDA, a measured training step beside them."""
     from tqdm import tqdm
 
     plan = list(plan)
@@ -262,6 +309,13 @@ def profile(
         row = count_flops(item.model, item.img_size, item.patch_size)
         if batch is not None:
             row.update(time_forward(row, batch, device, dtype, fused=fused, force=force))
+        if memory:
+            from uvit_fast.memory import memory_fields
+
+            row.update(memory_fields(item.model, item.img_size, item.patch_size, gpu=gpu, gpu_memory=gpu_memory,
+                                     roofline_batch=batch or 64))
+            if batch is not None:
+                row.update(measure_training(row, batch, device, fused=fused))
         rows.append(row)
     bar.close()
     return rows
@@ -299,41 +353,209 @@ def format_table(rows: Sequence[Dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f}"
+
+
+def _split(d: Dict[str, float]) -> str:
+    return f"{sum(d.values()):.3f} ({d['gemm']:.3f}/{d['attention']:.3f}/{d['memory']:.3f})"
+
+
+def format_memory_table(rows: Sequence[Dict[str, Any]]) -> str:
+    """The ``--memory`` fields as a table, fused vs plain, with what they are said above it."""
+    from uvit_fast.memory import GPUS
+
+    rows = [r for r in rows if "saved_bytes_fused" in r]
+    if not rows:
+        return ""
+    gpu = GPUS[rows[0]["gpu"]]
+    head = [
+        "Training memory and HBM traffic per sample: MODELLED (counted on the meta device, bf16 activations), "
+        "not measured.",
+        "saved = activations autograd keeps for backward (MiB/sample; ckpt = every block checkpointed, peak); "
+        "HBM = bytes read + written per forward (MiB/sample, weights excluded); FLOP/B = forward FLOPs / HBM bytes.",
+        f"max batch: fits in {rows[0]['gpu_memory_bytes'] / 2**30:.1f} GiB with fp32 weights, grads and AdamW state "
+        "(16 B/param) + bf16 weight copies (2 B/param); no allocator slack or workspace.",
+        f"roofline: lower bound on {gpu.name} ({gpu.bf16_flops / 1e12:.0f} TFLOP/s bf16 dense, "
+        f"{gpu.hbm_bandwidth / 1e12:.2f} TB/s; datasheet), ms/sample at batch {rows[0]['roofline_batch']}: "
+        "forward total (GEMM/attention/memory-bound); step = forward + backward + AdamW.",
+    ]
+    headers = ["model", "patch", "tokens", "saved fused", "saved plain", "ckpt fused", "HBM fused", "HBM plain",
+               "FLOP/B fused", "FLOP/B plain", "max B fused", "max B plain", "max B ckpt",
+               "fwd roofline fused", "fwd roofline plain", "step fused", "step plain"]
+    body = []
+    for r in rows:
+        body.append([
+            r["model"], str(r["patch_size"]), str(r["tokens"]),
+            _mib(r["saved_bytes_fused"]), _mib(r["saved_bytes_plain"]), _mib(r["saved_bytes_checkpointed_fused"]),
+            _mib(r["hbm_bytes_fused"]), _mib(r["hbm_bytes_plain"]),
+            f"{r['intensity_fused']:.0f}", f"{r['intensity_plain']:.0f}",
+            str(r["max_batch_fused"]), str(r["max_batch_plain"]), str(r["max_batch_checkpointed_fused"]),
+            _split(r["roofline_fwd_ms_fused"]), _split(r["roofline_fwd_ms_plain"]),
+            f"{sum(r['roofline_step_ms_fused'].values()):.3f}", f"{sum(r['roofline_step_ms_plain'].values()):.3f}",
+        ])
+    widths = [max(len(h), *(len(c[i]) for c in body)) for i, h in enumerate(headers)]
+
+    def line(cells):
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    out = head + [line(headers), "  ".join("-" * w for w in widths)] + [line(c) for c in body]
+    for r in rows:
+        if "measured_peak_bytes" in r:
+            out.append(f"  {r['model']} p={r['patch_size']}: MEASURED on {r['measured_device']}, AMP training step of "
+                       f"batch {r['measured_batch']} ({r['measured_path']}): peak {r['measured_peak_bytes'] / 2**30:.2f} GiB "
+                       f"(torch.cuda.max_memory_allocated), {r['measured_step_ms']:.1f} ms")
+        elif "measured_skipped" in r:
+            out.append(f"  {r['model']} p={r['patch_size']}: not measured: {r['measured_skipped']}")
+    return "\n".join(out)
+
+
+# one marker per model family, and strong colours (no pastel pairs) for the lines of a family
+FAMILY_MARKERS = {"UViT": "o", "UViTT2I": "s", "DiT": "^", "ViT": "D", "ViViT": "v", "CLIP": "P"}
+_COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
+           "#bcbd22", "#000000", "#393b79", "#637939"]
+
+
+def _series(rows: Sequence[Dict[str, Any]], key) -> Dict[str, List[Tuple[int, float, str]]]:
+    """series -> sorted (tokens, value, model name) points."""
+    out: Dict[str, List[Tuple[int, float, str]]] = {}
+    for r in rows:
+        out.setdefault(r["series"], []).append((r["tokens"], key(r), r["model"]))
+    return {name: sorted(set(pts)) for name, pts in out.items()}
+
+
+def _family_of(rows: Sequence[Dict[str, Any]], name: str) -> str:
+    return next(r.get("arch", "") for r in rows if r["series"] == name)
+
+
+def _clusters(points: Sequence[Tuple[str, int, float, str]], rel: float = 0.06) -> List[List[Tuple[str, int, float, str]]]:
+    """Groups of points that would be drawn on top of each other (tokens and value both within
+    ``rel`` of the group's first point, on log axes)."""
+    groups: List[List[Tuple[str, int, float, str]]] = []
+    for p in sorted(points, key=lambda p: (p[1], p[2])):
+        for g in groups:
+            _, x, y, _ = g[0]
+            if abs(math.log(p[1] / x)) < rel and abs(math.log(p[2] / y)) < rel:
+                g.append(p)
+                break
+        else:
+            groups.append([p])
+    return groups
+
+
+def series_colors(rows: Sequence[Dict[str, Any]]) -> Dict[str, str]:
+    """A strong colour per series, distinct within each family (families differ by marker)."""
+    colors: Dict[str, str] = {}
+    count: Dict[str, int] = {}
+    for r in rows:
+        if r["series"] not in colors:
+            fam = r.get("arch", "")
+            colors[r["series"]] = _COLORS[count.get(fam, 0) % len(_COLORS)]
+            count[fam] = count.get(fam, 0) + 1
+    return colors
+
+
+def _draw(ax, rows, key, colors, linestyle=None, label_suffix="", annotate=True) -> None:
+    points = []
+    for name, pts in _series(rows, key).items():
+        fam = _family_of(rows, name)
+        style = linestyle or ("--" if fam == "DiT" else "-")
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], linestyle=style, color=colors[name], alpha=0.9,
+                marker=FAMILY_MARKERS.get(fam, "x"), markersize=6, markerfacecolor="none", markeredgewidth=1.4,
+                label=name + label_suffix)
+        points.extend((name, x, y, model) for x, y, model in pts)
+    if not annotate:
+        return
+    # points drawn on top of each other: concentric rings (largest first) and one label naming them all
+    for group in _clusters(points):
+        if len(group) < 2:
+            continue
+        for i, (name, x, y, _) in enumerate(group):
+            ax.plot([x], [y], linestyle="none", marker=FAMILY_MARKERS.get(_family_of(rows, name), "x"),
+                    markersize=6 + 5 * (len(group) - 1 - i), markerfacecolor="none", markeredgewidth=1.4,
+                    color=colors[name], label="_nolegend_")
+        _, x, y, _ = group[0]
+        ax.annotate("\n".join(model for _, _, _, model in group), (x, y), xytext=(14, -4), textcoords="offset points",
+                    fontsize="x-small", va="top", arrowprops=dict(arrowstyle="-", color="0.5", lw=0.6))
+
+
+def _reference_slopes(ax, rows, key) -> None:
+    """Guides from half the smallest point: cost proportional to L (dotted) and to L^2 (dash-dot)."""
+    x0, y0 = min((r["tokens"], key(r)) for r in rows)
+    x1 = max(r["tokens"] for r in rows)
+    if x1 <= x0:
+        return
+    y0 = y0 / 2
+    for power, style, label in ((1, ":", "∝ L (reference slope)"), (2, "-.", "∝ L² (reference slope)")):
+        y1 = y0 * (x1 / x0) ** power
+        ax.plot([x0, x1], [y0, y1], linestyle=style, color="0.35", linewidth=1.0, label=label)
+        ax.annotate("∝ L" if power == 1 else "∝ L²", (x1, y1), xytext=(4, 0), textcoords="offset points",
+                    fontsize="small", color="0.35", va="center")
+
+
 def make_figure(rows: Sequence[Dict[str, Any]]):
-    """Log-log GFLOPs per sample against tokens, one line per model (``series``). Uses the
-    object-oriented matplotlib API with the Agg canvas (no pyplot, no display needed)."""
+    """Log-log GFLOPs per sample against tokens, one line per model (``series``), one marker
+    per family (U-ViT circles, U-ViT-T2I squares, DiT triangles), points that coincide drawn as
+    concentric rings with one label naming them, and reference slopes for cost ∝ L and ∝ L².
+    Rows with the ``--memory`` fields get a second panel: activation memory saved for backward
+    per sample against tokens, fused (solid) and plain (dashed). Uses the object-oriented
+    matplotlib API with the Agg canvas (no pyplot, no display needed)."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise RuntimeError("profile --plot needs matplotlib: pip install 'uvit-fast[plot]'") from exc
-    series: Dict[str, List[Tuple[int, float]]] = {}
-    for r in rows:
-        series.setdefault(r["series"], []).append((r["tokens"], r["gflops"]))
-    fig = Figure(figsize=(9, 6), layout="constrained")
+        raise RuntimeError('profile --plot needs matplotlib: pip install -e ".[plot]"') from exc
+    memory = [r for r in rows if "saved_bytes_fused" in r]
+    fig = Figure(figsize=(16 if memory else 10, 7), layout="constrained")
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    colors = [f"C{i}" for i in range(10)] if len(series) <= 10 else list(_TAB20)
-    markers = "osD^v<>pPX*h"
-    for i, (name, pts) in enumerate(series.items()):
-        pts = sorted(set(pts))
-        dit = name.startswith("DiT")
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers[i % len(markers)], label=name,
-                color=colors[i % len(colors)], linestyle="--" if dit else "-", alpha=0.85)
+    ax = fig.add_subplot(1, 2 if memory else 1, 1)
+    colors = series_colors(rows)
+    _draw(ax, rows, lambda r: r["gflops"], colors)
+    _reference_slopes(ax, rows, lambda r: r["gflops"])
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("tokens per sample (patches + time/label/text tokens)")
+    ax.set_xlabel("tokens per sample L (patches + time/label/text tokens)")
     ax.set_ylabel("forward GFLOPs per sample (2 per multiply-add = 2 x papers' GFLOPs)")
-    ax.set_title("uvit-fast profile: FLOPs against token count")
+    ax.set_title("FLOPs against token count (counted)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize="small", ncol=2 if len(series) > 8 else 1)
+    ax.legend(fontsize="x-small", ncol=2 if len(colors) > 8 else 1, loc="upper left",
+              title="marker = family: o U-ViT, s U-ViT-T2I, ^ DiT (dashed)", title_fontsize="x-small")
+    if memory:
+        mx = fig.add_subplot(1, 2, 2)
+        _draw(mx, memory, lambda r: r["saved_bytes_fused"] / 2**20, colors, "-", " fused")
+        _draw(mx, memory, lambda r: r["saved_bytes_plain"] / 2**20, colors, "--", " plain", annotate=False)
+        _reference_slopes(mx, memory, lambda r: r["saved_bytes_fused"] / 2**20)
+        mx.set_xscale("log")
+        mx.set_yscale("log")
+        mx.set_xlabel("tokens per sample L")
+        mx.set_ylabel("activation memory saved for backward, MiB per sample (bf16)")
+        mx.set_title("Activation memory per sample (modelled on meta): fused vs plain")
+        mx.grid(True, which="both", alpha=0.3)
+        mx.legend(fontsize="x-small", ncol=2 if len(memory) > 8 else 1, loc="upper left")
     return fig
 
 
-_TAB20 = [  # matplotlib's tab20, so up to 20 lines have distinct colours
-    "#1f77b4", "#aec7e8", "#ff7f0e", "#ffbb78", "#2ca02c", "#98df8a", "#d62728", "#ff9896", "#9467bd", "#c5b0d5",
-    "#8c564b", "#c49c94", "#e377c2", "#f7b6d2", "#7f7f7f", "#c7c7c7", "#bcbd22", "#dbdb8d", "#17becf", "#9edae5",
-]
+PLOT_FORMATS = ("png", "pdf", "svg")
+
+
+def check_plot_path(path: str) -> None:
+    """Before any work: the folder of ``path`` exists and is writable, the suffix is one
+    matplotlib writes, and matplotlib is importable. ValueError (one line) otherwise."""
+    import importlib.util
+    import os
+
+    folder = os.path.dirname(os.path.abspath(path))
+    suffix = os.path.splitext(path)[1].lower().lstrip(".")
+    if suffix not in PLOT_FORMATS:
+        raise ValueError(f"profile: --plot {path}: the file name must end in .{', .'.join(PLOT_FORMATS)}")
+    if not os.path.isdir(folder):
+        raise ValueError(f"profile: --plot {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"profile: --plot {path}: folder {folder} is not writable")
+    if os.path.isdir(path):
+        raise ValueError(f"profile: --plot {path}: is a folder")
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ValueError(f"profile: --plot needs matplotlib: pip install -e \".[plot]\" (or 'uvit-fast[plot]')")
 
 
 def save_plot(rows: Sequence[Dict[str, Any]], path: str) -> None:
@@ -364,9 +586,12 @@ def run(args: argparse.Namespace) -> int:
                     f"profile: patch size {patch} does not divide the image size {size} of {item.model} "
                     f"(for latent models the image size is the latent size, e.g. 32 for 256 px)"
                 )
+        if args.plot:
+            check_plot_path(args.plot)
     except ValueError as exc:
         print(f"uvit-fast {exc}", file=sys.stderr)
         return 2
+    memory = getattr(args, "memory", False)
     device = _device()
     dtype = _DTYPES[args.dtype] if args.dtype else None
     if args.batch is not None and device.type == "cpu":
@@ -378,7 +603,8 @@ def run(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # meta-device / TF32 chatter
         rows = profile(plan, batch=args.batch, device=device, dtype=dtype, fused=args.fused, force=args.force,
-                       progress=args.progress)
+                       progress=args.progress, memory=memory, gpu=getattr(args, "gpu", "h100"),
+                       gpu_memory=getattr(args, "gpu_memory", None))
     if args.json:
         for r in rows:
             print(json.dumps({k: v for k, v in r.items() if k != "flops_by_op"}))
@@ -396,6 +622,9 @@ def run(args: argparse.Namespace) -> int:
         for r in rows:
             if "timing_skipped" in r:
                 print(f"  {r['model']} p={r['patch_size']}: not timed: {r['timing_skipped']}")
+        if memory:
+            print()
+            print(format_memory_table(rows))
     if args.plot:
         try:
             save_plot(rows, args.plot)
