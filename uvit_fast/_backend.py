@@ -16,6 +16,7 @@ import contextlib
 import functools
 import importlib
 import os
+import sys
 import threading
 from typing import Iterator, List, Optional, Tuple
 
@@ -128,11 +129,47 @@ def check_triton_device(op: str, device: torch.device) -> None:
         # is how the profiler counts the fused path's saved tensors and traffic
         return
     if device.type == "cpu" and interpreter_enabled():
+        compiled = compiled_before_interpreter()
+        if compiled:
+            raise BackendError(
+                f"{op}: TRITON_INTERPRET=1 was set after triton (and uvit_fast's kernels) had been imported, so "
+                f"their kernels were built for the GPU ({', '.join(compiled)}) and cannot run on CPU tensors; set "
+                "TRITON_INTERPRET=1 before importing uvit_fast or triton (e.g. `TRITON_INTERPRET=1 python "
+                "script.py`, or os.environ at the very top of the script)"
+            )
         return
     raise BackendError(
         f"{op}: backend='triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 "
         f"set before triton is imported; got tensors on {device}"
     )
+
+
+def compiled_before_interpreter() -> List[str]:
+    """Modules whose ``@triton.jit`` functions were built without the interpreter (``triton``'s
+    own ``triton.language.standard``, ``uvit_fast.kernels.*``), though ``TRITON_INTERPRET=1`` is
+    set now: the interpreter is chosen when a function is decorated, at import time, and an
+    interpreted kernel that calls a GPU-built one fails deep inside with an InterpreterError."""
+    if "triton" not in sys.modules:
+        return []
+    names = ("triton.language.standard",) + tuple(sorted(n for n in sys.modules if n.startswith("uvit_fast.kernels.")))
+    return list(_gpu_built(names))
+
+
+@functools.lru_cache(maxsize=64)
+def _gpu_built(names: Tuple[str, ...]) -> Tuple[str, ...]:
+    from triton.runtime.jit import JITFunction
+
+    out = []
+    for name in names:
+        module = sys.modules.get(name)
+        if module is None:
+            continue
+        for value in list(vars(module).values()):
+            fn = getattr(value, "fn", value)  # an Autotuner / Heuristics wraps the jitted function
+            if isinstance(value, JITFunction) or isinstance(fn, JITFunction):
+                out.append(name)
+                break
+    return tuple(out)
 
 
 def load_kernel(op: str, module: str):

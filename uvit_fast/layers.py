@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from uvit_fast import ops
+from uvit_fast.ops.patch_embed import _check_patchify_embed as check_patchify_embed
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -163,6 +164,8 @@ class PatchEmbed(nn.Module):
     ) -> torch.Tensor:
         if self.fused:
             return ops.patchify_embed(x, self.proj.weight, self.proj.bias, prefix=prefix, pos_embed=pos_embed)
+        # the fused op's argument checks, so both paths give the same clear dtype/device/shape errors
+        check_patchify_embed(x, self.proj.weight, self.proj.bias, prefix, pos_embed)
         out = self.proj(x).flatten(2).transpose(1, 2)
         if prefix is not None:
             out = torch.cat([prefix.expand(out.shape[0], -1, -1), out], dim=1)

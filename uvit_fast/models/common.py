@@ -62,3 +62,18 @@ def check_labels(
         lo, hi = int(y.min()), int(y.max())
         if lo < 0 or hi >= num_classes:
             raise ValueError(f"{model}: labels must lie in [0, {num_classes}); got values in [{lo}, {hi}]")
+
+
+def check_input_dtype(model: str, name: str, t: torch.Tensor, weight: torch.Tensor) -> None:
+    """A floating input that goes straight into a layer must have the layer's dtype, unless
+    ``torch.autocast`` is on for its device and casts both (it never casts float64): the same rule on the fused
+    and the plain path, with a message naming the argument instead of torch's ``mat1 and mat2``."""
+    if not t.is_floating_point():
+        raise TypeError(f"{model}: {name} must have a floating dtype; got {t.dtype}")
+    # autocast casts float32/16 inputs and weights to its dtype, but never float64 ones
+    cast = torch.is_autocast_enabled(t.device.type) and torch.float64 not in (t.dtype, weight.dtype)
+    if t.dtype != weight.dtype and not cast:
+        raise TypeError(
+            f"{model}: {name} has dtype {t.dtype} but the model's weights are {weight.dtype}; cast it "
+            f"({name}.to({weight.dtype})) or run under torch.autocast"
+        )

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.utils.checkpoint
 
 from uvit_fast.layers import Attention, LayerNorm, Mlp, PatchEmbed, SkipLinear, decode_tokens, timestep_embedding
-from uvit_fast.models.common import check_image, check_labels, check_timesteps
+from uvit_fast.models.common import check_image, check_input_dtype, check_labels, check_timesteps
 
 
 def _make_norm(norm_layer, dim: int, fused: bool) -> nn.Module:
@@ -265,5 +265,6 @@ class UViTT2I(_UViTBase):
             raise ValueError(f"UViTT2I: context must have shape {want} (B, num_clip_token, clip_dim); got {got}")
         if context.device != x.device:
             raise ValueError(f"UViTT2I: context is on {context.device} but x is on {x.device}; put them on one device")
+        check_input_dtype("UViTT2I", "context", context, self.context_embed.weight)
         prefix = torch.cat([self._time_token(timesteps), self.context_embed(context)], dim=1)
         return self._run(x, prefix)

@@ -1,0 +1,139 @@
+"""The errors a newcomer meets first: unknown model names, constructor arguments of another
+model family, checkpoints that do not fit a model built with overrides, inputs of the wrong
+dtype on either path, and TRITON_INTERPRET set too late."""
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+import uvit_fast
+from uvit_fast import _backend
+from uvit_fast.models import create_model, filter_models, load_upstream_checkpoint, suggest_models
+
+
+@pytest.mark.parametrize(
+    "wrong, right",
+    [("DiT-XL-2", "DiT-XL/2"), ("dit-s/2", "DiT-S/2"), ("DIT_B_4", "DiT-B/4"), ("imagenet256-uvit-huge", "imagenet256_uvit_huge")],
+)
+def test_unknown_model_suggests_the_name(wrong, right):
+    assert suggest_models(wrong)[0] == right
+    with pytest.raises(ValueError, match=f"unknown model '{wrong}'; did you mean '{right}'"):
+        create_model(wrong)
+
+
+def test_misspelt_model_gets_close_names():
+    hint = suggest_models("imagenet256_uvit_hug")
+    assert hint[0] == "imagenet256_uvit_huge"
+    with pytest.raises(ValueError, match="did you mean 'imagenet256_uvit_huge'"):
+        create_model("imagenet256_uvit_hug")
+    assert suggest_models("zzzzzz") == []
+    with pytest.raises(ValueError, match=r"unknown model 'zzzzzz'; uvit_fast.list_models\(\)"):
+        create_model("zzzzzz")
+
+
+def test_filter_models_ignores_case_and_separators():
+    assert filter_models("dit-xl") == ["DiT-XL/2", "DiT-XL/4", "DiT-XL/8"]
+    assert filter_models("UViT_Huge") == ["imagenet256_uvit_huge", "imagenet512_uvit_huge"]
+    assert filter_models(None) == uvit_fast.list_models()
+    assert filter_models("nothing-like-this") == []
+
+
+def test_argument_of_the_other_family_is_named():
+    with pytest.raises(TypeError, match=r"DiT has no argument 'img_size'; DiT's argument for the \(latent\) image size is 'input_size'"):
+        create_model("DiT-S/2", img_size=64)
+    with pytest.raises(TypeError, match=r"UViT has no argument 'input_size'; .* is 'img_size'"):
+        create_model("cifar10_uvit_small", input_size=32)
+    with pytest.raises(TypeError, match="DiT has no argument 'dept'; did you mean 'depth'"):
+        create_model("DiT-S/2", dept=3)
+    with torch.device("meta"):
+        assert create_model("DiT-S/2", input_size=64).pos_embed.shape[1] == 1024
+
+
+def test_checkpoint_mismatch_names_the_overrides():
+    with torch.device("meta"):
+        sd = create_model("cifar10_uvit_small", fused=False).state_dict()
+        small = create_model("cifar10_uvit_small", depth=3, fused=False)
+    with pytest.raises(ValueError, match=r"does not match the model create_model\('cifar10_uvit_small', depth=3\)") as exc:
+        load_upstream_checkpoint(small, sd)
+    assert "unexpected keys" in str(exc.value)
+    # a model built from the preset alone is named by the preset
+    with torch.device("meta"):
+        other = create_model("celeba64_uvit_small", fused=False)
+    with pytest.raises(ValueError, match="does not match the model celeba64_uvit_small\n"):
+        load_upstream_checkpoint(other, sd)
+
+
+_INPUTS = {
+    "DiT-S/2": lambda x: (x, torch.tensor([3]), torch.tensor([1])),
+    "cifar10_uvit_small": lambda x: (x, torch.tensor([3])),
+    "vit_tiny_patch16_224": lambda x: (x,),
+}
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
+@pytest.mark.parametrize("name", list(_INPUTS))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16], ids=["f64", "f16"])
+def test_input_dtype_error_is_the_same_on_both_paths(name, fused, dtype):
+    model = create_model(name, depth=1, fused=fused).eval()
+    shape = model.example_inputs(1)[0].shape
+    want = rf"patchify_embed: x, weight, bias must share one dtype; got x {dtype}, weight torch.float32"
+    with pytest.raises(TypeError, match=want), torch.no_grad():
+        model(*_INPUTS[name](torch.randn(shape, dtype=dtype)))
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
+def test_context_dtype_error_is_the_same_on_both_paths(fused):
+    model = create_model("mscoco_uvit_small", depth=1, fused=fused).eval()
+    x, t, context = model.example_inputs(1)
+    with pytest.raises(TypeError, match=r"UViTT2I: context has dtype torch.float64 but the model's weights are torch.float32"):
+        with torch.no_grad():
+            model(x, t, context.double())
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts fp16 context: allowed
+        assert model(x, t, context.half()).shape == x.shape
+
+
+def test_gpu_built_kernels_under_the_interpreter_are_a_backend_error(monkeypatch):
+    """A kernel module holding a @triton.jit function built without the interpreter, while
+    TRITON_INTERPRET=1 is set: a BackendError saying to set it before the import."""
+    pytest.importorskip("triton")
+    from triton.runtime.jit import JITFunction
+
+    def kernel(x):  # never launched
+        pass
+
+    fake = types.ModuleType("uvit_fast.kernels._gpu_built_probe")
+    fake.kernel = JITFunction(kernel)
+    monkeypatch.setitem(sys.modules, fake.__name__, fake)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(_backend.BackendError, match=r"set TRITON_INTERPRET=1 before importing uvit_fast or triton") as exc:
+        _backend.check_triton_device("attention", torch.device("cpu"))
+    assert "uvit_fast.kernels._gpu_built_probe" in str(exc.value)
+    monkeypatch.delitem(sys.modules, fake.__name__)
+    if not _backend.compiled_before_interpreter():  # this process was started with the interpreter
+        _backend.check_triton_device("attention", torch.device("cpu"))
+
+
+_LATE_INTERPRET = """
+import os, torch
+import uvit_fast
+x = torch.randn(1, 258, 72)
+w, b = torch.randn(72), torch.randn(72)
+uvit_fast.ops.adaln_layer_norm(x, None, None, w, b, 1e-6, backend="torch")  # triton is imported now
+os.environ["TRITON_INTERPRET"] = "1"
+try:
+    uvit_fast.ops.adaln_layer_norm(x, None, None, w, b, 1e-6, backend="triton")
+except uvit_fast.BackendError as exc:
+    print("BACKEND_ERROR", exc)
+"""
+
+
+@pytest.mark.slow
+def test_interpreter_set_after_import_in_a_fresh_process():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _LATE_INTERPRET], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "BACKEND_ERROR adaln_layer_norm: TRITON_INTERPRET=1 was set after triton" in out.stdout, out.stdout
+    assert "before importing uvit_fast or triton" in out.stdout
