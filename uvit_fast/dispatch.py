@@ -1,0 +1,354 @@
+"""Measured dispatch: under ``backend="auto"``, time an op's candidates once per key and keep the faster.
+
+PyTorch's max-autotune times its Triton templates against the ATen choice on the device and keeps
+the winner; this module does the same for the fused ops, so that ``optimize(model)`` never costs
+speed. The pieces:
+
+- :class:`DispatchKey`: what a decision is valid for: the op, inference or training, the shape with
+  its row count bucketed to a power of two, the dtypes, the device name and the torch / triton /
+  uvit-fast versions.
+- :func:`choose`: the decision itself. Every candidate is timed (a failing one is recorded with its
+  reason and left out); the fastest wins, and a tie goes to the first candidate, the PyTorch path,
+  so the Triton kernel runs only where it measures faster.
+- :class:`TuneCache`: decisions persist across processes in a JSON file (``UVIT_FAST_TUNE_CACHE``,
+  else ``$XDG_CACHE_HOME/uvit_fast/tune.json``), written atomically under a file lock and merged
+  with what other writers (several DDP ranks on one machine) stored meanwhile. A corrupt file, or
+  one written by other versions, is ignored with a warning.
+- :class:`Dispatcher`: the process-wide table of decisions, :func:`dispatch_report` prints it.
+
+``UVIT_FAST_TUNE=0`` turns timing off (``auto`` then runs Triton on CUDA tensors, as before).
+Timing is on by default for CUDA tensors; on CPU tensors under ``TRITON_INTERPRET=1`` it runs
+only when ``UVIT_FAST_TUNE=1`` asks for it (then with ``time.perf_counter``).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+ENV_TUNE = "UVIT_FAST_TUNE"
+ENV_CACHE = "UVIT_FAST_TUNE_CACHE"
+#: bumped when the file layout changes; a file of another format is ignored
+CACHE_FORMAT = 1
+
+Timer = Callable[[Callable[[], Any]], float]
+
+
+def tuning_enabled(device_type: str) -> bool:
+    """Whether ``auto`` measures on tensors of ``device_type``: ``UVIT_FAST_TUNE`` decides when set
+    (``0``/``off``/``false`` off, anything else on); unset, CUDA measures and CPU does not."""
+    value = os.environ.get(ENV_TUNE)
+    if value is not None and value.strip() != "":
+        return value.strip().lower() not in ("0", "off", "false", "no")
+    return device_type == "cuda"
+
+
+def bucket(n: int) -> int:
+    """The power of two at or above ``n`` (0 stays 0): row counts that differ only by a partial
+    last batch or by classifier-free guidance's doubling share a decision."""
+    if n <= 1:
+        return max(n, 0)
+    return 1 << (int(n) - 1).bit_length()
+
+
+def versions() -> Dict[str, str]:
+    """The versions a decision depends on."""
+    from uvit_fast import __version__
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:  # noqa: BLE001 - no triton: decisions can only be PyTorch's
+        triton_version = "none"
+    return {"torch": torch.__version__, "triton": triton_version, "uvit_fast": __version__}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return device.type
+
+
+@dataclasses.dataclass(frozen=True)
+class DispatchKey:
+    """What one decision is valid for. ``shape`` holds the op's dims with the row dim bucketed."""
+
+    op: str
+    training: bool
+    shape: Tuple[int, ...]
+    dtypes: Tuple[str, ...]
+    device: str
+
+    def __str__(self) -> str:
+        mode = "train" if self.training else "infer"
+        dims = "x".join(map(str, self.shape))
+        return f"{self.op}|{mode}|{dims}|{','.join(self.dtypes)}|{self.device}"
+
+
+def make_key(
+    op: str,
+    tensors: Sequence[Optional[torch.Tensor]],
+    *,
+    training: bool,
+    rows: int,
+    dims: Sequence[int] = (),
+) -> DispatchKey:
+    """The key of one call: ``rows`` is the op's long dim (``B*L`` for row-wise ops and GEMMs,
+    ``B*H`` for attention), bucketed; ``dims`` are kept exact (widths, head_dim, sequence length)."""
+    present = [t for t in tensors if t is not None]
+    if not present:
+        raise ValueError(f"make_key: {op} needs at least one tensor")
+    dtypes = tuple(str(t.dtype).replace("torch.", "") for t in present)
+    return DispatchKey(op, bool(training), (bucket(rows), *map(int, dims)), dtypes, device_name(present[0].device))
+
+
+@dataclasses.dataclass
+class Decision:
+    """The outcome for one key: the chosen candidate, every candidate's time in milliseconds (None
+    where it failed), why a candidate failed, and where the decision came from."""
+
+    key: str
+    choice: str
+    timings_ms: Dict[str, Optional[float]]
+    errors: Dict[str, str] = dataclasses.field(default_factory=dict)
+    source: str = "measured"  # measured | cache | broadcast
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"choice": self.choice, "timings_ms": self.timings_ms, "errors": self.errors}
+
+    @classmethod
+    def from_json(cls, key: str, data: Mapping[str, Any], source: str) -> "Decision":
+        timings = {str(k): (None if v is None else float(v)) for k, v in dict(data["timings_ms"]).items()}
+        choice = str(data["choice"])
+        if choice not in timings:
+            raise ValueError(f"decision for {key}: choice {choice!r} is not among the timed candidates")
+        return cls(key, choice, timings, {str(k): str(v) for k, v in dict(data.get("errors", {})).items()}, source)
+
+
+def cpu_timer(fn: Callable[[], Any], reps: int = 3) -> float:
+    """Median wall time of ``fn`` in milliseconds, after one warm-up call (CPU tensors)."""
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def cuda_timer(fn: Callable[[], Any]) -> float:
+    """``triton.testing.do_bench``'s median in milliseconds (it flushes L2 between runs)."""
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median"))
+
+
+def default_timer(device_type: str) -> Timer:
+    return cuda_timer if device_type == "cuda" else cpu_timer
+
+
+def choose(key: str, candidates: Mapping[str, Callable[[], Any]], timer: Timer) -> Decision:
+    """Time every candidate and keep the fastest. The first candidate is the baseline (the PyTorch
+    path): it wins ties, so another candidate must be strictly faster to be kept. A candidate that
+    raises is recorded with its reason; if every candidate fails, the first error is raised."""
+    if not candidates:
+        raise ValueError(f"choose: no candidates for {key}")
+    timings: Dict[str, Optional[float]] = {}
+    errors: Dict[str, str] = {}
+    first_error: Optional[BaseException] = None
+    for name, fn in candidates.items():
+        try:
+            timings[name] = float(timer(fn))
+        except Exception as exc:  # noqa: BLE001 - a candidate that cannot run here loses
+            timings[name] = None
+            errors[name] = f"{type(exc).__name__}: {exc}".strip()[:500]
+            first_error = first_error or exc
+    ok = [(t, i, name) for i, (name, t) in enumerate(timings.items()) if t is not None]
+    if not ok:
+        raise first_error  # type: ignore[misc] - every candidate failed, so one error was kept
+    _, _, best = min(ok)
+    return Decision(key, best, timings, errors)
+
+
+def default_cache_path() -> Path:
+    explicit = os.environ.get(ENV_CACHE)
+    if explicit:
+        return Path(explicit).expanduser()
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "uvit_fast" / "tune.json"
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``path.lock`` (POSIX; elsewhere the atomic rename alone)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - non-POSIX
+        yield
+        return
+    with open(f"{path}.lock", "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+class TuneCache:
+    """The decisions file: ``{"format", "versions", "decisions": {key: decision}}``."""
+
+    def __init__(self, path: Optional[os.PathLike] = None):
+        self.path = Path(path) if path is not None else default_cache_path()
+
+    def _read(self, warn: bool) -> Dict[str, Decision]:
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return {}
+        except OSError as exc:
+            if warn:
+                warnings.warn(f"uvit_fast: cannot read the tuning cache {self.path} ({exc}); ignoring it")
+            return {}
+        try:
+            data = json.loads(text)
+            if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT:
+                raise ValueError(f"format {data.get('format') if isinstance(data, dict) else None!r}, expected {CACHE_FORMAT}")
+            if data.get("versions") != versions():
+                if warn:
+                    warnings.warn(
+                        f"uvit_fast: the tuning cache {self.path} was written by {data.get('versions')}, "
+                        f"not {versions()}; ignoring it (it is replaced on the next write)"
+                    )
+                return {}
+            return {k: Decision.from_json(k, v, "cache") for k, v in dict(data["decisions"]).items()}
+        except (ValueError, KeyError, TypeError) as exc:
+            if warn:
+                warnings.warn(f"uvit_fast: the tuning cache {self.path} is corrupt ({exc}); ignoring it")
+            return {}
+
+    def load(self) -> Dict[str, Decision]:
+        """Every stored decision of these versions; a corrupt or foreign file gives ``{}`` and a warning."""
+        return self._read(warn=True)
+
+    def store(self, decisions: Mapping[str, Decision]) -> None:
+        """Merge ``decisions`` into the file: under the lock, read what is there (other processes
+        may have written since), add ours, and replace the file atomically."""
+        with _file_lock(self.path):
+            merged = self._read(warn=False)
+            merged.update(decisions)
+            payload = {
+                "format": CACHE_FORMAT,
+                "versions": versions(),
+                "decisions": {k: d.to_json() for k, d in sorted(merged.items())},
+            }
+            fd, tmp = tempfile.mkstemp(prefix=".tune-", suffix=".json", dir=str(self.path.parent))
+            try:
+                with os.fdopen(fd, "w") as fh:
+                    json.dump(payload, fh, indent=1)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, self.path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+
+
+class Dispatcher:
+    """The process-wide decisions: looked up by key, measured on a miss, written to the cache."""
+
+    def __init__(self, cache: Optional[TuneCache] = None):
+        self._cache = cache
+        self._loaded = False
+        self._decisions: Dict[str, Decision] = {}
+        self._lock = threading.RLock()
+
+    @property
+    def cache(self) -> TuneCache:
+        if self._cache is None:
+            self._cache = TuneCache()
+        return self._cache
+
+    def _ensure_loaded(self) -> None:
+        if not self._loaded:
+            self._loaded = True
+            for k, d in self.cache.load().items():
+                self._decisions.setdefault(k, d)
+
+    def lookup(self, key: DispatchKey) -> Optional[Decision]:
+        with self._lock:
+            self._ensure_loaded()
+            return self._decisions.get(str(key))
+
+    def decide(self, key: DispatchKey, candidates: Mapping[str, Callable[[], Any]], timer: Timer) -> Decision:
+        """The decision for ``key``: from this process or the cache, else measured now and stored."""
+        with self._lock:
+            found = self.lookup(key)
+            if found is not None:
+                return found
+            decision = choose(str(key), candidates, timer)
+            self._decisions[str(key)] = decision
+        try:
+            self.cache.store({str(key): decision})
+        except OSError as exc:
+            warnings.warn(f"uvit_fast: cannot write the tuning cache {self.cache.path} ({exc}); decisions stay in memory")
+        return decision
+
+    def install(self, decisions: Mapping[str, Decision], source: str = "broadcast") -> None:
+        """Take decisions made elsewhere (rank 0 of a distributed run)."""
+        with self._lock:
+            for k, d in decisions.items():
+                self._decisions[k] = dataclasses.replace(d, source=source)
+
+    def decisions(self) -> Dict[str, Decision]:
+        with self._lock:
+            return dict(self._decisions)
+
+    def clear(self) -> None:
+        """Forget this process's decisions (the file stays); the next lookup reads the file again."""
+        with self._lock:
+            self._decisions.clear()
+            self._loaded = False
+
+
+_DISPATCHER = Dispatcher()
+
+
+def dispatcher() -> Dispatcher:
+    return _DISPATCHER
+
+
+def format_decisions(decisions: Mapping[str, Decision]) -> str:
+    """One line per decision: key, choice, every candidate's time, failures with their reason."""
+    if not decisions:
+        return "no dispatch decisions in this process"
+    lines = []
+    for key, d in sorted(decisions.items()):
+        times = ", ".join(
+            f"{name} {'failed' if t is None else f'{t:.3f} ms'}" for name, t in d.timings_ms.items()
+        )
+        lines.append(f"{key}: {d.choice} ({d.source}; {times})")
+        for name, why in d.errors.items():
+            lines.append(f"    {name} failed: {why}")
+    return "\n".join(lines)
+
+
+def dispatch_report() -> str:
+    """Every decision taken (or read from the cache) in this process, one line each."""
+    return format_decisions(_DISPATCHER.decisions())
+
+
+def snapshot() -> List[Dict[str, Any]]:
+    """The decisions as JSON-ready rows (for ``tune`` and the benchmark's ``auto`` row)."""
+    return [{"key": k, "source": d.source, **d.to_json()} for k, d in sorted(_DISPATCHER.decisions().items())]
