@@ -206,6 +206,8 @@ def _residual_adaln_layer_norm_triton(x, branch, gate, shift, scale, weight, bia
     x_new, h, _, _ = torch.ops.uvit_fast.residual_adaln_layer_norm(
         x, branch, gate, shift, scale, weight, bias, float(eps), float(scale_offset), out_dtype
     )
+    if not any(t is not None and t.requires_grad for t in (x, branch, gate)):
+        x_new = x_new.detach()  # as the reference: x_new depends on x, branch and gate only
     return x_new, h
 
 
