@@ -14,6 +14,15 @@ os.environ.setdefault("UVIT_FAST_POISON", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# Hypothesis profiles (tests/test_properties.py; docs/testing.md). "ci", the default: a fixed
+# seed (derandomize) and a bounded budget, so that CI is reproducible and about a minute long.
+# "deep", by hand: HYPOTHESIS_PROFILE=deep python -m pytest tests/test_properties.py
+_PROFILE_SLOW_OK = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("ci", max_examples=10, derandomize=True, print_blob=True, **_PROFILE_SLOW_OK)
+settings.register_profile("deep", max_examples=200, derandomize=False, print_blob=True, **_PROFILE_SLOW_OK)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

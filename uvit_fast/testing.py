@@ -15,6 +15,8 @@ DEFAULT_ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2, 
 
 
 def max_abs_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    if a.numel() == 0:
+        return 0.0
     return (a.detach().double() - ref.detach().double()).abs().max().item()
 
 
@@ -62,3 +64,18 @@ class CustomOpRecorder(TorchDispatchMode):
         if str(func).startswith("uvit_fast."):
             self.ops.add(str(func))
         return func(*args, **(kwargs or {}))
+
+
+def assert_same_nonfinite(out: torch.Tensor, ref: torch.Tensor, *, name: str = "output") -> None:
+    """``out`` is non-finite (NaN or +-inf) exactly where ``ref`` is: NaN/Inf inputs propagate as
+    in the reference, and nowhere else."""
+    if out.shape != ref.shape:
+        raise AssertionError(f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}")
+    bad, ref_bad = ~torch.isfinite(out), ~torch.isfinite(ref)
+    if not torch.equal(bad, ref_bad):
+        extra = (bad & ~ref_bad).nonzero().tolist()[:5]
+        missing = (ref_bad & ~bad).nonzero().tolist()[:5]
+        raise AssertionError(
+            f"{name}: non-finite where the reference is finite at {extra}, "
+            f"finite where the reference is not at {missing} (first 5 of each)"
+        )
