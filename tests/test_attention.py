@@ -242,8 +242,9 @@ def test_autocast_matches_reference_under_autocast(device):
 
 
 def test_auto_backend_choice(device):
-    """'auto': our kernel on CUDA (float16/bfloat16/float32), SDPA otherwise (CPU, float64)."""
-    q, k, v = _make_qkv(1, 9, 9, 1, 72, torch.float32, device, "contig")
+    """'auto': our kernel on CUDA (float16/bfloat16, float32 with TF32), SDPA otherwise (CPU, float64,
+    exact float32)."""
+    q, k, v = _make_qkv(1, 9, 9, 1, 72, torch.float16 if device.type == "cuda" else torch.float32, device, "contig")
 
     def ops_called(*args):
         with FlopCounterMode(display=False) as m:
@@ -261,6 +262,37 @@ def test_auto_backend_choice(device):
         with FlopCounterMode(display=False) as m:
             attention(q, k, v)
     assert "uvit_fast.attention_fwd" in {str(op) for op in m.get_flop_counts()["Global"]}
+
+
+def test_auto_sends_exact_fp32_to_sdpa_on_cuda():
+    """The decision itself, without a GPU: exact fp32 (no TF32) spills catastrophically in the
+    kernel on CUDA cores, so 'auto' gives it to SDPA; 16-bit and TF32-allowed fp32 get the kernel."""
+    from uvit_fast.ops.attention import _auto_choice
+
+    assert _auto_choice("cuda", torch.float32, tf32_allowed=False) == "sdpa"
+    assert _auto_choice("cuda", torch.float32, tf32_allowed=True) == "triton"
+    for dtype in (torch.float16, torch.bfloat16):
+        assert _auto_choice("cuda", dtype, tf32_allowed=False) == "triton"
+    assert _auto_choice("cuda", torch.float64, tf32_allowed=True) == "sdpa"
+    assert _auto_choice("cpu", torch.float16, tf32_allowed=True) == "sdpa"
+
+
+def test_auto_routing_reads_the_tf32_setting_on_cuda(monkeypatch, restore_fp32_precision):
+    """_select on a (pretend) CUDA tensor: the TF32 setting decides fp32; backend='triton' forces
+    the kernel whatever the setting."""
+    attn_mod = importlib.import_module("uvit_fast.ops.attention")
+
+    class FakeCuda:  # only what _select reads
+        is_cuda = True
+        dtype = torch.float32
+        device = torch.device("cuda", 0)
+
+    monkeypatch.setattr(attn_mod, "_triton_error", lambda device_type: "")
+    monkeypatch.setattr(attn_mod, "_autocast", lambda *ts: ts)
+    for tf32, expected in ((False, "sdpa"), (True, "triton")):
+        monkeypatch.setattr(attn_mod, "_tf32_allowed", lambda: tf32)
+        assert attn_mod._select("auto", FakeCuda()) == expected
+        assert attn_mod._select("triton", FakeCuda()) == "triton"
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "torch"])

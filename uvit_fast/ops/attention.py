@@ -148,15 +148,32 @@ def _triton_error(device_type: str) -> str:
     return ""
 
 
+@torch.compiler.assume_constant_result
+def _tf32_allowed() -> bool:
+    return tf32_matmul_allowed()
+
+
+def _auto_choice(device_type: str, dtype: torch.dtype, tf32_allowed: bool) -> str:
+    """What ``auto`` runs for inputs of ``dtype`` (after autocast) on ``device_type``: our kernel on
+    CUDA for 16-bit inputs and for fp32 when TF32 is allowed; SDPA otherwise. Exact fp32 (no TF32)
+    goes to SDPA: on CUDA cores the kernel spills catastrophically (compiled for sm_90: 32
+    registers and 35-87 KB of spills per thread, docs/attention.md); ``backend="triton"`` still
+    forces it."""
+    if device_type != "cuda" or dtype not in TRITON_DTYPES:
+        return "sdpa"
+    if dtype == torch.float32 and not tf32_allowed:
+        return "sdpa"
+    return "triton"
+
+
 def _select(backend: str, q: torch.Tensor) -> str:
     """The backend that will run: one of ``torch``, ``triton``, ``sdpa``, ``flash_attn``, ``xformers``."""
     if backend in ("sdpa", "flash_attn", "xformers"):
         return backend
     choice = backend if backend != "auto" else _default_backend()
     if choice == "auto":
-        # ours on CUDA for the dtypes it runs (every validated shape), else SDPA
-        if q.is_cuda and not _triton_error("cuda") and _autocast(q)[0].dtype in TRITON_DTYPES:
-            return "triton"
+        if q.is_cuda and not _triton_error("cuda"):
+            return _auto_choice("cuda", _autocast(q)[0].dtype, _tf32_allowed())
         return "sdpa"
     if choice == "triton":
         err = _triton_error(q.device.type)
@@ -356,8 +373,9 @@ def attention(
             packed qkv tensor) are accepted as they are.
         causal: top-left aligned causal mask (query i sees keys 0..i).
         scale: softmax scale; None means ``D ** -0.5``.
-        backend: ``"auto"`` (our Triton kernel on CUDA, PyTorch SDPA elsewhere), ``"torch"``
-            (the math reference), ``"triton"``, ``"sdpa"``, ``"flash_attn"``, ``"xformers"``.
+        backend: ``"auto"`` (our Triton kernel on CUDA for 16-bit inputs and for fp32 when TF32
+            is allowed; PyTorch SDPA elsewhere and for exact fp32), ``"torch"`` (the math
+            reference), ``"triton"``, ``"sdpa"``, ``"flash_attn"``, ``"xformers"``.
 
     Returns:
         ``(B, Lq, H, D)`` in the inputs' dtype (the autocast dtype inside an autocast region);
