@@ -81,7 +81,7 @@ def get_arch(arch: Any) -> Arch:
 @dataclasses.dataclass
 class ConfigResult:
     """One config of one launch. ``status``: ``compiled``, ``pruned`` (dropped by the kernel's own
-    prune function, not compiled), ``oversize`` (compiled, but needs more shared memory than a block
+    prune function, not compiled), ``skipped`` (kept, but not compiled: ``max_configs``), ``oversize`` (compiled, but needs more shared memory than a block
     may have: the autotuner would drop it at benchmark time) or ``error`` (compilation failed)."""
 
     config: Dict[str, Any]
@@ -183,13 +183,16 @@ def _as_cuda_mode():
 
 
 @contextlib.contextmanager
-def compile_only(arch: Any = "sm_90", kernels: Optional[List[str]] = None) -> Iterator[List[Launch]]:
+def compile_only(arch: Any = "sm_90", kernels: Optional[List[str]] = None,
+                 max_configs: Optional[int] = None) -> Iterator[List[Launch]]:
     """Within the block, every ``kernel[grid](...)`` launch compiles for ``arch`` instead of running.
 
     Yields the list that collects one :class:`Launch` per launch. Autotuned kernels compile every
     config their ``early_config_prune`` keeps (the others are recorded as ``pruned``); compile
     errors are recorded, not raised. Kernel outputs stay as the launcher allocated them.
     ``kernels``: compile only kernels whose name contains one of these strings (others are skipped).
+    ``max_configs``: compile only the first N kept configs of an autotuned kernel (the rest are
+    recorded as ``skipped``): the CI tests' representative subset.
     """
     import torch
     from triton.runtime.autotuner import Autotuner, Heuristics
@@ -233,6 +236,8 @@ def compile_only(arch: Any = "sm_90", kernels: Optional[List[str]] = None) -> It
                 kept = list(kernel.configs)
             tiles = {k: v for k, v in kwargs.items() if k.startswith("BLOCK_")}  # the launcher's own tiles
             results = [compile_one(kernel.fn, grid, args, kwargs, c.all_kwargs(), dict(tiles, **_config_dict(c)), i)
+                       if max_configs is None or i < max_configs else
+                       ConfigResult(config=dict(tiles, **_config_dict(c)), status="skipped", order=i)
                        for i, c in enumerate(kept)]
             results += [ConfigResult(config=dict(tiles, **_config_dict(c)), status="pruned")
                         for c in kernel.configs if c not in kept]
@@ -395,7 +400,7 @@ def kernel_facts(compiled, arch: Any) -> Dict[str, Any]:
 def loop_load_width(facts: Dict[str, Any]) -> Tuple[int, int]:
     """``(widest, narrowest)`` bytes per instruction of the global reads inside loops (``ld.global``
     and ``cp.async``); ``(0, 0)`` when a kernel has no loop reads."""
-    widths = list(facts["loop_loads"]) + list(facts["loop_cp_async_sizes"])
+    widths = [int(w) for w in (*facts["loop_loads"], *facts["loop_cp_async_sizes"])]  # str keys after JSON
     return (max(widths), min(widths)) if widths else (0, 0)
 
 
@@ -570,10 +575,10 @@ def cases(shapes=None, ops=None, dtypes=None) -> List[Case]:
     return out
 
 
-def run_case(case: Case, arch: Any = "sm_90", kernels: Optional[List[str]] = None) -> List[Launch]:
-    """Compile every launch of ``case`` for ``arch`` (only kernels whose name contains one of
-    ``kernels``, when given)."""
-    with compile_only(arch, kernels=kernels) as launches:
+def run_case(case: Case, arch: Any = "sm_90", kernels: Optional[List[str]] = None,
+             max_configs: Optional[int] = None) -> List[Launch]:
+    """Compile every launch of ``case`` for ``arch`` (see :func:`compile_only` for the filters)."""
+    with compile_only(arch, kernels=kernels, max_configs=max_configs) as launches:
         _LAUNCHERS[case.op](case.shape, _torch_dtype(case.dtype))
     return launches
 
