@@ -81,3 +81,34 @@ def test_lazy_package_exports_keep_optimize_a_function():
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-2000:]
+
+
+def test_models_lists_filtered_names_with_profiler_counts(capsys):
+    from uvit_fast.profiler import count_flops
+
+    assert main(["models", "dit-s"]) == 0
+    out = capsys.readouterr().out
+    lines = [line.split() for line in out.splitlines() if line.startswith("DiT-")]
+    assert [line[0] for line in lines] == ["DiT-S/2", "DiT-S/4", "DiT-S/8"]
+    ref = count_flops("DiT-S/2")
+    assert lines[0][1:4] == ["DiT", str(ref["tokens"]), f"{ref['params'] / 1e6:.1f}M"]
+    assert float(lines[0][4]) == pytest.approx(ref["gflops"], abs=0.01)
+    assert lines[0][1:4] == ["DiT", "256", "33.0M"]  # DiT paper: 33M parameters at 256 tokens
+
+
+@pytest.mark.slow
+def test_models_without_filter_lists_every_create_model_name(capsys):
+    import uvit_fast
+
+    assert main(["models", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["model"] for r in rows] == uvit_fast.list_models()
+    assert {r["arch"] for r in rows} >= {"UViT", "UViTT2I", "DiT", "ViT", "ViViT", "CLIP"}
+    assert all(r["params"] > 0 and r["gflops"] > 0 and r["tokens"] > 0 for r in rows)
+
+
+def test_unknown_names_in_the_cli_get_suggestions(capsys):
+    assert main(["models", "no-such-thing"]) == 2
+    assert "no model name matches 'no-such-thing'" in capsys.readouterr().err
+    assert main(["profile", "--model", "DiT-XL-2"]) == 2
+    assert "unknown model 'DiT-XL-2'; did you mean 'DiT-XL/2'?" in capsys.readouterr().err

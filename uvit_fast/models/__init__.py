@@ -97,7 +97,8 @@ def filter_models(pattern: Optional[str] = None) -> List[str]:
     return [m for m in _REGISTRY if key in _normalized(m)]
 
 
-def _unknown_model(name: object) -> ValueError:
+def unknown_model_error(name: object) -> ValueError:
+    """The ValueError for a name :func:`create_model` does not know, with the closest names."""
     hint = suggest_models(name)
     did_you_mean = f"did you mean {' or '.join(map(repr, hint))}? " if hint else ""
     return ValueError(
@@ -109,7 +110,7 @@ def _unknown_model(name: object) -> ValueError:
 def model_config(name: str) -> Dict[str, Any]:
     """The constructor arguments of a preset (before overrides)."""
     if not isinstance(name, str) or name not in _REGISTRY:
-        raise _unknown_model(name)
+        raise unknown_model_error(name)
     return dict(_DEFAULTS[name])
 
 
@@ -254,6 +255,7 @@ __all__ = [
     "register_model",
     "filter_models",
     "suggest_models",
+    "unknown_model_error",
     "load_upstream_checkpoint",
 ]
 
@@ -270,8 +272,12 @@ _VIT_PRESETS = {
     "vit_large_patch16_224": (16, 1024, 24, 16),
     "vit_huge_patch14_224": (14, 1280, 32, 16),
 }
+# classes of timm's default tag for each name: vit_huge_patch14_224 resolves to orig_in21k, which
+# has no classifier head (num_classes=0), so its state_dict loads strictly only without one
+_VIT_CLASSES = {"vit_huge_patch14_224": 0}
 for _name, (_p, _d, _depth, _h) in _VIT_PRESETS.items():
-    register_model(_name, ViT, img_size=224, patch_size=_p, embed_dim=_d, depth=_depth, num_heads=_h, num_classes=1000)
+    register_model(_name, ViT, img_size=224, patch_size=_p, embed_dim=_d, depth=_depth, num_heads=_h,
+                   num_classes=_VIT_CLASSES.get(_name, 1000))
 # ViViT-B/16x2 (Kinetics-400 setting of the paper / scenic configs): 32 frames of 224 px,
 # tubelet 2x16x16, width 768, 12 heads, 12 layers; Model 2 adds a 4-layer temporal transformer.
 for _variant in (1, 2):

@@ -71,9 +71,16 @@ def check_input_dtype(model: str, name: str, t: torch.Tensor, weight: torch.Tens
     if not t.is_floating_point():
         raise TypeError(f"{model}: {name} must have a floating dtype; got {t.dtype}")
     # autocast casts float32/16 inputs and weights to its dtype, but never float64 ones
-    cast = torch.is_autocast_enabled(t.device.type) and torch.float64 not in (t.dtype, weight.dtype)
+    cast = _autocast_on(t.device.type) and torch.float64 not in (t.dtype, weight.dtype)
     if t.dtype != weight.dtype and not cast:
         raise TypeError(
             f"{model}: {name} has dtype {t.dtype} but the model's weights are {weight.dtype}; cast it "
             f"({name}.to({weight.dtype})) or run under torch.autocast"
         )
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know (meta): never on
+        return False
