@@ -37,7 +37,7 @@ import torch
 # the command-line arguments are defined in the torch-free uvit_fast.cli_args (so --help is instant)
 from uvit_fast.cli_args import PROFILE_CPU_MAX_GFLOPS
 from uvit_fast.cli_args import add_profile_arguments as add_arguments  # noqa: F401
-from uvit_fast.models import create_model, list_models, model_config
+from uvit_fast.models import create_model, list_models, model_config, unknown_model_error
 
 # Default run: every preset at its own size, plus patch-size sweeps of U-ViT-H.
 DEFAULT_SWEEPS: Dict[str, Tuple[int, ...]] = {
@@ -81,7 +81,7 @@ def build_model(name: str, img_size: Optional[int] = None, patch_size: Optional[
     """``create_model(name)`` with the image size / patch size replaced where given; checks
     that the patch size divides the image size and says so by name."""
     if name not in list_models():
-        raise ValueError(f"profile: unknown model {name!r}; choose from: {', '.join(list_models())}")
+        raise ValueError(f"profile: {unknown_model_error(name)}")
     cfg = model_config(name)
     key = _size_key(name)
     size = img_size if img_size is not None else cfg.get(key, 32)
@@ -274,7 +274,7 @@ def make_plan(models: Sequence[str], img_size: Optional[int], patch_sizes: Optio
     plan = []
     for name in models:
         if name not in list_models():
-            raise ValueError(f"profile: unknown model {name!r}; choose from: {', '.join(list_models())}")
+            raise ValueError(f"profile: {unknown_model_error(name)}")
         for p in patch_sizes or [None]:
             plan.append(Plan(name, img_size, p))
     return plan
