@@ -53,7 +53,9 @@ def _meta(name, **kw):
 def _facts_layout(name):
     if name in FACTS_VIT:
         p, d, depth, _ = FACTS_VIT[name]
-        return vit_keys(img_size=224, patch_size=p, embed_dim=d, depth=depth, num_classes=1000)
+        # timm's default tag for vit_huge_patch14_224 is orig_in21k: no classifier head
+        return vit_keys(img_size=224, patch_size=p, embed_dim=d, depth=depth,
+                        num_classes=0 if name == "vit_huge_patch14_224" else 1000)
     if name in FACTS_VIVIT:
         return vivit_keys(num_frames=32, img_size=224, patch_size=16, tubelet_size=2, num_classes=400,
                           embed_dim=768, depth=12, variant=FACTS_VIVIT[name], temporal_depth=4)
@@ -77,7 +79,7 @@ def test_state_dict_layout_matches_documented(name):
 @pytest.mark.parametrize("name, params", [
     # timm / OpenAI published parameter counts
     ("vit_tiny_patch16_224", 5_717_416), ("vit_base_patch16_224", 86_567_656),
-    ("vit_large_patch16_224", 304_326_632), ("vit_huge_patch14_224", 632_045_800),
+    ("vit_large_patch16_224", 304_326_632), ("vit_huge_patch14_224", 630_764_800),
     ("clip_vit_b32", 151_277_313), ("clip_vit_b16", 149_620_737), ("clip_vit_l14", 427_616_513),
 ])
 def test_parameter_counts(name, params):

@@ -353,10 +353,11 @@ def _given(**kwargs):
 
 
 class _TimmAttention(layers.Attention):
-    """timm ``Attention``: fused when called without a mask; otherwise timm's own forward."""
+    """timm ``Attention``: fused when called without a mask; otherwise (and with ``fused=False``)
+    timm's own forward."""
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
-        if attn_mask is None and not is_causal:
+        if attn_mask is None and not is_causal and self.fused:
             return layers.Attention.forward(self, x)
         return super(layers.Attention, self).forward(x, **_given(attn_mask=attn_mask, is_causal=is_causal))
 
