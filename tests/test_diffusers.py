@@ -19,7 +19,7 @@ diffusers = pytest.importorskip(
 )
 
 import uvit_fast  # noqa: E402
-from uvit_fast.testing import CustomOpRecorder, assert_parity  # noqa: E402
+from uvit_fast.testing import DEFAULT_ATOL, CustomOpRecorder, assert_parity  # noqa: E402
 
 from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel  # noqa: E402
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0  # noqa: E402
@@ -196,7 +196,11 @@ def _triton_parity(kind, dtype, head_dim, layers, grads=True):
     assert g.keys() == g64.keys()
     for n in g64:
         assert g[n].dtype == gb[n].dtype
-        assert_parity(g[n], gb[n], g64[n], name=f"{kind} {dtype} grad {n}")
+        # the key bias adds the same q.b_k to every score of a query: softmax cancels it, its exact
+        # gradient is 0 and both results are rounding noise of a sum of dK rows, whose scale is dK's
+        scale_of = n.replace("to_k.bias", "to_k.weight")
+        atol = DEFAULT_ATOL[dtype] * max(1.0, g64[scale_of].abs().max().item())
+        assert_parity(g[n], gb[n], g64[n], atol=atol, name=f"{kind} {dtype} grad {n}")
     return rec.ops
 
 
