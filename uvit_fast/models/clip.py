@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from uvit_fast import ops
 from uvit_fast.layers import InProjAttention, LayerNormFp32, QuickGELU
+from uvit_fast.ops._autocast import matmul_dtype
 from uvit_fast.models.common import check_image
 
 #: keys in OpenAI's released (JIT) checkpoints that are not parameters; ignored on load
@@ -95,10 +96,11 @@ class VisionTransformer(nn.Module):
         """``(B, 1 + L, W)``: ``[class, patches] + positional_embedding`` (before ``ln_pre``)."""
         W = self.class_embedding.shape[0]
         if self.fused:
-            return ops.patchify_embed(
-                x, self.conv1.weight, None,
-                prefix=self.class_embedding.view(1, 1, W), pos_embed=self.positional_embedding.unsqueeze(0),
-            )
+            # upstream casts the class and position embeddings to the conv's output dtype (the
+            # autocast dtype under autocast), so the residual stream has that dtype: same here
+            dt = matmul_dtype(x)
+            cls, pos = self.class_embedding.to(dt).view(1, 1, W), self.positional_embedding.to(dt).unsqueeze(0)
+            return ops.patchify_embed(x, self.conv1.weight, None, prefix=cls, pos_embed=pos)
         x = self.conv1(x).flatten(2).transpose(1, 2)
         cls = self.class_embedding.to(x.dtype).view(1, 1, W).expand(x.shape[0], -1, -1)
         return torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)

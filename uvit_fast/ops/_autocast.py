@@ -24,3 +24,12 @@ def autocast_cast(t: Optional[torch.Tensor], dtype: Optional[torch.dtype]) -> Op
     if t is None or dtype is None or not t.is_floating_point() or t.dtype == torch.float64:
         return t
     return t.to(dtype)
+
+
+def matmul_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype a linear / conv / matmul on ``t`` (with weights of its dtype) returns: the autocast
+    dtype inside an autocast region on ``t``'s device (float64 excepted), else ``t``'s own dtype."""
+    dtype = autocast_dtype(t.device)
+    if dtype is None or not t.is_floating_point() or t.dtype == torch.float64:
+        return t.dtype
+    return dtype

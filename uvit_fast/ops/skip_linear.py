@@ -4,9 +4,11 @@ The Triton path is the custom op ``uvit_fast::skip_concat_linear`` (autograd thr
 ``uvit_fast::skip_concat_linear_backward_input`` and ``..._backward_weight``; all three have fake
 implementations, so ``torch.compile(fullgraph=True)`` traces forward and backward).
 
-Autocast: custom ops are not autocast-aware, so :func:`skip_concat_linear` does what autocast
-does for ``nn.Linear`` before calling the op: under ``torch.autocast(device_type, dtype)`` the
-floating inputs other than float64 are cast to the autocast dtype and the output has that dtype;
+Dtypes and autocast: custom ops are not autocast-aware, so :func:`skip_concat_linear` does what
+the reference does before calling the op: ``torch.cat`` promotes ``h`` and ``skip`` to one dtype
+(in U-ViT under autocast the long skip is float32 while the out-blocks' stream is the autocast
+dtype), and under ``torch.autocast(device_type, dtype)`` the linear's input, weight and bias, if
+floating and not float64, are cast to the autocast dtype, which is the output dtype;
 the casts are ordinary autograd ops, so float32 master weights get float32 gradients. The torch
 backend runs the reference, which autocast handles itself, with the same result dtypes.
 """
@@ -34,8 +36,6 @@ def _check_skip_concat_linear(h, skip, weight, bias):
             f"{op}: h and skip must have the same shape (..., D) with at least 2 dims; "
             f"got h {tuple(h.shape)} and skip {tuple(skip.shape)}"
         )
-    if h.dtype != skip.dtype:
-        raise TypeError(f"{op}: h and skip must have the same dtype; got {h.dtype} and {skip.dtype}")
     D = h.shape[-1]
     if weight.shape[1] != 2 * D:
         raise ValueError(
@@ -55,12 +55,25 @@ def skip_concat_linear_reference(
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _check_dtypes(op: str, h, weight, bias) -> None:
+def _check_dtypes(op: str, dtype: torch.dtype, weight, bias) -> None:
+    """``dtype``: the linear's input dtype (h and skip after the cat's promotion and autocast's casts)."""
     for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and t.dtype != h.dtype:
+        if t is not None and t.dtype != dtype:
             raise TypeError(
-                f"{op}: {name} must have the dtype of h and skip ({h.dtype}) outside autocast; got {t.dtype}"
+                f"{op}: {name} must have the dtype of h and skip ({dtype}) outside autocast; got {t.dtype}"
             )
+
+
+def _linear_operands(h, skip, weight, bias, cast_to):
+    """The operands that ``F.linear(torch.cat([h, skip], -1), weight, bias)`` computes with:
+    ``cat`` promotes h and skip to one dtype (fp32 and bf16 give fp32); under autocast (``cast_to``)
+    the linear then casts its input, weight and bias to the autocast dtype, float64 excepted.
+    Casts are autograd ops, so each gradient comes back in its tensor's own dtype, as through the cat."""
+    dtype = torch.promote_types(h.dtype, skip.dtype)
+    h, skip = h.to(dtype), skip.to(dtype)
+    if cast_to is not None:
+        h, skip, weight, bias = (autocast_cast(t, cast_to) for t in (h, skip, weight, bias))
+    return h, skip, weight, bias
 
 
 def skip_concat_linear(
@@ -75,17 +88,19 @@ def skip_concat_linear(
 
     Args:
         h: the block input ``(..., D)`` (usually ``(B, L, D)``); may be a strided view.
-        skip: the matching in-block output, same shape and dtype as ``h``.
+        skip: the matching in-block output, same shape as ``h`` (the dtypes may differ: they are
+            promoted as ``torch.cat`` promotes them).
         weight: ``(N, 2*D)``: upstream's ``skip_linear.weight`` (``N = D``), unchanged;
             ``W1 = weight[:, :D]``, ``W2 = weight[:, D:]``.
         bias: ``(N,)`` or None.
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see :mod:`uvit_fast._backend`).
 
     Returns:
-        ``(..., N)``. Dtypes as ``nn.Linear``: outside autocast ``weight`` and ``bias`` must have
-        ``h``'s dtype, which is the output dtype; under autocast ``h``, ``skip``, ``weight`` and
-        ``bias`` are cast to the autocast dtype (float64 excepted), which is the output dtype, and the
-        gradients flow back through the casts in the tensors' own dtypes.
+        ``(..., N)``. Dtypes as ``nn.Linear`` on ``cat([h, skip])``: outside autocast ``weight``
+        and ``bias`` must have ``promote_types(h.dtype, skip.dtype)``, the output dtype; under
+        autocast ``h``, ``skip``, ``weight`` and ``bias`` are cast to the autocast dtype (float64
+        excepted), which is the output dtype, and the gradients flow back through the casts in
+        the tensors' own dtypes.
 
     The Triton backend supports float16, bfloat16 and float32. With ``backend="auto"`` and no
     process-wide backend set, other dtypes (float64) fall back to PyTorch; with ``"triton"`` they
@@ -95,11 +110,11 @@ def skip_concat_linear(
     _check_skip_concat_linear(h, skip, weight, bias)
     cast_to = autocast_dtype(h.device)
     if cast_to is None:
-        _check_dtypes(op, h, weight, bias)
+        _check_dtypes(op, torch.promote_types(h.dtype, skip.dtype), weight, bias)
     choice = resolve(backend, op, h, skip, weight, bias)
-    if choice == "triton" and cast_to is not None:
-        h, skip, weight, bias = (autocast_cast(t, cast_to) for t in (h, skip, weight, bias))
-        _check_dtypes(op, h, weight, bias)
+    if choice == "triton":
+        h, skip, weight, bias = _linear_operands(h, skip, weight, bias, cast_to)
+        _check_dtypes(op, h.dtype, weight, bias)
     if choice == "triton" and h.dtype not in _TRITON_DTYPES:
         if backend == "auto" and get_backend() == "auto":
             choice = "torch"
