@@ -129,6 +129,7 @@ def test_other_sizes_match_closed_form(name, img, patch):
     assert row["attn_share"] == pytest.approx(attn / macs, rel=1e-9)
 
 
+@pytest.mark.slow
 def test_published_numbers():
     """The papers' "GFLOPs" (= GMACs) and parameter counts."""
     expect = {  # name: (GMACs, params in millions)
@@ -175,6 +176,7 @@ def test_cli_patch_sweep_and_several_models(capsys):
     assert gm[0] > gm[1] > gm[2] and gm[3] > gm[4] > gm[5]
 
 
+@pytest.mark.slow
 def test_default_run_table_and_plot(tmp_path, capsys):
     png = tmp_path / "flops.png"
     t0 = time.perf_counter()
@@ -197,11 +199,103 @@ def test_default_run_table_and_plot(tmp_path, capsys):
     assert "tokens" in ax.get_xlabel() and "GFLOPs" in ax.get_ylabel()
     series = {r["series"] for r in rows}
     assert "DiT-XL" in series and "DiT-XL/2" not in series
-    assert len(ax.get_lines()) == len(series)
-    assert sorted(line.get_label() for line in ax.get_lines()) == sorted(series)
-    assert sorted(t.get_text() for t in ax.get_legend().get_texts()) == sorted(series)
-    line = next(line for line in ax.get_lines() if line.get_label() == "imagenet256_uvit_huge")
-    assert list(line.get_xdata()) == [18, 66, 258, 1026]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert sorted(x for x in legend if "reference" not in x) == sorted(series)
+    lines = {line.get_label(): line for line in ax.get_lines() if not line.get_label().startswith("_")}
+    assert list(lines["imagenet256_uvit_huge"].get_xdata()) == [18, 66, 258, 1026]
+    check_plot_design(ax, rows)
+
+
+def check_plot_design(ax, rows):
+    """Issue 13: every preset visible. One marker per family, distinct colours within a family,
+    presets drawn on the same point named together in one label, reference slopes L and L^2."""
+    import math
+
+    lines = {line.get_label(): line for line in ax.get_lines() if not line.get_label().startswith("_")}
+    arch = {r["series"]: r["arch"] for r in rows}
+    markers = {}
+    for name, fam in arch.items():
+        markers.setdefault(fam, set()).add(lines[name].get_marker())
+    assert all(len(m) == 1 for m in markers.values())  # one marker per family ...
+    assert len({next(iter(m)) for m in markers.values()}) == len(markers)  # ... and a different one each
+    for fam in markers:  # within a family every line has its own colour
+        colours = [lines[n].get_color() for n, f in arch.items() if f == fam]
+        assert len(set(colours)) == len(colours), fam
+    # the two reference slopes: exactly 1 and 2 in log-log
+    for label, power in (("∝ L (reference slope)", 1), ("∝ L² (reference slope)", 2)):
+        (x0, x1), (y0, y1) = lines[label].get_xdata(), lines[label].get_ydata()
+        assert math.log(y1 / y0) / math.log(x1 / x0) == pytest.approx(power)
+    # points that coincide (same tokens, GFLOPs within 6%) are named together in one annotation
+    texts = [t.get_text() for t in ax.texts]
+    by_point = {}
+    for r in rows:
+        by_point.setdefault(r["tokens"], []).append(r)
+    for group in by_point.values():
+        for a in group:
+            close = [b["model"] for b in group if abs(math.log(b["gflops"] / a["gflops"])) < 0.03]
+            if len(close) > 1:
+                assert any(all(name in t for name in close) for t in texts), close
+
+
+@pytest.mark.slow
+def test_plot_names_coinciding_presets():
+    """imagenet256_uvit_huge/2 and imagenet512_uvit_huge/4 (258 tokens each), and the three
+    *_uvit_large presets, land on one point: they are drawn as rings and named in one label."""
+    names = ["imagenet256_uvit_huge", "imagenet512_uvit_huge", "imagenet64_uvit_large", "imagenet256_uvit_large",
+             "imagenet512_uvit_large", "mscoco_uvit_small", "DiT-S/2", "DiT-S/4", "DiT-B/2"]
+    rows = profiler.profile(profiler.make_plan(names, None, None), progress=False)
+    fig = profiler.make_figure(rows)
+    (ax,) = fig.axes
+    texts = [t.get_text() for t in ax.texts]
+    assert any("imagenet256_uvit_huge" in t and "imagenet512_uvit_huge" in t for t in texts)
+    assert any(all(f"imagenet{s}_uvit_large" in t for s in (64, 256, 512)) for t in texts)
+    check_plot_design(ax, rows)
+
+
+def test_plot_memory_panel():
+    """With the --memory fields, a second panel: saved activations per sample vs tokens, fused
+    (solid) and plain (dashed), one pair of lines per model."""
+    rows = profiler.profile(profiler.make_plan(["DiT-S/2"], None, [2, 4]), progress=False)
+    for r in rows:  # the panel draws what the rows say; values shaped like the real ones
+        r["saved_bytes_fused"], r["saved_bytes_plain"] = r["tokens"] * 2**16, r["tokens"] * 2**17
+    fig = profiler.make_figure(rows)
+    flops_ax, mem_ax = fig.axes
+    assert "Activation memory" in mem_ax.get_title() and "per sample" in mem_ax.get_ylabel()
+    lines = {line.get_label(): line for line in mem_ax.get_lines()}
+    assert lines["DiT-S fused"].get_linestyle() == "-" and lines["DiT-S plain"].get_linestyle() == "--"
+    assert list(lines["DiT-S fused"].get_xdata()) == [64, 256]
+    assert list(lines["DiT-S plain"].get_ydata()) == [64 * 2**17 / 2**20, 256 * 2**17 / 2**20]
+    assert "∝ L (reference slope)" in lines and "∝ L² (reference slope)" in lines
+    check_plot_design(flops_ax, rows)
+
+
+@pytest.mark.parametrize(
+    "path,match",
+    [
+        ("/no/such/dir/f.png", "--plot /no/such/dir/f.png: folder /no/such/dir does not exist"),
+        ("{tmp}/f.txt", "the file name must end in .png, .pdf, .svg"),
+        ("{tmp}", "the file name must end in"),
+    ],
+)
+def test_bad_plot_path_fails_before_the_work(path, match, tmp_path, capsys, monkeypatch):
+    counted = []
+    monkeypatch.setattr(profiler, "count_flops", lambda *a, **k: counted.append(a))
+    assert main(["profile", "--no-progress", "--plot", path.format(tmp=tmp_path)]) == 2
+    captured = capsys.readouterr()
+    assert counted == [] and captured.out == ""  # nothing was counted or printed
+    assert match in captured.err and captured.err.count("\n") == 1  # one line
+
+
+@pytest.mark.slow
+def test_bad_plot_path_cli_exit_code(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "uvit_fast.cli", "profile", "--plot", "/no/such/dir/f.png"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "uvit-fast profile: --plot /no/such/dir/f.png: folder /no/such/dir does not exist"]
 
 
 def test_default_table_is_readable(capsys):
@@ -211,6 +305,7 @@ def test_default_table_is_readable(capsys):
     assert "133.20" in out and "266.39" in out and "1026" in out
 
 
+@pytest.mark.slow
 def test_batch_timing_on_this_device(capsys):
     assert main(["profile", "--model", "DiT-S/8,DiT-XL/2", "--batch", "1", "--json", "--no-progress"]) == 0
     small, big = [json.loads(s) for s in capsys.readouterr().out.strip().splitlines()]
