@@ -13,10 +13,12 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
 
 _current: Dict[str, object] = {}
+# set by conftest.py from pytest's --cpu-compile and --max-shapes (the names uvit-fast bench uses)
+OPTIONS: Dict[str, object] = {"cpu_compile": False, "max_shapes": None}
 
 
 def _policy(device: torch.device) -> runner.Policy:
-    return runner.Policy(device)
+    return runner.Policy(device, cpu_compile=bool(OPTIONS["cpu_compile"]), max_shapes=OPTIONS["max_shapes"])
 
 
 def collect(modules: List[str], device: torch.device, dtype: torch.dtype):

@@ -106,6 +106,7 @@ def test_policy_cpu_and_cuda():
 
 
 def test_ceilings_cpu():
+    """measure_ceilings works on a CPU (run_suite calls it on CUDA only)."""
     c = runner.measure_ceilings(CPU, torch.float32, quick=True)
     assert c["copy_gbps"] > 0 and c["gemm_tflops"] > 0
     assert "MiB" in c["copy_desc"] and "float32" in c["gemm_desc"]
@@ -123,7 +124,8 @@ def test_run_suite_rows(fake_modules, monkeypatch):
     assert ok["ms_p20"] <= ok["ms"] <= ok["ms_p80"]
     assert ok["gbps"] == pytest.approx(3 * 64 * 64 * 4 / (ok["ms"] * 1e-3) / 1e9)
     assert ok["tflops"] == pytest.approx(2 * 64 ** 3 / (ok["ms"] * 1e-3) / 1e12)
-    assert ok["bound"] in ("memory", "compute") and ok["ceiling_frac"] > 0
+    # no ceilings on a CPU (its GEMM rate depends on the shape: rows beat any one square GEMM)
+    assert result["ceilings"] == {} and "ceiling_frac" not in ok and "bound" not in ok
     assert ok["samples_per_s"] == pytest.approx(4 / (ok["ms"] * 1e-3))
     assert ok["speedup_vs_eager"] == pytest.approx(1.0)
     assert "not_json" not in ok["extra"] and ok["extra"]["batch"] == 4
@@ -138,7 +140,104 @@ def test_run_suite_rows(fake_modules, monkeypatch):
     assert set(skipped) == {"no_such_op_module", "fake_broken", "fake_raises", "fake_nocases"}
     assert result["meta"]["device"].startswith("CPU") and result["meta"]["suite"] == "ops"
     text = runner.format_text(result)
-    assert "kernel exploded" in text and "skipped module fake_broken" in text and "ceilings" in text
+    assert "kernel exploded" in text and "skipped module fake_broken" in text
+    assert "% ceiling" not in text and "No '% of ceiling' column on a CPU" in text
+    md = runner.format_markdown(result)
+    assert "% ceiling" not in md.replace("No '% of ceiling'", "") and "| vs eager |" in md
+
+
+def test_ceiling_fractions_when_ceilings_are_measured(fake_modules):
+    """With measured ceilings (what a CUDA run has), rows get their fraction and the column."""
+    cases, _ = runner.load_cases("fake_ok", CPU, torch.float32)
+    policy = runner.Policy(CPU, quick=True)
+    ceilings = {"copy_gbps": 1e6, "gemm_tflops": 1e3, "copy_desc": "x", "gemm_desc": "y"}
+    row = runner.run_case(cases[0], CPU, policy, ceilings, None)
+    assert row["bound"] in ("memory", "compute") and 0 < row["ceiling_frac"] < 1
+    text = runner.format_text({"meta": runner.environment(CPU, torch.float32) | {"quick": True},
+                               "ceilings": ceilings, "rows": [row], "skipped_modules": []})
+    assert "% ceiling" in text and "ceilings (measured in this run)" in text
+
+
+def test_unknown_provider_or_op_is_an_error_before_any_measurement(fake_modules, monkeypatch, tmp_path, capsys):
+    measured = []
+    monkeypatch.setattr(runner, "measure_ceilings", lambda *a, **k: measured.append(1) or {})
+    policy = runner.Policy(CPU, quick=True, providers=["nope"])
+    with pytest.raises(ValueError, match=r"unknown --provider nope; the selected cases have: compile, eager, sdpa_math, uvit_fast"):
+        runner.run_suite("ops", CPU, torch.float32, policy, ops=["fake_ok"], progress=False)
+    out = tmp_path / "never.json"
+    assert main(["bench", "--provider", "nope", "--op", "fake_ok", "--no-progress", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown --provider nope" in err and "eager" in err
+    assert main(["bench", "--suite", "ops", "--op", "nope", "--no-progress", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown --op nope for --suite ops; choose from: adaln_layer_norm, patch_embed" in err
+    assert not out.exists() and not measured
+
+
+@pytest.mark.parametrize("module", [
+    "skip_concat_linear", "adaln_layer_norm",
+    *(pytest.param(m, marks=pytest.mark.slow) for m in ("patch_embed", "attention", "models")),
+])
+def test_cpu_rows_name_no_cuda_only_provider(module):
+    """On a CPU the rows that run are named for what they are: no cuBLAS/cuDNN/flash names."""
+    cases, reason = runner.load_cases(module, CPU, torch.float32)
+    assert reason is None, (module, reason)
+    policy = runner.Policy(CPU, cpu_compile=True)
+    names = {c.provider for c in cases if policy.skip_reason(c, 0) is None}
+    assert "eager" in names
+    if module == "skip_concat_linear":
+        assert "linear_no_concat" in names
+    cuda_only = {n for n in names if any(k in n for k in ("cublas", "cudnn", "flash", "efficient", "xformers"))}
+    assert not cuda_only, cuda_only
+
+
+def test_default_output_goes_to_benchmarks_results():
+    path = runner.default_out(CPU, "ops")
+    assert "benchmarks/results/uvit-fast-bench-ops-cpu" in path.replace("\\", "/")
+    assert runner.results_dir().name == "results" and runner.results_dir().parent.name == "benchmarks"
+
+
+def test_pytest_benchmark_skip_reasons_name_options_pytest_has():
+    """The CPU skip reasons point to --cpu-compile and --max-shapes: both exist for
+    ``uvit-fast bench`` and for ``pytest benchmarks`` (benchmarks/conftest.py)."""
+    import importlib.util
+    import re
+    from pathlib import Path
+
+    policy = runner.Policy(CPU)
+    reasons = [policy.skip_reason(Case("ops", "op", "s", "fwd", "compile", lambda: None), 0),
+               policy.skip_reason(Case("ops", "op", "s", "fwd", "eager", lambda: None), 3)]
+    named = {m for r in reasons for m in re.findall(r"--[a-z][a-z-]+", r)}
+    assert named == {"--cpu-compile", "--max-shapes"}
+
+    conftest = Path(__file__).resolve().parents[1] / "benchmarks" / "conftest.py"
+    sys.path.insert(0, str(conftest.parent))
+    try:
+        spec = importlib.util.spec_from_file_location("_bench_conftest", conftest)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(conftest.parent))
+
+    class Group:
+        options = []
+
+        def addoption(self, *names, **kw):
+            self.options += names
+
+    class Parser:
+        group = Group()
+
+        def getgroup(self, *a, **k):
+            return self.group
+
+    parser = Parser()
+    mod.pytest_addoption(parser)
+    assert named <= set(parser.group.options)
+    from uvit_fast.cli import build_parser
+
+    bench_help = build_parser()._subparsers._group_actions[0].choices["bench"].format_help()
+    assert all(opt in bench_help for opt in named)
 
 
 def test_time_budget_skips_the_rest(fake_modules):
@@ -160,7 +259,7 @@ def test_cli_writes_valid_json_and_markdown(fake_modules, tmp_path, capsys):
     for key in ("device", "torch", "triton", "git_commit", "git_dirty", "date", "dtype", "python"):
         assert key in meta
     assert meta["torch"] == torch.__version__
-    assert {"copy_gbps", "gemm_tflops"} <= set(data["ceilings"])
+    assert data["ceilings"] == {}  # CPU: not measured (see measure_ceilings)
     assert {r["status"] for r in data["rows"]} == {"ok", "skipped", "error"}
     assert data["skipped_modules"][0]["module"] == "fake_broken"
     md = out.with_suffix(".md").read_text()
@@ -174,7 +273,9 @@ def test_cli_writes_valid_json_and_markdown(fake_modules, tmp_path, capsys):
 def test_cli_bad_arguments(capsys):
     assert main(["bench", "--op", "nonexistent_op", "--quick", "--no-progress", "--suite", "models"]) == 2
     assert "unknown --op nonexistent_op" in capsys.readouterr().err
-    assert main(["bench", "--max-shapes", "0"]) == 2
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--max-shapes", "0"])
+    assert exc.value.code == 2 and "must be a positive integer" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["bench", "--suite", "everything"])
 
@@ -186,6 +287,7 @@ def test_quick_env(monkeypatch, fake_modules, tmp_path):
     assert json.loads(out.read_text())["meta"]["quick"] is True
 
 
+@pytest.mark.slow
 def test_real_ops_suite_on_this_device(tmp_path):
     """The real case modules: whatever exists runs (CPU: torch rows only), the rest is reported."""
     policy = runner.Policy(CPU if not torch.cuda.is_available() else torch.device("cuda"), quick=True,
@@ -208,6 +310,7 @@ def test_real_ops_suite_on_this_device(tmp_path):
                 assert math.isfinite(r["ms"]) and r["ms"] > 0
 
 
+@pytest.mark.slow
 def test_model_cases_cpu():
     cases = bench_models.cases(CPU, torch.float32)
     cpu_rows = [c for c in cases if not c.needs_cuda]
@@ -227,6 +330,7 @@ def test_model_cases_cpu():
     bench_models.release()
 
 
+@pytest.mark.slow
 def test_models_suite_cpu_policy(tmp_path):
     policy = runner.Policy(CPU, quick=True)
     result = runner.run_suite("models", CPU, torch.float32, policy, progress=False)

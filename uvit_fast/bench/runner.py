@@ -44,7 +44,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from uvit_fast.bench.core import Case, raise_recompile_limits, time_fn
-from uvit_fast.cli_args import BENCH_CPU_BUDGET, BENCH_CPU_BUDGET_QUICK, BENCH_QUICK_ENV
+from uvit_fast.cli_args import BENCH_CPU_BUDGET, BENCH_CPU_BUDGET_QUICK, BENCH_QUICK_ENV, BENCH_RESULTS_DIR
 from uvit_fast.cli_args import add_bench_arguments as add_arguments  # noqa: F401
 
 OP_MODULES: Tuple[str, ...] = ("adaln_layer_norm", "patch_embed", "skip_concat_linear", "attention")
@@ -93,6 +93,35 @@ def load_cases(module: str, device: torch.device, dtype: torch.dtype) -> Tuple[L
     if bad:
         return [], f"cases() returned {type(bad[0]).__name__} objects, not Case"
     return out, None
+
+
+def select_modules(suite: str, ops: Optional[Sequence[str]] = None) -> List[str]:
+    """The case modules of ``suite``, narrowed to ``ops``; unknown names are a ValueError listing the valid ones."""
+    if suite not in ("ops", "models", "all"):
+        raise ValueError(f"bench: suite must be 'ops', 'models' or 'all'; got {suite!r}")
+    modules: List[str] = []
+    if suite in ("ops", "all"):
+        modules += discover_op_modules()
+    if suite in ("models", "all"):
+        modules.append("models")
+    if ops:
+        unknown = [o for o in ops if o not in modules]
+        if unknown:
+            raise ValueError(
+                f"bench: unknown --op {', '.join(unknown)} for --suite {suite}; choose from: {', '.join(modules)}"
+            )
+        modules = [m for m in modules if m in ops]
+    return modules
+
+
+def check_providers(providers: Sequence[str], cases: Sequence[Case]) -> None:
+    """A ValueError listing the valid names when a selected provider has no case."""
+    valid = sorted({c.provider for c in cases})
+    unknown = sorted(set(providers) - set(valid))
+    if unknown:
+        raise ValueError(
+            f"bench: unknown --provider {', '.join(unknown)}; the selected cases have: {', '.join(valid) or 'none'}"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,7 +197,11 @@ def _time(fn, device: torch.device, *, quick: bool, reps: Optional[int] = None) 
 
 
 def measure_ceilings(device: torch.device, dtype: torch.dtype, *, quick: bool = False) -> Dict[str, Any]:
-    """Copy bandwidth (GB/s, read + write counted) and dense GEMM rate (TFLOP/s) in ``dtype``."""
+    """Copy bandwidth (GB/s, read + write counted) and dense GEMM rate (TFLOP/s) in ``dtype``.
+
+    :func:`run_suite` measures them on CUDA only: a CPU's GEMM rate depends so much on the
+    shape and the threads that the op rows beat a fixed square GEMM (126-161% of it were
+    printed), so on a CPU rows carry GB/s and TFLOP/s without a "% of ceiling"."""
     cuda = device.type == "cuda"
     out: Dict[str, Any] = {}
     # copy: large enough to leave every cache behind
@@ -255,10 +288,12 @@ def run_case(case: Case, device: torch.device, policy: Policy, ceilings: Dict[st
     fracs = {}
     if case.bytes:
         row["gbps"] = case.bytes / (ms * 1e-3) / 1e9
-        fracs["memory"] = row["gbps"] / ceilings["copy_gbps"]
+        if ceilings.get("copy_gbps"):
+            fracs["memory"] = row["gbps"] / ceilings["copy_gbps"]
     if case.flops:
         row["tflops"] = case.flops / (ms * 1e-3) / 1e12
-        fracs["compute"] = row["tflops"] / ceilings["gemm_tflops"]
+        if ceilings.get("gemm_tflops"):
+            fracs["compute"] = row["tflops"] / ceilings["gemm_tflops"]
     if fracs:
         bound = max(fracs, key=fracs.get)
         row["bound"] = bound
@@ -288,30 +323,25 @@ def run_suite(
     ops: Optional[Sequence[str]] = None,
     progress: Optional[bool] = None,
 ) -> Dict[str, Any]:
-    """Run ``suite`` ("ops", "models" or "all"); returns ``{"meta", "ceilings", "rows", "skipped_modules"}``."""
+    """Run ``suite`` ("ops", "models" or "all"); returns ``{"meta", "ceilings", "rows", "skipped_modules"}``.
+
+    An unknown name in ``ops`` or ``policy.providers`` is a ValueError listing the valid names,
+    raised before anything is measured. ``ceilings`` is empty on a CPU (see :func:`measure_ceilings`)."""
     from tqdm import tqdm
 
-    if suite not in ("ops", "models", "all"):
-        raise ValueError(f"bench: suite must be 'ops', 'models' or 'all'; got {suite!r}")
     started = time.perf_counter()
+    modules = select_modules(suite, ops)
+    loaded = [(module, *load_cases(module, device, dtype)) for module in modules]
+    if policy.providers is not None:
+        check_providers(policy.providers, [c for _, cases, _ in loaded for c in cases])
     raise_recompile_limits()
     meta = environment(device, dtype)
     meta.update(suite=suite, quick=policy.quick)
-    ceilings = measure_ceilings(device, dtype, quick=policy.quick)
-    modules: List[str] = []
-    if suite in ("ops", "all"):
-        modules += discover_op_modules()
-    if suite in ("models", "all"):
-        modules.append("models")
-    if ops:
-        unknown = [o for o in ops if o not in modules]
-        if unknown:
-            raise ValueError(f"bench: unknown --op {', '.join(unknown)}; choose from: {', '.join(modules)}")
-        modules = [m for m in modules if m in ops]
+    ceilings = measure_ceilings(device, dtype, quick=policy.quick) if device.type == "cuda" else {}
     rows: List[Dict[str, Any]] = []
     skipped_modules: List[Dict[str, str]] = []
-    for module in modules:
-        cases, reason = load_cases(module, device, dtype)
+    while loaded:
+        module, cases, reason = loaded.pop(0)  # dropped after its run: tensors a case allocated go with it
         if reason is not None:
             skipped_modules.append({"module": module, "reason": reason})
             continue
@@ -427,17 +457,23 @@ _COLUMNS = ["suite", "op", "shape", "pass", "provider", "median ms", "p20-p80 ms
             "vs eager", "samples/s", "peak GB"]
 
 
-def _cells(r: Dict[str, Any]) -> List[str]:
+def _columns(result: Dict[str, Any]) -> List[str]:
+    """The table's columns: no "% ceiling" without measured ceilings (a CPU run)."""
+    return [c for c in _COLUMNS if c != "% ceiling" or result["ceilings"]]
+
+
+def _cells(r: Dict[str, Any], with_ceiling: bool = True) -> List[str]:
     base = [r["suite"], r["op"], r["shape"], r["pass"], r["provider"]]
     if r.get("status") != "ok":
         what = r.get("reason") if r.get("status") == "skipped" else r.get("error", "")
-        return base + [r.get("status", ""), what or "", "", "", "", "", ""]
+        return base + [r.get("status", ""), what or "", "", "", "", ""] + ([""] if with_ceiling else [])
     frac = r.get("ceiling_frac")
+    ceiling = ["" if frac is None else f"{100 * frac:.0f}% {'BW' if r['bound'] == 'memory' else 'GEMM'}"]
     return base + [
         f"{r['ms']:.3f}",
         f"{r['ms_p20']:.3f}-{r['ms_p80']:.3f}",
         _rate(r),
-        "" if frac is None else f"{100 * frac:.0f}% {'BW' if r['bound'] == 'memory' else 'GEMM'}",
+        *(ceiling if with_ceiling else []),
         _f(r.get("speedup_vs_eager"), ".2f") + ("x" if "speedup_vs_eager" in r else ""),
         _f(r.get("samples_per_s"), ".1f"),
         _f(r.get("peak_mem_gb"), ".2f"),
@@ -447,9 +483,13 @@ def _cells(r: Dict[str, Any]) -> List[str]:
 def _header_lines(result: Dict[str, Any]) -> List[str]:
     m, c = result["meta"], result["ceilings"]
     commit = (m.get("git_commit") or "unknown")[:12] + (" (dirty)" if m.get("git_dirty") else "")
+    first = (f"device: {m['device']}   dtype: {m['dtype']}   torch {m['torch']}   triton {m['triton']}   "
+             f"commit {commit}   {m['date']}" + ("   (quick)" if m.get("quick") else ""))
+    if not c:
+        return [first, "CPU timings (wall clock). No '% of ceiling' column on a CPU: its GEMM rate depends on the "
+                       "shape and the threads, so no one ceiling bounds the rows; GB/s and TFLOP/s are as measured."]
     return [
-        f"device: {m['device']}   dtype: {m['dtype']}   torch {m['torch']}   triton {m['triton']}   "
-        f"commit {commit}   {m['date']}" + ("   (quick)" if m.get("quick") else ""),
+        first,
         f"ceilings (measured in this run): copy {c['copy_gbps']:.1f} GB/s [{c['copy_desc']}]; "
         f"GEMM {c['gemm_tflops']:.3g} TFLOP/s [{c['gemm_desc']}]",
     ]
@@ -457,14 +497,15 @@ def _header_lines(result: Dict[str, Any]) -> List[str]:
 
 def format_text(result: Dict[str, Any], *, show_skipped: bool = False) -> str:
     rows = [r for r in result["rows"] if show_skipped or r.get("status") != "skipped"]
-    body = [_cells(r) for r in rows]
-    widths = [max([len(h)] + [len(b[i]) for b in body]) for i, h in enumerate(_COLUMNS)]
+    columns = _columns(result)
+    body = [_cells(r, len(columns) == len(_COLUMNS)) for r in rows]
+    widths = [max([len(h)] + [len(b[i]) for b in body]) for i, h in enumerate(columns)]
     widths = [min(w, 60) for w in widths]
 
     def line(cells):
         return "  ".join(c[:w].ljust(w) for c, w in zip(cells, widths)).rstrip()
 
-    out = _header_lines(result) + ["", line(_COLUMNS), line(["-" * w for w in widths])]
+    out = _header_lines(result) + ["", line(columns), line(["-" * w for w in widths])]
     out += [line(b) for b in body]
     out += _skip_summary(result)
     return "\n".join(out)
@@ -496,12 +537,13 @@ def format_markdown(result: Dict[str, Any]) -> str:
     lines = [f"# uvit-fast bench: {m['device']}", ""]
     lines += [f"- {esc(h)}" for h in _header_lines(result)]
     lines += [f"- suite: {m['suite']}; {m['seconds']:.0f} s", ""]
-    lines.append("| " + " | ".join(_COLUMNS) + " |")
-    lines.append("|" + "---|" * len(_COLUMNS))
+    columns = _columns(result)
+    lines.append("| " + " | ".join(columns) + " |")
+    lines.append("|" + "---|" * len(columns))
     for r in result["rows"]:
         if r.get("status") == "skipped":
             continue
-        lines.append("| " + " | ".join(esc(c) for c in _cells(r)) + " |")
+        lines.append("| " + " | ".join(esc(c) for c in _cells(r, len(columns) == len(_COLUMNS))) + " |")
     summary = _skip_summary(result)
     if summary:
         lines += ["", "```"] + [s for s in summary if s] + ["```"]
@@ -520,10 +562,20 @@ def save(result: Dict[str, Any], out: str, md: Optional[str] = None) -> Tuple[st
     return str(path), str(md_path)
 
 
+def results_dir() -> Path:
+    """``benchmarks/results`` of the source checkout this package runs from (an editable
+    install), else ``benchmarks/results`` under the current directory."""
+    root = Path(__file__).resolve().parents[2]
+    checkout = root / BENCH_RESULTS_DIR
+    if checkout.is_dir() and (root / "pyproject.toml").is_file():
+        return checkout
+    return Path.cwd() / BENCH_RESULTS_DIR
+
+
 def default_out(device: torch.device, suite: str) -> str:
     slug = re.sub(r"[^A-Za-z0-9]+", "-", device_name(device)).strip("-").lower()[:40]
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return f"uvit-fast-bench-{suite}-{slug}-{stamp}.json"
+    return str(results_dir() / f"uvit-fast-bench-{suite}-{slug}-{stamp}.json")
 
 
 # ----------------------------------------------------------------------------------------------
