@@ -218,6 +218,34 @@ def test_triton_kernels_within_2x_rule_with_gradients(kind, head_dim, dtype):
     assert any("attention_bwd" in o for o in ops) and any("adaln_layer_norm_backward" in o for o in ops), ops
 
 
+def _autocast_run(model, kind, args, kw, dtype, backend=None):
+    with torch.autocast("cpu", dtype=dtype):
+        return _run(model, kind, args, kw, backend=backend)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["dit", "pixart"])
+@pytest.mark.parametrize("dtype,backend", [(torch.float16, "triton"), (torch.bfloat16, "torch")])
+def test_autocast_within_2x_rule(kind, dtype, backend):
+    """fp32 weights under CPU autocast (bf16 on the PyTorch path only: the interpreter's bf16 dots
+    are wrong); output dtype as diffusers', output and every gradient within 2x its error."""
+    ref64 = BUILD[kind](layers=2).double().eval()
+    base = copy.deepcopy(ref64).float()
+    model, _ = uvit_fast.optimize(copy.deepcopy(base))
+    args64, kw = _inputs(kind, torch.float64, grad=True)
+    args32, _ = _inputs(kind, torch.float32, grad=True)
+    o64, g64 = _run(ref64, kind, args64, kw)
+    ob, gb = _autocast_run(base, kind, args32, kw, dtype)
+    o, g = _autocast_run(model, kind, args32, kw, dtype, backend)
+    assert o.dtype == ob.dtype
+    atol = DEFAULT_ATOL[dtype] * max(1.0, o64.abs().max().item())
+    assert_parity(o, ob, o64, atol=atol, name=f"{kind} autocast {dtype} output")
+    for n in g64:
+        scale_of = n.replace("to_k.bias", "to_k.weight")  # see _triton_parity
+        atol = DEFAULT_ATOL[dtype] * max(1.0, g64[scale_of].abs().max().item())
+        assert_parity(g[n], gb[n], g64[n], atol=atol, name=f"{kind} autocast {dtype} grad {n}")
+
+
 # --------------------------------------------------------------------------- structure, report, API
 @pytest.mark.parametrize("kind", ["dit", "pixart"])
 def test_structure_report_and_keys(kind):
