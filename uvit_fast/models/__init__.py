@@ -114,6 +114,17 @@ def model_config(name: str) -> Dict[str, Any]:
     return dict(_DEFAULTS[name])
 
 
+def model_class(name: str) -> Callable[..., nn.Module]:
+    """The class :func:`create_model` builds for ``name`` (without building it)."""
+    model_config(name)  # the unknown-name error
+    return _REGISTRY[name]
+
+
+def is_diffusion_model(name: str) -> bool:
+    """True for the presets that predict noise from ``(x, timesteps, ...)``: U-ViT, U-ViT-T2I and DiT."""
+    return issubclass(model_class(name), (UViT, UViTT2I, DiT))
+
+
 # constructor arguments that hold the same thing under another name in another model family
 _ARGUMENT_ALIASES = {
     "img_size": ("input_size", "the (latent) image size"),
@@ -252,6 +263,8 @@ __all__ = [
     "create_model",
     "list_models",
     "model_config",
+    "model_class",
+    "is_diffusion_model",
     "register_model",
     "filter_models",
     "suggest_models",
