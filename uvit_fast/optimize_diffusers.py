@@ -1,23 +1,28 @@
-"""``optimize`` for Hugging Face diffusers transformers (DiT, PixArt).
+"""``optimize`` for Hugging Face diffusers transformers: DiT, PixArt and UniDiffuser's U-ViT.
 
 :func:`uvit_fast.optimize` calls :func:`optimize_diffusers` when it is given a diffusers
 ``ModelMixin`` (detected by class module name, so ``uvit_fast`` never imports diffusers on its
 own). This module imports diffusers; checked against diffusers 0.42.1.
 
 What it swaps, in place, keeping the model's class, ``config``, module names, ``state_dict``
-keys and the attention processor API:
+keys and the attention processor API (a swapped module keeps its object and gets a subclass of
+its class, so ``isinstance`` holds):
 
 * ``PatchEmbed`` (patch conv + sin-cos position embedding) -> :class:`FusedPatchEmbed`, whose
   forward runs :func:`uvit_fast.ops.patchify_embed` (conv, flatten and the position embedding in
   one kernel). Inputs of another size than ``sample_size`` (diffusers recomputes the position
-  embedding for them), ``pos_embed_max_size`` (SD3 cropping) and ``layer_norm=True`` run
-  diffusers' own forward.
+  embedding for them) run diffusers' own forward; ``pos_embed_max_size`` (SD3 cropping) and
+  ``layer_norm=True`` are left alone.
 * ``BasicTransformerBlock`` with ``norm_type="ada_norm_zero"`` (DiT) or ``"ada_norm_single"``
   (PixArt) -> :class:`FusedBasicTransformerBlock`: the modulated LayerNorms run
   :func:`~uvit_fast.ops.adaln_layer_norm` and each (gated) residual add that is followed by a
   LayerNorm runs with it in :func:`~uvit_fast.ops.residual_adaln_layer_norm`. Attention and the
   feed-forward are still called as the block's own sub-modules (so a user's processor, dropout
   and GELU apply as before). Chunked feed-forward and GLIGEN calls run diffusers' forward.
+* UniDiffuser (``UTransformer2DModel``, ``UniDiffuserModel``): its ``PatchEmbed``, the long-skip
+  ``SkipBlock`` (:func:`~uvit_fast.ops.skip_concat_linear`, no concat, then the fused LayerNorm),
+  ``UniDiffuserBlock`` (post- or pre-LN: residual + LayerNorm fused) and pre-LN
+  ``UTransformerBlock``.
 * each ``Attention`` whose processor is diffusers' ``AttnProcessor2_0`` and which has no
   group/spatial/qk/cross norm, no added KV projections, no residual connection or output rescale
   -> :class:`UvitFastAttnProcessor` (set through ``Attention.set_processor``): q, k, v
@@ -25,7 +30,7 @@ keys and the attention processor API:
   cross-attention with Lq != Lk). A call with an ``attention_mask`` (PixArt's text padding mask)
   runs ``AttnProcessor2_0`` instead: the kernel takes no padding mask.
 
-Left alone, and said so in the report: the model's own forward (its final modulated norm,
+Left alone, and said so in the report: the model's own forward (embeddings, final norm, output
 projection and unpatchify stay diffusers'), and any module whose structure differs from the
 above.
 """
@@ -40,12 +45,19 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from diffusers.models.embeddings import PatchEmbed
 from diffusers.models.normalization import AdaLayerNormZero
 
+try:  # UniDiffuser's U-ViT lives under the deprecated pipelines (diffusers 0.42.1)
+    from diffusers.pipelines.deprecated.unidiffuser import modeling_uvit as _uvit
+except ImportError:  # pragma: no cover - a diffusers without it
+    _uvit = None
+
 from uvit_fast import ops
 from uvit_fast.ops._autocast import autocast_dtype
 from uvit_fast.ops.attention import MAX_HEAD_DIM
 
 #: diffusers model classes optimize knows, by class name
-SUPPORTED_MODELS = ("DiTTransformer2DModel", "PixArtTransformer2DModel")
+SUPPORTED_MODELS = ("DiTTransformer2DModel", "PixArtTransformer2DModel") + (
+    ("UTransformer2DModel", "UniDiffuserModel") if _uvit is not None else ()
+)
 #: the diffusers version the recognisers were checked against
 CHECKED_VERSION = "0.42.1"
 
@@ -238,6 +250,121 @@ class FusedBasicTransformerBlock(BasicTransformerBlock):
         return gate_mlp * self.ff(x) + h
 
 
+
+# --------------------------------------------------------------------------- UniDiffuser (U-ViT)
+if _uvit is not None:
+
+    class FusedUViTPatchEmbed(_uvit.PatchEmbed):
+        """UniDiffuser's ``PatchEmbed`` on :func:`uvit_fast.ops.patchify_embed`."""
+
+        def forward(self, latent: torch.Tensor) -> torch.Tensor:
+            pos = self.pos_embed if self.use_pos_embed else None
+            p = self.proj.kernel_size
+            if (latent.dim() != 4 or latent.shape[-2] % p[0] or latent.shape[-1] % p[1]
+                    or (pos is not None and pos.shape[1] != (latent.shape[-2] // p[0]) * (latent.shape[-1] // p[1]))):
+                return super().forward(latent)  # diffusers' own error (or result) for these shapes
+            return ops.patchify_embed(latent, self.proj.weight, self.proj.bias, pos_embed=pos)
+
+    class FusedSkipBlock(_uvit.SkipBlock):
+        """U-ViT's long skip: ``LayerNorm(Linear(cat([x, skip])))`` with the linear on
+        :func:`uvit_fast.ops.skip_concat_linear` (no concat) and the fused LayerNorm."""
+
+        def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+            h = ops.skip_concat_linear(x, skip, self.skip_linear.weight, self.skip_linear.bias)
+            return ops.adaln_layer_norm(h, None, None, *_ln_args(self.norm))
+
+    class FusedUniDiffuserBlock(_uvit.UniDiffuserBlock):
+        """UniDiffuser's block (LayerNorms on the residual stream): each residual add and the
+        LayerNorm after it (post-LN), or before the next branch (pre-LN), in one pass."""
+
+        def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
+                    encoder_attention_mask=None, timestep=None, cross_attention_kwargs=None, class_labels=None):
+            kw = cross_attention_kwargs if cross_attention_kwargs is not None else {}
+            h = hidden_states
+            if self.pre_layer_norm:  # h = LN1(h); h = h + attn1(h); [h = LN2(h); h = h + attn2(h)]; h = LN3(h); h + ff(h)
+                h = ops.adaln_layer_norm(h, None, None, *_ln_args(self.norm1))
+                a = self.attn1(h, encoder_hidden_states=None, attention_mask=attention_mask, **kw)
+                if self.attn2 is not None:
+                    _, h = ops.residual_adaln_layer_norm(h, a, None, None, None, *_ln_args(self.norm2))
+                    a = self.attn2(h, encoder_hidden_states=encoder_hidden_states,
+                                   attention_mask=encoder_attention_mask, **kw)
+                _, h = ops.residual_adaln_layer_norm(h, a, None, None, None, *_ln_args(self.norm3))
+                return self.ff(h) + h
+            # post-LN (UniDiffuser's default): h = LN1(h + attn1(h)); [h = LN2(h + attn2(h))]; LN3(h + ff(h))
+            a = self.attn1(h, encoder_hidden_states=None, attention_mask=attention_mask, **kw)
+            _, h = ops.residual_adaln_layer_norm(h, a, None, None, None, *_ln_args(self.norm1))
+            if self.attn2 is not None:
+                a = self.attn2(h, encoder_hidden_states=encoder_hidden_states, attention_mask=encoder_attention_mask, **kw)
+                _, h = ops.residual_adaln_layer_norm(h, a, None, None, None, *_ln_args(self.norm2))
+            _, h = ops.residual_adaln_layer_norm(h, self.ff(h), None, None, None, *_ln_args(self.norm3))
+            return h
+
+    class FusedUTransformerBlock(_uvit.UTransformerBlock):
+        """UniDiffuser's ``UTransformerBlock`` with pre-LayerNorm (the standard diffusers block):
+        each residual add fused with the next branch's LayerNorm."""
+
+        def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
+                    encoder_attention_mask=None, timestep=None, cross_attention_kwargs=None, class_labels=None):
+            kw = cross_attention_kwargs if cross_attention_kwargs is not None else {}
+            h = hidden_states
+            x = ops.adaln_layer_norm(h, None, None, *_ln_args(self.norm1))
+            a = self.attn1(x, encoder_hidden_states=None, attention_mask=attention_mask, **kw)
+            if self.attn2 is not None:
+                h, x = ops.residual_adaln_layer_norm(h, a, None, None, None, *_ln_args(self.norm2))
+                a = self.attn2(x, encoder_hidden_states=encoder_hidden_states, attention_mask=encoder_attention_mask, **kw)
+            h, x = ops.residual_adaln_layer_norm(h, a, None, None, None, *_ln_args(self.norm3))
+            return self.ff(x) + h
+
+    def _check_uvit_patch_embed(pe: nn.Module) -> None:
+        if type(pe) is FusedUViTPatchEmbed:
+            return
+        if type(pe) is not _uvit.PatchEmbed:
+            raise _Skip(f"{type(pe).__name__} is not UniDiffuser's PatchEmbed")
+        if not pe.flatten or pe.layer_norm:
+            raise _Skip("patch embedding does not flatten or applies a LayerNorm")
+        proj = pe.proj
+        if (type(proj) is not nn.Conv2d or proj.stride != proj.kernel_size or any(proj.padding)
+                or proj.dilation != (1, 1) or proj.groups != 1):
+            raise _Skip("patch embedding conv is not a plain patch-sized, unpadded Conv2d")
+
+    def _check_skip_block(sb: nn.Module) -> None:
+        if type(sb) is FusedSkipBlock:
+            return
+        if type(sb) is not _uvit.SkipBlock:
+            raise _Skip(f"{type(sb).__name__} is not UniDiffuser's SkipBlock")
+        lin = sb.skip_linear
+        if type(lin) is not nn.Linear or lin.in_features != 2 * lin.out_features:
+            raise _Skip("skip_linear is not a Linear(2 * dim, dim)")
+        _plain_ln(sb.norm, "norm")
+
+    def _check_uvit_block(blk: nn.Module) -> None:
+        if type(blk) in (FusedUniDiffuserBlock, FusedUTransformerBlock):
+            return
+        if type(blk) not in (_uvit.UniDiffuserBlock, _uvit.UTransformerBlock):
+            raise _Skip(f"{type(blk).__name__} is not a UniDiffuser block")
+        if type(blk) is _uvit.UTransformerBlock and not blk.pre_layer_norm:
+            raise _Skip("UTransformerBlock with post-LayerNorm normalises the branch before the residual add, "
+                        "which no fused op computes")
+        if blk.use_ada_layer_norm or blk.only_cross_attention:
+            raise _Skip("uses AdaLayerNorm or only cross-attention")
+        _plain_ln(blk.norm1, "norm1")
+        _plain_ln(blk.norm3, "norm3")
+        if blk.attn2 is not None:
+            _plain_ln(blk.norm2, "norm2")
+
+    _UVIT_SWAPS = {
+        _uvit.PatchEmbed: (FusedUViTPatchEmbed, _check_uvit_patch_embed,
+                           "PatchEmbed -> patchify_embed (conv [+ position embedding] in one kernel)"),
+        _uvit.SkipBlock: (FusedSkipBlock, _check_skip_block,
+                          "SkipBlock -> skip_concat_linear (long-skip linear without the concat) + fused LayerNorm"),
+        _uvit.UniDiffuserBlock: (FusedUniDiffuserBlock, _check_uvit_block,
+                                 "UniDiffuserBlock -> residual + LayerNorm fused"),
+        _uvit.UTransformerBlock: (FusedUTransformerBlock, _check_uvit_block,
+                                  "UTransformerBlock (pre-LN) -> fused LayerNorm, residual + LayerNorm fused"),
+    }
+else:  # pragma: no cover
+    _UVIT_SWAPS = {}
+
 # --------------------------------------------------------------------------- driver
 def _swap(m: nn.Module, cls: type, check, path: str, what: str, report) -> None:
     try:
@@ -270,6 +397,9 @@ def optimize_diffusers(model: nn.Module, report) -> None:
         elif isinstance(m, BasicTransformerBlock):
             _swap(m, FusedBasicTransformerBlock, _check_block, path,
                   f"BasicTransformerBlock ({m.norm_type}) -> fused modulated LayerNorms and residual + LayerNorm", report)
+        elif any(isinstance(m, c) for c in _UVIT_SWAPS):
+            cls, check, what = next(v for c, v in _UVIT_SWAPS.items() if isinstance(m, c))
+            _swap(m, cls, check, path, what, report)
         elif isinstance(m, Attention):
             try:
                 _check_attention(m)
@@ -281,7 +411,7 @@ def optimize_diffusers(model: nn.Module, report) -> None:
                 kind = "cross-attention" if m.is_cross_attention else "self-attention"
                 report.replaced.append((path, f"AttnProcessor2_0 -> UvitFastAttnProcessor ({kind}, fused attention; "
                                               "calls with an attention mask stay on AttnProcessor2_0)"))
-    report.left_alone.append(("", f"{name}.forward kept (norm_out modulation, proj_out and unpatchify stay diffusers'), "
-                                  "so the class and config are unchanged"))
+    report.left_alone.append(("", f"{name}.forward kept: the code between the blocks (embeddings, final norm, "
+                                  "output projection, unpatchify) stays diffusers', so the class and config are unchanged"))
     if len(report.replaced) == n_replaced:
         report.notes.append("nothing left to replace (already optimized, or nothing recognised)")
