@@ -137,3 +137,22 @@ def test_interpreter_set_after_import_in_a_fresh_process():
     assert out.returncode == 0, out.stderr[-3000:]
     assert "BACKEND_ERROR adaln_layer_norm: TRITON_INTERPRET=1 was set after triton" in out.stdout, out.stdout
     assert "before importing uvit_fast or triton" in out.stdout
+
+
+def test_install_hints_work_without_pypi():
+    """uvit-fast is not on PyPI: every hint that names an extra says how to install it from a
+    checkout (pip install -e ".[extra]")."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    files = [*root.glob("uvit_fast/**/*.py"), *root.glob("kernels/*.py"), *root.glob("benchmarks/*.py"),
+             *root.glob("examples/*.py"), *root.glob("docs/*.md"), *root.glob("*.md"), *root.glob("scripts/*")]
+    bad = []
+    for path in files:
+        if not path.is_file():
+            continue
+        for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            if re.search(r"uvit-fast\[", line) and '-e ".[' not in line and "-e \\\".[" not in line:
+                bad.append(f"{path.relative_to(root)}:{n}: {line.strip()}")
+    assert not bad, "\n".join(bad)

@@ -85,7 +85,7 @@ def _flash_attn_module():
     try:
         return importlib.import_module("flash_attn")
     except ImportError:
-        raise ValueError("attention: backend='flash_attn' needs the flash-attn package (pip install 'uvit-fast[flash]')") from None
+        raise ValueError("attention: backend='flash_attn' needs the flash-attn package (pip install flash-attn, or from a checkout pip install -e \".[flash]\")") from None
 
 
 def _check_half(t: torch.Tensor) -> None:
@@ -109,7 +109,7 @@ def _xformers(q, k, v, causal, scale):
     try:
         xops = importlib.import_module("xformers.ops")
     except ImportError:
-        raise ValueError("attention: backend='xformers' needs the xformers package (pip install 'uvit-fast[xformers]')") from None
+        raise ValueError("attention: backend='xformers' needs the xformers package (pip install xformers, or from a checkout pip install -e \".[xformers]\")") from None
     bias = None
     if causal:
         bias = xops.LowerTriangularMask()  # top-left aligned, as ours
