@@ -1,5 +1,7 @@
-"""DistributedDataParallel on the fused model: 2 CPU processes on gloo give the same loss and
-gradients as one process on the same global batch."""
+"""Data-parallel and sharded training on 2 CPU processes (gloo): DistributedDataParallel and FSDP2
+(``torch.distributed.fsdp.fully_shard`` on every transformer block and on the root) give the same
+loss, gradients and (FSDP) optimizer step as one process on the same global batch, for the fused
+model and for an upstream-structured U-ViT after ``uvit_fast.optimize``, on both backends."""
 import datetime
 import os
 
@@ -9,6 +11,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import uvit_fast
+
+import upstream_modules as up
 
 
 def _model():
@@ -70,3 +74,71 @@ def test_ddp_two_processes_match_one(tmp_path, backend):
     torch.testing.assert_close(got["loss"], loss, rtol=1e-5, atol=1e-6)
     for n, p in model.named_parameters():
         torch.testing.assert_close(got["grads"][n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+# --------------------------------------------------------------------------- FSDP2
+def _fsdp_model(which):
+    if which == "fused":
+        return _model()
+    torch.manual_seed(0)  # the upstream U-ViT structure (two long skips), then optimize
+    m = up.UViT(img_size=8, patch_size=2, embed_dim=24, depth=4, num_heads=3, num_classes=5, mlp_time_embed=True)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.2)
+    m, report = uvit_fast.optimize(m)
+    if report.left_alone or type(m).__name__ != "FusedUViT":
+        raise RuntimeError(f"optimize did not fuse the upstream U-ViT:\n{report}")
+    return m
+
+
+def _blocks(model):
+    return [*model.in_blocks, model.mid_block, *model.out_blocks]
+
+
+def _fsdp_worker(rank, world, init_file, out_dir, backend, which):
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=300))
+    try:
+        from torch.distributed.fsdp import fully_shard
+
+        model = _fsdp_model(which)
+        for blk in _blocks(model):
+            fully_shard(blk)
+        fully_shard(model)
+        sharded = [n for n, p in model.named_parameters() if type(p).__name__ == "DTensor"]
+        # SGD, not AdamW: AdamW's first step is +-lr wherever a gradient is non-zero, so a gradient of
+        # ~1e-10 whose sign depends on the reduction order would move a weight by a whole step
+        opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+        x, t, y, target = _batch()
+        sl = slice(rank * 2, rank * 2 + 2)
+        loss = _step(model, x[sl], t[sl], y[sl], target[sl], backend)
+        dist.all_reduce(loss)
+        grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+        opt.step()
+        params = {n: p.detach().full_tensor() for n, p in model.named_parameters()}
+        if rank == 0:
+            torch.save({"loss": loss / world, "grads": grads, "params": params, "sharded": sharded,
+                        "n_params": len(list(model.parameters()))}, os.path.join(out_dir, "fsdp.pt"))
+    finally:
+        dist.destroy_process_group()
+    os._exit(0)  # see _worker
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["fused", "optimized_upstream"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fsdp2_two_processes_match_one(tmp_path, backend, which):
+    mp.start_processes(_fsdp_worker, args=(2, str(tmp_path / "rdzv"), str(tmp_path), backend, which), nprocs=2,
+                       join=True, start_method="spawn")
+    got = torch.load(tmp_path / "fsdp.pt")
+    model = _fsdp_model(which)
+    assert len(got["sharded"]) == got["n_params"] == len(list(model.parameters()))  # every parameter sharded
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    loss = _step(model, *_batch(), backend)
+    torch.testing.assert_close(got["loss"], loss, rtol=1e-5, atol=1e-6)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(got["grads"][n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+    opt.step()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(got["params"][n], p.detach(), rtol=1e-4, atol=1e-6, msg=n)
