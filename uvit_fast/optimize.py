@@ -10,11 +10,14 @@ code is never imported), and swaps in the fused modules in place:
   written by the same kernel) and the fused decoder + unpatchify, through a forward that
   reads the same attributes (the model's class becomes a subclass of its own class, so
   ``isinstance`` checks keep working);
-* timm ViT keeps its own forward; its patch embedding, blocks and final norm are swapped.
+* timm ViT keeps its own forward and every other method; its patch embedding, blocks (with their
+  attention and norms) and final norm are fused in place: each stays the same object and its class
+  becomes a subclass of its own class, and calls the fused path does not cover (an attention mask,
+  ``is_causal``, inputs the patch-embedding kernel does not write) run timm's own code.
 
 Parameters are shared, never copied: ``state_dict`` keys, values and the optimizer's
 parameter objects stay valid. Anything whose semantics the fused modules do not cover
-(dropout with p > 0, LayerScale, DropPath, qk-norm, other norm layers, any other sub-module,
+(dropout with p > 0, LayerScale, DropPath, qk-norm, norms other than plain ``F.layer_norm``, any other sub-module,
 parameter or buffer in a block or attention) is left alone and named in the report. Applying ``optimize`` twice is a no-op.
 """
 from __future__ import annotations
