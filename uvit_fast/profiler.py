@@ -19,6 +19,12 @@ Conventions (each row says both, named so they cannot be confused):
 
 With ``--batch B`` each row is also timed on the current device (CUDA when present, else the
 CPU; rows say which), forward only, under ``torch.inference_mode``.
+
+With ``--memory`` each row also gets the training memory and HBM traffic of the fused and the
+plain path, modelled on the meta device by :mod:`uvit_fast.memory` (``saved_bytes_fused``,
+``saved_bytes_plain``, ``hbm_bytes_fused``, ``hbm_bytes_plain``, ... per sample), the largest
+batch that fits ``--gpu-memory`` and a roofline bound for ``--gpu``; with ``--batch`` on CUDA, one
+measured AMP training step (peak memory, time) sits beside the model.
 """
 from __future__ import annotations
 
