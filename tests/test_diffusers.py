@@ -23,6 +23,10 @@ from uvit_fast.testing import DEFAULT_ATOL, CustomOpRecorder, assert_parity  # n
 
 from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel  # noqa: E402
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0  # noqa: E402
+from diffusers.pipelines.deprecated.unidiffuser.modeling_uvit import (  # noqa: E402
+    UniDiffuserModel,
+    UTransformer2DModel,
+)
 
 from uvit_fast.optimize_diffusers import (  # noqa: E402
     FusedBasicTransformerBlock,
@@ -58,7 +62,25 @@ def _pixart(heads=2, head_dim=16, layers=2, sample=8):
     return _randomize(m)
 
 
-BUILD = {"dit": _dit, "pixart": _pixart}
+def _uvit(heads=2, head_dim=16, layers=3, sample=8, **kw):
+    """UniDiffuser's U-ViT: 1 in-block, the mid-block, 1 out-block with its long skip."""
+    m = UTransformer2DModel(
+        num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4, out_channels=4, num_layers=layers,
+        sample_size=sample, patch_size=2, use_patch_pos_embed=True, norm_num_groups=1, **kw,
+    )
+    return _randomize(m)
+
+
+def _unidiffuser(heads=2, head_dim=16, layers=3, sample=8):
+    """The joint model: 2 time tokens + 5 text tokens + 1 CLIP-image token + 16 patches = 24 tokens."""
+    m = UniDiffuserModel(
+        text_dim=24, clip_img_dim=20, num_text_tokens=5, num_attention_heads=heads, attention_head_dim=head_dim,
+        in_channels=4, out_channels=4, num_layers=layers, sample_size=sample, patch_size=2, norm_num_groups=1,
+    )
+    return _randomize(m)
+
+
+BUILD = {"dit": _dit, "pixart": _pixart, "uvit": _uvit, "unidiffuser": _unidiffuser}
 
 
 def _close64(actual, expected, name="output"):
@@ -71,6 +93,12 @@ def _inputs(kind, dtype, batch=2, sample=8, tokens=5, mask=False, grad=False):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 4, sample, sample, generator=g, dtype=torch.float64).to(dtype).requires_grad_(grad)
     t = torch.tensor([3, 871][:batch])
+    if kind == "uvit":
+        return (x,), {}
+    if kind == "unidiffuser":
+        clip = torch.randn(batch, 1, 20, generator=g, dtype=torch.float64).to(dtype).requires_grad_(grad)
+        text = torch.randn(batch, 5, 24, generator=g, dtype=torch.float64).to(dtype).requires_grad_(grad)
+        return (x, clip, text, t, torch.tensor([0, 500][:batch])), {}
     if kind == "dit":
         return (x, t, torch.tensor([1, 7][:batch])), {}
     c = torch.randn(batch, tokens, 24, generator=g, dtype=torch.float64).to(dtype).requires_grad_(grad)
@@ -81,6 +109,10 @@ def _inputs(kind, dtype, batch=2, sample=8, tokens=5, mask=False, grad=False):
 
 
 def _call(model, kind, args, kw):
+    if kind == "uvit":
+        return model(args[0], **kw).sample
+    if kind == "unidiffuser":  # (image latents, CLIP image embedding, text embeddings) as one tensor
+        return torch.cat([o.flatten(1) for o in model(*args)], dim=1)
     if kind == "dit":
         x, t, y = args
         return model(x, timestep=t, class_labels=y).sample
@@ -128,6 +160,70 @@ def test_float64_outputs_and_every_gradient_equal(kind, mask):
     assert g.keys() == g_ref.keys() and len(g) > 10
     for n in g_ref:
         _close64(g[n], g_ref[n], n)
+
+
+@pytest.mark.parametrize("kind,kw,fused_blocks", [
+    ("uvit", {}, 3),                                                        # UniDiffuserBlock, post-LN (default)
+    ("uvit", {"pre_layer_norm": True}, 3),                                  # UniDiffuserBlock, pre-LN
+    ("uvit", {"block_type": "utransformer", "pre_layer_norm": True}, 3),    # UTransformerBlock, pre-LN
+    ("uvit", {"block_type": "utransformer"}, 0),                            # post-LN UTransformerBlock: left alone
+    ("unidiffuser", {}, 3),
+])
+def test_unidiffuser_float64_outputs_and_every_gradient_equal(kind, kw, fused_blocks):
+    ref = BUILD[kind](**kw).double().train()
+    model, report = uvit_fast.optimize(copy.deepcopy(ref))
+    assert type(model) is type(ref) and model.state_dict().keys() == ref.state_dict().keys()
+    replaced = [p for p, _ in report.replaced]
+    assert sum("Fused" in type(m).__name__ and "Block" in type(m).__name__ and "Skip" not in type(m).__name__
+               for m in model.modules()) == fused_blocks
+    assert any(p.endswith("transformer_out_blocks.0.skip") for p in replaced)  # the long skip
+    assert sum(p.endswith("attn1") for p in replaced) == 3
+    if fused_blocks == 0:
+        assert any("post-LayerNorm" in why for _, why in report.left_alone)
+    args, kw_ = _inputs(kind, torch.float64, grad=True)
+    out_ref, g_ref = _run(ref, kind, args, kw_)
+    out, g = _run(model, kind, args, kw_, backend="torch")
+    _close64(out, out_ref)
+    assert g.keys() == g_ref.keys() and len(g) > 10
+    for n in g_ref:
+        _close64(g[n], g_ref[n], n)
+
+
+@pytest.mark.parametrize("block,pre", [("UniDiffuserBlock", False), ("UniDiffuserBlock", True),
+                                       ("UTransformerBlock", True)])
+def test_unidiffuser_blocks_with_cross_attention(block, pre):
+    """diffusers' UTransformer2DModel cannot run cross-attention (its mid-block is called without
+    encoder_hidden_states), so the blocks' cross-attention path is checked block by block."""
+    from diffusers.pipelines.deprecated.unidiffuser import modeling_uvit
+
+    from uvit_fast import optimize_diffusers as od
+
+    ref = getattr(modeling_uvit, block)(32, 2, 16, cross_attention_dim=24, activation_fn="geglu", pre_layer_norm=pre)
+    ref = _randomize(ref).double()
+    blk = copy.deepcopy(ref)
+    od._check_uvit_block(blk)
+    blk.__class__ = getattr(od, f"Fused{block}")
+    for attn in (blk.attn1, blk.attn2):
+        od._check_attention(attn)
+        attn.set_processor(UvitFastAttnProcessor())
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 7, 32, generator=g, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(2, 5, 24, generator=g, dtype=torch.float64, requires_grad=True)
+    outs = []
+    for m, backend in ((ref, "auto"), (blk, "torch")):
+        x.grad = c.grad = None
+        m.zero_grad(set_to_none=True)
+        with uvit_fast.use_backend(backend):
+            out = m(x, encoder_hidden_states=c)
+            out.square().sum().backward()
+        outs.append((out.detach(), x.grad, c.grad, {n: p.grad for n, p in m.named_parameters()}))
+    (o0, x0, c0, p0), (o1, x1, c1, p1) = outs
+    _close64(o1, o0)
+    _close64(x1, x0, "x")
+    _close64(c1, c0, "encoder_hidden_states")
+    for n in p0:
+        _close64(p1[n], p0[n], n)
+    assert blk.attn2.processor.fallback_calls == 0
 
 
 def test_padding_mask_leaves_that_call_on_the_diffusers_path():
@@ -212,10 +308,12 @@ def test_triton_forward_fp32_fast():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("kind,head_dim", [("dit", 72), ("pixart", 16), ("pixart", 72)])
+@pytest.mark.parametrize("kind,head_dim", [("dit", 72), ("pixart", 16), ("pixart", 72), ("unidiffuser", 72)])
 def test_triton_kernels_within_2x_rule_with_gradients(kind, head_dim, dtype):
     ops = _triton_parity(kind, dtype, head_dim=head_dim, layers=2)
     assert any("attention_bwd" in o for o in ops) and any("adaln_layer_norm_backward" in o for o in ops), ops
+    if kind == "unidiffuser":
+        assert any("skip_concat_linear" in o and "backward" in o for o in ops), ops
 
 
 def _autocast_run(model, kind, args, kw, dtype, backend=None):
@@ -308,7 +406,7 @@ def test_unsupported_diffusers_model_is_unchanged():
     assert {n: type(m) for n, m in model.named_modules()} == before
 
 
-@pytest.mark.parametrize("kind", ["dit", "pixart"])
+@pytest.mark.parametrize("kind", ["dit", "pixart", "unidiffuser"])
 def test_save_pretrained_from_pretrained_round_trip(kind, tmp_path):
     model, _ = uvit_fast.optimize(BUILD[kind]().double().eval())
     model.save_pretrained(tmp_path)
