@@ -4,8 +4,9 @@ real launchers (``uvit_fast.kernel_report``) at the flagship shapes, and the fac
 * every config compiles, or is dropped by the kernel's own prune, with at least one config left;
 * 16-bit configs spill nothing;
 * on sm_90, 16-bit dots of 64 or more rows use wgmma;
-* attention forward, dK/dV and dQ at head_dim 72 and 64 in 16-bit: the loads of the main loop are
-  at least 8 bytes wide (no 2-byte scalar loads) and the K/V loop is pipelined (cp.async or TMA).
+* attention forward, dK/dV and dQ at head_dim 72 and 64 in 16-bit: the loads of the main loops are
+  at least 8 bytes wide (no 2-byte scalar loads; see ``kernel_report.main_loops``) and the K/V loop
+  is pipelined (cp.async or TMA).
 
 The compiles run in a subprocess: this test process runs Triton under the interpreter (conftest),
 which never compiles. CI compiles a representative subset (the config autotune tries first, for
@@ -113,6 +114,10 @@ def test_ptx_readers():
     assert kr._global_loads(_PTX, spans) == {16: 1, 8: 1}  # the b16 load is before the loop
     assert kr._cp_async(_PTX) == {16: 1, 4: 1}
     assert len(kr._TMA.findall(_PTX)) == 1
+    loops = kr._loops(_PTX)
+    assert [lp["bytes"] for lp in loops] == [16 + 8 + 16, 4]
+    # the second loop reads under half the bytes of the first: not a main loop
+    assert kr.main_loops({"loops": loops}) == [loops[0]]
 
 
 def test_ttgir_dots():
@@ -201,11 +206,12 @@ def test_attention_main_loop_loads_are_vectorised_and_pipelined(ci_rows, arch, s
     assert {r["kernel"] for r in rows} == set(_ATTN_KERNELS)
     bad = []
     for r in rows:
-        widest, _ = kr.loop_load_width(r)
-        scalar = {int(k): v for k, v in r["loop_loads"].items()}.get(2, 0)
-        if widest < 8 or scalar:
-            bad.append(f"{_where(r)}: loop loads {r['loop_loads']} (bytes: count), loop cp.async "
-                       f"{r['loop_cp_async_sizes']}")
+        mains = kr.main_loops(r)
+        assert mains, f"{_where(r)}: no loop that reads global memory"
+        for lp in mains:
+            widths = [int(w) for w in (*lp["loads"], *lp["cp_async"])]
+            if max(widths) < 8 or 2 in widths:
+                bad.append(f"{_where(r)}: main-loop loads {lp['loads']}, cp.async {lp['cp_async']} (bytes: count)")
         if not (r["cp_async"] or r["tma"]):
             bad.append(f"{_where(r)}: K/V loop not pipelined (no cp.async, no TMA)")
     assert not bad, "\n".join(bad)
@@ -223,3 +229,25 @@ def test_acceptance_attention_fwd_hd72_bf16_first_config(ci_rows):
     assert r["widest_load"] >= 8, f"widest global load {r['widest_load']} B: {r['loads']}"
     assert r["cp_async"] > 0, "no cp.async"
     assert r["spill_bytes"] == 0, f"{r['spill_bytes']} B/thread spilled at {r['regs']} registers"
+
+
+@pytest.mark.slow
+def test_cli_kernels_runs_without_a_gpu():
+    """``uvit-fast kernels --arch sm_90`` (one small kernel: the filters keep it quick) prints rows
+    and JSON with the facts, in a process without the interpreter."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    args = [sys.executable, "-m", "uvit_fast.cli", "kernels", "--arch", "sm_90", "--shape", "dit-xl2", "--op", "adaln",
+            "--dtype", "bf16", "--kernel", "_adaln_fwd", "--no-progress"]
+    proc = subprocess.run(args + ["--json"], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["kernel"] for r in rows] == ["_adaln_fwd_kernel"]
+    r = rows[0]
+    assert r["status"] == "compiled" and r["spill_bytes"] == 0 and r["mma"] == "none"
+    assert r["widest_load"] == 16  # D = 1152 rows of 16-byte-aligned bf16: ld.global.v4
+    assert r["programs"] == 32 * 256  # one program per row
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0 and "adaln_fwd_kernel" in proc.stdout and "sm_90" in proc.stdout, proc.stderr[-3000:]
+    # the interpreter compiles nothing: a clear refusal
+    proc = subprocess.run(args, capture_output=True, text=True, env=dict(env, TRITON_INTERPRET="1"), timeout=600)
+    assert proc.returncode == 2 and "TRITON_INTERPRET" in proc.stderr

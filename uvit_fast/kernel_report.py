@@ -393,8 +393,31 @@ def kernel_facts(compiled, arch: Any) -> Dict[str, Any]:
         "cp_async_sizes": cp,
         "loop_cp_async": sum(loop_cp.values()),
         "loop_cp_async_sizes": loop_cp,
+        "loops": _loops(ptx),
         "tma": len(_TMA.findall(ptx)),
     }
+
+
+def _loops(ptx: str) -> List[Dict[str, Any]]:
+    """Per loop: its global loads and cp.async (bytes per instruction: count) and the bytes one
+    thread reads per iteration."""
+    out = []
+    for span in _loop_spans(ptx):
+        loads, cp = _global_loads(ptx, [span]), _cp_async(ptx, [span])
+        nbytes = sum(w * n for w, n in loads.items()) + sum(w * n for w, n in cp.items())
+        out.append({"loads": loads, "cp_async": cp, "bytes": nbytes})
+    return out
+
+
+def main_loops(facts: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The main loops of a kernel: those that read at least half as many bytes per iteration as
+    the loop that reads most (the K/V loop of each program tile; not the short tail-step loops,
+    whose remainder columns can leave one element per thread)."""
+    loops = [lp for lp in facts["loops"] if lp["bytes"]]
+    if not loops:
+        return []
+    top = max(lp["bytes"] for lp in loops)
+    return [lp for lp in loops if 2 * lp["bytes"] >= top]
 
 
 def loop_load_width(facts: Dict[str, Any]) -> Tuple[int, int]:
