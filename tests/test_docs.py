@@ -1,0 +1,77 @@
+"""The README, LICENSE and CHANGELOG agree with the code: every ``uvit_fast.X`` the README names
+exists, the README's facts (head dims, versions) match the source, the license is the one
+pyproject names."""
+import importlib
+import re
+from pathlib import Path
+
+import uvit_fast
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+PYPROJECT = (ROOT / "pyproject.toml").read_text()
+
+
+def _resolves(dotted: str) -> bool:
+    obj = uvit_fast
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        if hasattr(obj, part):
+            obj = getattr(obj, part)
+            continue
+        try:
+            obj = importlib.import_module("uvit_fast." + ".".join(parts[: i + 1]))
+        except ImportError:
+            return False
+    return True
+
+
+def test_every_uvit_fast_name_in_the_readme_exists():
+    names = sorted(set(re.findall(r"\buvit_fast\.([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)", README)))
+    assert "create_model" in names and "text_to_image_context" in names
+    missing = [n for n in names if not _resolves(n)]
+    assert not missing, missing
+
+
+def test_readme_calls_text_to_image_context_qualified():
+    """A reader copies the call: it must say where the function comes from, and that must work."""
+    calls = [README[m.start() - 10:m.end()] for m in re.finditer(r"text_to_image_context\(", README)]
+    assert calls and all(c.endswith("uvit_fast.text_to_image_context(") for c in calls), calls
+    from uvit_fast.models import text_to_image_context
+
+    assert uvit_fast.text_to_image_context is text_to_image_context
+
+
+def test_supported_section_matches_the_source():
+    from uvit_fast.kernels.attention import MAX_HEAD_DIM
+
+    section = README[README.index("## Supported"):README.index("## Layout")]
+    assert f"1 to {MAX_HEAD_DIM}" in section
+    for dep in re.findall(r'"(torch>=[\d.]+|triton>=[\d.]+)', PYPROJECT):
+        assert f"`{dep}`" in section, dep
+    assert "sm_90" in section and "sm_80" in section and "nothing has run on a GPU yet" in section
+
+
+def test_readme_states_both_test_durations():
+    assert 'python -m pytest -m "not slow"' in README
+    line = next(line for line in README.splitlines() if line.startswith("Test time on a 2-core"))
+    assert "full suite" in line and "quick subset" in line
+
+
+def test_license_is_the_apache_2_text_pyproject_names():
+    text = (ROOT / "LICENSE").read_text()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text
+    assert "TERMS AND CONDITIONS FOR USE, REPRODUCTION, AND DISTRIBUTION" in text and "END OF TERMS AND CONDITIONS" in text
+    assert re.search(r'license\s*=\s*\{\s*text\s*=\s*"Apache-2.0"', PYPROJECT)
+
+
+def test_changelog_has_unreleased_and_the_current_version():
+    text = (ROOT / "CHANGELOG.md").read_text()
+    version = re.search(r'^version\s*=\s*"([^"]+)"', PYPROJECT, re.M).group(1)
+    assert version == uvit_fast.__version__
+    assert "## Unreleased" in text and f"## {version} - " in text
+    assert text.index("## Unreleased") < text.index(f"## {version}")
+
+
+def test_install_hints_in_readme_use_editable_installs():
+    assert "uvit-fast[" not in README.replace('pip install -e ".[', "")
