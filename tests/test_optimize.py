@@ -269,7 +269,7 @@ if torch.cuda.is_available():
 
 
 @pytest.mark.parametrize("backend, dtype", AUTOCAST_CASES)
-@pytest.mark.parametrize("kind", ["uvit_cond", "dit"])
+@pytest.mark.parametrize("kind", ["uvit_cond", "dit", "vit"])
 def test_autocast_within_dtype_rule(kind, backend, dtype, device):
     ref, args = _build(kind)
     gold_model = copy.deepcopy(ref).double()
@@ -308,8 +308,9 @@ def test_training_step_matches_after_adamw():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_torch_compile_fullgraph(backend):
-    ref, args = _build("dit")
+@pytest.mark.parametrize("kind", ["dit", pytest.param("vit", marks=pytest.mark.slow)])  # vit: fused in place
+def test_torch_compile_fullgraph(kind, backend):
+    ref, args = _build(kind)
     fused, _ = uvit_fast.optimize(copy.deepcopy(ref))
     with uvit_fast.use_backend(backend):
         compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
