@@ -114,7 +114,7 @@ class _GpuSdpa(TorchFunctionMode):
 # the dispatch trace
 
 _FREE = {"_unsafe_view", "detach", "alias", "lift_fresh", "empty", "empty_like", "new_empty", "empty_strided",
-         "new_empty_strided", "promote_types", "_to_copy_noop"}
+         "new_empty_strided", "promote_types"}
 _GEMM = {"mm", "addmm", "bmm", "baddbmm", "convolution", "_convolution", "convolution_backward", "_scaled_mm",
          "skip_concat_linear", "skip_concat_linear_backward_input", "skip_concat_linear_backward_weight",
          "patchify_embed", "patchify_embed_backward", "decoder_unpatchify", "decoder_unpatchify_backward"}
@@ -273,14 +273,19 @@ def transformer_blocks(model: torch.nn.Module) -> List[torch.nn.Module]:
 
 @contextlib.contextmanager
 def _block_hooks(blocks: Sequence[torch.nn.Module], counter: SavedTensorCounter, inputs: Dict[int, int]) -> Iterator[None]:
+    """Attribute saves to the block that runs; record each block's input storages (kept alive
+    until the count ends, so that a freed storage's identity is not reused)."""
     handles = []
+    keep: List[torch.Tensor] = []
 
     def pre(i):
         def hook(module, args, kwargs):
             counter.block = i
             for t in _tensors(list(args) + list(kwargs.values())):
                 s = t.untyped_storage()
-                inputs.setdefault(s._cdata, s.nbytes())
+                if s._cdata not in inputs:
+                    inputs[s._cdata] = s.nbytes()
+                    keep.append(t)
         return hook
 
     def post(module, args, kwargs, output):
@@ -340,8 +345,7 @@ def count_step(model: torch.nn.Module, batch: int, fused: bool) -> StepCount:
     params = list(model.parameters())
     for p in params:  # a first backward, as a training step after zero_grad(set_to_none=True)
         p.grad = None
-    inputs = model.example_inputs(batch, device="meta", dtype=torch.bfloat16)
-    inputs = tuple(t.requires_grad_() if t.is_floating_point() and i == 0 else t for i, t in enumerate(inputs))
+    inputs = model.example_inputs(batch, device="meta", dtype=torch.bfloat16)  # data: no gradient
     counter = SavedTensorCounter(list(model.parameters()) + list(model.buffers()))
     blocks = transformer_blocks(model)
     block_inputs: Dict[int, int] = {}
