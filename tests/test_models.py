@@ -63,6 +63,16 @@ def test_state_dict_layout_matches_upstream(name):
     assert got == _facts_layout(name)
 
 
+@pytest.mark.parametrize("name", UVIT_NAMES + DIT_NAMES)
+def test_parameter_order_matches_upstream(name):
+    """state_dict() and parameters() list the keys in upstream's registration order (an optimizer's
+    saved state is matched by position: upstream's optimizer.pth must resume on ours)."""
+    model = _meta(name)
+    want = list(_facts_layout(name))
+    assert list(model.state_dict()) == want
+    assert [n for n, _ in model.named_parameters()] == want
+
+
 @pytest.mark.parametrize(
     "name, millions",
     [("cifar10_uvit_small", 44), ("mscoco_uvit_small_deep", 58), ("imagenet64_uvit_mid", 131),

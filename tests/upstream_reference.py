@@ -17,18 +17,30 @@ Shape = Tuple[int, ...]
 
 
 # --------------------------------------------------------------------------- key layouts
+# Each layout is an insertion-ordered dict in upstream's parameter registration order (facts file,
+# "Parameter registration order"): what ``state_dict()`` and ``parameters()`` list, and what an
+# optimizer's saved per-parameter state (upstream's ``optimizer.pth``) is matched against by position.
+# U-ViT: pos_embed (a parameter of the model itself comes first), patch_embed, time_embed,
+# label_emb / context_embed, in_blocks, mid_block, out_blocks (skip_linear after the mlp), norm,
+# decoder_pred, final_layer. DiT: pos_embed, x_embedder, t_embedder, y_embedder, blocks (attn,
+# mlp, adaLN_modulation; the norms have no parameters), final_layer (linear, adaLN_modulation).
 def _block_keys(prefix: str, D: int, mlp_ratio: float, qkv_bias: bool, affine_norms: bool) -> Dict[str, Shape]:
+    """In upstream's registration order: norm1, attn (qkv, proj), norm2, mlp (fc1, fc2)."""
     H = int(D * mlp_ratio)
     keys: Dict[str, Shape] = {}
-    if affine_norms:
-        for n in ("norm1", "norm2"):
+
+    def norm(n: str) -> None:
+        if affine_norms:
             keys[f"{prefix}.{n}.weight"] = (D,)
             keys[f"{prefix}.{n}.bias"] = (D,)
+
+    norm("norm1")
     keys[f"{prefix}.attn.qkv.weight"] = (3 * D, D)
     if qkv_bias:
         keys[f"{prefix}.attn.qkv.bias"] = (3 * D,)
     keys[f"{prefix}.attn.proj.weight"] = (D, D)
     keys[f"{prefix}.attn.proj.bias"] = (D,)
+    norm("norm2")
     keys[f"{prefix}.mlp.fc1.weight"] = (H, D)
     keys[f"{prefix}.mlp.fc1.bias"] = (H,)
     keys[f"{prefix}.mlp.fc2.weight"] = (D, H)

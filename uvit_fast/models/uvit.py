@@ -102,6 +102,9 @@ class _UViTBase(nn.Module):
             if mlp_time_embed
             else nn.Identity()
         )
+        # label_emb / context_embed here, as upstream registers them: parameters() keeps upstream's
+        # order, which an optimizer's saved state (upstream's optimizer.pth) is matched against
+        self._build_condition_embed(embed_dim)
         self.pos_embed = nn.Parameter(torch.zeros(1, extras + num_patches, embed_dim))
         kw = dict(
             dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale,
@@ -116,6 +119,9 @@ class _UViTBase(nn.Module):
         self.final_layer = nn.Conv2d(in_chans, in_chans, 3, padding=1) if conv else nn.Identity()
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.apply(self._init_weights)
+
+    def _build_condition_embed(self, embed_dim: int) -> None:
+        """Register the condition embedding (label or context), if any."""
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -184,12 +190,14 @@ class UViT(_UViTBase):
     ):
         super().__init__()
         self.num_classes = num_classes
-        if num_classes > 0:
-            self.label_emb = nn.Embedding(num_classes, embed_dim)
         self._build(
             img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, qkv_bias, qk_scale,
             norm_layer, mlp_time_embed, use_checkpoint, conv, skip, 2 if num_classes > 0 else 1, fused,
         )
+
+    def _build_condition_embed(self, embed_dim: int) -> None:
+        if self.num_classes > 0:
+            self.label_emb = nn.Embedding(self.num_classes, embed_dim)
 
     def example_inputs(self, batch_size: int = 1, device=None, dtype=None) -> tuple:
         """Random ``(x, timesteps[, y])`` of the right shapes, for profiling and benchmarks."""
@@ -242,11 +250,13 @@ class UViTT2I(_UViTBase):
         super().__init__()
         self.clip_dim = clip_dim
         self.num_clip_token = num_clip_token
-        self.context_embed = nn.Linear(clip_dim, embed_dim)
         self._build(
             img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, qkv_bias, qk_scale,
             norm_layer, mlp_time_embed, use_checkpoint, conv, skip, 1 + num_clip_token, fused,
         )
+
+    def _build_condition_embed(self, embed_dim: int) -> None:
+        self.context_embed = nn.Linear(self.clip_dim, embed_dim)
 
     def example_inputs(self, batch_size: int = 1, device=None, dtype=None) -> tuple:
         """Random ``(x, timesteps, context)`` of the right shapes, for profiling and benchmarks."""
