@@ -10,7 +10,8 @@ real launchers (``uvit_fast.kernel_report``) at the flagship shapes, and the fac
 
 The compiles run in a subprocess: this test process runs Triton under the interpreter (conftest),
 which never compiles. CI compiles a representative subset (the config autotune tries first, for
-every kernel of the cases below); ``uvit-fast kernels`` is the full sweep of every config.
+every kernel of the cases below; ``UVIT_FAST_FACTS_ALL_CONFIGS=1`` compiles every kept config);
+``uvit-fast kernels`` is the full sweep of every shape, dtype and config.
 """
 from __future__ import annotations
 
@@ -64,9 +65,13 @@ def _compile(cases, max_configs=1, timeout=1200):
     return [json.loads(line[4:]) for line in proc.stdout.splitlines() if line.startswith("ROW ")]
 
 
+# UVIT_FAST_FACTS_ALL_CONFIGS=1: the same tests on every config each prune keeps (about 4x the time)
+ALL_CONFIGS = os.environ.get("UVIT_FAST_FACTS_ALL_CONFIGS", "0") == "1"
+
+
 @pytest.fixture(scope="module")
 def ci_rows():
-    return _compile([list(c) for c in CI_CASES])
+    return _compile([list(c) for c in CI_CASES], max_configs=None if ALL_CONFIGS else 1)
 
 
 def _case_rows(rows, arch, shape, op, dtype):
