@@ -388,7 +388,8 @@ def kernel_facts(compiled, arch: Any) -> Dict[str, Any]:
         "dots": ds,
         "loads": loads,
         "loop_loads": loop_loads,
-        "widest_load": max(list(loads) + list(cp), default=0),
+        "widest_load": max(list(loads) + list(cp), default=0),  # ld.global or cp.async, bytes
+        "widest_ld_global": max(loads, default=0),
         "cp_async": sum(cp.values()),
         "cp_async_sizes": cp,
         "loop_cp_async": sum(loop_cp.values()),
@@ -625,9 +626,12 @@ def rows(case: Case, launches: List[Launch], arch: Any) -> List[Dict[str, Any]]:
 # ------------------------------------------------------------------------------------------------
 
 
-def _config_text(cfg: Dict[str, Any]) -> str:
+def _config_text(row: Dict[str, Any]) -> str:
+    cfg = row["config"]
     tiles = [f"{k.replace('BLOCK_', 'B')}{v}" for k, v in cfg.items() if k.startswith("BLOCK_") and "TAIL" not in k]
-    return " ".join(tiles + [f"w{cfg.get('num_warps', '?')}", f"s{cfg.get('num_stages', '-')}"])
+    warps = row.get("num_warps", cfg.get("num_warps", "?"))  # the compiled value where there is one
+    stages = row.get("num_stages", cfg.get("num_stages", "?"))
+    return " ".join(tiles + [f"w{warps}", f"s{stages}"])
 
 
 def _load_text(row: Dict[str, Any]) -> str:
@@ -651,12 +655,12 @@ def _async_text(row: Dict[str, Any]) -> str:
 def format_table(report_rows: List[Dict[str, Any]]) -> str:
     """A fixed-width text table, one line per (case, kernel, config)."""
     head = ("case", "kernel", "config", "#", "status", "regs", "spill B", "smem KiB", "blk/SM", "mma",
-            "widest load", "async copies")
+            "widest ld.global", "async copies")
     lines = [head]
     for r in report_rows:
         ok = r["status"] in ("compiled", "oversize")
         lines.append((
-            f"{r['shape']}/{r['op']}/{r['dtype']}", r["kernel"].lstrip("_"), _config_text(r["config"]),
+            f"{r['shape']}/{r['op']}/{r['dtype']}", r["kernel"].lstrip("_"), _config_text(r),
             "-" if r["order"] is None else str(r["order"]),
             r["status"] if r["status"] != "error" else f"error: {r['error']}",
             str(r["regs"]) if ok else "", str(r["spill_bytes"]) if ok else "",
