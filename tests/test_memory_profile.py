@@ -459,6 +459,12 @@ def test_memory_row_schema_and_table():
     assert "MODELLED" in table and "not measured" in table and "datasheet" in table
     assert "saved fused" in table and "HBM plain" in table and "max B ckpt" in table
     assert f"{row['saved_bytes_fused'] / 2**20:.1f}" in table
+    # how a GPU measurement is shown beside the model (the fields measure_training returns on CUDA)
+    row.update(measured_batch=8, measured_path="fused", measured_peak_bytes=3 * 2**30, measured_step_ms=12.5,
+               measured_device="NVIDIA H100 80GB HBM3", modelled_peak_bytes_fused=profiler.modelled_peak_bytes(row, 8, "fused"))
+    line = profiler.format_memory_table([row]).splitlines()[-1]
+    assert "MEASURED on NVIDIA H100 80GB HBM3" in line and "peak 3.00 GiB" in line and "12.5 ms" in line
+    assert f"the model says {row['modelled_peak_bytes_fused'] / 2**30:.2f} GiB" in line
 
 
 @pytest.mark.parametrize(
@@ -474,6 +480,15 @@ def test_cli_memory_errors(argv, match, capsys):
         main(["profile", "--memory", *argv])
     assert exc.value.code == 2
     assert match in capsys.readouterr().err
+
+
+def test_modelled_peak_bytes():
+    from uvit_fast import profiler
+
+    row = {"state_bytes": 1000, "saved_bytes_fixed_plain": 48, "saved_bytes_plain": 300,
+           "saved_bytes_fixed_fused": 0, "saved_bytes_fused": 200}
+    assert profiler.modelled_peak_bytes(row, 4, "plain") == 1000 + 48 + 4 * 300
+    assert profiler.modelled_peak_bytes(row, 4, "fused") == 1000 + 4 * 200
 
 
 def test_measured_training_skipped_without_cuda():

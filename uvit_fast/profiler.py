@@ -218,6 +218,12 @@ def time_forward(
     return out
 
 
+def modelled_peak_bytes(row: Dict[str, Any], batch: int, path: str) -> int:
+    """The memory model's training peak at ``batch`` (no checkpointing): the training state,
+    the batch-independent saves and ``batch`` samples' saved activations."""
+    return int(row["state_bytes"] + max(row[f"saved_bytes_fixed_{path}"], 0) + batch * row[f"saved_bytes_{path}"])
+
+
 def measure_training(row: Dict[str, Any], batch: int, device: torch.device, *, fused: bool = True) -> Dict[str, Any]:
     """Measured beside the memory model, on CUDA only: one AMP training step (fp32 weights,
     bf16 autocast, AdamW) of ``batch`` samples: ``torch.cuda.max_memory_allocated`` and the
@@ -321,6 +327,8 @@ def profile(
             row.update(memory_fields(item.model, item.img_size, item.patch_size, gpu=gpu, gpu_memory=gpu_memory,
                                      roofline_batch=batch or 64))
             if batch is not None:
+                for path in ("fused", "plain"):
+                    row[f"modelled_peak_bytes_{path}"] = modelled_peak_bytes(row, batch, path)
                 row.update(measure_training(row, batch, device, fused=fused))
         rows.append(row)
     bar.close()
@@ -410,7 +418,8 @@ def format_memory_table(rows: Sequence[Dict[str, Any]]) -> str:
         if "measured_peak_bytes" in r:
             out.append(f"  {r['model']} p={r['patch_size']}: MEASURED on {r['measured_device']}, AMP training step of "
                        f"batch {r['measured_batch']} ({r['measured_path']}): peak {r['measured_peak_bytes'] / 2**30:.2f} GiB "
-                       f"(torch.cuda.max_memory_allocated), {r['measured_step_ms']:.1f} ms")
+                       f"(torch.cuda.max_memory_allocated), {r['measured_step_ms']:.1f} ms; the model says "
+                       f"{r['modelled_peak_bytes_' + r['measured_path']] / 2**30:.2f} GiB")
         elif "measured_skipped" in r:
             out.append(f"  {r['model']} p={r['patch_size']}: not measured: {r['measured_skipped']}")
     return "\n".join(out)
