@@ -320,6 +320,32 @@ def test_hbm_bytes_tiny_dit_plain():
     assert hbm == expected
 
 
+def test_saved_tensor_counter_counts_each_storage_once():
+    """A tensor saved twice, and views of one storage, count once at the storage's full size;
+    the excluded (parameter) storages not at all."""
+    from torch.autograd.graph import saved_tensors_hooks
+
+    w = torch.empty(8, 8, device="meta", requires_grad=True)  # stands for a parameter
+    a = torch.empty(4, 8, device="meta", requires_grad=True)
+    counter = memory.SavedTensorCounter([w])
+    with saved_tensors_hooks(counter.pack, counter.unpack):
+        b = a * a            # mul saves a twice: a's storage, 4 x 8 fp32 = 128 bytes, once
+        b[:2].sin()          # sin saves the view b[:2]: b's whole storage, 128 bytes
+        b[2:].cos()          # another view of b: nothing new
+        b @ w.t()            # mm saves b (already counted) and w.t() (excluded)
+    assert counter.total() == 4 * 8 * FP32 + 4 * 8 * FP32
+
+
+def test_backend_triton_accepted_on_meta():
+    """The fused count needs backend='triton' on meta tensors (fake implementations, no launch);
+    'auto' still resolves meta to the torch path, so plain FLOP counting is unchanged."""
+    from uvit_fast._backend import resolve
+
+    t = torch.empty(2, 3, device="meta")
+    assert resolve("triton", "op", t) == "triton"
+    assert resolve("auto", "op", t) == "torch"
+
+
 def test_fused_count_runs_the_custom_ops_and_plain_does_not():
     """The fused count goes through the uvit_fast:: ops (not the torch path twice); the plain
     count has none of them and runs SDPA as a GPU kernel, not its L x L math path."""
