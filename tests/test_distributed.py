@@ -80,19 +80,38 @@ def test_ddp_two_processes_match_one(tmp_path, backend):
 def _fsdp_model(which):
     if which == "fused":
         return _model()
-    torch.manual_seed(0)  # the upstream U-ViT structure (two long skips), then optimize
-    m = up.UViT(img_size=8, patch_size=2, embed_dim=24, depth=4, num_heads=3, num_classes=5, mlp_time_embed=True)
+    torch.manual_seed(0)
+    if which == "optimized_upstream":  # the upstream U-ViT structure (two long skips)
+        m = up.UViT(img_size=8, patch_size=2, embed_dim=24, depth=4, num_heads=3, num_classes=5, mlp_time_embed=True)
+    else:  # timm 1.0.31's ViT structure: its modules are fused in place, then FSDP swaps their class again
+        m = up.VisionTransformer(img_size=8, patch_size=4, embed_dim=24, depth=2, num_heads=2, num_classes=5)
     with torch.no_grad():
         for p in m.parameters():
             p.normal_(0, 0.2)
     m, report = uvit_fast.optimize(m)
-    if report.left_alone or type(m).__name__ != "FusedUViT":
-        raise RuntimeError(f"optimize did not fuse the upstream U-ViT:\n{report}")
+    if report.left_alone or not report.replaced:
+        raise RuntimeError(f"optimize did not fuse the {which} model:\n{report}")
     return m
 
 
+def _fsdp_batch(which):
+    x, t, y, target = _batch()
+    if which == "optimized_timm_vit":
+        return (x,), torch.randn(4, 5, generator=torch.Generator().manual_seed(2))
+    return (x, t, y), target
+
+
+def _fsdp_step(model, args, target, backend):
+    with uvit_fast.use_backend(backend):
+        loss = torch.nn.functional.mse_loss(model(*args), target)
+        loss.backward()
+    return loss.detach()
+
+
 def _blocks(model):
-    return [*model.in_blocks, model.mid_block, *model.out_blocks]
+    if hasattr(model, "in_blocks"):
+        return [*model.in_blocks, model.mid_block, *model.out_blocks]
+    return list(model.blocks)
 
 
 def _fsdp_worker(rank, world, init_file, out_dir, backend, which):
@@ -100,7 +119,7 @@ def _fsdp_worker(rank, world, init_file, out_dir, backend, which):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=300))
     try:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
         model = _fsdp_model(which)
         for blk in _blocks(model):
@@ -110,24 +129,35 @@ def _fsdp_worker(rank, world, init_file, out_dir, backend, which):
         # SGD, not AdamW: AdamW's first step is +-lr wherever a gradient is non-zero, so a gradient of
         # ~1e-10 whose sign depends on the reduction order would move a weight by a whole step
         opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
-        x, t, y, target = _batch()
+        args, target = _fsdp_batch(which)
         sl = slice(rank * 2, rank * 2 + 2)
-        loss = _step(model, x[sl], t[sl], y[sl], target[sl], backend)
+        args = tuple(a[sl] for a in args)
+        result = {}
+        if which == "optimized_timm_vit":
+            # a method other than forward unshards the root's parameters only once registered with FSDP
+            register_fsdp_forward_method(model, "forward_intermediates")
+            with torch.no_grad(), uvit_fast.use_backend(backend):
+                result["intermediates"] = model.forward_intermediates(*args, intermediates_only=True)
+        loss = _fsdp_step(model, args, target[sl], backend)
         dist.all_reduce(loss)
         grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
         opt.step()
         params = {n: p.detach().full_tensor() for n, p in model.named_parameters()}
         if rank == 0:
-            torch.save({"loss": loss / world, "grads": grads, "params": params, "sharded": sharded,
-                        "n_params": len(list(model.parameters()))}, os.path.join(out_dir, "fsdp.pt"))
+            result.update(loss=loss / world, grads=grads, params=params, sharded=sharded,
+                          n_params=len(list(model.parameters())))
+            torch.save(result, os.path.join(out_dir, "fsdp.pt"))
     finally:
         dist.destroy_process_group()
     os._exit(0)  # see _worker
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("which", ["fused", "optimized_upstream"])
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend, which", [
+    ("torch", "fused"), ("triton", "fused"),
+    ("torch", "optimized_upstream"), ("triton", "optimized_upstream"),
+    ("torch", "optimized_timm_vit"),  # the in-place fused timm modules under FSDP's own class swap
+])
 def test_fsdp2_two_processes_match_one(tmp_path, backend, which):
     mp.start_processes(_fsdp_worker, args=(2, str(tmp_path / "rdzv"), str(tmp_path), backend, which), nprocs=2,
                        join=True, start_method="spawn")
@@ -135,7 +165,13 @@ def test_fsdp2_two_processes_match_one(tmp_path, backend, which):
     model = _fsdp_model(which)
     assert len(got["sharded"]) == got["n_params"] == len(list(model.parameters()))  # every parameter sharded
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
-    loss = _step(model, *_batch(), backend)
+    args, target = _fsdp_batch(which)
+    if "intermediates" in got:
+        with torch.no_grad(), uvit_fast.use_backend(backend):
+            expected = model.forward_intermediates(*(a[:2] for a in args), intermediates_only=True)
+        for a, b in zip(got["intermediates"], expected, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    loss = _fsdp_step(model, args, target, backend)
     torch.testing.assert_close(got["loss"], loss, rtol=1e-5, atol=1e-6)
     for n, p in model.named_parameters():
         torch.testing.assert_close(got["grads"][n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
