@@ -247,7 +247,7 @@ def test_plot_names_coinciding_presets():
     fig = profiler.make_figure(rows)
     (ax,) = fig.axes
     texts = [t.get_text() for t in ax.texts]
-    assert any("imagenet256_uvit_huge" in t and "imagenet512_uvit_huge" in t for t in texts)
+    assert any("imagenet256_uvit_huge p2" in t and "imagenet512_uvit_huge p4" in t for t in texts)
     assert any(all(f"imagenet{s}_uvit_large" in t for s in (64, 256, 512)) for t in texts)
     check_plot_design(ax, rows)
 

@@ -435,8 +435,16 @@ def _series(rows: Sequence[Dict[str, Any]], key) -> Dict[str, List[Tuple[int, fl
     """series -> sorted (tokens, value, model name) points."""
     out: Dict[str, List[Tuple[int, float, str]]] = {}
     for r in rows:
-        out.setdefault(r["series"], []).append((r["tokens"], key(r), r["model"]))
+        out.setdefault(r["series"], []).append((r["tokens"], key(r), _point_label(r)))
     return {name: sorted(set(pts)) for name, pts in out.items()}
+
+
+def _point_label(r: Dict[str, Any]) -> str:
+    """``DiT-L/2`` as it is; other names get their patch size: ``imagenet256_uvit_huge p2``."""
+    name = r["model"]
+    if re.search(r"/\d+$", name) or r.get("patch_size") is None:
+        return name
+    return f"{name} p{r['patch_size']}"
 
 
 def _family_of(rows: Sequence[Dict[str, Any]], name: str) -> str:
