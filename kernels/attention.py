@@ -60,12 +60,48 @@ def padded_work(head_dim: int):
 # --------------------------------------------------------------------------------------------
 
 
+# Alignment hints (``ALIGNED``). The launcher sets the flag only when every batch/head/row stride
+# is a multiple of 8 elements, the last dim is contiguous and every pointer is 16-byte aligned
+# (:func:`_aligned`); then 16-bit tiles load as 16-byte vectors and through ``cp.async``. Without
+# it a head stride such as 72 (not divisible by 16, so not specialised by Triton) makes every
+# access a scalar 2-byte load. A wrong hint would be undefined behaviour, so the flag is never set
+# blindly. ``tl.multiple_of`` must mark the op that *computes* the offset (a hint on an argument
+# does nothing), so each helper computes its offset and marks it.
+
+
+@triton.jit
+def _mul8(a, b, ALIGNED: tl.constexpr):
+    """``a * b`` (element offsets, scalar or tensor), a multiple of 8 when ``ALIGNED``."""
+    x = a * b
+    if ALIGNED:
+        x = tl.multiple_of(x, 8)
+    return x
+
+
+@triton.jit
+def _off2(a, sa, b, sb, ALIGNED: tl.constexpr):
+    """``a * sa + b * sb``, a multiple of 8 when ``ALIGNED``."""
+    x = a * sa + b * sb
+    if ALIGNED:
+        x = tl.multiple_of(x, 8)
+    return x
+
+
+@triton.jit
+def _off3(a, sa, b, sb, c, sc, ALIGNED: tl.constexpr):
+    """``a * sa + b * sb + c * sc``, a multiple of 8 when ``ALIGNED``."""
+    x = a * sa + b * sb + c * sc
+    if ALIGNED:
+        x = tl.multiple_of(x, 8)
+    return x
+
+
 @triton.jit
 def _load_tile(base, offs_r, offs_c, stride_r, stride_c, n_rows, N_COLS: tl.constexpr,
-               MASK_R: tl.constexpr, MASK_C: tl.constexpr):
+               MASK_R: tl.constexpr, MASK_C: tl.constexpr, ALIGNED: tl.constexpr):
     """Load ``[len(offs_r), len(offs_c)]`` at ``base``; rows ``>= n_rows`` and columns
     ``>= N_COLS`` read as zero when the matching MASK flag is set."""
-    ptrs = base + offs_r[:, None] * stride_r + offs_c[None, :] * stride_c
+    ptrs = base + _mul8(offs_r, stride_r, ALIGNED)[:, None] + offs_c[None, :] * stride_c
     if MASK_R:
         if MASK_C:
             x = tl.load(ptrs, mask=(offs_r[:, None] < n_rows) & (offs_c[None, :] < N_COLS), other=0.0)
@@ -80,8 +116,8 @@ def _load_tile(base, offs_r, offs_c, stride_r, stride_c, n_rows, N_COLS: tl.cons
 
 
 @triton.jit
-def _store_tile(base, x, offs_r, offs_c, stride_r, stride_c, n_rows, N_COLS: tl.constexpr, MASK_C: tl.constexpr):
-    ptrs = base + offs_r[:, None] * stride_r + offs_c[None, :] * stride_c
+def _store_tile(base, x, offs_r, offs_c, stride_r, stride_c, n_rows, N_COLS: tl.constexpr, MASK_C: tl.constexpr, ALIGNED: tl.constexpr):
+    ptrs = base + _mul8(offs_r, stride_r, ALIGNED)[:, None] + offs_c[None, :] * stride_c
     if MASK_C:
         tl.store(ptrs, x, mask=(offs_r[:, None] < n_rows) & (offs_c[None, :] < N_COLS))
     else:
@@ -94,7 +130,7 @@ def _fwd_inner(acc0, acc1, l_i, m_i, q0, q1, K_bh, V_bh,
                offs_m, lo, hi, Lk, qk_scale,
                HEAD_DIM: tl.constexpr, D0: tl.constexpr, REM: tl.constexpr, DRK: tl.constexpr,
                DRN: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-               DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr):
+               DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr, ALIGNED: tl.constexpr):
     """Online-softmax update over key blocks ``[lo, hi)``; boundary/causal masks only if MASKED."""
     offs_j = tl.arange(0, BLOCK_N)
     offs_d0 = tl.arange(0, D0)
@@ -102,13 +138,13 @@ def _fwd_inner(acc0, acc1, l_i, m_i, q0, q1, K_bh, V_bh,
     offs_rn = tl.arange(0, DRN)
     for start_n in range(lo, hi, BLOCK_N):
         start_n64 = tl.cast(start_n, tl.int64)
-        kb = K_bh + start_n64 * stride_kn
-        vb = V_bh + start_n64 * stride_vn
+        kb = K_bh + _mul8(start_n64, stride_kn, ALIGNED)
+        vb = V_bh + _mul8(start_n64, stride_vn, ALIGNED)
         n_left = Lk - start_n
-        k0 = _load_tile(kb, offs_j, offs_d0, stride_kn, stride_kd, n_left, HEAD_DIM, MASKED, D0 > HEAD_DIM)
+        k0 = _load_tile(kb, offs_j, offs_d0, stride_kn, stride_kd, n_left, HEAD_DIM, MASKED, D0 > HEAD_DIM, ALIGNED)
         qk = tl.dot(q0, tl.trans(k0), input_precision=DOT_PREC)
         if REM > 0:
-            k1 = _load_tile(kb + D0 * stride_kd, offs_j, offs_rk, stride_kn, stride_kd, n_left, REM, MASKED, DRK > REM)
+            k1 = _load_tile(kb + D0 * stride_kd, offs_j, offs_rk, stride_kn, stride_kd, n_left, REM, MASKED, DRK > REM, ALIGNED)
             qk = tl.dot(q1, tl.trans(k1), qk, input_precision=DOT_PREC)
         qk = qk * qk_scale
         if MASKED:
@@ -121,10 +157,10 @@ def _fwd_inner(acc0, acc1, l_i, m_i, q0, q1, K_bh, V_bh,
         p = tl.exp2(qk - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v0 = _load_tile(vb, offs_j, offs_d0, stride_vn, stride_vd, n_left, HEAD_DIM, MASKED, D0 > HEAD_DIM)
+        v0 = _load_tile(vb, offs_j, offs_d0, stride_vn, stride_vd, n_left, HEAD_DIM, MASKED, D0 > HEAD_DIM, ALIGNED)
         acc0 = tl.dot(p.to(v0.dtype), v0, acc0 * alpha[:, None], input_precision=DOT_PREC)
         if REM > 0:
-            v1 = _load_tile(vb + D0 * stride_vd, offs_j, offs_rn, stride_vn, stride_vd, n_left, REM, MASKED, DRN > REM)
+            v1 = _load_tile(vb + D0 * stride_vd, offs_j, offs_rn, stride_vn, stride_vd, n_left, REM, MASKED, DRN > REM, ALIGNED)
             acc1 = tl.dot(p.to(v1.dtype), v1, acc1 * alpha[:, None], input_precision=DOT_PREC)
         m_i = m_new
     return acc0, acc1, l_i, m_i
@@ -139,15 +175,15 @@ def _fwd_block(Q, K, V, O, STATS,
                pid_bh, start_m, H, Lq, Lk, qk_scale,
                HEAD_DIM: tl.constexpr, D0: tl.constexpr, REM: tl.constexpr, DRK: tl.constexpr,
                DRN: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N_TAIL: tl.constexpr):
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N_TAIL: tl.constexpr, ALIGNED: tl.constexpr):
     """Rows ``[start_m, start_m + BLOCK_M)`` of one (batch, head): output and row statistics."""
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
     start_m64 = tl.cast(start_m, tl.int64)
-    Q_blk = Q + off_b * stride_qb + off_h * stride_qh + start_m64 * stride_qm
-    K_bh = K + off_b * stride_kb + off_h * stride_kh
-    V_bh = V + off_b * stride_vb + off_h * stride_vh
-    O_blk = O + off_b * stride_ob + off_h * stride_oh + start_m64 * stride_om
+    Q_blk = Q + _off3(off_b, stride_qb, off_h, stride_qh, start_m64, stride_qm, ALIGNED)
+    K_bh = K + _off2(off_b, stride_kb, off_h, stride_kh, ALIGNED)
+    V_bh = V + _off2(off_b, stride_vb, off_h, stride_vh, ALIGNED)
+    O_blk = O + _off3(off_b, stride_ob, off_h, stride_oh, start_m64, stride_om, ALIGNED)
 
     offs_r = tl.arange(0, BLOCK_M)
     offs_m = start_m + offs_r
@@ -156,10 +192,10 @@ def _fwd_block(Q, K, V, O, STATS,
     offs_rn = tl.arange(0, DRN)
     m_left = Lq - start_m
 
-    q0 = _load_tile(Q_blk, offs_r, offs_d0, stride_qm, stride_qd, m_left, HEAD_DIM, True, D0 > HEAD_DIM)
+    q0 = _load_tile(Q_blk, offs_r, offs_d0, stride_qm, stride_qd, m_left, HEAD_DIM, True, D0 > HEAD_DIM, ALIGNED)
     acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
     if REM > 0:
-        q1 = _load_tile(Q_blk + D0 * stride_qd, offs_r, offs_rk, stride_qm, stride_qd, m_left, REM, True, DRK > REM)
+        q1 = _load_tile(Q_blk + D0 * stride_qd, offs_r, offs_rk, stride_qm, stride_qd, m_left, REM, True, DRK > REM, ALIGNED)
         acc1 = tl.zeros([BLOCK_M, DRN], dtype=tl.float32)
     else:
         q1 = q0
@@ -175,27 +211,27 @@ def _fwd_block(Q, K, V, O, STATS,
         acc0, acc1, l_i, m_i = _fwd_inner(acc0, acc1, l_i, m_i, q0, q1, K_bh, V_bh,
                                           stride_kn, stride_kd, stride_vn, stride_vd,
                                           offs_m, 0, u_hi, Lk, qk_scale,
-                                          HEAD_DIM, D0, REM, DRK, DRN, False, CAUSAL, DOT_PREC, BLOCK_N)
+                                          HEAD_DIM, D0, REM, DRK, DRN, False, CAUSAL, DOT_PREC, BLOCK_N, ALIGNED)
         acc0, acc1, l_i, m_i = _fwd_inner(acc0, acc1, l_i, m_i, q0, q1, K_bh, V_bh,
                                           stride_kn, stride_kd, stride_vn, stride_vd,
                                           offs_m, u_hi, tl.minimum(Lk, start_m + BLOCK_M), Lk, qk_scale,
-                                          HEAD_DIM, D0, REM, DRK, DRN, True, CAUSAL, DOT_PREC, BLOCK_N)
+                                          HEAD_DIM, D0, REM, DRK, DRN, True, CAUSAL, DOT_PREC, BLOCK_N, ALIGNED)
     else:
         acc0, acc1, l_i, m_i = _fwd_inner(acc0, acc1, l_i, m_i, q0, q1, K_bh, V_bh,
                                           stride_kn, stride_kd, stride_vn, stride_vd,
                                           offs_m, 0, lk_full, Lk, qk_scale,
-                                          HEAD_DIM, D0, REM, DRK, DRN, False, CAUSAL, DOT_PREC, BLOCK_N)
+                                          HEAD_DIM, D0, REM, DRK, DRN, False, CAUSAL, DOT_PREC, BLOCK_N, ALIGNED)
         acc0, acc1, l_i, m_i = _fwd_inner(acc0, acc1, l_i, m_i, q0, q1, K_bh, V_bh,
                                           stride_kn, stride_kd, stride_vn, stride_vd,
                                           offs_m, lk_full, Lk, Lk, qk_scale,
-                                          HEAD_DIM, D0, REM, DRK, DRN, True, CAUSAL, DOT_PREC, BLOCK_N_TAIL)
+                                          HEAD_DIM, D0, REM, DRK, DRN, True, CAUSAL, DOT_PREC, BLOCK_N_TAIL, ALIGNED)
 
     l_rcp = 1.0 / l_i
     _store_tile(O_blk, (acc0 * l_rcp[:, None]).to(O.dtype.element_ty), offs_r, offs_d0, stride_om, stride_od,
-                m_left, HEAD_DIM, D0 > HEAD_DIM)
+                m_left, HEAD_DIM, D0 > HEAD_DIM, ALIGNED)
     if REM > 0:
         _store_tile(O_blk + D0 * stride_od, (acc1 * l_rcp[:, None]).to(O.dtype.element_ty), offs_r, offs_rn,
-                    stride_om, stride_od, m_left, REM, DRN > REM)
+                    stride_om, stride_od, m_left, REM, DRN > REM, ALIGNED)
     # The log-sum-exp, in split form: STATS[b, h, 0] = row max, STATS[b, h, 1] = log2(row sum),
     # both fp32 in base 2 of logits * scale * log2(e). The backward recomputes p = exp2((s - max) -
     # log2 sum); one number max + log2 sum (~1000 at scale 30) would lose ~1e-4 to rounding.
@@ -215,7 +251,7 @@ def _attn_fwd(Q, K, V, O, STATS,
               HEAD_DIM: tl.constexpr, D0: tl.constexpr, REM: tl.constexpr, DRK: tl.constexpr,
               DRN: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_M_TAIL: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_N_TAIL: tl.constexpr):
+              BLOCK_N: tl.constexpr, BLOCK_N_TAIL: tl.constexpr, ALIGNED: tl.constexpr):
     # 1-D grid, (n_main + n_tail) programs per (batch, head), adjacent (K/V reuse in L2, no 65535
     # limit): n_main full BLOCK_M row tiles, then n_tail BLOCK_M_TAIL tiles for the Lq tail, so a
     # 258-token sequence costs 2 x 128 + 16 rows of work, not 3 x 128.
@@ -230,13 +266,13 @@ def _attn_fwd(Q, K, V, O, STATS,
                    stride_qb, stride_qm, stride_qh, stride_qd, stride_kb, stride_kn, stride_kh, stride_kd,
                    stride_vb, stride_vn, stride_vh, stride_vd, stride_ob, stride_om, stride_oh, stride_od,
                    pid_bh, j * BLOCK_M, H, Lq, Lk, qk_scale,
-                   HEAD_DIM, D0, REM, DRK, DRN, CAUSAL, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_N_TAIL)
+                   HEAD_DIM, D0, REM, DRK, DRN, CAUSAL, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_N_TAIL, ALIGNED)
     else:
         _fwd_block(Q, K, V, O, STATS,
                    stride_qb, stride_qm, stride_qh, stride_qd, stride_kb, stride_kn, stride_kh, stride_kd,
                    stride_vb, stride_vn, stride_vh, stride_vd, stride_ob, stride_om, stride_oh, stride_od,
                    pid_bh, n_main * BLOCK_M + (j - n_main) * BLOCK_M_TAIL, H, Lq, Lk, qk_scale,
-                   HEAD_DIM, D0, REM, DRK, DRN, CAUSAL, DOT_PREC, BLOCK_M_TAIL, BLOCK_N, BLOCK_N_TAIL)
+                   HEAD_DIM, D0, REM, DRK, DRN, CAUSAL, DOT_PREC, BLOCK_M_TAIL, BLOCK_N, BLOCK_N_TAIL, ALIGNED)
 
 
 @triton.jit
@@ -244,7 +280,7 @@ def _attn_bwd_delta(O, DO, DELTA,
                     stride_ob, stride_om, stride_oh, stride_od,
                     stride_db, stride_dm, stride_dh, stride_dd,
                     H, Lq,
-                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ALIGNED: tl.constexpr):
     """delta[b, h, m] = sum_d dO[b, m, h, d] * O[b, m, h, d] (fp32)."""
     pid = tl.program_id(0)
     n_mb = tl.cdiv(Lq, BLOCK_M)
@@ -256,10 +292,10 @@ def _attn_bwd_delta(O, DO, DELTA,
     offs_r = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_left = Lq - start_m
-    o = _load_tile(O + off_b * stride_ob + off_h * stride_oh + start_m.to(tl.int64) * stride_om,
-                   offs_r, offs_d, stride_om, stride_od, m_left, HEAD_DIM, True, BLOCK_D > HEAD_DIM)
-    do = _load_tile(DO + off_b * stride_db + off_h * stride_dh + start_m.to(tl.int64) * stride_dm,
-                    offs_r, offs_d, stride_dm, stride_dd, m_left, HEAD_DIM, True, BLOCK_D > HEAD_DIM)
+    o = _load_tile(O + _off3(off_b, stride_ob, off_h, stride_oh, start_m.to(tl.int64), stride_om, ALIGNED),
+                   offs_r, offs_d, stride_om, stride_od, m_left, HEAD_DIM, True, BLOCK_D > HEAD_DIM, ALIGNED)
+    do = _load_tile(DO + _off3(off_b, stride_db, off_h, stride_dh, start_m.to(tl.int64), stride_dm, ALIGNED),
+                    offs_r, offs_d, stride_dm, stride_dd, m_left, HEAD_DIM, True, BLOCK_D > HEAD_DIM, ALIGNED)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     offs_m = start_m + offs_r
     tl.store(DELTA + pid_bh.to(tl.int64) * Lq + offs_m, delta, mask=offs_m < Lq)
@@ -271,7 +307,7 @@ def _bwd_dkdv_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q_bh, DO_bh, STATS_bh, D
                     offs_n, lo, hi, Lq, qk_scale,
                     HEAD_DIM: tl.constexpr, D0: tl.constexpr, REM: tl.constexpr, DRK: tl.constexpr,
                     DRN: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr):
+                    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, ALIGNED: tl.constexpr):
     """Accumulate dK, dV of one key tile over query rows ``[lo, hi)`` in BLOCK_M steps (works on
     transposed scores ``s^T = k q^T``, so P never needs a register transpose)."""
     offs_i = tl.arange(0, BLOCK_M)
@@ -280,14 +316,14 @@ def _bwd_dkdv_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q_bh, DO_bh, STATS_bh, D
     offs_rn = tl.arange(0, DRN)
     for start_m in range(lo, hi, BLOCK_M):
         start_m64 = tl.cast(start_m, tl.int64)
-        qb = Q_bh + start_m64 * stride_qm
-        dob = DO_bh + start_m64 * stride_dm
+        qb = Q_bh + _mul8(start_m64, stride_qm, ALIGNED)
+        dob = DO_bh + _mul8(start_m64, stride_dm, ALIGNED)
         m_left = Lq - start_m
         offs_m = start_m + offs_i
-        q0 = _load_tile(qb, offs_i, offs_d0, stride_qm, stride_qd, m_left, HEAD_DIM, MASKED, D0 > HEAD_DIM)
+        q0 = _load_tile(qb, offs_i, offs_d0, stride_qm, stride_qd, m_left, HEAD_DIM, MASKED, D0 > HEAD_DIM, ALIGNED)
         sT = tl.dot(k0, tl.trans(q0), input_precision=DOT_PREC)
         if REM > 0:
-            q1 = _load_tile(qb + D0 * stride_qd, offs_i, offs_rk, stride_qm, stride_qd, m_left, REM, MASKED, DRK > REM)
+            q1 = _load_tile(qb + D0 * stride_qd, offs_i, offs_rk, stride_qm, stride_qd, m_left, REM, MASKED, DRK > REM, ALIGNED)
             sT = tl.dot(k1, tl.trans(q1), sT, input_precision=DOT_PREC)
         if MASKED:
             row_ok = offs_m < Lq
@@ -305,15 +341,15 @@ def _bwd_dkdv_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q_bh, DO_bh, STATS_bh, D
                 valid = valid & (offs_m[None, :] >= offs_n[:, None])
             xT = tl.where(valid, xT, float("-inf"))
         pT = tl.exp2(xT - log2_l[None, :])
-        do0 = _load_tile(dob, offs_i, offs_d0, stride_dm, stride_dd, m_left, HEAD_DIM, MASKED, D0 > HEAD_DIM)
+        do0 = _load_tile(dob, offs_i, offs_d0, stride_dm, stride_dd, m_left, HEAD_DIM, MASKED, D0 > HEAD_DIM, ALIGNED)
         dv0 = tl.dot(pT.to(do0.dtype), do0, dv0, input_precision=DOT_PREC)
         dpT = tl.dot(v0, tl.trans(do0), input_precision=DOT_PREC)
         if REM > 0:
-            do1 = _load_tile(dob + D0 * stride_dd, offs_i, offs_rk, stride_dm, stride_dd, m_left, REM, MASKED, DRK > REM)
+            do1 = _load_tile(dob + D0 * stride_dd, offs_i, offs_rk, stride_dm, stride_dd, m_left, REM, MASKED, DRK > REM, ALIGNED)
             dpT = tl.dot(v1, tl.trans(do1), dpT, input_precision=DOT_PREC)
             if DRN != DRK:  # narrow copies for the output-dim dots
-                do1n = _load_tile(dob + D0 * stride_dd, offs_i, offs_rn, stride_dm, stride_dd, m_left, REM, MASKED, DRN > REM)
-                q1n = _load_tile(qb + D0 * stride_qd, offs_i, offs_rn, stride_qm, stride_qd, m_left, REM, MASKED, DRN > REM)
+                do1n = _load_tile(dob + D0 * stride_dd, offs_i, offs_rn, stride_dm, stride_dd, m_left, REM, MASKED, DRN > REM, ALIGNED)
+                q1n = _load_tile(qb + D0 * stride_qd, offs_i, offs_rn, stride_qm, stride_qd, m_left, REM, MASKED, DRN > REM, ALIGNED)
             else:
                 do1n = do1
                 q1n = q1
@@ -336,18 +372,18 @@ def _dkdv_block(Q, K, V, DO, STATS, DELTA, DK, DV,
                 pid_bh, start_n, H, Lq, Lk, scale, qk_scale,
                 HEAD_DIM: tl.constexpr, D0: tl.constexpr, REM: tl.constexpr, DRK: tl.constexpr,
                 DRN: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_M_TAIL: tl.constexpr, BLOCK_N: tl.constexpr):
+                BLOCK_M: tl.constexpr, BLOCK_M_TAIL: tl.constexpr, BLOCK_N: tl.constexpr, ALIGNED: tl.constexpr):
     """dK, dV of keys ``[start_n, start_n + BLOCK_N)`` of one (batch, head)."""
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
     start_n64 = tl.cast(start_n, tl.int64)
 
-    Q_bh = Q + off_b * stride_qb + off_h * stride_qh
-    DO_bh = DO + off_b * stride_db + off_h * stride_dh
+    Q_bh = Q + _off2(off_b, stride_qb, off_h, stride_qh, ALIGNED)
+    DO_bh = DO + _off2(off_b, stride_db, off_h, stride_dh, ALIGNED)
     STATS_bh = STATS + pid_bh.to(tl.int64) * 2 * Lq
     DELTA_bh = DELTA + pid_bh.to(tl.int64) * Lq
-    K_blk = K + off_b * stride_kb + off_h * stride_kh + start_n64 * stride_kn
-    V_blk = V + off_b * stride_vb + off_h * stride_vh + start_n64 * stride_vn
+    K_blk = K + _off3(off_b, stride_kb, off_h, stride_kh, start_n64, stride_kn, ALIGNED)
+    V_blk = V + _off3(off_b, stride_vb, off_h, stride_vh, start_n64, stride_vn, ALIGNED)
 
     offs_j = tl.arange(0, BLOCK_N)
     offs_n = start_n + offs_j
@@ -356,13 +392,13 @@ def _dkdv_block(Q, K, V, DO, STATS, DELTA, DK, DV,
     offs_rn = tl.arange(0, DRN)
     n_left = Lk - start_n
 
-    k0 = _load_tile(K_blk, offs_j, offs_d0, stride_kn, stride_kd, n_left, HEAD_DIM, True, D0 > HEAD_DIM)
-    v0 = _load_tile(V_blk, offs_j, offs_d0, stride_vn, stride_vd, n_left, HEAD_DIM, True, D0 > HEAD_DIM)
+    k0 = _load_tile(K_blk, offs_j, offs_d0, stride_kn, stride_kd, n_left, HEAD_DIM, True, D0 > HEAD_DIM, ALIGNED)
+    v0 = _load_tile(V_blk, offs_j, offs_d0, stride_vn, stride_vd, n_left, HEAD_DIM, True, D0 > HEAD_DIM, ALIGNED)
     dk0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
     dv0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
     if REM > 0:
-        k1 = _load_tile(K_blk + D0 * stride_kd, offs_j, offs_rk, stride_kn, stride_kd, n_left, REM, True, DRK > REM)
-        v1 = _load_tile(V_blk + D0 * stride_vd, offs_j, offs_rk, stride_vn, stride_vd, n_left, REM, True, DRK > REM)
+        k1 = _load_tile(K_blk + D0 * stride_kd, offs_j, offs_rk, stride_kn, stride_kd, n_left, REM, True, DRK > REM, ALIGNED)
+        v1 = _load_tile(V_blk + D0 * stride_vd, offs_j, offs_rk, stride_vn, stride_vd, n_left, REM, True, DRK > REM, ALIGNED)
         dk1 = tl.zeros([BLOCK_N, DRN], dtype=tl.float32)
         dv1 = tl.zeros([BLOCK_N, DRN], dtype=tl.float32)
     else:
@@ -383,27 +419,27 @@ def _dkdv_block(Q, K, V, DO, STATS, DELTA, DK, DV,
     dk0, dk1, dv0, dv1 = _bwd_dkdv_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q_bh, DO_bh, STATS_bh, DELTA_bh,
                                          stride_qm, stride_qd, stride_dm, stride_dd,
                                          offs_n, lo, tl.minimum(mid, lq_full), Lq, qk_scale,
-                                         HEAD_DIM, D0, REM, DRK, DRN, True, CAUSAL, DOT_PREC, BLOCK_M)
+                                         HEAD_DIM, D0, REM, DRK, DRN, True, CAUSAL, DOT_PREC, BLOCK_M, ALIGNED)
     dk0, dk1, dv0, dv1 = _bwd_dkdv_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q_bh, DO_bh, STATS_bh, DELTA_bh,
                                          stride_qm, stride_qd, stride_dm, stride_dd,
                                          offs_n, mid, lq_full, Lq, qk_scale,
-                                         HEAD_DIM, D0, REM, DRK, DRN, False, CAUSAL, DOT_PREC, BLOCK_M)
+                                         HEAD_DIM, D0, REM, DRK, DRN, False, CAUSAL, DOT_PREC, BLOCK_M, ALIGNED)
     dk0, dk1, dv0, dv1 = _bwd_dkdv_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q_bh, DO_bh, STATS_bh, DELTA_bh,
                                          stride_qm, stride_qd, stride_dm, stride_dd,
                                          offs_n, tl.maximum(lo, lq_full), Lq, Lq, qk_scale,
-                                         HEAD_DIM, D0, REM, DRK, DRN, True, CAUSAL, DOT_PREC, BLOCK_M_TAIL)
+                                         HEAD_DIM, D0, REM, DRK, DRN, True, CAUSAL, DOT_PREC, BLOCK_M_TAIL, ALIGNED)
 
-    DK_blk = DK + off_b * stride_dkb + off_h * stride_dkh + start_n64 * stride_dkn
-    DV_blk = DV + off_b * stride_dvb + off_h * stride_dvh + start_n64 * stride_dvn
+    DK_blk = DK + _off3(off_b, stride_dkb, off_h, stride_dkh, start_n64, stride_dkn, ALIGNED)
+    DV_blk = DV + _off3(off_b, stride_dvb, off_h, stride_dvh, start_n64, stride_dvn, ALIGNED)
     _store_tile(DK_blk, (dk0 * scale).to(DK.dtype.element_ty), offs_j, offs_d0, stride_dkn, stride_dkd,
-                n_left, HEAD_DIM, D0 > HEAD_DIM)
+                n_left, HEAD_DIM, D0 > HEAD_DIM, ALIGNED)
     _store_tile(DV_blk, dv0.to(DV.dtype.element_ty), offs_j, offs_d0, stride_dvn, stride_dvd,
-                n_left, HEAD_DIM, D0 > HEAD_DIM)
+                n_left, HEAD_DIM, D0 > HEAD_DIM, ALIGNED)
     if REM > 0:
         _store_tile(DK_blk + D0 * stride_dkd, (dk1 * scale).to(DK.dtype.element_ty), offs_j, offs_rn,
-                    stride_dkn, stride_dkd, n_left, REM, DRN > REM)
+                    stride_dkn, stride_dkd, n_left, REM, DRN > REM, ALIGNED)
         _store_tile(DV_blk + D0 * stride_dvd, dv1.to(DV.dtype.element_ty), offs_j, offs_rn,
-                    stride_dvn, stride_dvd, n_left, REM, DRN > REM)
+                    stride_dvn, stride_dvd, n_left, REM, DRN > REM, ALIGNED)
 
 
 @triton.jit
@@ -418,7 +454,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, STATS, DELTA, DK, DV,
                    HEAD_DIM: tl.constexpr, D0: tl.constexpr, REM: tl.constexpr, DRK: tl.constexpr,
                    DRN: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_M_TAIL: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_N_TAIL: tl.constexpr):
+                   BLOCK_N: tl.constexpr, BLOCK_N_TAIL: tl.constexpr, ALIGNED: tl.constexpr):
     # programs: n_main full BLOCK_N key tiles then n_tail BLOCK_N_TAIL tiles per (batch, head)
     pid = tl.program_id(0)
     per_bh = n_main + n_tail
@@ -430,14 +466,14 @@ def _attn_bwd_dkdv(Q, K, V, DO, STATS, DELTA, DK, DV,
                     stride_vb, stride_vn, stride_vh, stride_vd, stride_db, stride_dm, stride_dh, stride_dd,
                     stride_dkb, stride_dkn, stride_dkh, stride_dkd, stride_dvb, stride_dvn, stride_dvh, stride_dvd,
                     pid_bh, j * BLOCK_N, H, Lq, Lk, scale, qk_scale,
-                    HEAD_DIM, D0, REM, DRK, DRN, CAUSAL, DOT_PREC, BLOCK_M, BLOCK_M_TAIL, BLOCK_N)
+                    HEAD_DIM, D0, REM, DRK, DRN, CAUSAL, DOT_PREC, BLOCK_M, BLOCK_M_TAIL, BLOCK_N, ALIGNED)
     else:
         _dkdv_block(Q, K, V, DO, STATS, DELTA, DK, DV,
                     stride_qb, stride_qm, stride_qh, stride_qd, stride_kb, stride_kn, stride_kh, stride_kd,
                     stride_vb, stride_vn, stride_vh, stride_vd, stride_db, stride_dm, stride_dh, stride_dd,
                     stride_dkb, stride_dkn, stride_dkh, stride_dkd, stride_dvb, stride_dvn, stride_dvh, stride_dvd,
                     pid_bh, n_main * BLOCK_N + (j - n_main) * BLOCK_N_TAIL, H, Lq, Lk, scale, qk_scale,
-                    HEAD_DIM, D0, REM, DRK, DRN, CAUSAL, DOT_PREC, BLOCK_M, BLOCK_M_TAIL, BLOCK_N_TAIL)
+                    HEAD_DIM, D0, REM, DRK, DRN, CAUSAL, DOT_PREC, BLOCK_M, BLOCK_M_TAIL, BLOCK_N_TAIL, ALIGNED)
 
 
 @triton.jit
@@ -446,23 +482,23 @@ def _bwd_dq_inner(dq0, dq1, q0, q1, do0, do1, m_row, log2_l, delta, K_bh, V_bh,
                   offs_m, lo, hi, Lk, qk_scale,
                   HEAD_DIM: tl.constexpr, D0: tl.constexpr, REM: tl.constexpr, DRK: tl.constexpr,
                   DRN: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                  DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr):
+                  DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr, ALIGNED: tl.constexpr):
     offs_j = tl.arange(0, BLOCK_N)
     offs_d0 = tl.arange(0, D0)
     offs_rk = tl.arange(0, DRK)
     offs_rn = tl.arange(0, DRN)
     for start_n in range(lo, hi, BLOCK_N):
         start_n64 = tl.cast(start_n, tl.int64)
-        kb = K_bh + start_n64 * stride_kn
-        vb = V_bh + start_n64 * stride_vn
+        kb = K_bh + _mul8(start_n64, stride_kn, ALIGNED)
+        vb = V_bh + _mul8(start_n64, stride_vn, ALIGNED)
         n_left = Lk - start_n
-        k0 = _load_tile(kb, offs_j, offs_d0, stride_kn, stride_kd, n_left, HEAD_DIM, MASKED, D0 > HEAD_DIM)
-        v0 = _load_tile(vb, offs_j, offs_d0, stride_vn, stride_vd, n_left, HEAD_DIM, MASKED, D0 > HEAD_DIM)
+        k0 = _load_tile(kb, offs_j, offs_d0, stride_kn, stride_kd, n_left, HEAD_DIM, MASKED, D0 > HEAD_DIM, ALIGNED)
+        v0 = _load_tile(vb, offs_j, offs_d0, stride_vn, stride_vd, n_left, HEAD_DIM, MASKED, D0 > HEAD_DIM, ALIGNED)
         s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PREC)
         dp = tl.dot(do0, tl.trans(v0), input_precision=DOT_PREC)
         if REM > 0:
-            k1 = _load_tile(kb + D0 * stride_kd, offs_j, offs_rk, stride_kn, stride_kd, n_left, REM, MASKED, DRK > REM)
-            v1 = _load_tile(vb + D0 * stride_vd, offs_j, offs_rk, stride_vn, stride_vd, n_left, REM, MASKED, DRK > REM)
+            k1 = _load_tile(kb + D0 * stride_kd, offs_j, offs_rk, stride_kn, stride_kd, n_left, REM, MASKED, DRK > REM, ALIGNED)
+            v1 = _load_tile(vb + D0 * stride_vd, offs_j, offs_rk, stride_vn, stride_vd, n_left, REM, MASKED, DRK > REM, ALIGNED)
             s = tl.dot(q1, tl.trans(k1), s, input_precision=DOT_PREC)
             dp = tl.dot(do1, tl.trans(v1), dp, input_precision=DOT_PREC)
         x = s * qk_scale - m_row[:, None]
@@ -477,7 +513,7 @@ def _bwd_dq_inner(dq0, dq1, q0, q1, do0, do1, m_row, log2_l, delta, K_bh, V_bh,
         dq0 = tl.dot(ds.to(k0.dtype), k0, dq0, input_precision=DOT_PREC)
         if REM > 0:
             if DRN != DRK:
-                k1n = _load_tile(kb + D0 * stride_kd, offs_j, offs_rn, stride_kn, stride_kd, n_left, REM, MASKED, DRN > REM)
+                k1n = _load_tile(kb + D0 * stride_kd, offs_j, offs_rn, stride_kn, stride_kd, n_left, REM, MASKED, DRN > REM, ALIGNED)
             else:
                 k1n = k1
             dq1 = tl.dot(ds.to(k1n.dtype), k1n, dq1, input_precision=DOT_PREC)
@@ -494,16 +530,16 @@ def _dq_block(Q, K, V, DO, STATS, DELTA, DQ,
               pid_bh, start_m, H, Lq, Lk, scale, qk_scale,
               HEAD_DIM: tl.constexpr, D0: tl.constexpr, REM: tl.constexpr, DRK: tl.constexpr,
               DRN: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N_TAIL: tl.constexpr):
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N_TAIL: tl.constexpr, ALIGNED: tl.constexpr):
     """dQ of rows ``[start_m, start_m + BLOCK_M)`` of one (batch, head)."""
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
     start_m64 = tl.cast(start_m, tl.int64)
 
-    Q_blk = Q + off_b * stride_qb + off_h * stride_qh + start_m64 * stride_qm
-    DO_blk = DO + off_b * stride_db + off_h * stride_dh + start_m64 * stride_dm
-    K_bh = K + off_b * stride_kb + off_h * stride_kh
-    V_bh = V + off_b * stride_vb + off_h * stride_vh
+    Q_blk = Q + _off3(off_b, stride_qb, off_h, stride_qh, start_m64, stride_qm, ALIGNED)
+    DO_blk = DO + _off3(off_b, stride_db, off_h, stride_dh, start_m64, stride_dm, ALIGNED)
+    K_bh = K + _off2(off_b, stride_kb, off_h, stride_kh, ALIGNED)
+    V_bh = V + _off2(off_b, stride_vb, off_h, stride_vh, ALIGNED)
 
     offs_r = tl.arange(0, BLOCK_M)
     offs_m = start_m + offs_r
@@ -512,12 +548,12 @@ def _dq_block(Q, K, V, DO, STATS, DELTA, DQ,
     offs_rn = tl.arange(0, DRN)
     m_left = Lq - start_m
 
-    q0 = _load_tile(Q_blk, offs_r, offs_d0, stride_qm, stride_qd, m_left, HEAD_DIM, True, D0 > HEAD_DIM)
-    do0 = _load_tile(DO_blk, offs_r, offs_d0, stride_dm, stride_dd, m_left, HEAD_DIM, True, D0 > HEAD_DIM)
+    q0 = _load_tile(Q_blk, offs_r, offs_d0, stride_qm, stride_qd, m_left, HEAD_DIM, True, D0 > HEAD_DIM, ALIGNED)
+    do0 = _load_tile(DO_blk, offs_r, offs_d0, stride_dm, stride_dd, m_left, HEAD_DIM, True, D0 > HEAD_DIM, ALIGNED)
     dq0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
     if REM > 0:
-        q1 = _load_tile(Q_blk + D0 * stride_qd, offs_r, offs_rk, stride_qm, stride_qd, m_left, REM, True, DRK > REM)
-        do1 = _load_tile(DO_blk + D0 * stride_dd, offs_r, offs_rk, stride_dm, stride_dd, m_left, REM, True, DRK > REM)
+        q1 = _load_tile(Q_blk + D0 * stride_qd, offs_r, offs_rk, stride_qm, stride_qd, m_left, REM, True, DRK > REM, ALIGNED)
+        do1 = _load_tile(DO_blk + D0 * stride_dd, offs_r, offs_rk, stride_dm, stride_dd, m_left, REM, True, DRK > REM, ALIGNED)
         dq1 = tl.zeros([BLOCK_M, DRN], dtype=tl.float32)
     else:
         q1 = q0
@@ -535,27 +571,27 @@ def _dq_block(Q, K, V, DO, STATS, DELTA, DQ,
         dq0, dq1 = _bwd_dq_inner(dq0, dq1, q0, q1, do0, do1, m_row, log2_l, delta, K_bh, V_bh,
                                  stride_kn, stride_kd, stride_vn, stride_vd,
                                  offs_m, 0, u_hi, Lk, qk_scale,
-                                 HEAD_DIM, D0, REM, DRK, DRN, False, CAUSAL, DOT_PREC, BLOCK_N)
+                                 HEAD_DIM, D0, REM, DRK, DRN, False, CAUSAL, DOT_PREC, BLOCK_N, ALIGNED)
         dq0, dq1 = _bwd_dq_inner(dq0, dq1, q0, q1, do0, do1, m_row, log2_l, delta, K_bh, V_bh,
                                  stride_kn, stride_kd, stride_vn, stride_vd,
                                  offs_m, u_hi, tl.minimum(Lk, start_m + BLOCK_M), Lk, qk_scale,
-                                 HEAD_DIM, D0, REM, DRK, DRN, True, CAUSAL, DOT_PREC, BLOCK_N)
+                                 HEAD_DIM, D0, REM, DRK, DRN, True, CAUSAL, DOT_PREC, BLOCK_N, ALIGNED)
     else:
         dq0, dq1 = _bwd_dq_inner(dq0, dq1, q0, q1, do0, do1, m_row, log2_l, delta, K_bh, V_bh,
                                  stride_kn, stride_kd, stride_vn, stride_vd,
                                  offs_m, 0, lk_full, Lk, qk_scale,
-                                 HEAD_DIM, D0, REM, DRK, DRN, False, CAUSAL, DOT_PREC, BLOCK_N)
+                                 HEAD_DIM, D0, REM, DRK, DRN, False, CAUSAL, DOT_PREC, BLOCK_N, ALIGNED)
         dq0, dq1 = _bwd_dq_inner(dq0, dq1, q0, q1, do0, do1, m_row, log2_l, delta, K_bh, V_bh,
                                  stride_kn, stride_kd, stride_vn, stride_vd,
                                  offs_m, lk_full, Lk, Lk, qk_scale,
-                                 HEAD_DIM, D0, REM, DRK, DRN, True, CAUSAL, DOT_PREC, BLOCK_N_TAIL)
+                                 HEAD_DIM, D0, REM, DRK, DRN, True, CAUSAL, DOT_PREC, BLOCK_N_TAIL, ALIGNED)
 
-    DQ_blk = DQ + off_b * stride_dqb + off_h * stride_dqh + start_m64 * stride_dqm
+    DQ_blk = DQ + _off3(off_b, stride_dqb, off_h, stride_dqh, start_m64, stride_dqm, ALIGNED)
     _store_tile(DQ_blk, (dq0 * scale).to(DQ.dtype.element_ty), offs_r, offs_d0, stride_dqm, stride_dqd,
-                m_left, HEAD_DIM, D0 > HEAD_DIM)
+                m_left, HEAD_DIM, D0 > HEAD_DIM, ALIGNED)
     if REM > 0:
         _store_tile(DQ_blk + D0 * stride_dqd, (dq1 * scale).to(DQ.dtype.element_ty), offs_r, offs_rn,
-                    stride_dqm, stride_dqd, m_left, REM, DRN > REM)
+                    stride_dqm, stride_dqd, m_left, REM, DRN > REM, ALIGNED)
 
 
 @triton.jit
@@ -569,7 +605,7 @@ def _attn_bwd_dq(Q, K, V, DO, STATS, DELTA, DQ,
                  HEAD_DIM: tl.constexpr, D0: tl.constexpr, REM: tl.constexpr, DRK: tl.constexpr,
                  DRN: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_M_TAIL: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_N_TAIL: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_N_TAIL: tl.constexpr, ALIGNED: tl.constexpr):
     pid = tl.program_id(0)
     per_bh = n_main + n_tail
     pid_bh = pid // per_bh
@@ -582,14 +618,14 @@ def _attn_bwd_dq(Q, K, V, DO, STATS, DELTA, DQ,
                   stride_vb, stride_vn, stride_vh, stride_vd, stride_db, stride_dm, stride_dh, stride_dd,
                   stride_dqb, stride_dqm, stride_dqh, stride_dqd,
                   pid_bh, j * BLOCK_M, H, Lq, Lk, scale, qk_scale,
-                  HEAD_DIM, D0, REM, DRK, DRN, CAUSAL, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_N_TAIL)
+                  HEAD_DIM, D0, REM, DRK, DRN, CAUSAL, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_N_TAIL, ALIGNED)
     else:
         _dq_block(Q, K, V, DO, STATS, DELTA, DQ,
                   stride_qb, stride_qm, stride_qh, stride_qd, stride_kb, stride_kn, stride_kh, stride_kd,
                   stride_vb, stride_vn, stride_vh, stride_vd, stride_db, stride_dm, stride_dh, stride_dd,
                   stride_dqb, stride_dqm, stride_dqh, stride_dqd,
                   pid_bh, n_main * BLOCK_M + (j - n_main) * BLOCK_M_TAIL, H, Lq, Lk, scale, qk_scale,
-                  HEAD_DIM, D0, REM, DRK, DRN, CAUSAL, DOT_PREC, BLOCK_M_TAIL, BLOCK_N, BLOCK_N_TAIL)
+                  HEAD_DIM, D0, REM, DRK, DRN, CAUSAL, DOT_PREC, BLOCK_M_TAIL, BLOCK_N, BLOCK_N_TAIL, ALIGNED)
 
 
 # --------------------------------------------------------------------------------------------
@@ -636,7 +672,7 @@ def _split(L: int, tile: int):
     return n_main, tail, triton.cdiv(rest, tail)
 
 
-_KEY = ["Lq", "Lk", "HEAD_DIM", "CAUSAL", "DOT_PREC", "BLOCK_M", "BLOCK_N", "n_main"]
+_KEY = ["Lq", "Lk", "HEAD_DIM", "CAUSAL", "DOT_PREC", "BLOCK_M", "BLOCK_N", "n_main", "ALIGNED"]
 
 
 def _step_configs(name: str, steps_warps_stages):
@@ -671,6 +707,13 @@ _attn_bwd_dq_tuned = triton.autotune(
 # --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
+
+
+def _aligned(*tensors: torch.Tensor) -> bool:
+    """The ``ALIGNED`` flag (see ``_mul8``): every tensor has a contiguous last dim, every other
+    stride a multiple of 8 elements and a 16-byte aligned data pointer."""
+    return all(t.stride(-1) == 1 and all(s % 8 == 0 for s in t.stride()[:-1]) and t.data_ptr() % 16 == 0
+               for t in tensors)
 
 
 def _dot_precision(dtype: torch.dtype, input_precision):
@@ -729,7 +772,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, caus
         H, Lq, Lk, n_main, n_tail, scale * LOG2E,
     ), dict(HEAD_DIM=D, D0=d0, REM=rem, DRK=drk, DRN=drn, CAUSAL=bool(causal),
             DOT_PREC=_dot_precision(q.dtype, input_precision),
-            BLOCK_M=tile, BLOCK_M_TAIL=tail, BLOCK_N_TAIL=TAIL_STEP))
+            BLOCK_M=tile, BLOCK_M_TAIL=tail, BLOCK_N_TAIL=TAIL_STEP, ALIGNED=_aligned(q, k, v, out)))
     return out, stats
 
 
@@ -766,11 +809,12 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     bm_delta = 16 if _INTERPRET else max(16, min(128, 8192 // block_d))
     _attn_bwd_delta[(triton.cdiv(Lq, bm_delta) * B * H,)](
         out, dout, delta, *out.stride(), *dout.stride(), H, Lq,
-        HEAD_DIM=D, BLOCK_M=bm_delta, BLOCK_D=block_d, num_warps=4,
+        HEAD_DIM=D, BLOCK_M=bm_delta, BLOCK_D=block_d, ALIGNED=_aligned(out, dout), num_warps=4,
     )
 
     common = dict(HEAD_DIM=D, D0=d0, REM=rem, DRK=drk, DRN=drn, CAUSAL=bool(causal),
-                  DOT_PREC=_dot_precision(q.dtype, input_precision))
+                  DOT_PREC=_dot_precision(q.dtype, input_precision),
+                  ALIGNED=_aligned(q, k, v, dout, dq, dk, dv))
     tile_n = block_n or _program_tile(Lk, B * H, D, q.dtype, dev)
     n_main, tail, n_tail = _split(Lk, tile_n)
     _launch(_attn_bwd_dkdv_tuned, _attn_bwd_dkdv, "BLOCK_M", block_m, ((n_main + n_tail) * B * H,), (

@@ -123,6 +123,46 @@ def test_several_tail_tiles_and_head_dims_off_the_multiple_of_8(Lq, Lk, D, causa
     _check_parity(q, k, v, causal=causal)
 
 
+ALIGNMENT_CASES = [
+    # B, L, H, D, causal, layout, aligned path (strides multiples of 8, 16-byte pointers)
+    (1, 258, 2, 72, False, "packed", True),
+    (1, 77, 2, 72, True, "contig", True),
+    (1, 258, 1, 80, True, "heads_major", True),
+    (1, 77, 2, 96, False, "packed", True),
+    (1, 258, 2, 70, False, "packed", False),  # head stride 70: today's unhinted path
+    (1, 77, 1, 70, True, "contig", False),
+    (1, 77, 2, 72, False, "dstride", False),  # last-dim stride 2
+]
+
+
+@pytest.mark.slow  # 10-30 s per case under the interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("B,L,H,D,causal,layout,aligned", ALIGNMENT_CASES, ids=lambda p: str(p))
+def test_aligned_and_unaligned_paths(B, L, H, D, causal, layout, aligned, dtype, device, monkeypatch):
+    """Both kernel paths (ALIGNED hints on / off), every gradient, with a check of which path ran."""
+    kattn = _kernels()
+    flags = []
+    real = kattn._aligned
+    monkeypatch.setattr(kattn, "_aligned", lambda *ts: flags.append(real(*ts)) or flags[-1])
+    q, k, v = _make_qkv(B, L, L, H, D, dtype, device, layout)
+    _check_parity(q, k, v, causal=causal)
+    # calls: forward (q, k, v, out), delta (out, dout), dK/dV + dQ (all inputs and gradients)
+    assert len(flags) == 3 and flags[0] == aligned and flags[2] == aligned, flags
+
+
+def test_aligned_flag_rule():
+    """ALIGNED needs a contiguous last dim, every other stride a multiple of 8 elements and
+    16-byte aligned pointers; anything else keeps the unhinted path."""
+    al = _kernels()._aligned
+    x = torch.zeros(2, 10, 3, 72, dtype=torch.float16)
+    assert al(x) and al(*x.unbind(2)) and al(x.transpose(1, 2))
+    assert not al(torch.zeros(2, 10, 3, 70, dtype=torch.float16))  # head stride 70
+    assert not al(x[..., ::2])  # last-dim stride 2
+    shifted = torch.zeros(16 + 2 * 10 * 72, dtype=torch.float16)[4:4 + 2 * 10 * 72].view(2, 10, 1, 72)
+    assert shifted.data_ptr() % 16 == 8 and not al(shifted)  # 8-byte aligned pointer
+    assert not al(x, torch.zeros(2, 10, 3, 70, dtype=torch.float16))  # one tensor decides for all
+
+
 def _check_launchers(q, k, v, *, causal, block_m=None, block_n=None, name=""):
     """The launchers directly, with pinned tiles (no autotuning: cheap on a GPU too)."""
     k_ = _kernels()
