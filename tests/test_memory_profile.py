@@ -362,6 +362,25 @@ def test_fused_count_runs_the_custom_ops_and_plain_does_not():
     assert "uvit_fast.skip_concat_linear.default" in uvit_fused
 
 
+def test_traced_flops_match_the_flop_counter():
+    """The roofline's per-kernel FLOPs: torch's formulas plus memory.py's own for the fused GEMM
+    ops. Per sample, the fused forward does the plain path's FLOPs (the profiler's count), except
+    that U-ViT's fused decoder projects only the N patch tokens, not the extra time token:
+    2 x 1 x D x (p p C) fewer; its backward (dtokens and dweight) saves twice that again."""
+    from uvit_fast import profiler
+
+    for spec, extra in ((UVIT, 2 * 1 * U_D * (2 * 2 * U_C)), (DIT, 0)):
+        flops = {}
+        for fused in (True, False):
+            model = tiny(spec, fused)
+            c1, c2 = memory.count_step(model, 1, fused), memory.count_step(model, 2, fused)
+            flops[fused] = (c2.flops("forward") - c1.flops("forward"), c2.flops() - c1.flops())
+        counted = profiler.count_flops(spec["name"], spec["img"], spec["patch"], **spec["overrides"])["flops"]
+        assert flops[False][0] == counted
+        assert flops[True][0] == counted - extra
+        assert flops[True][1] == flops[False][1] - 3 * extra
+
+
 def test_count_does_not_change_with_calls():
     model = tiny(DIT, True)
     first = memory.count_step(model, 2, True)

@@ -33,9 +33,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-import re
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +74,7 @@ GPUS: Dict[str, GPU] = {
 PARAM_BYTES, GRAD_BYTES, ADAMW_BYTES, WEIGHT_CAST_BYTES = 4, 4, 8, 2
 # AdamW step traffic per parameter: read p, g, m, v (fp32) and write p, m, v.
 ADAMW_TRAFFIC_BYTES = 7 * 4
+
 
 def parse_memory(text: str) -> int:
     """``"80GiB"``, ``"80GB"``, ``"141 GB"``, ``"40960MiB"`` -> bytes (GB = 1e9, GiB = 2**30)."""
@@ -181,7 +181,7 @@ def _gemm_flops_custom(name: str, args) -> Optional[int]:
         return one if name == "patchify_embed" else one * (int(bool(args[4])) + int(bool(args[5])))
     if name in ("decoder_unpatchify", "decoder_unpatchify_backward"):
         tok, w = (args[0], args[1]) if name == "decoder_unpatchify" else (args[1], args[2])
-        grid = args[4] if name == "decoder_unpatchify" else args[4]
+        grid = args[4]  # (tokens, weight, bias, patch, grid, ...) / (grad, tokens, weight, patch, grid, ...)
         one = 2 * tok.shape[0] * math.prod(grid) * tok.shape[-1] * w.shape[0]
         return one if name == "decoder_unpatchify" else one * (int(bool(args[6])) + int(bool(args[7])))
     return None
