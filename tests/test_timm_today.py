@@ -293,6 +293,32 @@ def test_dynamic_img_size(source):
 
 
 @pytest.mark.parametrize("source", SOURCES)
+def test_dynamic_img_pad(source):
+    """dynamic_img_pad: patch-divisible inputs run the fused patch embedding; others are padded by
+    timm's own forward (the fused path never sees them)."""
+    ref, fused, _ = _pair(source, dynamic_img_size=True, dynamic_img_pad=True)
+    for shape, fusable in (((1, 3, 16, 20), True), ((1, 3, 14, 18), False)):
+        x = _x(shape)
+        with torch.no_grad(), _op_calls() as called:
+            out = fused(x)
+            inter = fused.forward_intermediates(x, intermediates_only=True)
+        assert ("patchify_embed" in called) == fusable, (shape, called)
+        with torch.no_grad():
+            _close(out, ref(x), str(shape))
+            _tree_close(inter, ref.forward_intermediates(x, intermediates_only=True))
+        assert tuple(inter[0].shape[-2:]) == (-(-shape[2] // 4), -(-shape[3] // 4))
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_optimize_twice_changes_nothing(source):
+    _, fused, _ = _pair(source)
+    classes = [type(m) for m in fused.modules()]
+    fused, again = uvit_fast.optimize(fused)
+    assert not again.replaced and not again.left_alone and "already optimized" in str(again)
+    assert [type(m) for m in fused.modules()] == classes
+
+
+@pytest.mark.parametrize("source", SOURCES)
 def test_grad_checkpointing_and_reset_classifier(source):
     ref, fused, _ = _pair(source)
     for m in (ref, fused):
