@@ -76,6 +76,8 @@ def test_lazy_package_exports_keep_optimize_a_function():
         "import uvit_fast.optimize\n"
         "assert callable(uvit_fast.optimize) and uvit_fast.optimize.__name__ == 'optimize', uvit_fast.optimize\n"
         "from uvit_fast import create_model, text_to_image_context, ops, OptimizeReport\n"
+        "assert uvit_fast.models.UViT and uvit_fast.layers.PatchEmbed and uvit_fast.sampling.ddim_sample\n"
+        "assert not hasattr(uvit_fast, 'no_such_name')\n"
         "assert set(uvit_fast.__all__) <= set(dir(uvit_fast))\n"
         "print('OK')\n"
     )

@@ -8,6 +8,7 @@ triton's import time. ``uvit_fast.create_model``, ``from uvit_fast import optimi
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 import types
 from typing import TYPE_CHECKING, Any, Dict, Tuple
@@ -40,6 +41,10 @@ if TYPE_CHECKING:  # for type checkers and IDEs only
 def __getattr__(name: str) -> Any:
     target = _EXPORTS.get(name)
     if target is None:
+        # a submodule (uvit_fast.models, uvit_fast.layers, ...): imported on first access, as
+        # the eager imports used to make them attributes
+        if not name.startswith("__") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+            return importlib.import_module(f"{__name__}.{name}")
         raise AttributeError(f"module 'uvit_fast' has no attribute {name!r}")
     module = importlib.import_module(target[0])
     value = module if target[1] is None else getattr(module, target[1])
