@@ -554,3 +554,23 @@ def test_measured_training_on_cuda():
     params = sum(p.numel() for p in model.parameters())
     assert out["measured_peak_bytes"] > 16 * params  # weights, grads and AdamW state at least
     assert out["measured_step_ms"] > 0
+
+
+@pytest.mark.slow
+def test_readme_and_docs_quote_the_counted_rows():
+    """The acceptance rows: U-ViT-H/2 and DiT-XL/2 at 256 px, as README.md and docs/profiling.md
+    quote them (MiB per sample, one decimal), are what the profiler counts today."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    docs = (root / "docs" / "profiling.md").read_text()
+    for name, label in (("imagenet256_uvit_huge", "U-ViT-H/2 (`imagenet256_uvit_huge`)"), ("DiT-XL/2", "DiT-XL/2")):
+        row = memory.memory_fields(name)
+        mib = {k: f"{row[k] / 2**20:.1f}" for k in ("saved_bytes_fused", "saved_bytes_plain", "hbm_bytes_fused",
+                                                      "hbm_bytes_plain")}
+        line = (f"| {label} | {mib['saved_bytes_fused']} / {mib['saved_bytes_plain']} MiB | "
+                f"{mib['hbm_bytes_fused']} / {mib['hbm_bytes_plain']} MiB |")
+        assert line in readme, line
+        for key in mib:
+            assert f"{mib[key]} MiB" in docs, (name, key)
