@@ -154,8 +154,10 @@ def _fwd_inner(acc0, acc1, l_i, m_i, q0, q1, K_bh, V_bh,
                 valid = valid & (offs_n[None, :] <= offs_m[:, None])
             qk = tl.where(valid, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.exp2(qk - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
+        # no finite score in the row yet (-inf inputs): subtract 0, as -inf - -inf is NaN
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(qk - m_sub[:, None])
+        alpha = tl.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
         v0 = _load_tile(vb, offs_j, offs_d0, stride_vn, stride_vd, n_left, HEAD_DIM, MASKED, D0 > HEAD_DIM, ALIGNED)
         acc0 = tl.dot(p.to(v0.dtype), v0, acc0 * alpha[:, None], input_precision=DOT_PREC)
