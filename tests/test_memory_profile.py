@@ -527,6 +527,14 @@ def test_cli_memory_errors(argv, match, capsys):
     assert match in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv,match", [(["--gpu", "a100"], "--gpu applies only to --memory; add --memory"),
+                                        (["--gpu-memory", "40GB"], "--gpu-memory applies only to --memory")])
+def test_cli_gpu_options_need_memory(argv, match, capsys):
+    assert main(["profile", "--model", "DiT-S/8", "--no-progress", *argv]) == 2
+    captured = capsys.readouterr()
+    assert match in captured.err and captured.out == ""
+
+
 def test_modelled_peak_bytes():
     from uvit_fast import profiler
 

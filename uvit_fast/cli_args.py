@@ -115,7 +115,7 @@ def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
         "also count, on the meta device, fused and plain: activation bytes saved for backward per sample, "
         "weight/gradient/AdamW bytes, the largest training batch that fits, HBM bytes per forward and per "
         "training step, arithmetic intensity and a roofline lower bound (all modelled, none measured)"))
-    parser.add_argument("--gpu", choices=PROFILE_GPUS, default="h100", type=str.lower, help=(
+    parser.add_argument("--gpu", choices=PROFILE_GPUS, type=str.lower, help=(
         "GPU of the --memory roofline (peak dense bf16 FLOP/s and HBM bandwidth from its datasheet; default h100)"))
     parser.add_argument("--gpu-memory", type=memory_size, metavar="SIZE", help=(
         "memory the largest batch must fit in, e.g. 80GiB or 141GB (default: the --gpu's own)"))

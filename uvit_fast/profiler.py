@@ -611,6 +611,12 @@ def run(args: argparse.Namespace) -> int:
                 )
         if args.plot:
             check_plot_path(args.plot)
+        if not getattr(args, "memory", False):
+            given = [f for f, v in (("--gpu", getattr(args, "gpu", None)), ("--gpu-memory", getattr(args, "gpu_memory", None)))
+                     if v is not None]
+            if given:
+                verb = "applies" if len(given) == 1 else "apply"
+                raise ValueError(f"profile: {' and '.join(given)} {verb} only to --memory; add --memory")
     except ValueError as exc:
         print(f"uvit-fast {exc}", file=sys.stderr)
         return 2
@@ -626,7 +632,7 @@ def run(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # meta-device / TF32 chatter
         rows = profile(plan, batch=args.batch, device=device, dtype=dtype, fused=args.fused, force=args.force,
-                       progress=args.progress, memory=memory, gpu=getattr(args, "gpu", "h100"),
+                       progress=args.progress, memory=memory, gpu=getattr(args, "gpu", None) or "h100",
                        gpu_memory=getattr(args, "gpu_memory", None))
     if args.json:
         for r in rows:
