@@ -62,6 +62,7 @@ def _configs():
 
 
 _CONFIGS = _configs()
+_DW_CONFIGS = _CONFIGS
 
 
 @triton.jit
@@ -125,7 +126,7 @@ def _mma_loop(
 # --------------------------------------------------------------------------------------------
 # forward: y[M, N] = h[M, D] @ weight[:, :D]^T + skip[M, D] @ weight[:, D:]^T + bias
 # --------------------------------------------------------------------------------------------
-@triton.autotune(configs=_CONFIGS, key=["M", "N", "D"])
+@triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "N", "D"])
 @triton.heuristics({"EVEN_K": lambda args: args["D"] % args["BLOCK_K"] == 0})
 @triton.jit
 def _skip_concat_linear_fwd_kernel(
@@ -137,6 +138,7 @@ def _skip_concat_linear_fwd_kernel(
     M,
     N,
     D,
+    M_BUCKET,
     stride_hm,
     stride_hk,
     stride_sm,
@@ -182,7 +184,7 @@ def _skip_concat_linear_fwd_kernel(
 # --------------------------------------------------------------------------------------------
 # backward, inputs: [dh | dskip][M, 2D] = dy[M, N] @ weight[N, 2D], stored as two outputs
 # --------------------------------------------------------------------------------------------
-@triton.autotune(configs=_CONFIGS, key=["M", "N", "D"])
+@triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "N", "D"])
 @triton.heuristics({"EVEN_K": lambda args: args["N"] % args["BLOCK_K"] == 0})
 @triton.jit
 def _skip_concat_linear_bwd_input_kernel(
@@ -193,6 +195,7 @@ def _skip_concat_linear_bwd_input_kernel(
     M,
     N,
     D,
+    M_BUCKET,
     stride_dym,
     stride_dyn,
     stride_wn,
@@ -236,8 +239,8 @@ def _skip_concat_linear_bwd_input_kernel(
 # --------------------------------------------------------------------------------------------
 # backward, weight: dW[N, 2D] = dy[M, N]^T @ [h | skip][M, 2D]; dbias[N] = sum_m dy[m, :]
 # --------------------------------------------------------------------------------------------
-@triton.autotune(configs=_CONFIGS, key=["M", "N", "D"])
-@triton.heuristics({"EVEN_K": lambda args: args["M"] % args["BLOCK_K"] == 0})
+@triton.autotune(configs=_DW_CONFIGS, key=["M_BUCKET", "N", "D", "HAS_DBIAS"])
+@triton.heuristics({"EVEN_K": lambda args: args["M"] % args["BLOCK_K"] == 0 and args["chunk"] % args["BLOCK_K"] == 0})
 @triton.jit
 def _skip_concat_linear_bwd_weight_kernel(
     DY,
@@ -248,6 +251,8 @@ def _skip_concat_linear_bwd_weight_kernel(
     M,
     N,
     D,
+    M_BUCKET,
+    chunk,
     stride_dym,
     stride_dyn,
     stride_hm,
@@ -256,6 +261,8 @@ def _skip_concat_linear_bwd_weight_kernel(
     stride_sk,
     stride_dwn,
     stride_dwk,
+    stride_dws,
+    stride_dbs,
     HAS_DBIAS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -265,6 +272,16 @@ def _skip_concat_linear_bwd_weight_kernel(
     EVEN_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    # split of the reduction over M: rows [split * chunk, min(M, (split + 1) * chunk)); with more
+    # than one split, DW/DB are fp32 workspaces (splits, N, 2D) / (splits, N), summed afterwards
+    split = tl.program_id(1)
+    row0 = split.to(tl.int64) * chunk
+    rows = tl.minimum(M - row0, chunk)
+    DY = DY + row0 * stride_dym
+    H = H + row0 * stride_hm
+    S = S + row0 * stride_sm
+    DW = DW + split.to(tl.int64) * stride_dws
+    DB = DB + split.to(tl.int64) * stride_dbs
     num_pid_n_rows = tl.cdiv(N, BLOCK_M)  # tile rows run over the N output features
     tiles_per_half = tl.cdiv(D, BLOCK_N)
     pid_r, pid_c = _tile_coords(pid, num_pid_n_rows, 2 * tiles_per_half, GROUP_M)
@@ -280,17 +297,29 @@ def _skip_concat_linear_bwd_weight_kernel(
         # the first column tile of dW also reduces its dy tiles into dbias
         sum_dy = (pid_c == 0) & HAS_DBIAS
         acc, row_sum = _mma_loop(acc, DY, stride_dyn, stride_dym, offs_r, mask_r,
-                                 H, stride_hm, stride_hk, offs_d, mask_d, M,
+                                 H, stride_hm, stride_hk, offs_d, mask_d, rows,
                                  BLOCK_K, EVEN_K, sum_dy, INPUT_PRECISION)
         if sum_dy:
             tl.store(DB + offs_r, row_sum.to(DB.dtype.element_ty), mask=mask_r)
     else:
         acc, _ = _mma_loop(acc, DY, stride_dyn, stride_dym, offs_r, mask_r,
-                           S, stride_sm, stride_sk, offs_d, mask_d, M,
+                           S, stride_sm, stride_sk, offs_d, mask_d, rows,
                            BLOCK_K, EVEN_K, False, INPUT_PRECISION)
     col = offs_d + half * D
     tl.store(DW + offs_r[:, None] * stride_dwn + col[None, :] * stride_dwk,
              acc.to(DW.dtype.element_ty), mask=mask_r[:, None] & mask_d[None, :])
+
+
+@triton.jit
+def _sum_splits_kernel(WS, OUT, n, splits, BLOCK: tl.constexpr):
+    """``OUT[i] = sum_s WS[s, i]`` over the fp32 partials of the split weight gradient, added in
+    split order (0, 1, ...): the same bits on every run (no atomics)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(0, splits):
+        acc += tl.load(WS + s * n + offs, mask=mask, other=0.0)
+    tl.store(OUT + offs, acc.to(OUT.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,7 +349,7 @@ def skip_concat_linear_forward(h, skip, weight, bias=None):
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
         _skip_concat_linear_fwd_kernel[grid](
             h2, s2, weight, bias if bias is not None else y, y,
-            M, N, D,
+            M, N, D, m_bucket(M),
             h2.stride(0), h2.stride(1), s2.stride(0), s2.stride(1),
             weight.stride(0), weight.stride(1), y.stride(0), y.stride(1),
             bias.stride(0) if bias is not None else 0,
@@ -347,7 +376,7 @@ def skip_concat_linear_backward_input(grad_out, weight):
             grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * 2 * triton.cdiv(D, meta["BLOCK_N"]),)  # noqa: E731
             _skip_concat_linear_bwd_input_kernel[grid](
                 dy, weight, dh, ds,
-                M, N, D,
+                M, N, D, m_bucket(M),
                 dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1),
                 dh.stride(0), dh.stride(1), ds.stride(0), ds.stride(1),
                 INPUT_PRECISION=_input_precision(grad_out.dtype),
@@ -356,16 +385,50 @@ def skip_concat_linear_backward_input(grad_out, weight):
     return dh.view(*lead, D), ds.view(*lead, D)
 
 
+SPLIT_WAVES = 4  # aim for this many waves of weight-gradient programs
+MAX_SPLITS = 8
+MIN_SPLIT_ROWS = 1024  # each split reduces at least this many rows (16 steps of BLOCK_K=64)
+SPLIT_ROW_ALIGN = 256  # split boundaries on multiples of every BLOCK_K
+
+
+def weight_grad_splits(M: int, N: int, D: int, num_sms: int) -> int:
+    """How many parts the weight gradient's reduction over ``M`` rows is split into: enough for
+    ``SPLIT_WAVES`` waves of programs on ``num_sms`` SMs when the ``(N, 2D)`` output alone gives
+    fewer (counted in 128x128 tiles), at most ``MAX_SPLITS``, each part at least
+    ``MIN_SPLIT_ROWS`` rows. A function of the shapes and the GPU only, so a run is repeatable."""
+    tiles = triton.cdiv(N, 128) * 2 * triton.cdiv(D, 128)
+    splits = min(MAX_SPLITS, triton.cdiv(SPLIT_WAVES * num_sms, tiles), max(1, M // MIN_SPLIT_ROWS))
+    return max(1, splits)
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def m_bucket(M: int) -> int:
+    """The autotune key for the row count: ``M`` rounded up to a power of two, so a new batch size
+    (classifier-free guidance doubles it, the last partial batch) does not re-benchmark."""
+    return triton.next_power_of_2(max(1, M))
+
+
 @on_inputs_device
-def skip_concat_linear_backward_weight(grad_out, h, skip, compute_bias=True):
+def skip_concat_linear_backward_weight(grad_out, h, skip, compute_bias=True, splits=None):
     """``dweight (N, 2D)`` (halves written in place, no concat) and ``dbias (N,)`` (fp32 sums;
-    shape ``(0,)`` when ``compute_bias`` is False)."""
+    shape ``(0,)`` when ``compute_bias`` is False).
+
+    The reduction over the ``M`` rows is split into ``splits`` parts (default
+    :func:`weight_grad_splits`) when the output tiles alone do not fill the GPU: each part writes
+    fp32 partial sums into a workspace, then one pass adds them in a fixed order (deterministic,
+    no atomics) and casts. ``splits`` pins the count (tests)."""
     N = grad_out.shape[-1]
     D = h.shape[-1]
     dy, h2, s2 = _rows(grad_out), _rows(h), _rows(skip)
     M = dy.shape[0]
-    dw = empty(N, 2 * D, dtype=grad_out.dtype, device=grad_out.device)
-    db = empty(N if compute_bias else 0, dtype=grad_out.dtype, device=grad_out.device)
+    dev = grad_out.device
+    dw = empty(N, 2 * D, dtype=grad_out.dtype, device=dev)
+    db = empty(N if compute_bias else 0, dtype=grad_out.dtype, device=dev)
     if N == 0:
         return dw, db
     if M == 0 or D == 0:
@@ -373,13 +436,31 @@ def skip_concat_linear_backward_weight(grad_out, h, skip, compute_bias=True):
         if compute_bias:
             db.copy_(dy.float().sum(0))
         return dw, db
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]) * 2 * triton.cdiv(D, meta["BLOCK_N"]),)  # noqa: E731
+    if splits is None:
+        splits = weight_grad_splits(M, N, D, _sm_count(dev))
+    splits = max(1, min(int(splits), M))
+    chunk = triton.cdiv(M, splits)
+    if splits > 1 and not _INTERPRET:
+        chunk = triton.cdiv(chunk, SPLIT_ROW_ALIGN) * SPLIT_ROW_ALIGN
+    splits = triton.cdiv(M, chunk)
+    if splits > 1:
+        dw_out = empty(splits, N, 2 * D, dtype=torch.float32, device=dev)
+        db_out = empty(splits, N if compute_bias else 1, dtype=torch.float32, device=dev)
+    else:
+        dw_out, db_out = dw, (db if compute_bias else dw)
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]) * 2 * triton.cdiv(D, meta["BLOCK_N"]), splits)  # noqa: E731
     _skip_concat_linear_bwd_weight_kernel[grid](
-        dy, h2, s2, dw, db if compute_bias else dw,
-        M, N, D,
+        dy, h2, s2, dw_out, db_out,
+        M, N, D, m_bucket(M), chunk,
         dy.stride(0), dy.stride(1), h2.stride(0), h2.stride(1), s2.stride(0), s2.stride(1),
-        dw.stride(0), dw.stride(1),
+        dw_out.stride(-2), dw_out.stride(-1),
+        dw_out.stride(0) if splits > 1 else 0, db_out.stride(0) if splits > 1 else 0,
         HAS_DBIAS=compute_bias,
         INPUT_PRECISION=_input_precision(grad_out.dtype),
     )
+    if splits > 1:
+        for ws, out in ((dw_out, dw), (db_out, db)):
+            if out.numel():
+                block = 1024
+                _sum_splits_kernel[(triton.cdiv(out.numel(), block),)](ws, out, out.numel(), splits, BLOCK=block)
     return dw, db

@@ -90,6 +90,60 @@ def test_parity_d1152(dtype, device):
     _check(*_inputs((1, 5, 1152), 1152, dtype, device))
 
 
+def _weight_grad_reference(g, h, skip):
+    """dW and dbias in float64 and, for the 2x rule, in the inputs' dtype (plain PyTorch)."""
+    def grads(dtype):
+        gg, x = g.to(dtype).reshape(-1, g.shape[-1]), torch.cat([h, skip], -1).to(dtype).reshape(-1, 2 * h.shape[-1])
+        return gg.t() @ x, gg.sum(0)
+    return grads(g.dtype), grads(torch.float64)
+
+
+@pytest.mark.slow  # 16 cases, a few seconds each under the interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("splits", [1, 2, 3, 5])
+@pytest.mark.parametrize("compute_bias", [True, False])
+def test_weight_grad_split_over_rows(splits, compute_bias, dtype, device):
+    """The reduction over M = B*L split in parts (fp32 partials added in a fixed order): parity for
+    every split count, M = 258 (parts of 129, 86, 52 rows: masked K tails inside each part)."""
+    from uvit_fast.kernels.skip_concat_linear import skip_concat_linear_backward_weight
+
+    h, skip, _, _ = _inputs((1, 258, 72), 40, dtype, device)
+    g = torch.randn(1, 258, 40, device=device, dtype=dtype)
+    dw, db = skip_concat_linear_backward_weight(g, h, skip, compute_bias=compute_bias, splits=splits)
+    (base_w, base_b), (ref_w, ref_b) = _weight_grad_reference(g, h, skip)
+    assert dw.dtype == dtype and dw.shape == (40, 144)
+    assert_parity(dw, base_w, ref_w, name=f"dW splits={splits}")
+    if compute_bias:
+        assert_parity(db, base_b, ref_b, name=f"dbias splits={splits}")
+    else:
+        assert db.shape == (0,)
+
+
+def test_weight_grad_split_is_deterministic(device):
+    from uvit_fast.kernels.skip_concat_linear import skip_concat_linear_backward_weight
+
+    h, skip, _, _ = _inputs((2, 77, 24), 16, torch.float32, device)
+    g = torch.randn(2, 77, 16, device=device)
+    first = skip_concat_linear_backward_weight(g, h, skip, splits=3)
+    again = skip_concat_linear_backward_weight(g, h, skip, splits=3)
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+
+
+def test_weight_grad_split_count_and_m_bucket():
+    """The split count depends on the shapes and the SM count only; the autotune key rounds M up to
+    a power of two (a new batch size re-uses the tuned configs)."""
+    from uvit_fast.kernels.skip_concat_linear import m_bucket, weight_grad_splits
+
+    # U-ViT-H/2 at batch 256 on an H100 (132 SMs): 162 output tiles are 1.23 waves -> 4 parts
+    assert weight_grad_splits(256 * 258, 1152, 1152, 132) == 4
+    # tiny M: no split (each part needs >= 1024 rows); wide outputs that fill the GPU: no split
+    assert weight_grad_splits(2 * 258, 1152, 1152, 132) == 1
+    assert weight_grad_splits(1 << 20, 8192, 8192, 132) == 1
+    assert weight_grad_splits(1 << 20, 64, 64, 132) == 8
+    assert [m_bucket(m) for m in (1, 258, 512, 513, 128 * 258, 256 * 258)] == [1, 512, 512, 1024, 65536, 131072]
+
+
 def test_no_bias_and_partial_grads(device):
     h, skip, weight, _ = _inputs((2, 19, 72), 40, torch.float32, device, bias=False)
     _check(h, skip, weight, None)
