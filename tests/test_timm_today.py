@@ -398,3 +398,24 @@ def test_vit_huge_preset_loads_timms_state_dict_strictly():
         ours = uvit_fast.create_model("vit_huge_patch14_224")
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
     ours.load_state_dict(theirs.state_dict(), strict=True, assign=True)
+
+
+@pytest.mark.parametrize("source", ["mirror", "pre116", "timm"])
+def test_pickle_and_deepcopy_round_trip(source, tmp_path):
+    """torch.save(model) / torch.load and copy.deepcopy of an optimized timm ViT give a model with
+    the same fused classes and outputs. (The 1.0.31 mirror is deep-copied only: its norm class
+    names the module timm.layers.norm, which pickle cannot import where timm is absent.)"""
+    _, fused, _ = _pair(source)
+    copies = [copy.deepcopy(fused)]
+    if source != "mirror":
+        torch.save(fused, tmp_path / "model.pt")
+        copies.append(torch.load(tmp_path / "model.pt", weights_only=False))
+    x = _x()
+    with torch.no_grad():
+        expected = fused(x)
+    for m in copies:
+        assert [type(a) for a in m.modules()] == [type(b) for b in fused.modules()]
+        assert m.blocks[0].attn.qkv.weight is not fused.blocks[0].attn.qkv.weight
+        with torch.no_grad(), _op_calls() as called:
+            _close(m(x), expected)
+        assert called == set(FUSED_OPS), called

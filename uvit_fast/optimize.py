@@ -410,13 +410,30 @@ class _TimmPatchEmbed(layers.PatchEmbed):
 _MIXED_CLASSES: Dict[Tuple[type, type], type] = {}
 
 
+def _rebuild_in_place(base: type, mixin: type, state: dict) -> nn.Module:
+    m = base.__new__(base)
+    m.__setstate__(state)
+    _swap_class(m, mixin)
+    return m
+
+
+def _reduce_in_place(self, protocol):
+    # pickle (torch.save(model)) and copy.deepcopy: the generated class is rebuilt from the
+    # module's own class and the mixin, both importable by name
+    cls = type(self)
+    return _rebuild_in_place, (cls._uvit_fast_base, cls._uvit_fast_mixin, self.__getstate__())
+
+
 def _swap_class(m: nn.Module, mixin: type, **attrs) -> bool:
     """Make ``m`` an instance of ``Fused<its class>(mixin, its class)``; False if it already is."""
     if isinstance(m, mixin):
         return False
     key = (type(m), mixin)
     if key not in _MIXED_CLASSES:
-        _MIXED_CLASSES[key] = type(f"Fused{type(m).__name__}", (mixin, type(m)), {"__module__": __name__})
+        _MIXED_CLASSES[key] = type(f"Fused{type(m).__name__}", (mixin, type(m)), {
+            "__module__": __name__, "_uvit_fast_base": type(m), "_uvit_fast_mixin": mixin,
+            "__reduce_ex__": _reduce_in_place,
+        })
     m.__class__ = _MIXED_CLASSES[key]
     for k, v in attrs.items():
         if k == "fused" or k not in vars(m):
