@@ -381,6 +381,14 @@ def test_traced_flops_match_the_flop_counter():
         assert flops[True][1] == flops[False][1] - 3 * extra
 
 
+def test_models_with_several_outputs_are_counted():
+    """CLIP returns (logits_per_image, logits_per_text): the backward starts from every output."""
+    model = memory.build_meta("clip_vit_b32", 64, 32, True, vision_width=64, vision_layers=1, embed_dim=32,
+                              transformer_width=32, transformer_heads=2, transformer_layers=1, vocab_size=100)
+    count = memory.count_step(model, 1, True)
+    assert count.saved > 0 and count.flops("backward") > count.flops("forward") > 0
+
+
 def test_count_does_not_change_with_calls():
     model = tiny(DIT, True)
     first = memory.count_step(model, 2, True)

@@ -354,7 +354,8 @@ def count_step(model: torch.nn.Module, batch: int, fused: bool) -> StepCount:
         with saved_tensors_hooks(counter.pack, counter.unpack), _block_hooks(blocks, counter, block_inputs):
             out = model(*inputs)
         trace.phase = "backward"
-        out.backward(torch.empty_like(out))
+        outs = [t for t in _tensors([out]) if t.requires_grad]  # CLIP returns a tuple of logits
+        torch.autograd.backward(outs, [torch.empty_like(t) for t in outs])
     for p in params:
         p.grad = None
     outside = {k: n for k, (n, b) in counter.storages.items() if b is None}
