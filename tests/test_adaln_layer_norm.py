@@ -102,6 +102,7 @@ def test_adaln_parity(case, dtype, device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, BF16_CUDA])
+@pytest.mark.slow
 def test_adaln_parity_cuda_dtypes(dtype, device):
     # fp16 here too so the same shapes run on CPU; bf16 needs a GPU (see BF16_CUDA)
     _run_adaln((2, 37, 1152), dtype, device, "sample", "sample", "wb", 1e-6, 1.0)
@@ -189,6 +190,7 @@ def test_residual_parity(case, dtype, device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, BF16_CUDA])
+@pytest.mark.slow
 def test_residual_parity_cuda_dtypes(dtype, device):
     _run_residual((2, 37, 1152), dtype, device, "sample", "sample", "sample", None, 1e-6, 1.0)
     _run_residual((2, 11, 203), dtype, device, None, None, None, "wb", 1e-5, 1.0)
@@ -326,6 +328,7 @@ def test_opcheck_forward_ops(device):
     )
 
 
+@pytest.mark.slow
 def test_opcheck_backward_ops(device):
     x, br, g, sh, sc, w, b = _opcheck_args(device)
     _, mean, rstd = torch.ops.uvit_fast.adaln_layer_norm(x, sh, sc, w, b, 1e-5, 1.0, torch.float32)
@@ -346,6 +349,7 @@ def test_opcheck_backward_ops(device):
     )
 
 
+@pytest.mark.slow
 def test_torch_compile_fullgraph(device):
     """A DiT-style block tail (gated residual + modulated LN) and a final LN compile without
     graph breaks, forward and backward, and match the eager Triton path."""

@@ -60,6 +60,7 @@ def test_missing_kernel_is_not_implemented_naming_the_op():
         load_kernel("some_op", "no_such_kernel_module")
 
 
+@pytest.mark.slow
 def test_triton_on_cpu_without_interpreter_is_a_clear_error():
     code = (
         "import torch, uvit_fast\n"
