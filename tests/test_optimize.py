@@ -130,6 +130,23 @@ def test_parameters_are_shared_and_keys_unchanged():
     assert "skip linear without the concat" in text
 
 
+@pytest.mark.parametrize("kind", ["uvit_cond", "uvit_t2i", "dit"])
+def test_optimized_model_pickles_and_deep_copies(kind, tmp_path):
+    """torch.save(model) / torch.load and copy.deepcopy keep the generated Fused class (rebuilt from
+    the model's own class) and the fused forward."""
+    model, args = _build(kind)
+    model, _ = uvit_fast.optimize(model)
+    torch.save(model, tmp_path / "model.pt")
+    with torch.no_grad():
+        expected = model(*args)
+        for m in (torch.load(tmp_path / "model.pt", weights_only=False), copy.deepcopy(model)):
+            assert type(m).__name__ == type(model).__name__ and isinstance(m, type(model).__mro__[1])
+            assert [type(a) for a in m.modules()] == [type(b) for b in model.modules()]
+            torch.testing.assert_close(m(*args), expected, rtol=0, atol=0)
+            _, again = uvit_fast.optimize(m)
+            assert "already optimized" in str(again)
+
+
 def test_optimize_twice_is_a_noop():
     model, args = _build("dit")
     model, first = uvit_fast.optimize(model)

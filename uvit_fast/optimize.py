@@ -270,12 +270,27 @@ def _kind(m: nn.Module) -> Optional[str]:
 _FUSED_CLASSES: Dict[Tuple[type, str], type] = {}
 
 
+def _rebuild_swapped(base: type, kind: str, state: dict) -> nn.Module:
+    m = base.__new__(base)
+    m.__setstate__(state)
+    _swap_forward(m, kind)
+    return m
+
+
+def _reduce_swapped(self, protocol):
+    # pickle (torch.save(model)) and copy.deepcopy: the generated class is rebuilt from the
+    # model's own class (importable by name) and the kind
+    cls = type(self)
+    return _rebuild_swapped, (cls._uvit_fast_base, cls._uvit_fast_kind, self.__getstate__())
+
+
 def _swap_forward(m: nn.Module, kind: str) -> None:
     """Give ``m`` our fused forward by making its class a subclass of its own class."""
     src = {"uvit": UViT, "uvit_t2i": UViTT2I, "dit": DiT}[kind]
     key = (type(m), kind)
     if key not in _FUSED_CLASSES:
-        attrs = {"forward": src.forward, "example_inputs": src.example_inputs, "_uvit_fast_optimized": True}
+        attrs = {"forward": src.forward, "example_inputs": src.example_inputs, "_uvit_fast_optimized": True,
+                 "_uvit_fast_base": type(m), "_uvit_fast_kind": kind, "__reduce_ex__": _reduce_swapped}
         if kind != "dit":
             attrs.update(_run=_UViTBase._run, _time_token=_UViTBase._time_token, _image_inputs=_UViTBase._image_inputs)
         _FUSED_CLASSES[key] = type(f"Fused{type(m).__name__}", (type(m),), attrs)
