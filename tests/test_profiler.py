@@ -1,5 +1,6 @@
 """``uvit-fast profile``: FLOP counts against an independent closed form, the CLI, timing, the plot."""
 import json
+import re
 import time
 
 import pytest
@@ -97,7 +98,12 @@ def closed_form(name, img=None, patch=None):
     return macs, attn, L
 
 
-@pytest.mark.parametrize("name", list_models())
+def _quick_once(names):
+    """Every name, with DiT's /4 and /8 variants (the /2 model at another patch size) marked slow."""
+    return [pytest.param(n, marks=pytest.mark.slow) if re.fullmatch(r"DiT-\w+/[48]", n) else n for n in names]
+
+
+@pytest.mark.parametrize("name", _quick_once(list_models()))
 def test_every_model_matches_closed_form(name):
     row = profiler.count_flops(name)
     macs, attn, tokens = closed_form(name)
