@@ -472,6 +472,10 @@ def test_save_pretrained_from_pretrained_round_trip(kind, tmp_path):
 def test_importing_uvit_fast_does_not_import_diffusers():
     code = "import sys, uvit_fast; uvit_fast.optimize; sys.exit('diffusers' in sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+    # and the diffusers classes optimize uses need neither torchvision nor transformers
+    code = ("import sys, uvit_fast.optimize_diffusers as od; assert od._uvit is not None; "
+            "sys.exit(sorted({'torchvision', 'transformers'} & set(sys.modules)) or 0)")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
 @pytest.mark.slow
