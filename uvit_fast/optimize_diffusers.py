@@ -365,6 +365,7 @@ if _uvit is not None:
 else:  # pragma: no cover
     _UVIT_SWAPS = {}
 
+
 # --------------------------------------------------------------------------- driver
 def _swap(m: nn.Module, cls: type, check, path: str, what: str, report) -> None:
     try:
