@@ -164,7 +164,12 @@ def _decoder_unpatchify_dw_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_X: tl.constexpr,
 ):
     """Split ``s`` of dW[n, d] = sum_m dimg[patch m, n] tokens[m, d] (fp32 partial) and, from
-    the ``pid_d == 0`` programs, of dbias[n] = sum_m dimg[patch m, n]."""
+    the ``pid_d == 0`` programs, of dbias[n] = sum_m dimg[patch m, n].
+
+    Computed transposed, ``dW^T[d, n] = tokens^T[d, m] @ dimg[m, n]``: the accumulator has
+    ``BLOCK_X`` (64 on the GPU) rows whatever ``NOUT`` is, so on sm_90 the dot lowers to ``wgmma``
+    (which needs 64-row tiles); as ``BLOCK_N x BLOCK_X`` it had ``BLOCK_N`` = 16-32 rows for the
+    usual patch outputs (p*p*C = 16 or 32) and fell back to ``mma.sync``."""
     pid_n = tl.program_id(0)
     pid_d = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -173,7 +178,7 @@ def _decoder_unpatchify_dw_kernel(
     offs_d = pid_d * BLOCK_X + tl.arange(0, BLOCK_X)
     mask_d = offs_d < D
     col_g = _image_col_offsets(offs_n, C, sg_c, sg_t, sg_h, sg_w, PH, PW)
-    acc = tl.zeros((BLOCK_N, BLOCK_X), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_X, BLOCK_N), dtype=tl.float32)
     db = tl.zeros((BLOCK_N,), dtype=tl.float32)
     mb_start = pid_s * blocks_per_split
     mb_end = tl.minimum(mb_start + blocks_per_split, tl.cdiv(M, BLOCK_M))
@@ -181,18 +186,18 @@ def _decoder_unpatchify_dw_kernel(
         offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
         mask_m = offs_m < M
         row_g = patch_row_offsets(offs_m, L, Gh, Gw, sg_b, sg_t, sg_h, sg_w, PT, PH, PW)
-        gt = tl.load(g_ptr + col_g[:, None] + row_g[None, :],
-                     mask=mask_n[:, None] & mask_m[None, :], other=0.0)
+        g = tl.load(g_ptr + row_g[:, None] + col_g[None, :],
+                    mask=mask_m[:, None] & mask_n[None, :], other=0.0)
         row_t = _token_row_offsets(offs_m, L, E, st_b, st_l)
-        a = tl.load(t_ptr + row_t[:, None] + offs_d[None, :] * st_d,
-                    mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-        acc = tl.dot(gt.to(a.dtype), a, acc, input_precision=DOT_PRECISION)
+        aT = tl.load(t_ptr + row_t[None, :] + offs_d[:, None] * st_d,
+                     mask=mask_d[:, None] & mask_m[None, :], other=0.0)
+        acc = tl.dot(aT, g.to(aT.dtype), acc, input_precision=DOT_PRECISION)
         if HAS_BIAS:
             if pid_d == 0:
-                db += tl.sum(gt.to(tl.float32), axis=1)
+                db += tl.sum(g.to(tl.float32), axis=0)
     base = pid_s.to(tl.int64) * NOUT * D
-    tl.store(dw_ptr + base + offs_n[:, None] * D + offs_d[None, :], acc,
-             mask=mask_n[:, None] & mask_d[None, :])
+    tl.store(dw_ptr + base + offs_n[None, :] * D + offs_d[:, None], acc,
+             mask=mask_d[:, None] & mask_n[None, :])
     if HAS_BIAS:
         if pid_d == 0:
             tl.store(db_ptr + pid_s.to(tl.int64) * NOUT + offs_n, db, mask=mask_n)
