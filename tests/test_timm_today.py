@@ -152,6 +152,38 @@ def test_fast_norm_differs_from_layer_norm_under_autocast():
     assert a.dtype == torch.bfloat16 and b.dtype == torch.float32
 
 
+ATTENTIONS = {
+    "gated": (dict(gated=True), "also has gate"),
+    "qk_norm": (dict(qk_norm=True, norm_layer=up.LayerNorm), "has q_norm (LayerNorm)"),
+    "scale_norm": (dict(scale_norm=True, norm_layer=up.LayerNorm), "has norm (LayerNorm)"),
+    "attn_head_dim 8": (dict(attn_head_dim=8), "are not packed q, k, v"),
+}
+
+
+@pytest.mark.parametrize("name", list(ATTENTIONS))
+def test_attention_variants_are_left_alone(name):
+    """timm 1.0.31's Attention options the fused attention does not compute keep timm's block."""
+    kw, why = ATTENTIONS[name]
+    ref = _build("mirror")
+    ref.blocks[2].attn = _randomize(up.TimmAttention(24, 2, qkv_bias=True, **kw), seed=7).double()
+    model, report = uvit_fast.optimize(copy.deepcopy(ref))
+    assert why in dict(report.left_alone)["blocks.2"], str(report)
+    assert "blocks.1" in dict(report.replaced)
+    x = _x()
+    with torch.no_grad():
+        _close(model(x), ref(x))
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_average_pooled_vit(source):
+    """global_pool='avg': timm's final norm is Identity and fc_norm normalises the pooled tokens."""
+    ref, fused, report = _pair(source, global_pool="avg")
+    assert [p for p, _ in report.replaced] == ["blocks.0", "blocks.1", "blocks.2", "patch_embed"], str(report)
+    x = _x()
+    with torch.no_grad():
+        _close(fused(x), ref(x))
+
+
 def test_post_norm_block_is_left_alone():
     """timm's ResPostBlock has the pre-norm block's children but normalises after attention."""
     ref = _build("mirror", block_fn=up.ResPostBlock)
