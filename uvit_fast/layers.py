@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from uvit_fast import ops
+from uvit_fast._backend import resolve
 from uvit_fast.ops.patch_embed import _check_patchify_embed as check_patchify_embed
 
 
@@ -218,8 +219,14 @@ class LayerNormFp32(LayerNorm):
     (so the output dtype is ``x``'s under autocast too, as upstream's).
     """
 
+    def _on_kernel(self, *tensors: torch.Tensor) -> bool:
+        """Fused and the op will run the Triton kernel, which computes in float32 whatever the input
+        dtype. On the PyTorch path the op would run ``F.layer_norm`` in the input's dtype (and sum the
+        bias gradient in bf16); the plain path computes in float32 as upstream does."""
+        return self._fusable(tensors[0]) and resolve("auto", "adaln_layer_norm", *tensors) == "triton"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._fusable(x):
+        if self._on_kernel(x, self.weight):
             return ops.adaln_layer_norm(x, weight=self.weight, bias=self.bias, eps=self.eps).to(x.dtype)
         dt = torch.promote_types(x.dtype, torch.float32)  # float64 stays float64
         w = self.weight.to(dt) if self.weight is not None else None
@@ -230,7 +237,7 @@ class LayerNormFp32(LayerNorm):
         """``x_new = x + branch``; returns ``(x_new, LN(x_new))`` (no modulation)."""
         if args or kwargs:
             raise TypeError("LayerNormFp32.residual takes only (x, branch)")
-        if self._fusable(x):
+        if self._on_kernel(x, branch, self.weight):
             x_new, h = ops.residual_adaln_layer_norm(x, branch, weight=self.weight, bias=self.bias, eps=self.eps)
             return x_new, h.to(x_new.dtype)
         x_new = x + branch
