@@ -8,14 +8,15 @@
 #   bench-ops.txt         table
 #   bench-models.json  3. model rows: `uvit-fast bench --suite models` (its markdown table is
 #   bench-models.md       written next to it)
-#   pytest.txt         4. the rest of the test suite on the GPU, for the time that is left (the log
+#   pytest.txt         4. the rest of the test suite on the GPU, quick tests first, then the slow ones, for
+#                         the time that is left (the log
 #                         of step 3 goes here too)
 #   kernels.txt        `uvit-fast kernels --arch sm_XX` for this device's architecture, compiled
 #                      on the CPU cores in the background while the GPU steps run
 #
 # Usage: bash scripts/gpu_check.sh OUT_DIR [TOTAL_SECONDS]   (default 570: fits a 10-minute call)
 # Exits 2 at once without a CUDA device. Nothing is downloaded: the package is installed from this
-# checkout without its dependencies (or, where pip cannot, put on PYTHONPATH from a staging copy).
+# checkout without its dependencies (or, where pip cannot, the checkout is put on PYTHONPATH).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -39,12 +40,14 @@ fi
 export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
 unset TRITON_INTERPRET
 
-# --- the package, with no network: an editable install without dependencies, else a staging copy
+# --- the package, with no network: an editable install without dependencies, else (pip cannot build
+# it) the checkout itself on PYTHONPATH with kernels/ linked in as uvit_fast/kernels (a throwaway copy's
+# working tree is changed then; `python -m` puts the checkout first on sys.path either way)
 if ! "$PY" -c "import uvit_fast.kernels" 2>/dev/null; then
-  if ! "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null 2>&1; then
-    stage=$(mktemp -d)
-    cp -r uvit_fast "$stage/uvit_fast" && cp -r kernels "$stage/uvit_fast/kernels"
-    export PYTHONPATH="$stage${PYTHONPATH:+:$PYTHONPATH}"
+  if ! "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null 2>&1 \
+      || ! "$PY" -c "import uvit_fast.kernels" 2>/dev/null; then
+    [ -e uvit_fast/kernels ] || ln -s ../kernels uvit_fast/kernels
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
   fi
 fi
 UVF=("$PY" -m uvit_fast.cli)
@@ -117,7 +120,9 @@ step bench-ops 150 "$out_dir/bench-ops.txt" "$PY" scripts/gpu_bench_flagship.py 
 step bench-models 100 "$out_dir/pytest.txt" "${UVF[@]}" bench --suite models --out "$out_dir/bench-models.json" \
   --time-budget 80 --no-progress
 # --- 4. the rest of the test suite, for the time that is left
-step pytest 600 "$out_dir/pytest.txt" "$PY" -m pytest -q -rs -p no:cacheprovider tests \
+step pytest 600 "$out_dir/pytest.txt" "$PY" -m pytest -q -rs -p no:cacheprovider -m "not slow" --durations=15 tests \
+  --ignore=tests/test_compiled_facts.py
+step pytest-slow 600 "$out_dir/pytest.txt" "$PY" -m pytest -q -rs -p no:cacheprovider -m slow --durations=15 tests \
   --ignore=tests/test_compiled_facts.py
 
 # --- the kernel report: whatever finished (the rest is stopped now)

@@ -672,9 +672,9 @@ def format_table(report_rows: List[Dict[str, Any]]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
 
 
-def report(arch: Any = "sm_90", shapes=None, ops=None, dtypes=None, kernels=None,
-           progress: Optional[bool] = None) -> List[Dict[str, Any]]:
-    """Compile every selected case for ``arch`` and return the rows (see :func:`rows`)."""
+def iter_report(arch: Any = "sm_90", shapes=None, ops=None, dtypes=None, kernels=None,
+                progress: Optional[bool] = None) -> Iterator[Tuple[Case, List[Dict[str, Any]]]]:
+    """Compile every selected case for ``arch``, yielding ``(case, rows)`` as each case is done."""
     import sys
 
     selected = cases(shapes, ops, dtypes)
@@ -688,11 +688,18 @@ def report(arch: Any = "sm_90", shapes=None, ops=None, dtypes=None, kernels=None
         from tqdm import tqdm
 
         it = tqdm(selected, desc=f"compiling for {get_arch(arch).name}", unit="case", file=sys.stderr)
-    out = []
     for case in it:
         if progress:
             it.set_postfix_str(case.name)
-        out.extend(rows(case, run_case(case, arch, kernels), arch))
+        yield case, rows(case, run_case(case, arch, kernels), arch)
+
+
+def report(arch: Any = "sm_90", shapes=None, ops=None, dtypes=None, kernels=None,
+           progress: Optional[bool] = None) -> List[Dict[str, Any]]:
+    """Compile every selected case for ``arch`` and return all rows (see :func:`rows`)."""
+    out: List[Dict[str, Any]] = []
+    for _, case_rows in iter_report(arch, shapes, ops, dtypes, kernels, progress):
+        out.extend(case_rows)
     return out
 
 
@@ -709,18 +716,27 @@ def run(args) -> int:
         import triton
 
         triton.knobs.cache.dir = args.cache_dir
+    a = get_arch(args.arch)
+    if not cases(args.shape, args.op, args.dtype):
+        known = ", ".join(f"{s.name} ({'/'.join(s.ops)})" for s in SHAPES)
+        print(f"uvit-fast kernels: no case matches --shape {args.shape} --op {args.op} --dtype {args.dtype}; "
+              f"the shapes and their ops: {known}", file=sys.stderr)
+        return 2
+    if not args.json:
+        print(f"# {a.name} ({a.gpu}: {a.sms} SMs, {a.smem_per_block // 1024} KiB shared memory per block, "
+              f"64K registers per SM); compiled ahead of time, nothing run", flush=True)
+    n_errors = 0
     try:
-        out = report(args.arch, args.shape, args.op, args.dtype, args.kernel, progress=args.progress)
+        # rows are printed as each case is done (one table per case), so a run cut short keeps them
+        for _, case_rows in iter_report(a, args.shape, args.op, args.dtype, args.kernel, progress=args.progress):
+            n_errors += sum(r["status"] == "error" for r in case_rows)
+            if args.json:
+                for r in case_rows:
+                    print(json.dumps(r, default=str))
+            elif case_rows:
+                print(format_table(case_rows) + "\n")
+            sys.stdout.flush()
     except ValueError as exc:
         print(f"uvit-fast kernels: {exc}", file=sys.stderr)
         return 2
-    if args.json:
-        for r in out:
-            print(json.dumps(r, default=str))
-    else:
-        a = get_arch(args.arch)
-        print(f"# {a.name} ({a.gpu}: {a.sms} SMs, {a.smem_per_block // 1024} KiB shared memory per block, "
-              f"64K registers per SM); compiled ahead of time, nothing run")
-        print(format_table(out))
-    bad = [r for r in out if r["status"] == "error"]
-    return 1 if bad and args.strict else 0
+    return 1 if n_errors and args.strict else 0
