@@ -4,7 +4,9 @@ Each op takes ``backend="auto" | "torch" | "triton"`` (attention takes a few mor
 ``"auto"`` first looks at the process-wide default, which is set by
 :func:`use_backend` (innermost wins) or else by the environment variable
 ``UVIT_FAST_BACKEND``; when that default is itself ``"auto"``, CUDA tensors go to
-the Triton kernel and CPU tensors to plain PyTorch.
+the Triton kernel and CPU tensors to plain PyTorch, unless measured dispatch is on
+(``UVIT_FAST_TUNE``, on by default for CUDA; see :mod:`uvit_fast.dispatch`): then each op
+times its PyTorch and Triton paths once per shape key and runs the faster.
 
 ``"triton"`` on CPU tensors only works under the Triton interpreter
 (``TRITON_INTERPRET=1`` set before ``triton`` is imported); otherwise a
@@ -88,7 +90,11 @@ def triton_available() -> bool:
 
 
 def resolve(backend: str, op: str, *tensors: Optional[torch.Tensor]) -> str:
-    """Turn a user's ``backend`` argument into ``"torch"`` or ``"triton"`` for ``op``.
+    """Turn a user's ``backend`` argument into ``"torch"``, ``"triton"`` or ``"measure"`` for ``op``.
+
+    ``"measure"`` (``backend="auto"``, the process-wide default ``"auto"`` and :func:`measuring`):
+    the op times both paths once per key through :func:`uvit_fast.dispatch.measure`. Under
+    torch.compile the answer is a trace-time constant and never ``"measure"``.
 
     ``tensors`` are the op's inputs (``None`` entries are ignored); they must share
     one device.
@@ -104,7 +110,22 @@ def resolve(backend: str, op: str, *tensors: Optional[torch.Tensor]) -> str:
     if torch.compiler.is_compiling():
         # the choice is a trace-time constant: dynamo cannot trace the import check
         return _resolve_constant(backend, op, device.type)
+    if backend == "auto" and get_backend() == "auto" and measuring(device.type):
+        return "measure"
     return _resolve_device(backend, op, device.type)
+
+
+def measuring(device_type: str) -> bool:
+    """Whether ``auto`` times the candidates (``uvit_fast.dispatch``) on ``device_type``: timing is
+    on (``UVIT_FAST_TUNE``, or ``tune()`` running) and the Triton kernel can run there (CUDA, or CPU
+    under the interpreter). Never while torch.compile traces (see ``resolve``)."""
+    from uvit_fast import dispatch
+
+    if not dispatch.tuning_requested(device_type) or not triton_available():
+        return False
+    if device_type == "cuda":
+        return True
+    return device_type == "cpu" and interpreter_enabled() and not compiled_before_interpreter()
 
 
 def _resolve_device(backend: str, op: str, device_type: str) -> str:

@@ -352,3 +352,118 @@ def dispatch_report() -> str:
 def snapshot() -> List[Dict[str, Any]]:
     """The decisions as JSON-ready rows (for ``tune`` and the benchmark's ``auto`` row)."""
     return [{"key": k, "source": d.source, **d.to_json()} for k, d in sorted(_DISPATCHER.decisions().items())]
+
+
+# ------------------------------------------------------------------------------------------------
+# Measuring a call: what the op wrappers run when ``resolve`` answers "measure".
+# ------------------------------------------------------------------------------------------------
+_FORCE = [0]  # > 0 while tune() runs: measure even where UVIT_FAST_TUNE is unset (CPU)
+_RECORD: List[List[str]] = []  # keys touched while tune() runs (innermost list)
+
+
+@contextlib.contextmanager
+def forced() -> Iterator[List[str]]:
+    """Measure ``auto`` calls while the block runs (as if ``UVIT_FAST_TUNE=1``) and collect the
+    keys of every decision the ops take in it. ``UVIT_FAST_TUNE=0`` still wins: see :func:`tune`."""
+    keys: List[str] = []
+    with _GLOBAL_LOCK:
+        _FORCE[0] += 1
+        _RECORD.append(keys)
+    try:
+        yield keys
+    finally:
+        with _GLOBAL_LOCK:
+            _FORCE[0] -= 1
+            _RECORD.remove(keys)
+
+
+_GLOBAL_LOCK = threading.Lock()
+
+
+def tuning_requested(device_type: str) -> bool:
+    """``tuning_enabled``, or ``tune()`` running (unless ``UVIT_FAST_TUNE=0`` turns timing off)."""
+    if _FORCE[0] > 0:
+        value = os.environ.get(ENV_TUNE, "").strip().lower()
+        return value not in ("0", "off", "false", "no")
+    return tuning_enabled(device_type)
+
+
+def is_training(inputs: Sequence[Any]) -> bool:
+    """A call is a training call when autograd records it: grad mode on and a floating input requires grad."""
+    return torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad for t in inputs
+    )
+
+
+def _outputs(out: Any) -> List[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _outputs(o)]
+    return []
+
+
+def _bind(fn: Callable[..., Any], inputs: Sequence[Any], training: bool) -> Callable[[], Any]:
+    """A no-argument callable the timer runs: the forward under ``no_grad`` for inference; for
+    training the forward plus ``torch.autograd.grad`` of its outputs (against a fixed random
+    ``grad_output``) with respect to detached leaves of the inputs, so the backward is this
+    candidate's own and nothing reaches the user's ``.grad``."""
+    if not training:
+        def run_inference() -> Any:
+            with torch.no_grad():
+                return fn(*inputs)
+        return run_inference
+
+    leaves = [
+        t.detach().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t for t in inputs
+    ]
+    wrt = [t for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad]
+    grad_outputs: List[torch.Tensor] = []
+
+    def run_training() -> Any:
+        with torch.enable_grad():
+            outs = [o for o in _outputs(fn(*leaves)) if o.requires_grad]
+            if not grad_outputs:
+                for o in outs:
+                    g = torch.Generator(device=o.device).manual_seed(len(grad_outputs))
+                    grad_outputs.append(torch.randn(o.shape, dtype=o.dtype, device=o.device, generator=g))
+            return torch.autograd.grad(outs, wrt, grad_outputs, allow_unused=True)
+    return run_training
+
+
+def measure(
+    op: str,
+    inputs: Sequence[Any],
+    candidates: Mapping[str, Callable[..., Any]],
+    *,
+    rows: int,
+    dims: Sequence[int] = (),
+    flags: str = "",
+) -> str:
+    """The candidate that runs this call of ``op``: the stored decision for its key, else every
+    candidate timed now (see :func:`choose`; the first is the PyTorch baseline) and the winner stored.
+
+    ``candidates`` map a name to a function of ``*inputs`` (the op's tensors and ``None``s, in one
+    order), running that path forward. ``rows`` is bucketed in the key, ``dims`` kept exact, and
+    ``flags`` (what changes the kernel: causal, bias present, ...) plus the autocast dtype are
+    part of the op's name in the key."""
+    present = [t for t in inputs if isinstance(t, torch.Tensor)]
+    device = present[0].device
+    if len(candidates) == 1:
+        return next(iter(candidates))
+    ac = ""
+    if torch.is_autocast_enabled(device.type):
+        ac = f"autocast={str(torch.get_autocast_dtype(device.type)).replace('torch.', '')}"
+    tags = ",".join(p for p in (flags, ac) if p)
+    name = f"{op}[{tags}]" if tags else op
+    training = is_training(inputs)
+    key = make_key(name, present, training=training, rows=rows, dims=dims)
+    timer = default_timer(device.type)
+    bound = {cand: _bind(fn, inputs, training) for cand, fn in candidates.items()}
+    decision = _DISPATCHER.decide(key, bound, timer)
+    with _GLOBAL_LOCK:
+        for keys in _RECORD:
+            keys.append(str(key))
+    if decision.choice not in candidates:  # a stored decision for a candidate this process lacks
+        return next(iter(candidates))
+    return decision.choice

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from uvit_fast._backend import load_kernel, resolve
+from uvit_fast.dispatch import measure
 from uvit_fast.ops._checks import check_same_device, check_tensor, shape_str
 
 
@@ -70,7 +71,7 @@ def _choose(op: str, backend: str, tensors) -> str:
     in other dtypes (float64) go to PyTorch under ``"auto"`` and are a TypeError with ``"triton"``."""
     choice = resolve(backend, op, *tensors)
     bad = [t.dtype for t in tensors if t is not None and t.dtype not in _KERNEL_DTYPES]
-    if choice == "triton" and bad:
+    if choice in ("triton", "measure") and bad:
         if backend == "triton":
             raise TypeError(
                 f"{op}: the Triton kernel supports float16, bfloat16 and float32; got {bad[0]} "
@@ -78,6 +79,13 @@ def _choose(op: str, backend: str, tensors) -> str:
             )
         choice = "torch"
     return choice
+
+
+def _flags(optional, scale_offset: float) -> str:
+    """The dispatch key's flags: which optional tensors are present (with their rank: per-sample or
+    per-token modulation) and the scale offset."""
+    present = "".join(str(t.dim()) if t is not None else "-" for t in optional)
+    return f"opt={present},off={float(scale_offset):g}"
 
 
 def _per_token(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -128,7 +136,13 @@ def adaln_layer_norm(
     op = "adaln_layer_norm"
     _check_adaln(op, x, shift, scale, weight, bias, eps)
     tensors = (x, shift, scale, weight, bias)
-    if _choose(op, backend, tensors) == "torch":
+    choice = _choose(op, backend, tensors)
+    if choice == "measure":  # time both paths once per key (uvit_fast.dispatch)
+        choice = measure(op, tensors, {
+            "torch": lambda *t: adaln_layer_norm_reference(*t, eps, scale_offset),
+            "triton": lambda *t: _adaln_layer_norm_triton(*t, eps, scale_offset),
+        }, rows=_rows(x), dims=(x.shape[-1],), flags=_flags(tensors[1:], scale_offset))
+    if choice == "torch":
         return adaln_layer_norm_reference(x, shift, scale, weight, bias, eps, scale_offset)
     return _adaln_layer_norm_triton(x, shift, scale, weight, bias, eps, scale_offset)
 
@@ -195,7 +209,14 @@ def residual_adaln_layer_norm(
     op = "residual_adaln_layer_norm"
     _check_adaln(op, x, shift, scale, weight, bias, eps)
     _check_residual(op, x, branch, gate)
-    if _choose(op, backend, (x, branch, gate, shift, scale, weight, bias)) == "torch":
+    tensors = (x, branch, gate, shift, scale, weight, bias)
+    choice = _choose(op, backend, tensors)
+    if choice == "measure":  # time both paths once per key (uvit_fast.dispatch)
+        choice = measure(op, tensors, {
+            "torch": lambda *t: residual_adaln_layer_norm_reference(*t, eps, scale_offset),
+            "triton": lambda *t: _residual_adaln_layer_norm_triton(*t, eps, scale_offset),
+        }, rows=_rows(x), dims=(x.shape[-1],), flags=_flags(tensors[2:], scale_offset))
+    if choice == "torch":
         return residual_adaln_layer_norm_reference(x, branch, gate, shift, scale, weight, bias, eps, scale_offset)
     return _residual_adaln_layer_norm_triton(x, branch, gate, shift, scale, weight, bias, eps, scale_offset)
 
