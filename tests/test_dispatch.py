@@ -189,3 +189,168 @@ def test_two_processes_writing_at_once_lose_nothing(tmp_path):
     loaded = TuneCache(path).load()
     assert len(loaded) == 80
     assert {k.split("|")[0] for k in loaded} == {"op0", "op1"}
+
+
+# ------------------------------------------------------------------------------------------------
+# Wiring: resolve() answers "measure", each op times its candidates and runs the winner.
+# ------------------------------------------------------------------------------------------------
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+from uvit_fast import _backend, ops  # noqa: E402
+
+
+class _Ops(TorchDispatchMode):
+    """Records the names of the ops that run (uvit_fast::* means the Triton path ran)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def fused(self):
+        return any(n.startswith("uvit_fast.") for n in self.names)
+
+
+@pytest.fixture
+def fresh(tmp_path, monkeypatch):
+    """Timing on (CPU under the interpreter), a fresh process-wide table on a temporary cache file."""
+    monkeypatch.setenv(dispatch.ENV_TUNE, "1")
+    disp = Dispatcher(TuneCache(tmp_path / "tune.json"))
+    monkeypatch.setattr(dispatch, "_DISPATCHER", disp)
+    return disp
+
+
+def _ordered_timer(times):
+    """Injected timings by candidate order (torch first); the candidates are not run."""
+    it = iter(times)
+    return lambda fn: next(it)
+
+
+def test_resolve_measures_only_when_asked(monkeypatch):
+    x = torch.randn(2)
+    monkeypatch.delenv(dispatch.ENV_TUNE, raising=False)
+    assert _backend.resolve("auto", "op", x) == "torch"  # CPU: timing is off unless UVIT_FAST_TUNE=1
+    monkeypatch.setenv(dispatch.ENV_TUNE, "0")
+    assert _backend.resolve("auto", "op", x) == "torch"
+    monkeypatch.setenv(dispatch.ENV_TUNE, "1")
+    assert _backend.resolve("auto", "op", x) == "measure"
+    assert _backend.resolve("triton", "op", x) == "triton"  # forced paths stay forced
+    assert _backend.resolve("torch", "op", x) == "torch"
+    with _backend.use_backend("torch"):
+        assert _backend.resolve("auto", "op", x) == "torch"
+    with _backend.use_backend("triton"):
+        assert _backend.resolve("auto", "op", x) == "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # no way to run Triton on CPU tensors: nothing to time
+    assert _backend.resolve("auto", "op", x) == "torch"
+
+
+def test_tune_forces_measuring_but_not_against_tune_0(monkeypatch):
+    monkeypatch.delenv(dispatch.ENV_TUNE, raising=False)
+    with dispatch.forced():
+        assert _backend.resolve("auto", "op", torch.randn(2)) == "measure"
+    monkeypatch.setenv(dispatch.ENV_TUNE, "0")
+    with dispatch.forced():
+        assert _backend.resolve("auto", "op", torch.randn(2)) == "torch"
+
+
+def _op_calls():
+    """(name, call) for every wired op at small, awkward interpreter shapes."""
+    B, L, D = 1, 77, 72
+    x, br = torch.randn(B, L, D), torch.randn(B, L, D)
+    mod, w = torch.randn(B, D), torch.randn(D)
+    img, pw = torch.randn(B, 3, 8, 12), torch.randn(D, 3, 4, 4)
+    tok, dw = torch.randn(B, 1 + 6, D), torch.randn(4 * 4 * 3, D)
+    q, k, v = (torch.randn(B, 77, 2, 72) for _ in range(3))
+    qkv = torch.randn(B, 77, 3, 2, 72)
+    return [
+        ("adaln_layer_norm", lambda: ops.adaln_layer_norm(x, mod, mod, w, w)),
+        ("residual_adaln_layer_norm", lambda: ops.residual_adaln_layer_norm(x, br, mod, mod, mod, w, w)),
+        ("skip_concat_linear", lambda: ops.skip_concat_linear(x, br, torch.randn(D, 2 * D), w)),
+        ("patchify_embed", lambda: ops.patchify_embed(img, pw, w, prefix=torch.randn(B, 1, D))),
+        ("decoder_unpatchify", lambda: ops.decoder_unpatchify(tok, dw, None, patch_size=4, grid=(2, 3), extras=1)),
+        ("attention", lambda: ops.attention(q, k, v, causal=True)),
+        ("attention_qkvpacked", lambda: ops.attention_qkvpacked(qkv)),
+    ]
+
+
+@pytest.mark.parametrize("name, call", _op_calls(), ids=[n for n, _ in _op_calls()])
+@pytest.mark.parametrize("winner", ["torch", "triton"])
+def test_each_op_runs_the_measured_winner(fresh, monkeypatch, name, call, winner):
+    attention = name.startswith("attention")
+    # candidate order: torch (sdpa, torch for attention) first, then triton (then nothing on CPU)
+    times = ([1.0, 1.0, 2.0] if winner == "torch" else [3.0, 3.0, 1.0]) if attention else (
+        [1.0, 2.0] if winner == "torch" else [2.0, 1.0])
+    monkeypatch.setattr(dispatch, "default_timer", lambda device_type: _ordered_timer(times))
+    for _ in range(2):  # the second call takes the stored decision (the timer would run out)
+        with _Ops() as seen:
+            call()
+        assert seen.fused is (winner == "triton"), seen.names[:5]
+    (key, decision), = fresh.decisions().items()
+    expected = ("sdpa" if attention else "torch") if winner == "torch" else "triton"
+    assert key.startswith(name + "[") and "|infer|" in key
+    assert decision.choice == expected
+    assert decision.timings_ms == dict(zip(decision.timings_ms, times))
+    assert len(dispatch.TuneCache(fresh.cache.path).load()) == 1  # and the file has it
+
+
+def test_a_failing_triton_candidate_keeps_torch_and_records_why(fresh, monkeypatch):
+    import uvit_fast.ops.adaln as adaln_mod
+
+    def broken(*args):
+        raise RuntimeError("out of resources: shared memory, required 300000")
+
+    monkeypatch.setattr(adaln_mod, "_adaln_layer_norm_triton", broken)
+    monkeypatch.setattr(dispatch, "default_timer", lambda device_type: lambda fn: (fn(), 5.0)[1])
+    x = torch.randn(1, 77, 72)
+    with _Ops() as seen:
+        ops.adaln_layer_norm(x)
+    assert not seen.fused
+    (d,) = fresh.decisions().values()
+    assert d.choice == "torch" and d.timings_ms == {"torch": 5.0, "triton": None}
+    assert "out of resources" in d.errors["triton"]
+    assert "triton failed: RuntimeError: out of resources" in dispatch.dispatch_report()
+
+
+def test_a_training_decision_times_forward_and_backward_and_leaves_grad_alone(fresh, monkeypatch):
+    runs = []
+
+    def timer(fn):
+        with _Ops() as seen:
+            grads = fn()
+        runs.append((seen.fused, grads))
+        return 1.0
+
+    monkeypatch.setattr(dispatch, "default_timer", lambda device_type: timer)
+    x = torch.randn(1, 77, 72, requires_grad=True)
+    w = torch.randn(72, requires_grad=True)
+    ops.adaln_layer_norm(x, weight=w).sum().backward()
+    key, d = next(iter(fresh.decisions().items()))
+    assert "|train|" in key and d.choice == "torch"  # a tie keeps PyTorch
+    (torch_fused, torch_grads), (triton_fused, triton_grads) = runs
+    assert (torch_fused, triton_fused) == (False, True)
+    # each candidate ran its own backward: gradients of x and w against the same grad_output
+    for a, b in zip(torch_grads, triton_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    # the user's .grad holds exactly one backward (the real call's), not the timing runs'
+    torch.testing.assert_close(w.grad, torch.ones(1, 77, 72).mul(
+        torch.nn.functional.layer_norm(x.detach(), (72,))).sum((0, 1)))
+
+
+def test_inference_under_no_grad_is_an_inference_key(fresh, monkeypatch):
+    monkeypatch.setattr(dispatch, "default_timer", lambda device_type: _ordered_timer([1.0, 2.0]))
+    x = torch.randn(1, 77, 72, requires_grad=True)
+    with torch.no_grad():
+        ops.adaln_layer_norm(x)
+    assert "|infer|" in next(iter(fresh.decisions()))
+
+
+def test_float64_is_not_timed(fresh, monkeypatch):
+    monkeypatch.setattr(dispatch, "default_timer", lambda device_type: pytest.fail("timed"))
+    ops.adaln_layer_norm(torch.randn(1, 5, 8, dtype=torch.float64))
+    ops.skip_concat_linear(*(torch.randn(1, 5, 8, dtype=torch.float64) for _ in range(2)),
+                           torch.randn(8, 16, dtype=torch.float64))
+    assert fresh.decisions() == {}

@@ -13,12 +13,14 @@ reference's matmuls; the custom ops are not autocast-aware, so the wrapper casts
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from uvit_fast._backend import BackendError, check_triton_device, get_backend
+from uvit_fast._backend import BackendError, check_triton_device, get_backend, measuring
+from uvit_fast.dispatch import measure
 from uvit_fast.kernels._precision import tf32_matmul_allowed
 from uvit_fast.ops._autocast import autocast_cast, autocast_dtype
 from uvit_fast.ops._checks import check_same_device, check_tensor
@@ -171,6 +173,9 @@ def _select(backend: str, q: torch.Tensor) -> str:
     if backend in ("sdpa", "flash_attn", "xformers"):
         return backend
     choice = backend if backend != "auto" else _default_backend()
+    if choice == "auto" and not torch.compiler.is_compiling() and measuring(q.device.type):
+        if _autocast(q)[0].dtype in TRITON_DTYPES:
+            return "measure"  # time the candidates once per key (uvit_fast.dispatch)
     if choice == "auto":
         if q.is_cuda and not _triton_error("cuda"):
             return _auto_choice("cuda", _autocast(q)[0].dtype, _tf32_allowed())
@@ -357,6 +362,28 @@ def _attention_triton(q, k, v, causal, scale):
     return out
 
 
+def _attention_candidates(q, k, causal, scale):
+    """What ``auto`` times (the first, SDPA, is the baseline that wins ties): SDPA, the math
+    reference, our kernel, and flash-attn / xformers where installed and applicable."""
+    def run(name):
+        return lambda q, k, v: attention(q, k, v, causal=causal, scale=scale, backend=name)
+
+    names = ["sdpa", "torch", "triton"]
+    half = _autocast(q)[0].dtype in (torch.float16, torch.bfloat16)
+    if q.is_cuda and half and not (causal and q.shape[1] != k.shape[1]) and importlib.util.find_spec("flash_attn"):
+        names.append("flash_attn")
+    if q.is_cuda and importlib.util.find_spec("xformers"):
+        names.append("xformers")
+    return {name: run(name) for name in names}
+
+
+def _measure(op, inputs, candidates, causal, q=None) -> str:
+    q = inputs[0] if q is None else q
+    B, L, H, D = q.shape
+    Lk = inputs[1].shape[1] if len(inputs) > 1 else L
+    return measure(op, inputs, candidates, rows=B * H, dims=(L, Lk, D), flags=f"causal={int(bool(causal))}")
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -385,6 +412,8 @@ def attention(
         raise ValueError(f"attention: backend must be one of {ATTENTION_BACKENDS}; got {backend!r}")
     _check_attention(q, k, v, scale)
     choice = _select(backend, q)
+    if choice == "measure":
+        choice = _measure("attention", (q, k, v), _attention_candidates(q, k, causal, scale), causal)
     if choice == "sdpa":
         return _sdpa(q, k, v, causal, scale)
     if choice == "flash_attn":
@@ -412,6 +441,12 @@ def attention_qkvpacked(
     q, k, v = qkv.unbind(2)
     _check_attention(q, k, v, scale)
     choice = _select(backend, qkv)
+    if choice == "measure":
+        candidates = {
+            name: (lambda qkv, fn=fn: fn(*qkv.unbind(2))) for name, fn in _attention_candidates(q, k, causal, scale).items()
+        }
+        candidates["triton"] = lambda qkv: attention_qkvpacked(qkv, causal=causal, scale=scale, backend="triton")
+        choice = _measure("attention_qkvpacked", (qkv,), candidates, causal, q)
     if choice == "triton":
         (qkv,) = _autocast(qkv)
         _check_triton("attention_qkvpacked", qkv)

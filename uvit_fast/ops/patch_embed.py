@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from uvit_fast._backend import load_kernel, resolve
+from uvit_fast.dispatch import measure
 from uvit_fast.ops._autocast import autocast_cast, autocast_dtype
 from uvit_fast.ops._checks import as_tuple, check_same_device, check_tensor, shape_str
 
@@ -211,8 +212,16 @@ def patchify_embed(
     """
     _check_patchify_embed(x, weight, bias, prefix, pos_embed)
     choice = resolve(backend, "patchify_embed", x, weight, bias, prefix, pos_embed)
-    if choice == "triton" and backend != "triton" and not _embed_dtypes_ok(x, prefix, pos_embed):
+    if choice in ("triton", "measure") and backend != "triton" and not _embed_dtypes_ok(x, prefix, pos_embed):
         choice = "torch"  # "auto": dtypes the kernel does not compute in (e.g. float64)
+    if choice == "measure":  # time both paths once per key (uvit_fast.dispatch)
+        extra = prefix.shape[1] if prefix is not None else 0
+        choice = measure("patchify_embed", (x, weight, bias, prefix, pos_embed), {
+            "torch": lambda x, w, b, pre, pos: patchify_embed_reference(x, w, b, prefix=pre, pos_embed=pos),
+            "triton": _patchify_embed_triton,
+        }, rows=x.shape[0] * math.prod(s // p for s, p in zip(x.shape[2:], weight.shape[2:])),
+            dims=(*x.shape[1:], *weight.shape[2:], weight.shape[0], extra),
+            flags="".join(str(int(t is not None)) for t in (bias, prefix, pos_embed)))
     if choice == "torch":
         return patchify_embed_reference(x, weight, bias, prefix=prefix, pos_embed=pos_embed)
     return _patchify_embed_triton(x, weight, bias, prefix, pos_embed)
@@ -407,8 +416,14 @@ def decoder_unpatchify(
     """
     patch, g, channels = _check_decoder_unpatchify(tokens, weight, bias, patch_size, grid, extras)
     choice = resolve(backend, "decoder_unpatchify", tokens, weight, bias)
-    if choice == "triton" and backend != "triton" and not _decoder_dtypes_ok(tokens):
+    if choice in ("triton", "measure") and backend != "triton" and not _decoder_dtypes_ok(tokens):
         choice = "torch"  # "auto": dtypes the kernel does not compute in (e.g. float64)
+    if choice == "measure":  # time both paths once per key (uvit_fast.dispatch)
+        choice = measure("decoder_unpatchify", (tokens, weight, bias), {
+            "torch": lambda t, w, b: decoder_unpatchify_reference(t, w, b, patch_size=patch, grid=g, extras=extras),
+            "triton": lambda t, w, b: _decoder_unpatchify_triton(t, w, b, patch, g, extras),
+        }, rows=tokens.shape[0] * math.prod(g), dims=(*patch, *g, extras, *weight.shape),
+            flags=f"bias={int(bias is not None)}")
     if choice == "torch":
         return decoder_unpatchify_reference(tokens, weight, bias, patch_size=patch, grid=g, extras=extras)
     return _decoder_unpatchify_triton(tokens, weight, bias, patch, g, extras)

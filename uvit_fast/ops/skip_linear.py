@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from uvit_fast._backend import get_backend, load_kernel, resolve
+from uvit_fast.dispatch import measure
 from uvit_fast.ops._autocast import autocast_cast, autocast_dtype
 from uvit_fast.ops._checks import check_same_device, check_tensor, shape_str
 
@@ -112,6 +113,8 @@ def skip_concat_linear(
     if cast_to is None:
         _check_dtypes(op, torch.promote_types(h.dtype, skip.dtype), weight, bias)
     choice = resolve(backend, op, h, skip, weight, bias)
+    if choice == "measure":  # time both paths once per key (uvit_fast.dispatch)
+        choice = _measure(op, h, skip, weight, bias, cast_to)
     if choice == "triton":
         h, skip, weight, bias = _linear_operands(h, skip, weight, bias, cast_to)
         _check_dtypes(op, h.dtype, weight, bias)
@@ -126,6 +129,15 @@ def skip_concat_linear(
     if choice == "torch":
         return skip_concat_linear_reference(h, skip, weight, bias)
     return _skip_concat_linear_triton(h, skip, weight, bias)
+
+
+def _measure(op, h, skip, weight, bias, cast_to) -> str:
+    if _linear_operands(h, skip, weight, bias, cast_to)[0].dtype not in _TRITON_DTYPES:
+        return "torch"  # as "auto" without timing: the kernel does not compute in this dtype
+    return measure(op, (h, skip, weight, bias), {
+        "torch": skip_concat_linear_reference,
+        "triton": lambda *t: _skip_concat_linear_triton(*_linear_operands(*t, cast_to)),
+    }, rows=h.numel() // max(h.shape[-1], 1), dims=(h.shape[-1], weight.shape[0]), flags=f"bias={int(bias is not None)}")
 
 
 def _skip_concat_linear_triton(h, skip, weight, bias):
