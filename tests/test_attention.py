@@ -335,6 +335,7 @@ def test_auto_routing_reads_the_tf32_setting_on_cuda(monkeypatch, restore_fp32_p
 
     monkeypatch.setattr(attn_mod, "_triton_error", lambda device_type: "")
     monkeypatch.setattr(attn_mod, "_autocast", lambda *ts: ts)
+    monkeypatch.setenv("UVIT_FAST_TUNE", "0")  # auto without timing (measured dispatch: tests/test_dispatch.py)
     for tf32, expected in ((False, "sdpa"), (True, "triton")):
         monkeypatch.setattr(attn_mod, "_tf32_allowed", lambda: tf32)
         assert attn_mod._select("auto", FakeCuda()) == expected
