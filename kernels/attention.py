@@ -357,6 +357,8 @@ def _bwd_dkdv_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q_bh, DO_bh, STATS_bh, D
                 q1n = q1
             dv1 = tl.dot(pT.to(do1n.dtype), do1n, dv1, input_precision=DOT_PREC)
         dsT = pT * (dpT - delta[None, :])
+        if MASKED:  # masked scores pass no gradient, even from a NaN row (as masked_fill's backward)
+            dsT = tl.where(valid, dsT, 0.0)
         dk0 = tl.dot(dsT.to(q0.dtype), q0, dk0, input_precision=DOT_PREC)
         if REM > 0:
             dk1 = tl.dot(dsT.to(q1n.dtype), q1n, dk1, input_precision=DOT_PREC)
