@@ -413,3 +413,29 @@ def test_bad_residual_input_raises(device):
         residual_adaln_layer_norm(x, torch.ones(2, 5, 8, dtype=torch.long, device=device), backend="triton")
     with pytest.raises(ValueError, match="all tensors must be on one device"):
         residual_adaln_layer_norm(x, x.clone(), torch.randn(2, 8, device="meta"), backend="triton")
+
+
+@pytest.mark.parametrize("with_gate", [False, True])
+def test_residual_keeps_branch_for_backward_only_with_a_gate(with_gate):
+    """Without a gate the backward never reads the branch (its gradient is x's), so it is not saved."""
+    B, L, D = 1, 77, 72
+    x = torch.randn(B, L, D, requires_grad=True)
+    branch = torch.randn(B, L, D, requires_grad=True)
+    gate = torch.randn(B, D, requires_grad=True) if with_gate else None
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), uvit_fast.use_backend("triton"):
+        x_new, h = uvit_fast.ops.residual_adaln_layer_norm(x, branch, gate, None, None, None, None)
+    kept_branch = any(t.untyped_storage().data_ptr() == branch.untyped_storage().data_ptr() for t in saved)
+    assert kept_branch is with_gate
+    (x_new.sum() + (h * h).sum()).backward()
+    ref_x, ref_b = x.detach().double().requires_grad_(), branch.detach().double().requires_grad_()
+    ref_g = gate.detach().double().requires_grad_() if with_gate else None
+    rx, rh = uvit_fast.ops.residual_adaln_layer_norm_reference(ref_x, ref_b, ref_g, None, None, None, None)
+    (rx.sum() + (rh * rh).sum()).backward()
+    torch.testing.assert_close(branch.grad.double(), ref_b.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(x.grad.double(), ref_x.grad, rtol=1e-4, atol=1e-4)

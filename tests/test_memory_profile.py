@@ -61,7 +61,7 @@ def test_saved_bytes_tiny_uvit_fused():
         + T                                  # qkv Linear: its input (norm1's output)
         + 3 * T + T + U_H * 2 * U_L * FP32   # attention_qkvpacked: qkv (B,L,3,H,Dh), out, stats (B,H,2,L) fp32
         + 0                                  # proj Linear: its input is attention's out, already saved
-        + T + T + U_STATS                    # residual_adaln_layer_norm (norm2): x_new, branch, mean, rstd
+        + T + U_STATS                        # residual_adaln_layer_norm (norm2): x_new, mean, rstd (no gate: branch not kept)
         + T                                  # fc1: its input h (norm2's output)
         + 4 * T                              # GELU: its input (fc1's output, width 4D)
         + 4 * T                              # fc2: its input (GELU's output)
@@ -74,7 +74,7 @@ def test_saved_bytes_tiny_uvit_fused():
         + T                                  # decoder_unpatchify: the normalised tokens
         + U_IMG                              # final 3x3 conv: its input image
     )
-    assert expected == 54 * T + 7 * U_STATS + 3 * U_H * 2 * U_L * FP32 + 2 * U_IMG == 61288
+    assert expected == 51 * T + 7 * U_STATS + 3 * U_H * 2 * U_L * FP32 + 2 * U_IMG == 58024
     saved, _, _ = per_sample(UVIT, True)
     assert saved == expected
 
@@ -167,9 +167,9 @@ def test_checkpointed_saved_bytes_tiny_uvit_fused():
     T = U_T
     outside = U_IMG + (T + U_STATS) + T + U_IMG           # patch embed, final norm, decoder, final conv
     block_inputs = T + T + T                             # in-block x0, mid-block x1 (= the skip), out-block h
-    out_block = 17 * T + 2 * U_STATS + U_H * 2 * U_L * FP32  # its own saves: everything but h and skip
+    out_block = 16 * T + 2 * U_STATS + U_H * 2 * U_L * FP32  # its own saves: everything but h and skip
     _, ckpt, _ = per_sample(UVIT, True)
-    assert ckpt == outside + block_inputs + out_block == 25384
+    assert ckpt == outside + block_inputs + out_block == 24296
 
 
 # ----------------------------------------------------------------------------------------------
@@ -420,16 +420,16 @@ def test_memory_fields_tiny_uvit():
     budget = 50 * 2**20
     row = memory.memory_fields(UVIT["name"], UVIT["img"], UVIT["patch"], gpu="a100", gpu_memory=budget,
                                **UVIT["overrides"])
-    assert row["saved_bytes_fused"] == 61288 and row["saved_bytes_plain"] == 75384
+    assert row["saved_bytes_fused"] == 58024 and row["saved_bytes_plain"] == 75384
     assert row["hbm_bytes_fused"] == 132524 and row["hbm_bytes_plain"] == 197332
     # AMP training state: fp32 weights (4) + fp32 grads (4) + AdamW m, v (8) + bf16 weight copy (2)
     assert row["state_bytes"] == 18 * params
     assert (row["param_bytes"], row["grad_bytes"], row["adamw_bytes"]) == (4 * params, 4 * params, 8 * params)
     # fused: no batch-independent saved tensors; plain: SDPA's two int64 RNG scalars per block
     assert row["saved_bytes_fixed_fused"] == 0 and row["saved_bytes_fixed_plain"] == 3 * 2 * I64
-    assert row["max_batch_fused"] == (budget - 18 * params) // 61288
+    assert row["max_batch_fused"] == (budget - 18 * params) // 58024
     assert row["max_batch_plain"] == (budget - 18 * params - 48) // 75384
-    assert row["max_batch_checkpointed_fused"] == (budget - 18 * params) // 25384
+    assert row["max_batch_checkpointed_fused"] == (budget - 18 * params) // 24296
     assert row["max_batch_checkpointed_fused"] > row["max_batch_fused"] > row["max_batch_plain"] > 0
     # forward weight reads are the batch-independent traffic: every parameter once in bf16 ...
     assert row["hbm_bytes_fixed_fused"] >= 2 * params
