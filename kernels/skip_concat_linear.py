@@ -62,7 +62,26 @@ def _configs():
 
 
 _CONFIGS = _configs()
-_DW_CONFIGS = _CONFIGS
+SMEM_LIMIT = 232448  # bytes of shared memory one block may use on an H100/H200 (227 KiB)
+
+
+def _smem_bytes(config, elem_size: int) -> int:
+    """Shared memory of a config's pipeline: ``stages`` buffers of an A and a B tile. It matches
+    what Triton allocates compiled for sm_90 (e.g. 147456 B for 128x256x64 in 3 stages, bf16)."""
+    k = config.kwargs
+    return config.num_stages * (k["BLOCK_M"] + k["BLOCK_N"]) * k["BLOCK_K"] * elem_size
+
+
+def _prune_smem(configs, named_args, **kwargs):
+    """Drop configs over the shared-memory limit for the operands' element size: fp32 (TF32 or
+    exact) doubles every buffer, so 128x256x64 in 3 stages and the 128x128x64 4-stage configs
+    need 256-288 KiB and would only fail to compile. Keeps at least the smallest config."""
+    elem = next(t.element_size() for t in named_args.values() if isinstance(t, torch.Tensor))
+    kept = [c for c in configs if _smem_bytes(c, elem) <= SMEM_LIMIT]
+    return kept or [min(configs, key=lambda c: _smem_bytes(c, elem))]
+
+
+_PRUNE = {"early_config_prune": _prune_smem}
 
 
 @triton.jit
@@ -126,7 +145,7 @@ def _mma_loop(
 # --------------------------------------------------------------------------------------------
 # forward: y[M, N] = h[M, D] @ weight[:, :D]^T + skip[M, D] @ weight[:, D:]^T + bias
 # --------------------------------------------------------------------------------------------
-@triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "N", "D"])
+@triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "N", "D"], prune_configs_by=_PRUNE)
 @triton.heuristics({"EVEN_K": lambda args: args["D"] % args["BLOCK_K"] == 0})
 @triton.jit
 def _skip_concat_linear_fwd_kernel(
@@ -184,7 +203,7 @@ def _skip_concat_linear_fwd_kernel(
 # --------------------------------------------------------------------------------------------
 # backward, inputs: [dh | dskip][M, 2D] = dy[M, N] @ weight[N, 2D], stored as two outputs
 # --------------------------------------------------------------------------------------------
-@triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "N", "D"])
+@triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "N", "D"], prune_configs_by=_PRUNE)
 @triton.heuristics({"EVEN_K": lambda args: args["N"] % args["BLOCK_K"] == 0})
 @triton.jit
 def _skip_concat_linear_bwd_input_kernel(
@@ -239,7 +258,7 @@ def _skip_concat_linear_bwd_input_kernel(
 # --------------------------------------------------------------------------------------------
 # backward, weight: dW[N, 2D] = dy[M, N]^T @ [h | skip][M, 2D]; dbias[N] = sum_m dy[m, :]
 # --------------------------------------------------------------------------------------------
-@triton.autotune(configs=_DW_CONFIGS, key=["M_BUCKET", "N", "D", "HAS_DBIAS"])
+@triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "N", "D", "HAS_DBIAS"], prune_configs_by=_PRUNE)
 @triton.heuristics({"EVEN_K": lambda args: args["M"] % args["BLOCK_K"] == 0 and args["chunk"] % args["BLOCK_K"] == 0})
 @triton.jit
 def _skip_concat_linear_bwd_weight_kernel(
@@ -292,19 +311,24 @@ def _skip_concat_linear_bwd_weight_kernel(
     mask_d = offs_d < D
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # a[r, k] = dy[k, r] (K runs over the M rows); b[k, j] = x[k, j]
+    # a[r, k] = dy[k, r] (K runs over the M rows); b[k, j] = x[k, j] with x = h or skip. One loop
+    # for both halves (two loops, one per branch, doubled the shared memory of the pipeline: 288
+    # KiB for 128x256x64 in 3 stages when no bias gradient was computed, compiled for sm_90).
     if half == 0:
-        # the first column tile of dW also reduces its dy tiles into dbias
-        sum_dy = (pid_c == 0) & HAS_DBIAS
-        acc, row_sum = _mma_loop(acc, DY, stride_dyn, stride_dym, offs_r, mask_r,
-                                 H, stride_hm, stride_hk, offs_d, mask_d, rows,
-                                 BLOCK_K, EVEN_K, sum_dy, INPUT_PRECISION)
-        if sum_dy:
-            tl.store(DB + offs_r, row_sum.to(DB.dtype.element_ty), mask=mask_r)
+        X = H
+        stride_xm = stride_hm
+        stride_xk = stride_hk
     else:
-        acc, _ = _mma_loop(acc, DY, stride_dyn, stride_dym, offs_r, mask_r,
-                           S, stride_sm, stride_sk, offs_d, mask_d, rows,
-                           BLOCK_K, EVEN_K, False, INPUT_PRECISION)
+        X = S
+        stride_xm = stride_sm
+        stride_xk = stride_sk
+    # the first column tile of dW also reduces its dy tiles into dbias
+    sum_dy = (pid_c == 0) & HAS_DBIAS
+    acc, row_sum = _mma_loop(acc, DY, stride_dyn, stride_dym, offs_r, mask_r,
+                             X, stride_xm, stride_xk, offs_d, mask_d, rows,
+                             BLOCK_K, EVEN_K, sum_dy, INPUT_PRECISION)
+    if sum_dy:
+        tl.store(DB + offs_r, row_sum.to(DB.dtype.element_ty), mask=mask_r)
     col = offs_d + half * D
     tl.store(DW + offs_r[:, None] * stride_dwn + col[None, :] * stride_dwk,
              acc.to(DW.dtype.element_ty), mask=mask_r[:, None] & mask_d[None, :])

@@ -144,6 +144,24 @@ def test_weight_grad_split_count_and_m_bucket():
     assert [m_bucket(m) for m in (1, 258, 512, 513, 128 * 258, 256 * 258)] == [1, 512, 512, 1024, 65536, 131072]
 
 
+def test_configs_over_the_shared_memory_limit_are_pruned(monkeypatch):
+    """On the GPU list: fp32 (TF32 or exact) drops the four configs that need 256-288 KiB of shared
+    memory on sm_90 (over the 227 KiB an H100 block may use); 16-bit keeps all ten (the weight
+    gradient's no-bias variant needs 144 KiB at most since its two halves share one loop)."""
+    from uvit_fast.kernels import skip_concat_linear as k
+
+    monkeypatch.setattr(k, "_INTERPRET", False)
+    configs = k._configs()
+    assert len(configs) == 10
+    for dtype, n_kept in ((torch.float32, 6), (torch.bfloat16, 10), (torch.float16, 10)):
+        kept = k._prune_smem(configs, {"DY": torch.empty(1, dtype=dtype), "M": 4})
+        assert len(kept) == n_kept, dtype
+        assert all(k._smem_bytes(c, torch.empty(0, dtype=dtype).element_size()) <= k.SMEM_LIMIT for c in kept)
+    big = [c for c in configs if k._smem_bytes(c, 4) > k.SMEM_LIMIT]
+    assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages) for c in big} == {
+        (128, 256, 3), (256, 128, 3), (128, 128, 4)}
+
+
 def test_no_bias_and_partial_grads(device):
     h, skip, weight, _ = _inputs((2, 19, 72), 40, torch.float32, device, bias=False)
     _check(h, skip, weight, None)
