@@ -354,3 +354,96 @@ def test_float64_is_not_timed(fresh, monkeypatch):
     ops.skip_concat_linear(*(torch.randn(1, 5, 8, dtype=torch.float64) for _ in range(2)),
                            torch.randn(8, 16, dtype=torch.float64))
     assert fresh.decisions() == {}
+
+
+# ------------------------------------------------------------------------------------------------
+# tune(), the report, the CLI and the real run under the interpreter
+# ------------------------------------------------------------------------------------------------
+import uvit_fast  # noqa: E402
+from uvit_fast.models import create_model  # noqa: E402
+
+_TINY_DIT = dict(input_size=16, depth=1, hidden_size=64, num_heads=2)
+_TINY_OPS = {"adaln_layer_norm", "residual_adaln_layer_norm", "attention_qkvpacked", "patchify_embed", "decoder_unpatchify"}
+
+
+def test_tune_collects_every_op_of_the_model_with_injected_timings(fresh, monkeypatch):
+    monkeypatch.delenv(dispatch.ENV_TUNE)  # tune() measures on CPU without UVIT_FAST_TUNE=1
+    monkeypatch.setattr(dispatch, "default_timer", lambda device_type: lambda fn: 1.0)
+    model = create_model("DiT-S/8", **_TINY_DIT)
+    report = uvit_fast.tune(model, *model.example_inputs(2), training=True)
+    assert {k.split("[")[0] for k in report.decisions} == _TINY_OPS
+    assert all("|train|" in k for k in report.decisions)
+    assert all(p.grad is None for p in model.parameters())  # autograd.grad: .grad untouched
+    assert set(report.choices.values()) == {"torch", "sdpa"}  # ties keep the PyTorch path
+    text = str(report)
+    assert text.count("\n") + 1 == len(report.decisions) and "triton 1.000 ms" in text
+    assert uvit_fast.dispatch_report() == dispatch.format_decisions(fresh.decisions())
+    # a second tune takes the stored decisions without timing
+    monkeypatch.setattr(dispatch, "default_timer", lambda device_type: pytest.fail("timed twice"))
+    again = uvit_fast.tune(model, *model.example_inputs(2), training=True)
+    assert again.choices == report.choices
+    # inference keys are separate decisions
+    monkeypatch.setattr(dispatch, "default_timer", lambda device_type: lambda fn: 1.0)
+    infer = uvit_fast.tune(model, *model.example_inputs(2), training=False)
+    assert all("|infer|" in k for k in infer.decisions) and len(infer.decisions) == len(_TINY_OPS)
+
+
+def test_tune_refuses_when_timing_is_off(monkeypatch):
+    monkeypatch.setenv(dispatch.ENV_TUNE, "0")
+    with pytest.raises(RuntimeError, match="UVIT_FAST_TUNE=0"):
+        uvit_fast.tune(torch.nn.Linear(2, 2), torch.randn(1, 2))
+    monkeypatch.setenv(dispatch.ENV_TUNE, "1")
+    with pytest.raises(TypeError, match="nn.Module"):
+        uvit_fast.tune(lambda x: x, torch.randn(1, 2))
+
+
+@pytest.mark.slow
+def test_real_run_under_the_interpreter_keeps_pytorch_everywhere(fresh, monkeypatch):
+    """No injected timer: the interpreter is far slower than PyTorch, so every op keeps the
+    PyTorch path, the cache file records it, and a fresh process-wide table reads it back."""
+    model = create_model("DiT-S/8", **_TINY_DIT)
+    x, t, y = model.example_inputs(2)
+    with _Ops() as seen:
+        out = model(x, t, y)  # UVIT_FAST_TUNE=1 (the fixture): the plain forward measures
+    assert out.shape == (2, 8, 16, 16)  # learn_sigma: twice the input channels
+    decisions = fresh.decisions()
+    assert {k.split("[")[0] for k in decisions} == _TINY_OPS
+    for d in decisions.values():
+        assert d.choice in ("torch", "sdpa"), d
+        assert d.timings_ms["triton"] is not None and d.timings_ms["triton"] > d.timings_ms[d.choice]
+    stored = TuneCache(fresh.cache.path).load()
+    assert {k: d.choice for k, d in stored.items()} == {k: d.choice for k, d in decisions.items()}
+    # a new process (a fresh table on the same file) runs the stored choice without timing
+    monkeypatch.setattr(dispatch, "_DISPATCHER", Dispatcher(TuneCache(fresh.cache.path)))
+    monkeypatch.setattr(dispatch, "default_timer", lambda device_type: pytest.fail("timed again"))
+    with _Ops() as seen:
+        torch.testing.assert_close(model(x, t, y), out)
+    assert not seen.fused
+    assert all(d.source == "cache" for d in dispatch.dispatcher().decisions().values())
+
+
+@pytest.mark.slow
+def test_cli_tune_subprocess(tmp_path):
+    env = {**__import__("os").environ, "TRITON_INTERPRET": "1", dispatch.ENV_CACHE: str(tmp_path / "t.json")}
+    env.pop(dispatch.ENV_TUNE, None)
+    cmd = [sys.executable, "-m", "uvit_fast.cli", "tune", "DiT-S/8", "--batch", "2", "--training", "--json"]
+    cmd += [f"--set={k}={v}" for k, v in _TINY_DIT.items()]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert {r["key"].split("[")[0] for r in rows} == _TINY_OPS
+    assert all(r["choice"] in ("torch", "sdpa") and "|train|" in r["key"] for r in rows)
+    assert set(TuneCache(tmp_path / "t.json").load()) == {r["key"] for r in rows}
+
+
+def test_cli_tune_arguments():
+    from uvit_fast.cli import build_parser
+
+    args = build_parser().parse_args(["tune", "DiT-XL/2", "--batch", "4", "--training", "--set", "depth=2"])
+    assert (args.model, args.batch, args.training, args.set, args._run) == (
+        "DiT-XL/2", 4, True, ["depth=2"], "uvit_fast.tuning:run")
+    from uvit_fast.tuning import _override
+
+    assert _override("depth=2") == ("depth", 2) and _override("x=abc") == ("x", "abc")
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        _override("depth")

@@ -27,6 +27,8 @@ _EXPORTS: Dict[str, Tuple[str, Any]] = {
     "text_to_image_context": ("uvit_fast.models", "text_to_image_context"),
     "optimize": ("uvit_fast.optimize", "optimize"),
     "OptimizeReport": ("uvit_fast.optimize", "OptimizeReport"),
+    "tune": ("uvit_fast.tuning", "tune"),
+    "dispatch_report": ("uvit_fast.dispatch", "dispatch_report"),
 }
 
 __all__ = [*_EXPORTS, "__version__"]
@@ -36,6 +38,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs only
     from uvit_fast._backend import BackendError, get_backend, use_backend
     from uvit_fast.models import create_model, list_models, load_upstream_checkpoint, text_to_image_context
     from uvit_fast.optimize import OptimizeReport, optimize
+    from uvit_fast.dispatch import dispatch_report
+    from uvit_fast.tuning import tune
 
 
 def __getattr__(name: str) -> Any:

@@ -180,6 +180,18 @@ def add_kernels_arguments(parser: argparse.ArgumentParser) -> None:
                         help="no progress bar (stderr; shown only on a terminal by default)")
 
 
+def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL", help="a create_model name, e.g. DiT-XL/2 or uvit_imagenet256_huge")
+    parser.add_argument("--batch", type=positive_int, default=1, metavar="B", help="batch size to tune for (default 1)")
+    parser.add_argument("--training", action="store_true", help=(
+        "tune the training keys (forward + backward timed together); default: inference"))
+    parser.add_argument("--dtype", choices=sorted(DTYPE_NAMES), help=(
+        "autocast dtype (weights stay fp32; default bf16 on CUDA, fp32 = no autocast on CPU)"))
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help=(
+        "a create_model override (repeatable), e.g. --set depth=2 --set img_size=32"))
+    parser.add_argument("--json", action="store_true", help="print one JSON object per decision")
+
+
 # name -> Subcommand; the order is the order of ``uvit-fast --help``
 SUBCOMMANDS: Dict[str, Subcommand] = {
     "info": Subcommand("uvit_fast.cli:run_info", "versions, devices and available attention backends", add_info_arguments),
@@ -191,6 +203,8 @@ SUBCOMMANDS: Dict[str, Subcommand] = {
                         add_bench_arguments),
     "kernels": Subcommand("uvit_fast.kernel_report:run", "compile every kernel for sm_90/sm_80 without a GPU: registers, "
                           "spills, shared memory, MMA, load widths, async copies", add_kernels_arguments),
+    "tune": Subcommand("uvit_fast.tuning:run", "time every fused op of a model against PyTorch once and keep the faster "
+                       "(stored in the tuning cache)", add_tune_arguments),
 }
 
 

@@ -458,9 +458,10 @@ def measure(
     name = f"{op}[{tags}]" if tags else op
     training = is_training(inputs)
     key = make_key(name, present, training=training, rows=rows, dims=dims)
-    timer = default_timer(device.type)
-    bound = {cand: _bind(fn, inputs, training) for cand, fn in candidates.items()}
-    decision = _DISPATCHER.decide(key, bound, timer)
+    decision = _DISPATCHER.lookup(key)
+    if decision is None:
+        bound = {cand: _bind(fn, inputs, training) for cand, fn in candidates.items()}
+        decision = _DISPATCHER.decide(key, bound, default_timer(device.type))
     with _GLOBAL_LOCK:
         for keys in _RECORD:
             keys.append(str(key))

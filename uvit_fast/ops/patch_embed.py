@@ -221,7 +221,7 @@ def patchify_embed(
             "triton": _patchify_embed_triton,
         }, rows=x.shape[0] * math.prod(s // p for s, p in zip(x.shape[2:], weight.shape[2:])),
             dims=(*x.shape[1:], *weight.shape[2:], weight.shape[0], extra),
-            flags="".join(str(int(t is not None)) for t in (bias, prefix, pos_embed)))
+            flags=",".join(f"{n}={int(t is not None)}" for n, t in (("bias", bias), ("prefix", prefix), ("pos", pos_embed))))
     if choice == "torch":
         return patchify_embed_reference(x, weight, bias, prefix=prefix, pos_embed=pos_embed)
     return _patchify_embed_triton(x, weight, bias, prefix, pos_embed)
