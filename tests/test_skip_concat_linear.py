@@ -85,6 +85,7 @@ def test_parity(shape, N, dtype, device):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.slow
 def test_parity_d1152(dtype, device):
     """U-ViT-H width with a tiny M (the interpreter pays per program; dW alone has 18 x 36 tiles)."""
     _check(*_inputs((1, 5, 1152), 1152, dtype, device))
@@ -256,6 +257,7 @@ def test_opcheck(device):
         )
 
 
+@pytest.mark.slow
 def test_torch_compile_fullgraph(device):
     h, skip, weight, bias = _inputs((2, 17, 64), 40, torch.float32, device)
 
@@ -302,6 +304,7 @@ def test_errors(device):
 
 
 @pytest.mark.skipif(ON_CUDA, reason="on a GPU the parity tests compile and run the real kernels")
+@pytest.mark.slow
 def test_kernels_compile_for_sm90():
     """Without a GPU, prove the kernels lower to PTX/cubin for an H100 (sm_90) with one fp16 config:
     the interpreter alone does not catch constructs the compiler rejects."""

@@ -454,6 +454,7 @@ def _triton_missing(need_causal=False, need_3d=False):
 
 
 @pytest.mark.parametrize("which", ["vit", "vivit", "clip"])
+@pytest.mark.slow
 def test_fused_models_on_triton_kernels(which, device):
     reason = _triton_missing(need_causal=which == "clip", need_3d=which == "vivit")
     if reason:
