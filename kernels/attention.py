@@ -685,27 +685,45 @@ def _step_configs(name: str, steps_warps_stages):
     return [triton.Config({name: s}, num_warps=w, num_stages=st) for s, w, st in steps_warps_stages]
 
 
-def _prune_step(name: str, seq: str):
+# Configs that spill registers with 16-bit inputs at head_dim >= 64, as (step, warps, stages).
+# Compiled for sm_90 (L 258, bf16; docs/attention.md lists the numbers) at head_dim 72 with 128-
+# and 64-row program tiles, with and without the causal mask, and at head_dim 64: each of these
+# spills (12 B to 2.6 KB per thread, at 255 registers) in at least one of those cases, while the
+# configs kept spill nothing in any.
+_SPILLING_FWD = {(64, 4, 3), (64, 4, 4), (128, 4, 2), (128, 8, 2)}
+_SPILLING_DKDV = {(64, 8, 2), (32, 4, 3), (64, 4, 3)}
+_SPILLING_DQ = {(64, 4, 3)}
+
+
+def _prune_step(name: str, seq: str, spilling):
     def prune(configs, named_args, **kwargs):
-        """Drop steps longer than the other sequence and, above head_dim 128, steps over 64."""
-        head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM", 64))
-        cap = max(16, triton.next_power_of_2(int(named_args.get(seq, 1 << 20))))
+        """Drop steps longer than the other sequence and, above head_dim 128, steps over 64; with
+        16-bit inputs at head_dim >= 64, the configs known to spill."""
+        args = dict(named_args, **kwargs)
+        head_dim = args.get("HEAD_DIM", 64)
+        cap = max(16, triton.next_power_of_2(int(args.get(seq, 1 << 20))))
         kept = [c for c in configs if c.kwargs[name] <= cap and (head_dim <= 128 or c.kwargs[name] <= 64)]
+        q = args.get("Q")
+        if q is not None and q.dtype != torch.float32 and head_dim >= 64:
+            kept = [c for c in kept if (c.kwargs[name], c.num_warps, c.num_stages) not in spilling] or kept
         return kept or [min(configs, key=lambda c: c.kwargs[name])]
     return prune
 
 
+# (step, warps, stages) of the GPU autotune lists; the forward's first, BN64 w8 s3, is spill-free
+FWD_STEPS = ((64, 8, 3), (64, 4, 3), (32, 4, 3), (128, 8, 2), (64, 4, 4), (32, 4, 4), (128, 4, 2))
+
 _attn_fwd_tuned = triton.autotune(
-    _step_configs("BLOCK_N", ((64, 4, 3), (64, 8, 3), (32, 4, 3), (128, 8, 2), (64, 4, 4), (32, 4, 4), (128, 4, 2))),
-    key=_KEY, prune_configs_by={"early_config_prune": _prune_step("BLOCK_N", "Lk")})(_attn_fwd)
+    _step_configs("BLOCK_N", FWD_STEPS),
+    key=_KEY, prune_configs_by={"early_config_prune": _prune_step("BLOCK_N", "Lk", _SPILLING_FWD)})(_attn_fwd)
 _attn_bwd_dkdv_tuned = triton.autotune(
     _step_configs("BLOCK_M", ((32, 8, 3), (64, 8, 2), (32, 4, 3), (64, 4, 3), (16, 8, 3))),
-    key=_KEY, prune_configs_by={"early_config_prune": _prune_step("BLOCK_M", "Lq")})(_attn_bwd_dkdv)
+    key=_KEY, prune_configs_by={"early_config_prune": _prune_step("BLOCK_M", "Lq", _SPILLING_DKDV)})(_attn_bwd_dkdv)
 _attn_bwd_dq_tuned = triton.autotune(
     # (16, 8, 3) is needed for fp32 at head_dim 256 (64-row tiles): the other configs take 264-401 KiB
     # of shared memory there, over an H100's 227 KiB (tests/test_attention.py checks it offline)
     _step_configs("BLOCK_N", ((32, 8, 3), (64, 8, 2), (32, 4, 3), (64, 4, 3), (16, 8, 3))),
-    key=_KEY, prune_configs_by={"early_config_prune": _prune_step("BLOCK_N", "Lk")})(_attn_bwd_dq)
+    key=_KEY, prune_configs_by={"early_config_prune": _prune_step("BLOCK_N", "Lk", _SPILLING_DQ)})(_attn_bwd_dq)
 
 
 # --------------------------------------------------------------------------------------------

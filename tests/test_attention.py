@@ -153,6 +153,43 @@ def test_aligned_and_unaligned_paths(B, L, H, D, causal, layout, aligned, dtype,
     assert len(flags) == 3 and flags[0] == aligned and flags[2] == aligned, flags
 
 
+@pytest.mark.parametrize("which", ["fwd", "dkdv", "dq"])
+def test_prune_drops_spilling_16bit_configs(which):
+    """With 16-bit inputs at head_dim >= 64 the configs that spill on sm_90 (docs/attention.md) are
+    dropped and spill-free ones are left; fp32 and small head dims keep the full list."""
+    import triton
+
+    k_ = _kernels()
+    step, seq, spilling = {
+        "fwd": ("BLOCK_N", "Lk", k_._SPILLING_FWD),
+        "dkdv": ("BLOCK_M", "Lq", k_._SPILLING_DKDV),
+        "dq": ("BLOCK_N", "Lk", k_._SPILLING_DQ),
+    }[which]
+    prune = k_._prune_step(step, seq, spilling)
+    keep = {(64, 8, 3), (32, 8, 3), (16, 8, 3), (32, 4, 4)}
+    configs = [triton.Config({step: s}, num_warps=w, num_stages=st) for s, w, st in sorted(spilling | keep)]
+
+    def kept(dtype, head_dim):
+        q = torch.empty(1, 1, 1, head_dim, dtype=dtype)
+        out = prune(configs, {seq: 258, "Q": q}, HEAD_DIM=head_dim)
+        return {(c.kwargs[step], c.num_warps, c.num_stages) for c in out}
+
+    assert kept(torch.bfloat16, 72) == keep
+    assert kept(torch.float16, 64) == keep
+    assert kept(torch.float16, 96) == keep
+    everything = spilling | keep
+    assert kept(torch.float32, 72) == everything
+    assert kept(torch.float16, 32) == everything
+
+
+def test_forward_first_config_is_the_spill_free_one():
+    """The forward's first GPU config (what autotune lists first, and the one the issue names) is
+    BN64, 8 warps, 3 stages, which the spill prune keeps."""
+    k_ = _kernels()
+    assert k_.FWD_STEPS[0] == (64, 8, 3) and k_.FWD_STEPS[0] not in k_._SPILLING_FWD
+    assert k_._SPILLING_FWD < set(k_.FWD_STEPS)  # every dropped config is one of the list
+
+
 def test_aligned_flag_rule():
     """ALIGNED needs a contiguous last dim, every other stride a multiple of 8 elements and
     16-byte aligned pointers; anything else keeps the unhinted path."""
@@ -605,7 +642,7 @@ cases = (
      dict(BLOCK_M=tile, BLOCK_M_TAIL=32, BLOCK_N_TAIL=16)),
 )
 for name, tuned, step, seq, kernel, ptrs, floats, consts in cases:
-    kept = k._prune_step(step, seq)(tuned.configs, {seq: 4096}, HEAD_DIM=D)
+    kept = tuned.early_config_prune(tuned.configs, {seq: 4096, "Q": None}, HEAD_DIM=D, **consts)
     # cheapest first: stop at the first config that fits
     kept = sorted(kept, key=lambda cfg: (cfg.kwargs[step] * cfg.num_stages, cfg.num_warps))
     sizes = []
