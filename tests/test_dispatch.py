@@ -447,3 +447,16 @@ def test_cli_tune_arguments():
     assert _override("depth=2") == ("depth", 2) and _override("x=abc") == ("x", "abc")
     with pytest.raises(ValueError, match="KEY=VALUE"):
         _override("depth")
+
+
+def test_bench_has_an_auto_row_beside_every_triton_row():
+    import importlib
+
+    from uvit_fast.bench.core import uvit_backend
+
+    assert (uvit_backend("uvit_fast"), uvit_backend("uvit_fast_auto")) == ("triton", "auto")
+    for name in ("adaln_layer_norm", "attention", "patch_embed", "skip_concat_linear", "models"):
+        cases = importlib.import_module(f"uvit_fast.bench.{name}").cases(torch.device("cpu"), torch.float32)
+        rows = lambda p: {(c.op, c.shape, c.pass_) for c in cases if c.provider == p}  # noqa: E731
+        assert rows("uvit_fast") and rows("uvit_fast_auto") == rows("uvit_fast"), name
+        assert all(c.needs_cuda for c in cases if c.provider == "uvit_fast_auto")

@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from uvit_fast.bench.core import Case
+from uvit_fast.bench.core import Case, uvit_backend
 from uvit_fast.ops import (
     adaln_layer_norm,
     adaln_layer_norm_reference,
@@ -50,7 +50,7 @@ PRESETS: List[Tuple[str, int, int, str]] = [
 ]
 
 PASSES = ("fwd", "bwd", "fwd+bwd")
-PROVIDERS = ("eager", "compile", "uvit_fast")
+PROVIDERS = ("eager", "compile", "uvit_fast", "uvit_fast_auto")
 
 
 @dataclass(frozen=True)
@@ -110,17 +110,17 @@ def _inputs(spec: _Spec, device: torch.device, dtype: torch.dtype) -> Dict[str, 
 
 def _chain(spec: _Spec, provider: str) -> Callable[..., Tuple[torch.Tensor, ...]]:
     """The op as a function of the inputs dict, returning a tuple of outputs."""
-    if provider == "uvit_fast":
+    if provider.startswith("uvit_fast"):
         if spec.residual:
             def f(t):
                 return residual_adaln_layer_norm(
                     t["x"], t["branch"], t["gate"], t["shift"], t["scale"], t["weight"], t["bias"],
-                    spec.eps, 1.0, backend="triton",
+                    spec.eps, 1.0, backend=uvit_backend(provider),
                 )
         else:
             def f(t):
                 return (adaln_layer_norm(
-                    t["x"], t["shift"], t["scale"], t["weight"], t["bias"], spec.eps, 1.0, backend="triton"
+                    t["x"], t["shift"], t["scale"], t["weight"], t["bias"], spec.eps, 1.0, backend=uvit_backend(provider)
                 ),)
         return f
 
@@ -206,7 +206,7 @@ def cases(device: torch.device, dtype: torch.dtype) -> List[Case]:
     for spec in specs():
         for pass_ in PASSES:
             for provider in PROVIDERS:
-                needs_cuda = provider == "uvit_fast"
+                needs_cuda = provider.startswith("uvit_fast")
                 out.append(
                     Case(
                         suite="ops",

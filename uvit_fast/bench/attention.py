@@ -37,7 +37,7 @@ from typing import Any, Callable, Dict, List, Tuple
 import torch
 import torch.nn.functional as F
 
-from uvit_fast.bench.core import Case
+from uvit_fast.bench.core import Case, uvit_backend
 from uvit_fast.ops import attention_qkvpacked, attention_reference
 
 HEAD_DIMS = (64, 72, 80, 128)
@@ -52,7 +52,7 @@ SDPA_PROVIDERS = {
     "sdpa_cudnn": "CUDNN_ATTENTION",
     "sdpa_math": "MATH",
 }
-PROVIDERS = ("eager", "compile", "uvit_fast", *SDPA_PROVIDERS, "flash_attn", "xformers")
+PROVIDERS = ("eager", "compile", "uvit_fast", "uvit_fast_auto", *SDPA_PROVIDERS, "flash_attn", "xformers")
 
 
 def batch_for(L: int) -> int:
@@ -94,8 +94,8 @@ def _tensors(key, B: int, L: int, d: int, device: torch.device, dtype: torch.dty
 
 def _provider_fn(provider: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """``f(qkv) -> out (B, L, H, d)``."""
-    if provider == "uvit_fast":
-        return lambda qkv: attention_qkvpacked(qkv, backend="triton")
+    if provider.startswith("uvit_fast"):
+        return lambda qkv: attention_qkvpacked(qkv, backend=uvit_backend(provider))
     if provider in ("eager", "compile"):
         ref = attention_reference if provider == "eager" else torch.compile(attention_reference, dynamic=False)
         return lambda qkv: ref(*qkv.unbind(2))
@@ -144,7 +144,7 @@ def _make_fn(B, L, d, provider, pass_, device, dtype) -> Callable[[], Any]:
 
 def _skip(provider: str, device: torch.device, dtype: torch.dtype):
     """(needs_cuda, skip_reason) of a provider."""
-    if provider == "uvit_fast":
+    if provider.startswith("uvit_fast"):
         return True, "the Triton kernel at these sizes needs CUDA (the CPU interpreter is far too slow)"
     if provider in ("sdpa_flash", "sdpa_efficient", "sdpa_cudnn"):
         if provider in ("sdpa_flash", "sdpa_cudnn") and dtype == torch.float32:

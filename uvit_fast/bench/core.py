@@ -21,7 +21,7 @@ class Case:
     op: str                          # e.g. "adaln_layer_norm"
     shape: str                       # readable shape label, e.g. "B=256 L=258 D=1152"
     pass_: str                       # "fwd", "bwd" or "fwd+bwd"
-    provider: str                    # "eager", "compile", "uvit_fast", "sdpa_flash", ...
+    provider: str                    # "eager", "compile", "uvit_fast", "uvit_fast_auto", "sdpa_flash", ...
     fn: Callable[[], Any]            # runs the work once
     bytes: Optional[int] = None      # minimum bytes moved (for GB/s)
     flops: Optional[int] = None      # FLOPs done, 2 per multiply-add (for TFLOP/s)
@@ -47,6 +47,13 @@ def time_fn(fn: Callable[[], Any], device: torch.device, *, warmup: int = 3, rep
         times.append((time.perf_counter() - t0) * 1e3)
     q = statistics.quantiles(times, n=10) if len(times) > 1 else [times[0]] * 9
     return {"ms": statistics.median(times), "ms_p20": q[1], "ms_p80": q[7]}
+
+
+def uvit_backend(provider: str) -> str:
+    """The ``backend=`` a ``uvit_fast*`` row calls the op with: ``uvit_fast`` forces the Triton kernel,
+    ``uvit_fast_auto`` is ``auto`` (measured dispatch: the first call times the kernel against PyTorch
+    and the timed calls run the faster; ``UVIT_FAST_TUNE=0`` makes it the Triton row again)."""
+    return "auto" if provider == "uvit_fast_auto" else "triton"
 
 
 def raise_recompile_limits() -> None:

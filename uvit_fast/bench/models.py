@@ -33,6 +33,7 @@ from typing import Any, Dict, List, Tuple
 import torch
 import torch.nn.functional as F
 
+from uvit_fast._backend import use_backend
 from uvit_fast.bench.core import Case
 
 # (name, overrides, batch for fwd, batch for train, with compile rows)
@@ -100,17 +101,22 @@ def _autocast(device: torch.device, dtype: torch.dtype, amp: bool):
     return torch.autocast(device.type, dtype=dtype) if amp else contextlib.nullcontext()
 
 
+def _backend(spec: _Spec):
+    """``uvit_fast`` rows force the Triton kernels; ``uvit_fast_auto`` rows run ``auto`` (measured dispatch)."""
+    return use_backend("triton") if spec.provider == "uvit_fast" else contextlib.nullcontext()
+
+
 def _make_fn(spec: _Spec, device: torch.device, dtype: torch.dtype):
     if spec.pass_ == "fwd":
         def fn():
             st = _state(spec, device, dtype)
-            with torch.inference_mode(), _autocast(device, dtype, st["amp"]):
+            with torch.inference_mode(), _autocast(device, dtype, st["amp"]), _backend(spec):
                 return st["run"](*st["inputs"])
     else:
         def fn():
             st = _state(spec, device, dtype)
             st["opt"].zero_grad(set_to_none=True)
-            with _autocast(device, dtype, st["amp"]):
+            with _autocast(device, dtype, st["amp"]), _backend(spec):
                 out = st["run"](*st["inputs"])
             loss = F.mse_loss(out.float(), st["target"])
             loss.backward()
@@ -139,7 +145,8 @@ def cases(device: torch.device, dtype: torch.dtype) -> List[Case]:
         for pass_ in PASSES:
             batch = fwd_batch if pass_ == "fwd" else train_batch
             flops = int(round(row["gflops"] * 1e9 * batch * (1 if pass_ == "fwd" else 3)))
-            providers = (["eager"] + (["compile"] if with_compile else []) + ["uvit_fast"]) if gpu_row else ["eager"]
+            providers = (["eager"] + (["compile"] if with_compile else []) + ["uvit_fast", "uvit_fast_auto"]
+                         if gpu_row else ["eager"])
             for provider in providers:
                 spec = _Spec(name, tuple(sorted(overrides.items())), batch, provider, pass_)
                 out.append(

@@ -30,7 +30,7 @@ from typing import Any, Callable, Dict, List, Tuple
 
 import torch
 
-from uvit_fast.bench.core import Case
+from uvit_fast.bench.core import Case, uvit_backend
 from uvit_fast.ops import (
     decoder_unpatchify,
     decoder_unpatchify_reference,
@@ -61,7 +61,7 @@ for _name, _D in (("S", 384), ("B", 768), ("L", 1024), ("XL", 1152)):
 
 OPS = ("patchify_embed", "decoder_unpatchify")
 PASSES = ("fwd", "fwd+bwd")
-PROVIDERS = ("eager", "compile", "uvit_fast")
+PROVIDERS = ("eager", "compile", "uvit_fast", "uvit_fast_auto")
 
 
 @dataclass(frozen=True)
@@ -130,10 +130,10 @@ def _inputs(spec: _Spec, device: torch.device, dtype: torch.dtype) -> Dict[str, 
 
 def _chain(spec: _Spec, provider: str) -> Callable[[Dict[str, Any]], torch.Tensor]:
     if spec.op == "patchify_embed":
-        if provider == "uvit_fast":
+        if provider.startswith("uvit_fast"):
             def f(t):
                 return patchify_embed(t["x"], t["weight"], t["bias"], prefix=t["prefix"],
-                                      pos_embed=t["pos_embed"], backend="triton")
+                                      pos_embed=t["pos_embed"], backend=uvit_backend(provider))
             return f
 
         def ref(x, weight, bias, prefix, pos_embed):
@@ -146,10 +146,10 @@ def _chain(spec: _Spec, provider: str) -> Callable[[Dict[str, Any]], torch.Tenso
         return g
 
     grid, p, E = spec.grid, spec.p, spec.E
-    if provider == "uvit_fast":
+    if provider.startswith("uvit_fast"):
         def f(t):
             return decoder_unpatchify(t["tokens"], t["weight"], t["bias"], patch_size=p, grid=grid,
-                                      extras=E, backend="triton")
+                                      extras=E, backend=uvit_backend(provider))
         return f
 
     def dref(tokens, weight, bias):
@@ -220,7 +220,7 @@ def cases(device: torch.device, dtype: torch.dtype) -> List[Case]:
         for pass_ in PASSES:
             nbytes, flops = _cost(spec, dtype, pass_)
             for provider in PROVIDERS:
-                needs_cuda = provider == "uvit_fast"
+                needs_cuda = provider.startswith("uvit_fast")
                 out.append(Case(
                     suite="ops",
                     op=spec.op,

@@ -36,7 +36,7 @@ from typing import Any, Callable, Dict, List, Tuple
 import torch
 import torch.nn.functional as F
 
-from uvit_fast.bench.core import Case
+from uvit_fast.bench.core import Case, uvit_backend
 from uvit_fast.ops import skip_concat_linear, skip_concat_linear_reference
 
 BATCH = 128
@@ -51,7 +51,7 @@ SHAPES: List[Tuple[str, int, int]] = [
 ]
 
 PASSES = ("fwd", "fwd+bwd")
-PROVIDERS = ("eager", "compile", "uvit_fast", "linear_no_concat")
+PROVIDERS = ("eager", "compile", "uvit_fast", "uvit_fast_auto", "linear_no_concat")
 
 
 @dataclass(frozen=True)
@@ -99,10 +99,10 @@ def _inputs(spec: _Spec, device: torch.device, dtype: torch.dtype) -> Dict[str, 
 
 def _chain(provider: str) -> Callable[[Dict[str, Any]], Tuple[torch.Tensor, List[torch.Tensor]]]:
     """``f(slot) -> (output, the leaves its gradients are taken for)``."""
-    if provider == "uvit_fast":
+    if provider.startswith("uvit_fast"):
         def f(s):
             t = s["tensors"]
-            out = skip_concat_linear(t["h"], t["skip"], t["weight"], t["bias"], backend="triton")
+            out = skip_concat_linear(t["h"], t["skip"], t["weight"], t["bias"], backend=uvit_backend(provider))
             return out, [t["h"], t["skip"], t["weight"], t["bias"]]
         return f
     if provider == "linear_no_concat":
@@ -159,7 +159,7 @@ def cases(device: torch.device, dtype: torch.dtype) -> List[Case]:
         for pass_ in PASSES:
             nbytes, flops = _cost(spec, dtype, pass_)
             for provider in PROVIDERS:
-                needs_cuda = provider == "uvit_fast"
+                needs_cuda = provider.startswith("uvit_fast")
                 out.append(Case(
                     suite="ops",
                     op="skip_concat_linear",
