@@ -73,6 +73,23 @@ def test_parameter_order_matches_upstream(name):
     assert [n for n, _ in model.named_parameters()] == want
 
 
+def test_vit_parameter_order_matches_timm_structure():
+    """timm's VisionTransformer order (cls_token, pos_embed, patch_embed, blocks, norm, head), from the
+    upstream-structured module of the tests, at a small config; every ViT preset follows the pattern."""
+    import upstream_modules as up
+    from uvit_fast.models import ViT
+
+    cfg = dict(img_size=16, patch_size=4, num_classes=7, embed_dim=32, depth=2, num_heads=2)
+    assert list(ViT(**cfg).state_dict()) == list(up.VisionTransformer(**cfg).state_dict())
+    model = _meta("vit_base_patch16_224")
+    block = [f"{m}.{p}" for m in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
+             for p in ("weight", "bias")]
+    want = ["cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias"]
+    want += [f"blocks.{i}.{k}" for i in range(12) for k in block]
+    want += ["norm.weight", "norm.bias", "head.weight", "head.bias"]
+    assert list(model.state_dict()) == want
+
+
 @pytest.mark.parametrize(
     "name, millions",
     [("cifar10_uvit_small", 44), ("mscoco_uvit_small_deep", 58), ("imagenet64_uvit_mid", 131),
