@@ -255,6 +255,7 @@ def test_dit_label_dropout_only_in_training():
     assert not torch.allclose(model(x, t, y), model(x, t, null))
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_matches():
     cfg = dict(UVIT_SMALL, num_classes=4)
     a = UViT(**cfg).double()
@@ -268,6 +269,7 @@ def test_gradient_checkpointing_matches():
 
 
 # --------------------------------------------------------------------------- checkpoints
+@pytest.mark.slow
 def test_load_upstream_checkpoint_roundtrip(tmp_path):
     src = create_model("DiT-S/8", input_size=16, depth=2)
     randomize_(src)
@@ -281,6 +283,7 @@ def test_load_upstream_checkpoint_roundtrip(tmp_path):
     assert load_upstream_checkpoint(create_model("DiT-S/8", input_size=16, depth=2), plain) is not None
 
 
+@pytest.mark.slow
 def test_load_dit_training_checkpoint(tmp_path):
     """DiT's train.py saves {"model", "ema", "opt", "args": argparse.Namespace}; the EMA weights load."""
     import argparse
@@ -384,6 +387,7 @@ def test_dit_rejects_label_outside_table():
         m(torch.randn(1, 4, 4, 4), torch.ones(1), torch.tensor([4]))
 
 
+@pytest.mark.slow
 def test_presets_run_forward_at_reduced_depth():
     """Every preset's real widths, patches and token counts run end to end (depth cut to 1-2)."""
     for name in ("imagenet256_uvit_huge", "mscoco_uvit_small", "DiT-XL/8"):
