@@ -65,6 +65,7 @@ def _worker(rank, world, init_file, out_dir, backend):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.slow
 def test_ddp_two_processes_match_one(tmp_path, backend):
     mp.start_processes(_worker, args=(2, str(tmp_path / "rdzv"), str(tmp_path), backend), nprocs=2,
                        join=True, start_method="spawn")
