@@ -94,7 +94,8 @@ def resolve(backend: str, op: str, *tensors: Optional[torch.Tensor]) -> str:
 
     ``"measure"`` (``backend="auto"``, the process-wide default ``"auto"`` and :func:`measuring`):
     the op times both paths once per key through :func:`uvit_fast.dispatch.measure`. Under
-    torch.compile the answer is a trace-time constant and never ``"measure"``.
+    torch.compile the answer is a trace-time constant, and ``measure`` then takes the decision
+    stored for the key, or the default of untimed ``auto``, without timing.
 
     ``tensors`` are the op's inputs (``None`` entries are ignored); they must share
     one device.
@@ -107,18 +108,14 @@ def resolve(backend: str, op: str, *tensors: Optional[torch.Tensor]) -> str:
             f"{op}: all tensors must be on one device; got {sorted(str(d) for d in devices)}"
         )
     device = present[0].device if present else torch.device("cpu")
-    if torch.compiler.is_compiling():
-        # the choice is a trace-time constant: dynamo cannot trace the import check
-        return _resolve_constant(backend, op, device.type)
-    if backend == "auto" and get_backend() == "auto" and measuring(device.type):
-        return "measure"
-    return _resolve_device(backend, op, device.type)
+    # under torch.compile the choice is a trace-time constant: dynamo cannot trace the import check
+    return _resolve_constant(backend, op, device.type)
 
 
 def measuring(device_type: str) -> bool:
     """Whether ``auto`` times the candidates (``uvit_fast.dispatch``) on ``device_type``: timing is
     on (``UVIT_FAST_TUNE``, or ``tune()`` running) and the Triton kernel can run there (CUDA, or CPU
-    under the interpreter). Never while torch.compile traces (see ``resolve``)."""
+    under the interpreter)."""
     from uvit_fast import dispatch
 
     if not dispatch.tuning_requested(device_type) or not triton_available():
@@ -139,6 +136,8 @@ def _resolve_device(backend: str, op: str, device_type: str) -> str:
 
 @torch.compiler.assume_constant_result
 def _resolve_constant(backend: str, op: str, device_type: str) -> str:
+    if backend == "auto" and get_backend() == "auto" and measuring(device_type):
+        return "measure"  # under compile: the stored decision or the old default, never timed
     return _resolve_device(backend, op, device_type)
 
 

@@ -439,6 +439,7 @@ def measure(
     rows: int,
     dims: Sequence[int] = (),
     flags: str = "",
+    default: Optional[str] = None,
 ) -> str:
     """The candidate that runs this call of ``op``: the stored decision for its key, else every
     candidate timed now (see :func:`choose`; the first is the PyTorch baseline) and the winner stored.
@@ -446,7 +447,11 @@ def measure(
     ``candidates`` map a name to a function of ``*inputs`` (the op's tensors and ``None``s, in one
     order), running that path forward. ``rows`` is bucketed in the key, ``dims`` kept exact, and
     ``flags`` (what changes the kernel: causal, bias present, ...) plus the autocast dtype are
-    part of the op's name in the key."""
+    part of the op's name in the key.
+
+    Under torch.compile nothing is timed while tracing: the graph takes the decision stored for
+    the key (by :func:`uvit_fast.tune`, an eager call, or the cache file) when there is one, else
+    ``default`` (``auto`` without timing: Triton on CUDA), fixed for that compiled graph."""
     present = [t for t in inputs if isinstance(t, torch.Tensor)]
     device = present[0].device
     if len(candidates) == 1:
@@ -457,6 +462,12 @@ def measure(
     tags = ",".join(p for p in (flags, ac) if p)
     name = f"{op}[{tags}]" if tags else op
     training = is_training(inputs)
+    if torch.compiler.is_compiling():
+        if default is None:
+            default = "triton" if device.type == "cuda" and "triton" in candidates else next(iter(candidates))
+        dtypes = tuple(str(t.dtype).replace("torch.", "") for t in present)
+        return _stored_choice(name, training, int(rows), tuple(int(d) for d in dims), dtypes, str(device),
+                              tuple(candidates), default)
     key = make_key(name, present, training=training, rows=rows, dims=dims)
     decision = _DISPATCHER.lookup(key)
     if decision is None:
@@ -468,3 +479,17 @@ def measure(
     if decision.choice not in candidates:  # a stored decision for a candidate this process lacks
         return next(iter(candidates))
     return decision.choice
+
+
+@torch.compiler.assume_constant_result
+def _stored_choice(
+    op: str, training: bool, rows: int, dims: Tuple[int, ...], dtypes: Tuple[str, ...], device: str,
+    candidates: Tuple[str, ...], default: str,
+) -> str:
+    """Under torch.compile, at trace time: the stored decision for the key, else ``default``."""
+    key = DispatchKey(op, training, (bucket(rows), *dims), dtypes, device_name(torch.device(device)))
+    found = _DISPATCHER.lookup(key)
+    with _GLOBAL_LOCK:
+        for keys in _RECORD:
+            keys.append(str(key))
+    return found.choice if found is not None and found.choice in candidates else default

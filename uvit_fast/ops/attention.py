@@ -168,18 +168,27 @@ def _auto_choice(device_type: str, dtype: torch.dtype, tf32_allowed: bool) -> st
     return "triton"
 
 
+@torch.compiler.assume_constant_result
+def _measuring(device_type: str) -> bool:
+    return measuring(device_type)
+
+
+def _untimed_auto(q: torch.Tensor) -> str:
+    """``auto`` without timing (``UVIT_FAST_TUNE=0``, and under torch.compile for a key with no stored decision)."""
+    if q.is_cuda and not _triton_error("cuda"):
+        return _auto_choice("cuda", _autocast(q)[0].dtype, _tf32_allowed())
+    return "sdpa"
+
+
 def _select(backend: str, q: torch.Tensor) -> str:
     """The backend that will run: one of ``torch``, ``triton``, ``sdpa``, ``flash_attn``, ``xformers``."""
     if backend in ("sdpa", "flash_attn", "xformers"):
         return backend
     choice = backend if backend != "auto" else _default_backend()
-    if choice == "auto" and not torch.compiler.is_compiling() and measuring(q.device.type):
-        if _autocast(q)[0].dtype in TRITON_DTYPES:
-            return "measure"  # time the candidates once per key (uvit_fast.dispatch)
+    if choice == "auto" and _measuring(q.device.type) and _autocast(q)[0].dtype in TRITON_DTYPES:
+        return "measure"  # time the candidates once per key (uvit_fast.dispatch)
     if choice == "auto":
-        if q.is_cuda and not _triton_error("cuda"):
-            return _auto_choice("cuda", _autocast(q)[0].dtype, _tf32_allowed())
-        return "sdpa"
+        return _untimed_auto(q)
     if choice == "triton":
         err = _triton_error(q.device.type)
         if err:
@@ -381,7 +390,8 @@ def _measure(op, inputs, candidates, causal, q=None) -> str:
     q = inputs[0] if q is None else q
     B, L, H, D = q.shape
     Lk = inputs[1].shape[1] if len(inputs) > 1 else L
-    return measure(op, inputs, candidates, rows=B * H, dims=(L, Lk, D), flags=f"causal={int(bool(causal))}")
+    return measure(op, inputs, candidates, rows=B * H, dims=(L, Lk, D), flags=f"causal={int(bool(causal))}",
+                   default=_untimed_auto(q))
 
 
 def attention(
