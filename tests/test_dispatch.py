@@ -1,6 +1,7 @@
 """The measured-dispatch core (uvit_fast.dispatch): decisions with injected timings, key bucketing,
 the cache file (round trip, versions, corruption, concurrent writers) and the report."""
 import json
+from pathlib import Path
 import subprocess
 import sys
 import textwrap
@@ -506,3 +507,49 @@ def test_compile_takes_the_stored_attention_decision(fresh, monkeypatch):
     monkeypatch.setattr(dispatch, "default_timer", lambda device_type: pytest.fail("timed while tracing"))
     _, code = _graph_ops(lambda q: ops.attention(q, q, q), q)
     assert "uvit_fast.attention_fwd" in code
+
+
+def _tune_worker(rank, world, init_file, out_dir):
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    os.environ[dispatch.ENV_CACHE] = os.path.join(out_dir, f"tune{rank}.json")
+    os.environ[dispatch.ENV_TUNE] = "1"  # on CPU, auto follows decisions only with timing on (CUDA: by default)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=300))
+    try:
+        if rank == 0:  # later candidates measure faster: the Triton kernel wins every op
+            count = iter(range(1000))
+            dispatch.default_timer = lambda device_type: lambda fn: 100.0 - next(count)
+        else:
+            def never(device_type):
+                raise AssertionError("rank 1 timed an op")
+            dispatch.default_timer = never
+        torch.manual_seed(0)
+        model = create_model("DiT-S/8", **_TINY_DIT)
+        report = uvit_fast.tune(model, *model.example_inputs(2), training=False)
+        with torch.no_grad(), _Ops() as seen:  # every rank now runs the kernels rank 0 chose
+            model(*model.example_inputs(2))
+        rows = {k: (d.choice, d.source) for k, d in report.decisions.items()}
+        (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps({"rows": rows, "fused": seen.fused}))
+    finally:
+        dist.destroy_process_group()
+    os._exit(0)  # as tests/test_distributed.py: gloo's teardown can hang at exit
+
+
+@pytest.mark.slow
+def test_distributed_tune_decides_on_rank_0_and_broadcasts(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_tune_worker, args=(2, str(tmp_path / "rdzv"), str(tmp_path)), nprocs=2,
+                       join=True, start_method="spawn")
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
+    assert {k.split("[")[0] for k in r0["rows"]} == _TINY_OPS
+    assert {k: c for k, (c, _) in r0["rows"].items()} == {k: c for k, (c, _) in r1["rows"].items()}
+    assert all(c == "triton" and s == "measured" for c, s in r0["rows"].values())
+    assert all(s == "broadcast" for _, s in r1["rows"].values())
+    assert r0["fused"] and r1["fused"]
+    assert (tmp_path / "tune0.json").exists() and not (tmp_path / "tune1.json").exists()
