@@ -194,6 +194,43 @@ def test_post_norm_block_is_left_alone():
         _close(model(x), ref(x))
 
 
+def _rope(n, head_dim, seed=4):
+    angle = torch.rand(n, head_dim // 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 6
+    angle = angle.repeat_interleave(2, dim=-1)
+    return angle.sin(), angle.cos()
+
+
+def test_block_taking_rope_is_left_alone():
+    """timm's EvaBlock and EvaAttention (qkv_bias=False: no q/v bias parameters) take ``rope``, and
+    Eva.forward_features calls ``blk(x, rope=...)``: the fused block raised TypeError there (and
+    would have dropped the rotation). A block or attention whose forward takes arguments the fused
+    one does not keep timm's code."""
+    ref = _build("mirror", block_fn=up.EvaBlock)
+    model, report = uvit_fast.optimize(copy.deepcopy(ref))
+    left = dict(report.left_alone)
+    assert all("rope" in left.get(f"blocks.{i}", "") for i in range(3)), str(report)
+    assert type(model.blocks[0]) is up.EvaBlock and type(model.blocks[0].attn) is up.EvaAttention
+    tokens, rope = _x((2, 17, 24)), _rope(17, 12)
+    with torch.no_grad():
+        for kw in ({}, dict(rope=rope), dict(rope=rope, is_causal=True)):
+            _close(model.blocks[0](tokens, **kw), ref.blocks[0](tokens, **kw), str(kw))
+        assert not torch.allclose(ref.blocks[0](tokens, rope=rope), ref.blocks[0](tokens))
+
+
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_real_timm_eva_is_left_alone(qkv_bias):
+    """Real timm's Eva (EVA-02 with rotary embeddings): its blocks keep timm's code, the output is timm's."""
+    timm = pytest.importorskip("timm", reason=NO_TIMM)
+    ref = timm.create_model("eva02_tiny_patch14_224", pretrained=False, qkv_bias=qkv_bias, **CFG)
+    ref = _randomize(ref).double().eval()
+    model, report = uvit_fast.optimize(copy.deepcopy(ref))
+    assert all(f"blocks.{i}" in dict(report.left_alone) for i in range(3)), str(report)
+    assert not any(p.startswith("blocks") for p, _ in report.replaced), str(report)
+    x = _x()
+    with torch.no_grad():
+        _close(model(x), ref(x))
+
+
 # --------------------------------------------------------------------------- timm's APIs after optimize
 @pytest.mark.parametrize("source", ["mirror", "pre116", "timm"])
 def test_blocks_norm_and_patch_embed_fused_in_place(source):

@@ -417,6 +417,40 @@ class ResPostBlock(TimmBlock):
         return x + self.drop_path2(self.norm2(self.mlp(x)))
 
 
+def rotate_pairs(x, rope):
+    """Rotary embedding on (B, H, N, Dh) with ``rope = (sin, cos)``, each (N, Dh)."""
+    sin, cos = rope
+    x1, x2 = x[..., ::2], x[..., 1::2]
+    rotated = torch.stack([-x2, x1], dim=-1).flatten(-2)
+    return x * cos + rotated * sin
+
+
+class EvaAttention(TimmAttention):
+    """timm 1.0.31 ``EvaAttention`` without its q/v biases (``qkv_bias=False``): the plain packed qkv
+    and ``forward(x, rope=None, attn_mask=None, is_causal=False)`` rotating q and k by ``rope``."""
+
+    def forward(self, x, rope=None, attn_mask=None, is_causal=False):
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if rope is not None:
+            q, k = rotate_pairs(q, rope), rotate_pairs(k, rope)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, self.attn_dim)))
+
+
+class EvaBlock(TimmBlock):
+    """timm 1.0.31 ``EvaBlock`` without layer scale: the pre-norm block's children, and ``rope``
+    passed to the attention (``Eva.forward_features`` calls ``blk(x, rope=...)``)."""
+
+    def __init__(self, dim, num_heads, *args, **kwargs):
+        super().__init__(dim, num_heads, *args, **kwargs)
+        self.attn = EvaAttention(dim, num_heads, qkv_bias=False)
+
+    def forward(self, x, rope=None, attn_mask=None, is_causal=False):
+        x = x + self.drop_path1(self.attn(self.norm1(x), rope=rope, attn_mask=attn_mask, is_causal=is_causal))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+
 class PatchEmbed(nn.Module):
     """timm 1.0.31 ``timm.layers.PatchEmbed`` (output_fmt as a plain string here)."""
 

@@ -22,6 +22,7 @@ parameter or buffer in a block or attention) is left alone and named in the repo
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
@@ -478,11 +479,24 @@ _OTHER_BLOCKS = {"ResPostBlock": "a post-norm block (norm after attention and ML
 _TIMM_BLOCK_CHILDREN = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2", "drop_path")
 
 
+# the arguments of timm's Block.forward and Attention.forward; a forward taking any other (EvaBlock's
+# and EvaAttention's ``rope``, BEiT's ``shared_rel_pos_bias``) computes what the fused one would not
+_TIMM_FORWARD_ARGS = ("x", "attn_mask", "is_causal")
+
+
+def _check_forward_args(m: nn.Module, what: str) -> None:
+    extra = [n for n in list(inspect.signature(type(m).forward).parameters)[1:] if n not in _TIMM_FORWARD_ARGS]
+    if extra:
+        raise _Skip(f"{what} {type(m).__name__}.forward also takes {', '.join(extra)}, which the fused module would not apply")
+
+
 def _fuse_timm_block(blk: nn.Module) -> bool:
     if isinstance(blk, (_TimmBlock, Block)):
         return False
     if type(blk).__name__ in _OTHER_BLOCKS:
         raise _Skip(f"block {type(blk).__name__} is {_OTHER_BLOCKS[type(blk).__name__]}")
+    _check_forward_args(blk, "block")
+    _check_forward_args(blk.attn, "attention")
     _no_extras(blk, "block", _TIMM_BLOCK_CHILDREN)
     for n in ("ls1", "ls2", "drop_path", "drop_path1", "drop_path2"):
         if not _is_identity(getattr(blk, n, None)):
