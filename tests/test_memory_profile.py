@@ -336,6 +336,25 @@ def test_saved_tensor_counter_counts_each_storage_once():
     assert counter.total() == 4 * 8 * FP32 + 4 * 8 * FP32
 
 
+def test_traffic_write_only_arguments_are_not_read():
+    """One kernel reads each input once and writes each output once; an argument an op only
+    writes (the destination of copy_ / fill_ / zero_, an out= tensor) is not read, while an
+    in-place update (add_) reads and writes its self."""
+    def one(fn):
+        with memory.TrafficTrace() as trace:
+            fn()
+        (k,) = trace.kernels
+        return k.read, k.written
+
+    t = 4 * 8 * BF16  # one (4, 8) bf16 tensor: 64 bytes
+    dst, src, other = (torch.empty(4, 8, device="meta", dtype=torch.bfloat16) for _ in range(3))
+    assert one(lambda: dst.copy_(src)) == (t, t)
+    assert one(lambda: dst.fill_(1.0)) == (0, t)
+    assert one(lambda: dst.zero_()) == (0, t)
+    assert one(lambda: torch.add(src, other, out=dst)) == (2 * t, t)
+    assert one(lambda: dst.add_(src)) == (2 * t, t)
+
+
 def test_backend_triton_accepted_on_meta():
     """The fused count needs backend='triton' on meta tensors (fake implementations, no launch);
     'auto' still resolves meta to the torch path, so plain FLOP counting is unchanged."""

@@ -23,7 +23,8 @@ The counting rules (docs/profiling.md has the reasons and the limits):
   rest (``2 c(1) - c(2)``) is the batch-independent part (RNG state, constants, weight reads).
 * **HBM traffic**: a :class:`~torch.utils._python_dispatch.TorchDispatchMode` sees every aten op
   and every ``uvit_fast::`` custom op; each is one kernel that reads each distinct input tensor
-  once and writes each output once. A tensor's bytes are the elements it addresses (broadcast,
+  once and writes each output once (an argument it only writes, ``out=`` or the destination of
+  ``copy_`` / ``fill_`` / ``zero_``, is not read). A tensor's bytes are the elements it addresses (broadcast,
   stride-0 dimensions count once) times the element size. Views, reshapes, ``detach`` and
   allocations (``empty``) move nothing.
 * **Roofline**: each kernel takes at least ``max(flops / peak, bytes / bandwidth)``; the sum is
@@ -153,6 +154,24 @@ def _tensors(tree) -> List[torch.Tensor]:
     return out
 
 
+# ops that overwrite their first argument without reading it (the random fills included)
+_OVERWRITE = {"copy_", "fill_", "zero_", "normal_", "uniform_", "bernoulli_", "random_", "exponential_"}
+
+
+def _read_tensors(func, args, kwargs) -> List[torch.Tensor]:
+    """The tensor arguments an op reads: all of them but those it only writes (``out=``
+    arguments, and the destination of ``copy_`` / ``fill_`` / ``zero_`` / a random fill)."""
+    schema = getattr(func, "_schema", None)
+    if schema is None:
+        return _tensors(list(args) + list(kwargs.values()))
+    overwrite = _short(func) in _OVERWRITE
+    skip = {a.name for a in schema.arguments
+            if a.alias_info is not None and a.alias_info.is_write and (a.kwarg_only or overwrite)}
+    names = [a.name for a in schema.arguments]
+    pos = [x for i, x in enumerate(args) if i >= len(names) or names[i] not in skip]
+    return _tensors(pos + [v for k, v in kwargs.items() if k not in skip])
+
+
 def _distinct(ts: Sequence[torch.Tensor]) -> List[torch.Tensor]:
     seen, out = set(), []
     for t in ts:
@@ -224,7 +243,7 @@ class TrafficTrace(TorchDispatchMode):
         name = _short(func)
         if getattr(func, "is_view", False) or name in _FREE:
             return out
-        ins = _distinct(_tensors(args) + _tensors(kwargs.values()))
+        ins = _distinct(_read_tensors(func, args, kwargs))
         outs = _distinct(_tensors(out if isinstance(out, (list, tuple)) else [out]))
         if not ins and not outs:
             return out
