@@ -450,17 +450,23 @@ def test_cli_tune_arguments():
         _override("depth")
 
 
-def test_bench_has_an_auto_row_beside_every_triton_row():
+@pytest.mark.parametrize("name", [
+    "adaln_layer_norm", "attention", "patch_embed", "skip_concat_linear",
+    pytest.param("models", marks=pytest.mark.slow),  # counts every preset's FLOPs
+])
+def test_bench_has_an_auto_row_beside_every_triton_row(name):
     import importlib
 
     from uvit_fast.bench.core import uvit_backend
 
     assert (uvit_backend("uvit_fast"), uvit_backend("uvit_fast_auto")) == ("triton", "auto")
-    for name in ("adaln_layer_norm", "attention", "patch_embed", "skip_concat_linear", "models"):
-        cases = importlib.import_module(f"uvit_fast.bench.{name}").cases(torch.device("cpu"), torch.float32)
-        rows = lambda p: {(c.op, c.shape, c.pass_) for c in cases if c.provider == p}  # noqa: E731
-        assert rows("uvit_fast") and rows("uvit_fast_auto") == rows("uvit_fast"), name
-        assert all(c.needs_cuda for c in cases if c.provider == "uvit_fast_auto")
+    cases = importlib.import_module(f"uvit_fast.bench.{name}").cases(torch.device("cpu"), torch.float32)
+
+    def rows(provider):
+        return {(c.op, c.shape, c.pass_) for c in cases if c.provider == provider}
+
+    assert rows("uvit_fast") and rows("uvit_fast_auto") == rows("uvit_fast")
+    assert all(c.needs_cuda for c in cases if c.provider == "uvit_fast_auto")
 
 
 def _graph_ops(fn, *args):
