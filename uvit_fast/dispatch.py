@@ -15,6 +15,11 @@ speed. The pieces:
   with what other writers (several DDP ranks on one machine) stored meanwhile. A corrupt file, or
   one written by other versions, is ignored with a warning.
 - :class:`Dispatcher`: the process-wide table of decisions, :func:`dispatch_report` prints it.
+- :func:`measure`: what an op wrapper calls when ``_backend.resolve`` answers ``"measure"``: the
+  key of this call, its stored decision or the candidates timed now (a training call, grad on and
+  an input requiring grad, times forward plus backward). Under torch.compile nothing is timed: the
+  trace takes the stored decision, else untimed ``auto``. :func:`uvit_fast.tune` (``tuning.py``)
+  runs a whole model with measuring forced on (:func:`forced`).
 
 ``UVIT_FAST_TUNE=0`` turns timing off (``auto`` then runs Triton on CUDA tensors, as before).
 Timing is on by default for CUDA tensors; on CPU tensors under ``TRITON_INTERPRET=1`` it runs
