@@ -63,6 +63,22 @@ def _configs():
 
 _CONFIGS = _configs()
 SMEM_LIMIT = 232448  # bytes of shared memory one block may use on an H100/H200 (227 KiB)
+SMEM_LIMIT_SM80 = 166912  # A100 (163 KiB)
+SMEM_LIMIT_OTHER = 101376  # sm_86 / sm_89 / sm_120 (99 KiB)
+
+
+def _capability(t: torch.Tensor):
+    """``(major, minor)`` of ``t``'s CUDA GPU, None off CUDA (interpreter)."""
+    return torch.cuda.get_device_capability(t.device) if t.device.type == "cuda" else None
+
+
+def _smem_limit(cap) -> int:
+    """Per-block shared memory of a GPU of capability ``cap`` (the H100's when None)."""
+    if cap is None or cap[0] in (9, 10):
+        return SMEM_LIMIT
+    if tuple(cap) in ((8, 0), (8, 7)):
+        return SMEM_LIMIT_SM80
+    return SMEM_LIMIT_OTHER
 
 
 def _smem_bytes(config, elem_size: int) -> int:
@@ -73,11 +89,18 @@ def _smem_bytes(config, elem_size: int) -> int:
 
 
 def _prune_smem(configs, named_args, **kwargs):
-    """Drop configs over the shared-memory limit for the operands' element size: fp32 (TF32 or
-    exact) doubles every buffer, so 128x256x64 in 3 stages and the 128x128x64 4-stage configs
-    need 256-288 KiB and would only fail to compile. Keeps at least the smallest config."""
-    elem = next(t.element_size() for t in named_args.values() if isinstance(t, torch.Tensor))
-    kept = [c for c in configs if _smem_bytes(c, elem) <= SMEM_LIMIT]
+    """Drop configs over the GPU's shared-memory limit for the operands' element size: fp32 (TF32
+    or exact) doubles every buffer, so on an H100 128x256x64 in 3 stages and the 128x128x64
+    4-stage configs need 256-288 KiB and would only fail to compile. Before Hopper (mma.sync) the
+    configs whose fp32 accumulator takes 128 or more registers per thread (128x256 with 8 warps,
+    128x128 with 4) are dropped too: compiled for sm_80 in fp16 they spill (16-272 B per thread at
+    255 registers). Keeps at least the smallest config."""
+    t = next(v for v in named_args.values() if isinstance(v, torch.Tensor))
+    cap = _capability(t)
+    elem = t.element_size()
+    kept = [c for c in configs if _smem_bytes(c, elem) <= _smem_limit(cap)]
+    if cap is not None and cap[0] < 9:  # mma.sync
+        kept = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] < 128 * 32 * c.num_warps]
     return kept or [min(configs, key=lambda c: _smem_bytes(c, elem))]
 
 

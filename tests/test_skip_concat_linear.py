@@ -163,6 +163,27 @@ def test_configs_over_the_shared_memory_limit_are_pruned(monkeypatch):
         (128, 256, 3), (256, 128, 3), (128, 128, 4)}
 
 
+def test_pre_hopper_prune(monkeypatch):
+    """On an A100 (sm_80: mma.sync, 163 KiB per block) the configs with 128 or more accumulator
+    registers per thread are dropped (they spill compiled for sm_80) and fp32 keeps only configs
+    within 163 KiB; a 99 KiB GPU keeps fewer still."""
+    from uvit_fast.kernels import skip_concat_linear as k
+
+    monkeypatch.setattr(k, "_INTERPRET", False)
+    configs = k._configs()
+    for cap, dtype, limit in (((8, 0), torch.float16, k.SMEM_LIMIT_SM80), ((8, 0), torch.float32, k.SMEM_LIMIT_SM80),
+                              ((8, 9), torch.float32, k.SMEM_LIMIT_OTHER)):
+        monkeypatch.setattr(k, "_capability", lambda t: cap)
+        t = torch.empty(1, dtype=dtype)
+        kept = k._prune_smem(configs, {"DY": t})
+        assert kept and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] // (32 * c.num_warps) < 128 for c in kept)
+        dropped = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps)
+                   for c in configs if c not in kept}
+        assert {(128, 256, 64, 8), (256, 128, 64, 8), (128, 128, 64, 4), (128, 128, 32, 4)} <= dropped
+        assert all(k._smem_bytes(c, t.element_size()) <= limit for c in kept)
+        assert len(kept) < len(configs)
+
+
 def test_no_bias_and_partial_grads(device):
     h, skip, weight, _ = _inputs((2, 19, 72), 40, torch.float32, device, bias=False)
     _check(h, skip, weight, None)
