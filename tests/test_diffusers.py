@@ -487,3 +487,24 @@ def test_example_dit_pipeline_runs():
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "max |difference|" in proc.stdout and "within" in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize("holder", ["wrapper", "compiled"])
+def test_diffusers_model_inside_a_wrapper_or_compiled(holder):
+    """A training wrapper holding the transformer, or torch.compile's OptimizedModule: optimize
+    finds the diffusers model inside (as it finds an upstream model), names paths from the root."""
+    ref = _dit(head_dim=16, layers=1).double().eval()
+    inner = copy.deepcopy(ref)
+    if holder == "wrapper":
+        outer, prefix = torch.nn.ModuleDict({"transformer": inner}), "transformer."
+    else:
+        outer, prefix = torch.compile(inner, backend="aot_eager"), "_orig_mod."
+    returned, report = uvit_fast.optimize(outer)
+    assert returned is outer and report.kind == "diffusers DiTTransformer2DModel"
+    replaced = dict(report.replaced)
+    assert {f"{prefix}pos_embed", f"{prefix}transformer_blocks.0", f"{prefix}transformer_blocks.0.attn1"} <= set(replaced)
+    assert isinstance(inner.transformer_blocks[0], FusedBasicTransformerBlock)
+    assert any(p == prefix[:-1] and "forward kept" in why for p, why in report.left_alone)
+    args, kw = _inputs("dit", torch.float64)
+    with torch.no_grad(), uvit_fast.use_backend("torch"):
+        _close64(_call(inner, "dit", args, kw), _call(ref, "dit", args, kw))

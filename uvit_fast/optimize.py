@@ -551,6 +551,10 @@ def _optimize_vit(m: nn.Module, path: str, report: OptimizeReport) -> None:
                         "in PyTorch); calls with attn_mask or is_causal run timm's own block and attention code")
 
 
+def _is_diffusers_model(m: nn.Module) -> bool:
+    return any(c.__name__ == "ModelMixin" and c.__module__.startswith("diffusers.") for c in type(m).__mro__)
+
+
 def optimize(model: nn.Module) -> Tuple[nn.Module, OptimizeReport]:
     """Swap the fused modules into an upstream-structured model, in place.
 
@@ -559,10 +563,14 @@ def optimize(model: nn.Module) -> Tuple[nn.Module, OptimizeReport]:
     (e.g. a wrapper holding the network as ``.model``).
     """
     report = OptimizeReport()
-    if any(c.__name__ == "ModelMixin" and c.__module__.startswith("diffusers.") for c in type(model).__mro__):
+    # diffusers models: the model itself, or the outermost ones in a wrapper (or torch.compile's _orig_mod)
+    in_diffusers = [p for p, m in model.named_modules() if _is_diffusers_model(m)]
+    in_diffusers = [p for p in in_diffusers if not any(p.startswith(f"{q}.") or (q == "" and p) for q in in_diffusers)]
+    if in_diffusers:
         from uvit_fast.optimize_diffusers import optimize_diffusers  # imports diffusers, only here
 
-        optimize_diffusers(model, report)
+        for path in in_diffusers:
+            optimize_diffusers(model.get_submodule(path), report, prefix=path)
         return model, report
     found = []
     for path, m in model.named_modules():

@@ -2,7 +2,7 @@
 
 :func:`uvit_fast.optimize` calls :func:`optimize_diffusers` when it is given a diffusers
 ``ModelMixin`` (detected by class module name, so ``uvit_fast`` never imports diffusers on its
-own). This module imports diffusers; checked against diffusers 0.42.1.
+own), or a module tree holding one (a wrapper, ``torch.compile``'s ``OptimizedModule``). This module imports diffusers; checked against diffusers 0.42.1.
 
 What it swaps, in place, keeping the model's class, ``config``, module names, ``state_dict``
 keys and the attention processor API (a swapped module keeps its object and gets a subclass of
@@ -378,12 +378,16 @@ def _swap(m: nn.Module, cls: type, check, path: str, what: str, report) -> None:
         report.replaced.append((path, what))
 
 
-def optimize_diffusers(model: nn.Module, report) -> None:
-    """Fill ``report`` (an :class:`uvit_fast.optimize.OptimizeReport`) while swapping in place."""
+def optimize_diffusers(model: nn.Module, report, prefix: str = "") -> None:
+    """Fill ``report`` (an :class:`uvit_fast.optimize.OptimizeReport`) while swapping in place.
+
+    ``prefix``: ``model``'s path in the module tree ``optimize`` was given (report paths start with it).
+    """
     import diffusers
 
     name = type(model).__name__
-    report.kind = f"diffusers {name}"
+    kind = f"diffusers {name}"
+    report.kind = kind if report.kind in ("unrecognised", kind) else f"{report.kind}, {kind}"
     if name not in SUPPORTED_MODELS:
         report.notes.append(f"diffusers {diffusers.__version__}: {name} is not one of {', '.join(SUPPORTED_MODELS)}; "
                             "nothing changed")
@@ -391,7 +395,7 @@ def optimize_diffusers(model: nn.Module, report) -> None:
     report.notes.append(f"diffusers {diffusers.__version__} (recognisers checked against {CHECKED_VERSION}); "
                         "the model keeps its class, config, state_dict keys and forward")
     n_replaced = len(report.replaced)
-    for path, m in model.named_modules():
+    for path, m in model.named_modules(prefix=prefix):
         if isinstance(m, PatchEmbed):
             _swap(m, FusedPatchEmbed, _check_patch_embed, path,
                   "PatchEmbed -> patchify_embed (conv + position embedding in one kernel)", report)
@@ -412,7 +416,7 @@ def optimize_diffusers(model: nn.Module, report) -> None:
                 kind = "cross-attention" if m.is_cross_attention else "self-attention"
                 report.replaced.append((path, f"AttnProcessor2_0 -> UvitFastAttnProcessor ({kind}, fused attention; "
                                               "calls with an attention mask stay on AttnProcessor2_0)"))
-    report.left_alone.append(("", f"{name}.forward kept: the code between the blocks (embeddings, final norm, "
+    report.left_alone.append((prefix, f"{name}.forward kept: the code between the blocks (embeddings, final norm, "
                                   "output projection, unpatchify) stays diffusers', so the class and config are unchanged"))
     if len(report.replaced) == n_replaced:
         report.notes.append("nothing left to replace (already optimized, or nothing recognised)")
