@@ -275,6 +275,31 @@ def test_plot_memory_panel():
     check_plot_design(flops_ax, rows)
 
 
+def test_plot_point_labels_name_the_patch_size():
+    """A DiT at another patch size than its name's is not labelled as the named preset:
+    DiT-XL/2 built at patch 4 (64 tokens) is 'DiT-XL/2 p4', not 'DiT-XL/2'."""
+    label = profiler._point_label
+    assert label({"model": "DiT-XL/2", "patch_size": 2}) == "DiT-XL/2"
+    assert label({"model": "DiT-XL/2", "patch_size": 4}) == "DiT-XL/2 p4"
+    assert label({"model": "DiT-S/8", "patch_size": 8}) == "DiT-S/8"
+    assert label({"model": "imagenet256_uvit_huge", "patch_size": 2}) == "imagenet256_uvit_huge p2"
+
+
+def test_plot_colours_differ_across_families_when_they_fit():
+    """The acceptance plot (U-ViT-H/2 and DiT-XL/2 with --memory) draws both models' fused lines
+    solid in the memory panel: they need different colours, not each its family's first one. With
+    more lines than colours (the default run's 14), colours still differ within each family."""
+    two = [{"series": "imagenet256_uvit_huge", "arch": "UViT"}, {"series": "DiT-XL", "arch": "DiT"}]
+    colours = profiler.series_colors(two)
+    assert colours["imagenet256_uvit_huge"] != colours["DiT-XL"]
+    many = ([{"series": f"u{i}", "arch": "UViT"} for i in range(8)] + [{"series": f"t{i}", "arch": "UViTT2I"}
+            for i in range(2)] + [{"series": f"d{i}", "arch": "DiT"} for i in range(4)])
+    colours = profiler.series_colors(many)
+    for fam in ("UViT", "UViTT2I", "DiT"):
+        mine = [colours[r["series"]] for r in many if r["arch"] == fam]
+        assert len(set(mine)) == len(mine), fam
+
+
 @pytest.mark.parametrize(
     "path,match",
     [

@@ -440,9 +440,11 @@ def _series(rows: Sequence[Dict[str, Any]], key) -> Dict[str, List[Tuple[int, fl
 
 
 def _point_label(r: Dict[str, Any]) -> str:
-    """``DiT-L/2`` as it is; other names get their patch size: ``imagenet256_uvit_huge p2``."""
+    """``DiT-L/2`` as it is at its own patch size; other names, and a DiT at another patch size,
+    get their patch size: ``imagenet256_uvit_huge p2``, ``DiT-XL/2 p4``."""
     name = r["model"]
-    if re.search(r"/\d+$", name) or r.get("patch_size") is None:
+    own = re.search(r"/(\d+)$", name)
+    if r.get("patch_size") is None or (own and int(own.group(1)) == r["patch_size"]):
         return name
     return f"{name} p{r['patch_size']}"
 
@@ -467,7 +469,12 @@ def _clusters(points: Sequence[Tuple[str, int, float, str]], rel: float = 0.06) 
 
 
 def series_colors(rows: Sequence[Dict[str, Any]]) -> Dict[str, str]:
-    """A strong colour per series, distinct within each family (families differ by marker)."""
+    """A strong colour per series: all different when the series fit the palette, else distinct
+    within each family (families differ by marker). The memory panel draws fused and plain as
+    solid and dashed, so there only the colour and the marker tell two models apart."""
+    series = list(dict.fromkeys(r["series"] for r in rows))
+    if len(series) <= len(_COLORS):
+        return {name: _COLORS[i] for i, name in enumerate(series)}
     colors: Dict[str, str] = {}
     count: Dict[str, int] = {}
     for r in rows:
