@@ -389,6 +389,12 @@ def test_tune_collects_every_op_of_the_model_with_injected_timings(fresh, monkey
     assert all("|infer|" in k for k in infer.decisions) and len(infer.decisions) == len(_TINY_OPS)
 
 
+def test_tune_report_says_why_nothing_was_measured(fresh):
+    model = create_model("DiT-S/8", fused=False, **_TINY_DIT)
+    report = uvit_fast.tune(model, *model.example_inputs(1), training=False)
+    assert report.decisions == {} and "TRITON_INTERPRET=1" in str(report) and "fused=False" in str(report)
+
+
 def test_tune_refuses_when_timing_is_off(monkeypatch):
     monkeypatch.setenv(dispatch.ENV_TUNE, "0")
     with pytest.raises(RuntimeError, match="UVIT_FAST_TUNE=0"):

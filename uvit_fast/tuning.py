@@ -36,7 +36,9 @@ class TuneReport:
 
     def __str__(self) -> str:
         if not self.decisions:
-            return "tune: no fused op ran with backend='auto' (nothing to decide)"
+            return ("tune: no fused op measured (nothing to decide): the model runs none with backend='auto' "
+                "(fused=False, backend= or use_backend(...) force a path), or Triton cannot run on its tensors "
+                "(CPU tensors need TRITON_INTERPRET=1 set before triton is imported)")
         return dispatch.format_decisions(self.decisions)
 
 
