@@ -75,7 +75,8 @@ KERNELS["uvit_cond"] = KERNELS["uvit_t2i"] = KERNELS["uvit_uncond"]
 KERNELS["vit_pre116"] = KERNELS["vit"]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+# the Triton runs (13-35 s each under the interpreter) are slow; the quick subset keeps the torch runs
+@pytest.mark.parametrize("backend", [b if b != "triton" else pytest.param(b, marks=pytest.mark.slow) for b in BACKENDS])
 @pytest.mark.parametrize("kind", KINDS)
 def test_optimized_matches_upstream_outputs_and_gradients(kind, backend):
     """float64 on the PyTorch backend: equal to rounding. float32 on the Triton kernels (the
@@ -326,6 +327,7 @@ def test_training_step_matches_after_adamw():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["dit", pytest.param("vit", marks=pytest.mark.slow)])  # vit: fused in place
+@pytest.mark.slow
 def test_torch_compile_fullgraph(kind, backend):
     ref, args = _build(kind)
     fused, _ = uvit_fast.optimize(copy.deepcopy(ref))
