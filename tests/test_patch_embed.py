@@ -146,6 +146,7 @@ def test_embed_parity_78_extras(device, dtype):
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.slow
 def test_embed_parity_large_k(device, dtype):
     # ViT-B/16-like K = 3*16*16 = 768 (many K blocks), batch 1, class token broadcast
     inp = _embed_inputs(device, dtype, 1, 3, (16, 32), (16, 16), 24, 1, prefix_batch=1)
