@@ -508,3 +508,29 @@ def test_diffusers_model_inside_a_wrapper_or_compiled(holder):
     args, kw = _inputs("dit", torch.float64)
     with torch.no_grad(), uvit_fast.use_backend("torch"):
         _close64(_call(inner, "dit", args, kw), _call(ref, "dit", args, kw))
+
+
+def test_fuse_qkv_projections_before_and_after_optimize():
+    """diffusers' fuse_qkv_projections() swaps in FusedAttnProcessor2_0 on a to_qkv projection:
+    after optimize it replaces ours (and unfuse puts ours back); before optimize the report says why
+    that attention is left alone."""
+    ref = _pixart().double().eval()
+    args, kw = _inputs("pixart", torch.float64)
+    with torch.no_grad():
+        expected = _call(ref, "pixart", args, kw)
+    model, _ = uvit_fast.optimize(copy.deepcopy(ref))
+    model.fuse_qkv_projections()
+    assert {type(p).__name__ for p in model.attn_processors.values()} == {"FusedAttnProcessor2_0"}
+    with torch.no_grad(), uvit_fast.use_backend("torch"):
+        _close64(_call(model, "pixart", args, kw), expected)
+        model.unfuse_qkv_projections()
+        assert all(type(p) is UvitFastAttnProcessor for p in model.attn_processors.values())
+        _close64(_call(model, "pixart", args, kw), expected)
+    fused_first = copy.deepcopy(ref)
+    fused_first.fuse_qkv_projections()
+    _, report = uvit_fast.optimize(fused_first)
+    left = dict(report.left_alone)
+    assert "fused projections" in left["transformer_blocks.0.attn1"], left
+    assert "a user's processor" not in left["transformer_blocks.0.attn1"]
+    with torch.no_grad(), uvit_fast.use_backend("torch"):
+        _close64(_call(fused_first, "pixart", args, kw), expected)

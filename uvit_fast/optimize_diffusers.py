@@ -113,6 +113,8 @@ def _check_attention(attn: nn.Module) -> None:
     proc = attn.processor
     if type(proc) is UvitFastAttnProcessor:
         return
+    if getattr(attn, "fused_projections", False):  # fuse_qkv_projections(): FusedAttnProcessor2_0 on to_qkv
+        raise _Skip("uses fused projections (to_qkv, fuse_qkv_projections())")
     if type(proc) is not AttnProcessor2_0:
         raise _Skip(f"processor is {type(proc).__name__}, not AttnProcessor2_0 (a user's processor is kept)")
     for name in ("spatial_norm", "group_norm", "norm_q", "norm_k", "norm_cross", "add_k_proj", "to_add_out"):
@@ -120,8 +122,6 @@ def _check_attention(attn: nn.Module) -> None:
             raise _Skip(f"has {name}, which the fused processor does not apply")
     if attn.residual_connection or attn.rescale_output_factor != 1.0:
         raise _Skip("has a residual connection or an output rescale")
-    if getattr(attn, "fused_projections", False):
-        raise _Skip("uses fused projections (to_qkv)")
     if not (isinstance(attn.to_k, nn.Linear) and isinstance(attn.to_v, nn.Linear) and attn.to_out is not None):
         raise _Skip("has no to_k / to_v / to_out")
     if attn.inner_kv_dim != attn.inner_dim:
