@@ -220,6 +220,7 @@ def test_nested_model_and_unrecognised_tree():
     assert not empty.replaced and "nothing changed" in str(empty)
 
 
+@pytest.mark.slow
 def test_compiled_model_is_optimized_inside():
     """torch.compile's wrapper forwards attribute look-ups to the model; the model it holds is
     optimized, not the wrapper."""

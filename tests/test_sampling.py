@@ -81,6 +81,7 @@ def test_sampling_example_picks_schedule_and_guidance(name, schedule, cfg, null,
     assert (seen["null_cond"] is None) if null is None else seen["null_cond"].tolist() == [null]
 
 
+@pytest.mark.slow
 def test_sampling_example_runs_end_to_end():
     mod = _load_example()
     out = mod.main(["--model", "imagenet64_uvit_mid", "--depth", "2", "--steps", "2", "--batch", "1"])

@@ -411,6 +411,7 @@ def test_clip_text_to_uvit_t2i_end_to_end():
         assert clip.visual.proj.grad is None  # the image tower is not used
 
 
+@pytest.mark.slow
 def test_clip_l14_text_tower_feeds_mscoco_uvit():
     """The real widths: CLIP ViT-L/14's text tower (77 x 768) into mscoco_uvit_small
     (depths cut to 1 / 2)."""
