@@ -475,7 +475,7 @@ def test_bench_has_an_auto_row_beside_every_triton_row(name):
     assert all(c.needs_cuda for c in cases if c.provider == "uvit_fast_auto")
 
 
-def _graph_ops(fn, *args):
+def _graph_ops(fn, *args, dynamic=None):
     """Compile ``fn`` with fullgraph=True and return the traced graph's code (no Inductor)."""
     import torch._dynamo
 
@@ -486,7 +486,7 @@ def _graph_ops(fn, *args):
         return gm.forward
 
     torch._dynamo.reset()
-    out = torch.compile(fn, fullgraph=True, backend=backend)(*args)
+    out = torch.compile(fn, fullgraph=True, backend=backend, dynamic=dynamic)(*args)
     return out, "\n".join(codes)
 
 
@@ -507,6 +507,17 @@ def test_compile_takes_the_stored_decision_and_never_times(fresh, monkeypatch):
     out2, code = _graph_ops(f, x, w)
     assert "uvit_fast.adaln_layer_norm" in code
     torch.testing.assert_close(out2, out, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_compile_with_dynamic_shapes_finds_the_bucket(fresh, monkeypatch):
+    w = torch.randn(72)
+    monkeypatch.setattr(dispatch, "default_timer", lambda device_type: _ordered_timer([2.0, 1.0]))
+    ops.adaln_layer_norm(torch.randn(1, 77, 72), weight=w)  # decides for the 128-row bucket
+    monkeypatch.setattr(dispatch, "default_timer", lambda device_type: pytest.fail("timed while tracing"))
+    # the symbolic row count is bucketed by comparisons: 100 rows share 77's bucket
+    _, code = _graph_ops(lambda x, w: ops.adaln_layer_norm(x, weight=w), torch.randn(1, 100, 72), w, dynamic=True)
+    assert "uvit_fast.adaln_layer_norm" in code
 
 
 @pytest.mark.slow

@@ -456,7 +456,8 @@ def measure(
 
     Under torch.compile nothing is timed while tracing: the graph takes the decision stored for
     the key (by :func:`uvit_fast.tune`, an eager call, or the cache file) when there is one, else
-    ``default`` (``auto`` without timing: Triton on CUDA), fixed for that compiled graph."""
+    ``default`` (``auto`` without timing: Triton on CUDA), fixed for that compiled graph. With
+    dynamic shapes the graph is guarded on the row count's bucket and specialised on the exact dims."""
     present = [t for t in inputs if isinstance(t, torch.Tensor)]
     device = present[0].device
     if len(candidates) == 1:
@@ -471,8 +472,8 @@ def measure(
         if default is None:
             default = "triton" if device.type == "cuda" and "triton" in candidates else next(iter(candidates))
         dtypes = tuple(str(t.dtype).replace("torch.", "") for t in present)
-        return _stored_choice(name, training, int(rows), tuple(int(d) for d in dims), dtypes, str(device),
-                              tuple(candidates), default)
+        return _stored_choice(name, training, _traced_bucket(rows), tuple(_concrete(d) for d in dims), dtypes,
+                              str(device), tuple(candidates), default)
     key = make_key(name, present, training=training, rows=rows, dims=dims)
     decision = _DISPATCHER.lookup(key)
     if decision is None:
@@ -484,6 +485,31 @@ def measure(
     if decision.choice not in candidates:  # a stored decision for a candidate this process lacks
         return next(iter(candidates))
     return decision.choice
+
+
+def _traced_bucket(n: Any) -> int:
+    """:func:`bucket` by comparisons only, so that a symbolic size (dynamic shapes) gives a Python
+    int under dynamo, guarded on the bucket's range rather than the exact value."""
+    b = 1 if n >= 1 else 0
+    while b < n:
+        b *= 2
+    return b
+
+
+def _concrete(n: Any) -> int:
+    """The value of a (possibly symbolic) size as a Python int, found by bisection: dynamo guards each
+    comparison, which pins the value (as a static shape would) without ``int()`` on a SymInt."""
+    hi = 1
+    while hi <= n:
+        hi *= 2
+    lo = 0
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if n >= mid:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 @torch.compiler.assume_constant_result

@@ -85,7 +85,7 @@ def _flags(optional, scale_offset: float) -> str:
     """The dispatch key's flags: which optional tensors are present (with their rank: per-sample or
     per-token modulation) and the scale offset."""
     present = "".join(str(t.dim()) if t is not None else "-" for t in optional)
-    return f"opt={present},off={float(scale_offset):g}"
+    return f"opt={present},off={float(scale_offset)}"
 
 
 def _per_token(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
