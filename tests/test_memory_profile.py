@@ -579,6 +579,24 @@ def test_measured_training_skipped_without_cuda():
     assert set(out) == {"measured_skipped"} and "no CUDA device" in out["measured_skipped"]
 
 
+def test_measured_training_step_takes_every_output():
+    """The step --memory --batch times on CUDA, run here on a CPU (autocast 'cpu'): CLIP returns
+    (logits_per_image, logits_per_text), and the step's loss covers both (it called .float() on
+    the tuple: AttributeError); a single-output model (DiT) steps as before."""
+    from uvit_fast import profiler
+
+    clip, _, _ = profiler.build_model("clip_vit_b32", 64, 32, vision_width=64, vision_layers=1, embed_dim=32,
+                                      transformer_width=32, transformer_heads=2, transformer_layers=1, vocab_size=100)
+    dit, _, _ = profiler.build_model("DiT-S/2", 8, 2, hidden_size=32, depth=1, num_heads=2)
+    for model in (clip, dit):
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        profiler.training_step(model, opt, model.example_inputs(2, device="cpu"), "cpu")()
+        missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+        assert not missing  # the loss reached every weight (CLIP: both towers)
+        assert len(opt.state) == sum(p.requires_grad for p in model.parameters())  # and AdamW stepped them
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="measures torch.cuda.max_memory_allocated: needs a CUDA GPU")
 def test_measured_training_on_cuda():
     from uvit_fast import profiler

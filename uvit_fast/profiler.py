@@ -224,6 +224,21 @@ def modelled_peak_bytes(row: Dict[str, Any], batch: int, path: str) -> int:
     return int(row["state_bytes"] + max(row[f"saved_bytes_fixed_{path}"], 0) + batch * row[f"saved_bytes_{path}"])
 
 
+def training_step(model: torch.nn.Module, opt: torch.optim.Optimizer, inputs: Sequence[Any], device_type: str):
+    """One AMP training step as a closure: zero_grad, forward under bf16 autocast, a mean-square
+    loss over every output (CLIP returns a tuple of logits), backward, optimizer step."""
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            out = model(*inputs)
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        sum(o.float().square().mean() for o in outs).backward()
+        opt.step()
+
+    return step
+
+
 def measure_training(row: Dict[str, Any], batch: int, device: torch.device, *, fused: bool = True) -> Dict[str, Any]:
     """Measured beside the memory model, on CUDA only: one AMP training step (fp32 weights,
     bf16 autocast, AdamW) of ``batch`` samples: ``torch.cuda.max_memory_allocated`` and the
@@ -238,15 +253,7 @@ def measure_training(row: Dict[str, Any], batch: int, device: torch.device, *, f
         model, _, _ = build_model(row["model"], row["img_size"], row["patch_size"], fused=fused)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    inputs = model.example_inputs(batch, device=device)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = model(*inputs)
-        out.float().square().mean().backward()
-        opt.step()
-
+    step = training_step(model, opt, model.example_inputs(batch, device=device), device.type)
     step()  # AdamW state exists from here on, as in a training run
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
@@ -254,7 +261,7 @@ def measure_training(row: Dict[str, Any], batch: int, device: torch.device, *, f
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device)
     t = time_fn(step, device, warmup=1, rep=5)
-    model = opt = inputs = None
+    model = opt = step = None
     torch.cuda.empty_cache()
     return {
         "measured_batch": batch,
