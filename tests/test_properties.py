@@ -52,6 +52,7 @@ class Arg:
     layout: str = "contig"  # contig | transposed | strided | expand
     expand_to: Optional[Tuple[int, ...]] = None
     dim: int = -1  # the dim that ``strided`` slices
+    dtype: Optional[torch.dtype] = None  # its own dtype (mixed-dtype calls); None: the case's
 
 
 @dataclass
@@ -66,6 +67,8 @@ class Case:
     #: inputs whose NaN/Inf the kernel may legitimately keep out of some outputs that the reference
     #: spoils (see :func:`attention_case`)
     loose: Set[str] = field(default_factory=set)
+    #: the float64 run's function when it is not ``ref`` (see :func:`_residual_ref64`)
+    ref64: Optional[Callable] = None
 
 
 def _store(a: Arg, dtype: torch.dtype, requires_grad: bool):
@@ -101,8 +104,11 @@ def _build(case: Case, dtype: torch.dtype):
             args[name] = None
             continue
         if dtype == torch.float64:  # the reference sees the values the kernel sees
-            a = Arg(a.value.to(case.dtype).double(), a.layout, a.expand_to, a.dim)
-        leaves[name], args[name] = _store(a, dtype, name in case.grads)
+            own = a.dtype or case.dtype
+            leaves[name], args[name] = _store(Arg(a.value.to(own).double(), a.layout, a.expand_to, a.dim), dtype,
+                                              name in case.grads)
+            continue
+        leaves[name], args[name] = _store(a, a.dtype or dtype, name in case.grads)
     return leaves, args
 
 
@@ -117,6 +123,8 @@ def _run(case: Case):
         leaves, args = _build(case, dtype)
         if fn == "op":
             out = case.op(**args, **case.kwargs, backend="triton")
+        elif dtype == torch.float64 and case.ref64 is not None:
+            out = case.ref64(**args, **case.kwargs)
         else:
             out = case.ref(**args, **case.kwargs)
         runs.append((leaves, _as_list(out)))
@@ -128,7 +136,8 @@ def _describe(case: Case) -> str:
     for n, a in case.args.items():
         if a is not None:
             shape = tuple(a.expand_to) if a.layout == "expand" else tuple(a.value.shape)
-            parts.append(f"{n}{shape}:{a.layout}{'*' if n in case.grads else ''}")
+            dt = f":{a.dtype}" if a.dtype is not None else ""
+            parts.append(f"{n}{shape}:{a.layout}{dt}{'*' if n in case.grads else ''}")
     return f"{case.dtype} {case.kwargs} " + " ".join(parts)
 
 
@@ -304,6 +313,9 @@ def adaln_case(data, *, residual=False, batch=None, widths=WIDTHS) -> Case:
         per_token = data.draw(st.booleans(), label=f"{m} per token")
         full = (B, L, D) if per_token else (B, D)
         args[m] = _broadcast_arg(data, gen, m, full, scale=0.5)
+        if m != "gate":  # shift/scale in another dtype than x (fp32 conditioning, fp16 activations);
+            # a wider gate widens x_new, which F.layer_norm then refuses with narrower weights
+            args[m].dtype = data.draw(st.sampled_from((None,) + FP), label=f"{m} dtype")
     for name, off in (("weight", 1.0), ("bias", 0.0)):
         args[name] = _arg(data, gen, name, (D,), scale=0.5, offset=off) if data.draw(st.booleans(), label=f"has {name}") else None
     kwargs = dict(
@@ -312,10 +324,23 @@ def adaln_case(data, *, residual=False, batch=None, widths=WIDTHS) -> Case:
     )
     present = [n for n, a in args.items() if a is not None]
     if residual:
-        op, ref = ops.residual_adaln_layer_norm, ops.residual_adaln_layer_norm_reference
-    else:
-        op, ref = ops.adaln_layer_norm, ops.adaln_layer_norm_reference
-    return Case(op, ref, args, dtype, _grads(data, present), kwargs, gen)
+        case = Case(ops.residual_adaln_layer_norm, ops.residual_adaln_layer_norm_reference, args, dtype,
+                    _grads(data, present), kwargs, gen)
+        case.ref64 = _residual_ref64(dtype)
+        return case
+    return Case(ops.adaln_layer_norm, ops.adaln_layer_norm_reference, args, dtype, _grads(data, present), kwargs, gen)
+
+
+def _residual_ref64(dtype: torch.dtype) -> Callable:
+    """The float64 specification of the residual op: ``h`` normalises the returned ``x_new``,
+    a tensor in the inputs' dtype, so the float64 run rounds ``x_new`` to it before the norm (the
+    plain PyTorch run does the same). Without that, the shared x_new rounding dominates both
+    errors when ``h`` is fp32 (fp16 x with an fp32 scale) and the 2x comparison is a coin toss."""
+    def ref(x, branch, gate=None, shift=None, scale=None, weight=None, bias=None, eps=1e-5, scale_offset=1.0):
+        x_new, _ = ops.residual_adaln_layer_norm_reference(x, branch, gate)
+        rounded = x_new.to(dtype).to(x_new.dtype)
+        return x_new, ops.adaln_layer_norm_reference(rounded, shift, scale, weight, bias, eps, scale_offset)
+    return ref
 
 
 def skip_case(data, *, batch=None) -> Case:
@@ -460,7 +485,7 @@ def test_parity_quick(op, data):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("op", OPS)
-@examples(12)
+@examples(8)
 @given(data=st.data())
 def test_parity(op, data):
     check_case(BUILDERS[op](data))
@@ -477,7 +502,7 @@ def test_nonfinite_inputs_propagate_as_reference(op, data):
 
 
 @pytest.mark.parametrize("op", OPS)
-@examples(2)
+@examples(4)
 @given(data=st.data())
 def test_empty_batch_as_reference(op, data):
     check_empty_batch(BUILDERS[op](data, batch=st.just(0), **QUICK_KW.get(op, {})))
