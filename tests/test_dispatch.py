@@ -576,3 +576,12 @@ def test_distributed_tune_decides_on_rank_0_and_broadcasts(tmp_path):
     assert all(s == "broadcast" for _, s in r1["rows"].values())
     assert r0["fused"] and r1["fused"]
     assert (tmp_path / "tune0.json").exists() and not (tmp_path / "tune1.json").exists()
+
+
+def test_attention_candidates_leave_out_the_math_reference_at_large_scores():
+    from uvit_fast.ops.attention import _attention_candidates
+
+    small = torch.empty(1, 77, 2, 72, device="meta")
+    large = torch.empty(64, 1025, 24, 64, device="meta")  # U-ViT-H/2 at 512 px: 6.4 GB of fp32 scores
+    assert list(_attention_candidates(small, small, False, None)) == ["sdpa", "torch", "triton"]
+    assert list(_attention_candidates(large, large, False, None)) == ["sdpa", "triton"]

@@ -373,11 +373,15 @@ def _attention_triton(q, k, v, causal, scale):
 
 def _attention_candidates(q, k, causal, scale):
     """What ``auto`` times (the first, SDPA, is the baseline that wins ties): SDPA, the math
-    reference, our kernel, and flash-attn / xformers where installed and applicable."""
+    reference (small score matrices only), our kernel, and flash-attn / xformers where installed
+    and applicable."""
     def run(name):
         return lambda q, k, v: attention(q, k, v, causal=causal, scale=scale, backend=name)
 
-    names = ["sdpa", "torch", "triton"]
+    # the math reference materialises the fp32 scores: not timed where they pass 1 GiB (it would
+    # lose, and could run the device out of memory while timing)
+    B, Lq, H, _ = q.shape
+    names = ["sdpa", "torch", "triton"] if B * H * Lq * k.shape[1] * 4 <= 2**30 else ["sdpa", "triton"]
     half = _autocast(q)[0].dtype in (torch.float16, torch.bfloat16)
     if q.is_cuda and half and not (causal and q.shape[1] != k.shape[1]) and importlib.util.find_spec("flash_attn"):
         names.append("flash_attn")
