@@ -231,6 +231,32 @@ def test_real_timm_eva_is_left_alone(qkv_bias):
         _close(model(x), ref(x))
 
 
+def test_hybrid_patch_embedding_is_left_alone():
+    """timm's HybridEmbed (hybrid ViTs) runs a CNN ``backbone`` before its patch-sized ``proj``: the
+    fused patch embedding skipped the backbone (a ValueError on every forward of
+    vit_small_r26_s32_224). It keeps timm's code; the blocks are still fused."""
+    ref = _build("mirror")
+    ref.patch_embed = _randomize(up.HybridEmbed(img_size=16, patch_size=2, embed_dim=24), seed=3).double()
+    model, report = uvit_fast.optimize(copy.deepcopy(ref))
+    assert "backbone" in dict(report.left_alone)["patch_embed"], str(report)
+    assert "blocks.0" in dict(report.replaced)
+    x = _x()
+    with torch.no_grad():
+        _close(model(x), ref(x))
+
+
+def test_real_timm_hybrid_vit():
+    timm = pytest.importorskip("timm", reason=NO_TIMM)
+    ref = timm.create_model("vit_small_r26_s32_224", pretrained=False, img_size=64, depth=2, num_classes=7)
+    ref = _randomize(ref, std=0.05).double().eval()
+    model, report = uvit_fast.optimize(copy.deepcopy(ref))
+    assert "backbone" in dict(report.left_alone)["patch_embed"], str(report)
+    assert "blocks.1" in dict(report.replaced), str(report)
+    x = _x((1, 3, 64, 64))
+    with torch.no_grad():
+        _close(model(x), ref(x))
+
+
 # --------------------------------------------------------------------------- timm's APIs after optimize
 @pytest.mark.parametrize("source", ["mirror", "pre116", "timm"])
 def test_blocks_norm_and_patch_embed_fused_in_place(source):

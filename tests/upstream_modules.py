@@ -496,6 +496,23 @@ class PatchEmbed(nn.Module):
         return self.norm(x)
 
 
+class HybridEmbed(PatchEmbed):
+    """timm 1.0.31 ``timm.layers.HybridEmbed`` (the hybrid ViTs, e.g. ``vit_small_r26_s32_224``): a CNN
+    ``backbone`` first, then ``proj``, a conv whose kernel = stride over the backbone's feature map."""
+
+    def __init__(self, img_size=16, patch_size=1, in_chans=3, embed_dim=24, feature_stride=2, feature_dim=5):
+        super().__init__(img_size // feature_stride, patch_size, feature_dim, embed_dim)
+        self.img_size = (img_size, img_size)
+        self.backbone = nn.Conv2d(in_chans, feature_dim, feature_stride, feature_stride)
+
+    def feat_ratio(self, as_scalar=True):
+        return self.patch_size[0] * self.backbone.stride[0]
+
+    def forward(self, x):
+        x = self.proj(self.backbone(x))
+        return x.flatten(2).transpose(1, 2)
+
+
 def resample_abs_pos_embed(pos_embed, new_size, old_size, num_prefix_tokens):
     if tuple(new_size) == tuple(old_size):
         return pos_embed

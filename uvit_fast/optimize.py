@@ -515,6 +515,7 @@ def _fuse_timm_patch_embed(pe: nn.Module) -> bool:
     if isinstance(pe, layers.PatchEmbed):
         pe.fused = True
         return False
+    _no_extras(pe, "patch embedding", ("proj", "norm"))  # e.g. HybridEmbed's CNN backbone before proj
     proj = getattr(pe, "proj", None)
     if not isinstance(proj, nn.Conv2d) or proj.kernel_size != proj.stride or any(proj.padding):
         raise _Skip("patch embedding has no patch-sized, unpadded Conv2d `proj`")
