@@ -534,3 +534,26 @@ def test_fuse_qkv_projections_before_and_after_optimize():
     assert "a user's processor" not in left["transformer_blocks.0.attn1"]
     with torch.no_grad(), uvit_fast.use_backend("torch"):
         _close64(_call(fused_first, "pixart", args, kw), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.float16, marks=pytest.mark.slow)])
+def test_triton_awkward_shapes_batch_1(dtype):
+    """PixArt at batch 1 (a non-guided sampling step), 25 patch tokens, 77 text tokens, head_dim 80,
+    weights cast to ``dtype`` (``model.to(dtype)``), as a pipeline calls it; forward on the kernels."""
+    ref64 = _pixart(heads=2, head_dim=80, layers=1, sample=10).double().eval()
+    base = copy.deepcopy(ref64).to(dtype)
+    model, _ = uvit_fast.optimize(copy.deepcopy(base))
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 4, 10, 10, generator=g, dtype=torch.float64)
+    c = torch.randn(1, 77, 24, generator=g, dtype=torch.float64)
+    t = torch.tensor(999)[None].expand(1)  # as PixArtAlphaPipeline passes it
+    call = lambda m, d: m(x.to(d), encoder_hidden_states=c.to(d), timestep=t,  # noqa: E731
+                          added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
+    rec = CustomOpRecorder()
+    with torch.no_grad():
+        o64, ob = call(ref64, torch.float64), call(base, dtype)
+        with rec, uvit_fast.use_backend("triton"):
+            o = call(model, dtype)
+    assert o.dtype == ob.dtype == dtype
+    assert_parity(o, ob, o64, atol=DEFAULT_ATOL[dtype] * max(1.0, o64.abs().max().item()), name=f"{dtype} output")
+    assert {"uvit_fast.patchify_embed.default", "uvit_fast.attention_fwd.default"} <= rec.ops
