@@ -2,7 +2,8 @@
 
 :func:`uvit_fast.optimize` calls :func:`optimize_diffusers` when it is given a diffusers
 ``ModelMixin`` (detected by class module name, so ``uvit_fast`` never imports diffusers on its
-own), or a module tree holding one (a wrapper, ``torch.compile``'s ``OptimizedModule``). This module imports diffusers; checked against diffusers 0.42.1.
+own), or a module tree holding one (a wrapper, ``torch.compile``'s ``OptimizedModule``). This
+module imports diffusers; checked against diffusers 0.42.1.
 
 What it swaps, in place, keeping the model's class, ``config``, module names, ``state_dict``
 keys and the attention processor API (a swapped module keeps its object and gets a subclass of
