@@ -557,3 +557,12 @@ def test_triton_awkward_shapes_batch_1(dtype):
     assert o.dtype == ob.dtype == dtype
     assert_parity(o, ob, o64, atol=DEFAULT_ATOL[dtype] * max(1.0, o64.abs().max().item()), name=f"{dtype} output")
     assert {"uvit_fast.patchify_embed.default", "uvit_fast.attention_fwd.default"} <= rec.ops
+
+
+def test_a_pipeline_is_refused_with_the_fix_in_the_message():
+    """optimize(pipe) is an easy slip; it names the argument and what to pass instead."""
+    pipe = diffusers.DiTPipeline(transformer=_dit(head_dim=16, layers=1), vae=None, scheduler=diffusers.DDIMScheduler())
+    with pytest.raises(TypeError, match=r"model must be a torch.nn.Module; got DiTPipeline.*pipe\.transformer"):
+        uvit_fast.optimize(pipe)
+    with pytest.raises(TypeError, match=r"model must be a torch.nn.Module; got int"):
+        uvit_fast.optimize(3)

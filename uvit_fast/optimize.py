@@ -563,6 +563,9 @@ def optimize(model: nn.Module) -> Tuple[nn.Module, OptimizeReport]:
     alone and why. Works on the model itself or on any sub-module tree that contains one
     (e.g. a wrapper holding the network as ``.model``).
     """
+    if not isinstance(model, nn.Module):
+        hint = " (a diffusers pipeline: pass its model, e.g. pipe.transformer)" if hasattr(model, "components") else ""
+        raise TypeError(f"optimize: model must be a torch.nn.Module; got {type(model).__name__}{hint}")
     report = OptimizeReport()
     # diffusers models: the model itself, or the outermost ones in a wrapper (or torch.compile's _orig_mod)
     in_diffusers = [p for p, m in model.named_modules() if _is_diffusers_model(m)]
