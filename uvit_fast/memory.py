@@ -24,7 +24,7 @@ The counting rules (docs/profiling.md has the reasons and the limits):
 * **HBM traffic**: a :class:`~torch.utils._python_dispatch.TorchDispatchMode` sees every aten op
   and every ``uvit_fast::`` custom op; each is one kernel that reads each distinct input tensor
   once and writes each output once (an argument it only writes, ``out=`` or the destination of
-  ``copy_`` / ``fill_`` / ``zero_``, is not read). A tensor's bytes are the elements it addresses (broadcast,
+  ``copy_`` / ``fill_`` / ``zero_``, is not read, nor the model tensor of ``full_like`` and kin). A tensor's bytes are the elements it addresses (broadcast,
   stride-0 dimensions count once) times the element size. Views, reshapes, ``detach`` and
   allocations (``empty``) move nothing.
 * **Roofline**: each kernel takes at least ``max(flops / peak, bytes / bandwidth)``; the sum is
@@ -160,7 +160,10 @@ _OVERWRITE = {"copy_", "fill_", "zero_", "normal_", "uniform_", "bernoulli_", "r
 
 def _read_tensors(func, args, kwargs) -> List[torch.Tensor]:
     """The tensor arguments an op reads: all of them but those it only writes (``out=``
-    arguments, and the destination of ``copy_`` / ``fill_`` / ``zero_`` / a random fill)."""
+    arguments, and the destination of ``copy_`` / ``fill_`` / ``zero_`` / a random fill); a
+    ``*_like`` factory reads none (it takes only the shape and dtype)."""
+    if _short(func).endswith("_like"):  # full_like, zeros_like, rand_like: only the shape is used
+        return []
     schema = getattr(func, "_schema", None)
     if schema is None:
         return _tensors(list(args) + list(kwargs.values()))
