@@ -24,8 +24,9 @@ The counting rules (docs/profiling.md has the reasons and the limits):
 * **HBM traffic**: a :class:`~torch.utils._python_dispatch.TorchDispatchMode` sees every aten op
   and every ``uvit_fast::`` custom op; each is one kernel that reads each distinct input tensor
   once and writes each output once (an argument it only writes, ``out=`` or the destination of
-  ``copy_`` / ``fill_`` / ``zero_``, is not read, nor the model tensor of ``full_like`` and kin). A tensor's bytes are the elements it addresses (broadcast,
-  stride-0 dimensions count once) times the element size. Views, reshapes, ``detach`` and
+  ``copy_`` / ``fill_`` / ``zero_``, is not read, nor the model tensor of ``full_like`` and kin).
+  A tensor's bytes are the elements it addresses (broadcast, stride-0 dimensions count once)
+  times the element size. Views, reshapes, ``detach`` and
   allocations (``empty``) move nothing.
 * **Roofline**: each kernel takes at least ``max(flops / peak, bytes / bandwidth)``; the sum is
   split into GEMM (matmuls, convolutions, the fused GEMM ops), attention and the memory-bound rest.
