@@ -530,7 +530,7 @@ def test_memory_row_schema_and_table():
     row.update(model="DiT-S/2 (tiny)", patch_size=2, tokens=16)
     table = profiler.format_memory_table([row])
     assert "MODELLED" in table and "not measured" in table and "datasheet" in table
-    assert "saved fused" in table and "HBM plain" in table and "max B ckpt" in table
+    assert "saved fused" in table and "HBM plain" in table and "max B ckpt fused" in table  # which path
     assert f"{row['saved_bytes_fused'] / 2**20:.1f}" in table
     # how a GPU measurement is shown beside the model (the fields measure_training returns on CUDA)
     row.update(measured_batch=8, measured_path="fused", measured_peak_bytes=3 * 2**30, measured_step_ms=12.5,

@@ -402,7 +402,7 @@ def format_memory_table(rows: Sequence[Dict[str, Any]]) -> str:
         "forward total (GEMM/attention/memory-bound); step = forward + backward + AdamW.",
     ]
     headers = ["model", "patch", "tokens", "saved fused", "saved plain", "ckpt fused", "HBM fused", "HBM plain",
-               "FLOP/B fused", "FLOP/B plain", "max B fused", "max B plain", "max B ckpt",
+               "FLOP/B fused", "FLOP/B plain", "max B fused", "max B plain", "max B ckpt fused",
                "fwd roofline fused", "fwd roofline plain", "step fused", "step plain"]
     body = []
     for r in rows:
