@@ -97,6 +97,16 @@ def _off3(a, sa, b, sb, c, sc, ALIGNED: tl.constexpr):
 
 
 @triton.jit
+def _first_half(x, ROWS: tl.constexpr, HALF: tl.constexpr):
+    """Columns ``[0, HALF)`` of a ``[ROWS, 2 * HALF]`` tile, taken from registers. The output-dim
+    dots need the remainder only ``DRN`` wide while the reduction dots load it ``DRK = 2 * DRN``
+    wide (head_dim 72: 8 and 16); a second, narrow load of e.g. ``[32, 8]`` by 8 warps would be
+    one 2-byte element per thread (compiled for sm_90: scalar loads in the main loop)."""
+    lo, hi = tl.split(tl.permute(tl.reshape(x, [ROWS, 2, HALF]), [0, 2, 1]))
+    return lo
+
+
+@triton.jit
 def _load_tile(base, offs_r, offs_c, stride_r, stride_c, n_rows, N_COLS: tl.constexpr,
                MASK_R: tl.constexpr, MASK_C: tl.constexpr, ALIGNED: tl.constexpr):
     """Load ``[len(offs_r), len(offs_c)]`` at ``base``; rows ``>= n_rows`` and columns
@@ -349,7 +359,10 @@ def _bwd_dkdv_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q_bh, DO_bh, STATS_bh, D
         if REM > 0:
             do1 = _load_tile(dob + D0 * stride_dd, offs_i, offs_rk, stride_dm, stride_dd, m_left, REM, MASKED, DRK > REM, ALIGNED)
             dpT = tl.dot(v1, tl.trans(do1), dpT, input_precision=DOT_PREC)
-            if DRN != DRK:  # narrow copies for the output-dim dots
+            if DRK == 2 * DRN:  # narrow copies for the output-dim dots, from registers
+                do1n = _first_half(do1, BLOCK_M, DRN)
+                q1n = _first_half(q1, BLOCK_M, DRN)
+            elif DRN != DRK:  # narrow copies for the output-dim dots
                 do1n = _load_tile(dob + D0 * stride_dd, offs_i, offs_rn, stride_dm, stride_dd, m_left, REM, MASKED, DRN > REM, ALIGNED)
                 q1n = _load_tile(qb + D0 * stride_qd, offs_i, offs_rn, stride_qm, stride_qd, m_left, REM, MASKED, DRN > REM, ALIGNED)
             else:
@@ -516,7 +529,9 @@ def _bwd_dq_inner(dq0, dq1, q0, q1, do0, do1, m_row, log2_l, delta, K_bh, V_bh,
         ds = p * (dp - delta[:, None])
         dq0 = tl.dot(ds.to(k0.dtype), k0, dq0, input_precision=DOT_PREC)
         if REM > 0:
-            if DRN != DRK:
+            if DRK == 2 * DRN:
+                k1n = _first_half(k1, BLOCK_N, DRN)
+            elif DRN != DRK:
                 k1n = _load_tile(kb + D0 * stride_kd, offs_j, offs_rn, stride_kn, stride_kd, n_left, REM, MASKED, DRN > REM, ALIGNED)
             else:
                 k1n = k1
