@@ -290,7 +290,12 @@ def _batch(data, batch):
 
 
 # ----------------------------------------------------------------------------- op cases
-def adaln_case(data, *, residual=False, batch=None, widths=WIDTHS) -> Case:
+#: LayerNorm of two values is +-1 (up to eps) and ill-conditioned where they are within ~sqrt(eps):
+#: there the 2x comparison of two roundings is a coin toss, so the norms skip D = 2 (1 and 3 stay)
+ADALN_WIDTHS = tuple(d for d in WIDTHS if d != 2)
+
+
+def adaln_case(data, *, residual=False, batch=None, widths=ADALN_WIDTHS) -> Case:
     gen = _gen(data)
     dtype = data.draw(st.sampled_from(FP), label="dtype")
     B = _batch(data, batch)
