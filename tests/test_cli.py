@@ -114,3 +114,12 @@ def test_unknown_names_in_the_cli_get_suggestions(capsys):
     assert "no model name matches 'no-such-thing'" in capsys.readouterr().err
     assert main(["profile", "--model", "DiT-XL-2"]) == 2
     assert "unknown model 'DiT-XL-2'; did you mean 'DiT-XL/2'?" in capsys.readouterr().err
+
+
+def test_tune_with_an_unknown_name_or_override_is_one_line_and_exit_2(capsys):
+    assert main(["tune", "DiT-XL-2"]) == 2
+    assert "uvit-fast tune: unknown model 'DiT-XL-2'; did you mean 'DiT-XL/2'?" in capsys.readouterr().err
+    assert main(["tune", "DiT-S/2", "--set", "img_size=8"]) == 2
+    assert "input_size" in capsys.readouterr().err
+    assert main(["tune", "DiT-S/2", "--set", "depth"]) == 2
+    assert "--set takes KEY=VALUE" in capsys.readouterr().err

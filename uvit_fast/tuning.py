@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import sys
 from typing import Any, Dict, List
 
 import torch
@@ -125,8 +126,13 @@ def run(args: argparse.Namespace) -> int:
     from uvit_fast.models import create_model
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    overrides = dict(_override(s) for s in args.set or ())
-    model = create_model(args.model, **overrides).to(device)
+    try:
+        overrides = dict(_override(s) for s in args.set or ())
+        model = create_model(args.model, **overrides)
+    except (ValueError, TypeError) as exc:  # unknown name or override: one line, not a traceback
+        print(f"uvit-fast tune: {exc}", file=sys.stderr)
+        return 2
+    model = model.to(device)
     model.train(args.training)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
         args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
