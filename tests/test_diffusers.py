@@ -19,7 +19,7 @@ diffusers = pytest.importorskip(
 )
 
 import uvit_fast  # noqa: E402
-from uvit_fast.testing import DEFAULT_ATOL, CustomOpRecorder, assert_parity  # noqa: E402
+from uvit_fast.testing import DEFAULT_ATOL, CustomOpRecorder, assert_parity, randomize_  # noqa: E402
 
 from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel  # noqa: E402
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0  # noqa: E402
@@ -37,12 +37,7 @@ from uvit_fast.optimize_diffusers import (  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _randomize(model, std=0.2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model
+_randomize = randomize_
 
 
 def _dit(heads=2, head_dim=72, layers=2, sample=8):

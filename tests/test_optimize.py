@@ -10,19 +10,14 @@ import uvit_fast
 from uvit_fast import layers
 from uvit_fast.models.dit import DiTBlock
 from uvit_fast.models.uvit import Block
-from uvit_fast.testing import CustomOpRecorder, assert_parity
+from uvit_fast.testing import CustomOpRecorder, assert_parity, randomize_
 
 import upstream_modules as up
 
 BACKENDS = ["torch", "triton"]
 
 
-def _randomize(model, std=0.2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model
+_randomize = randomize_
 
 
 def _build(kind, **kw):

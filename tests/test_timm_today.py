@@ -18,7 +18,7 @@ import torch
 
 import uvit_fast
 from uvit_fast import layers
-from uvit_fast.testing import CustomOpRecorder, assert_parity
+from uvit_fast.testing import CustomOpRecorder, assert_parity, randomize_
 
 import upstream_modules as up
 
@@ -27,12 +27,7 @@ SOURCES = ["mirror", "timm"]
 CFG = dict(img_size=16, patch_size=4, embed_dim=24, depth=3, num_heads=2, num_classes=7)
 
 
-def _randomize(model, std=0.2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model
+_randomize = randomize_
 
 
 def _build(source, dtype=torch.float64, **kw):

@@ -47,6 +47,16 @@ def assert_parity(
         )
 
 
+def randomize_(model: torch.nn.Module, std: float = 0.2, seed: int = 0) -> torch.nn.Module:
+    """Overwrite every parameter with ``N(0, std^2)`` draws from a seeded generator, in place: models
+    whose zero-initialised layers (adaLN-Zero, final layers) would otherwise hide wrong math."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
 def poison_(t: torch.Tensor) -> torch.Tensor:
     """Fill with NaN so that elements a kernel fails to write are caught."""
     return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-1)
