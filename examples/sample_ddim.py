@@ -1,4 +1,4 @@
-"""Sample with DDIM and classifier-free guidance from a fused U-ViT or DiT preset.
+r"""Sample with DDIM and classifier-free guidance from a fused U-ViT or DiT preset.
 
 Without --checkpoint the weights are random, so the samples are noise (the run shows that
 every fused op works end to end, not what the model draws); give an upstream checkpoint file

@@ -75,3 +75,12 @@ def test_changelog_has_unreleased_and_the_current_version():
 
 def test_install_hints_in_readme_use_editable_installs():
     assert "uvit-fast[" not in README.replace('pip install -e ".[', "")
+
+
+def test_sample_ddim_help_keeps_the_line_continuation_of_its_gpu_command():
+    """The example's docstring is its --help text; a backslash-newline in a plain string is eaten,
+    which glued the GPU command's two lines together with a run of spaces."""
+    import ast
+
+    doc = ast.get_docstring(ast.parse((ROOT / "examples" / "sample_ddim.py").read_text()), clean=False)
+    assert "imagenet256_uvit_huge.pth \\\n        --steps 50" in doc, doc
