@@ -123,3 +123,21 @@ def test_tune_with_an_unknown_name_or_override_is_one_line_and_exit_2(capsys):
     assert "input_size" in capsys.readouterr().err
     assert main(["tune", "DiT-S/2", "--set", "depth"]) == 2
     assert "--set takes KEY=VALUE" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--out", "--md"])
+def test_bench_unwritable_output_fails_before_the_work(tmp_path, capsys, flag):
+    """A bad --out / --md is a one-line error with exit 2 before any row runs (it was a
+    FileNotFoundError traceback after the whole benchmark)."""
+    import time
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    start = time.perf_counter()
+    rc = main(["bench", "--suite", "ops", "--op", "skip_concat_linear", "--quick", "--no-progress",
+               flag, str(blocker / "sub" / "x.json")])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"uvit-fast bench: {flag} {blocker / 'sub' / 'x.json'}: {blocker} is not a folder" in err, err
+    assert time.perf_counter() - start < 5
+    assert main(["bench", "--suite", "ops", "--op", "skip_concat_linear", flag, str(tmp_path)]) == 2
+    assert "is a folder; give a file name" in capsys.readouterr().err

@@ -562,6 +562,23 @@ def save(result: Dict[str, Any], out: str, md: Optional[str] = None) -> Tuple[st
     return str(path), str(md_path)
 
 
+def output_path_error(path: str, flag: str) -> Optional[str]:
+    """Why ``path`` (a file to write) cannot be written, or None: checked before any work runs,
+    so a typo in ``--out`` / ``--md`` costs nothing. Missing folders are fine (``save`` creates
+    them) as long as the nearest existing one is a writable folder."""
+    p = Path(path)
+    if p.is_dir():
+        return f"{flag} {path}: is a folder; give a file name"
+    parent = p.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{flag} {path}: {parent} is not a folder"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{flag} {path}: folder {parent} is not writable"
+    return None
+
+
 def results_dir() -> Path:
     """``benchmarks/results`` of the source checkout this package runs from (an editable
     install), else ``benchmarks/results`` under the current directory."""
@@ -594,6 +611,11 @@ def run(args: argparse.Namespace) -> int:
     if args.time_budget is not None and not args.time_budget > 0:
         print("uvit-fast bench: --time-budget must be > 0", file=sys.stderr)
         return 2
+    for path, flag in ((args.out, "--out"), (args.md, "--md")):
+        problem = output_path_error(path, flag) if path else None
+        if problem:
+            print(f"uvit-fast bench: {problem}", file=sys.stderr)
+            return 2
     policy = Policy(device, quick=quick, cpu_compile=args.cpu_compile, max_shapes=args.max_shapes,
                     time_budget=args.time_budget, providers=args.provider)
     if device.type != "cuda":
