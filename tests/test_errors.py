@@ -156,3 +156,13 @@ def test_install_hints_work_without_pypi():
             if re.search(r"uvit-fast\[", line) and '-e ".[' not in line and "-e \\\".[" not in line:
                 bad.append(f"{path.relative_to(root)}:{n}: {line.strip()}")
     assert not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize("part, first", [("vit-tiny", "vit_tiny_patch16_224"), ("vivit", "vivit_b_16x2_model1"),
+                                         ("DiT-XL", "DiT-XL/2"), ("uvit-h", "imagenet256_uvit_huge")])
+def test_part_of_a_name_suggests_the_names_containing_it(part, first):
+    """A short form a user types (timm's 'vit-tiny', 'DiT-XL') names the full names, in list order
+    (difflib alone found nothing for 'vit-tiny' and put DiT-XL/8 first)."""
+    assert suggest_models(part)[0] == first
+    with pytest.raises(ValueError, match=f"unknown model '{part}'; did you mean '{first}'"):
+        create_model(part)

@@ -72,7 +72,8 @@ def _normalized(name: str) -> str:
 
 def suggest_models(name: object, n: int = 3) -> List[str]:
     """Registered names close to ``name``: the names equal to it up to case and separators
-    (``dit-s/2``, ``DiT-XL-2``), else the closest by :func:`difflib.get_close_matches`."""
+    (``dit-s/2``, ``DiT-XL-2``), else the names containing it (``vit-tiny``, see
+    :func:`filter_models`), then the closest by :func:`difflib.get_close_matches`."""
     if not isinstance(name, str) or not name.strip():
         return []
     by_norm: Dict[str, List[str]] = {}
@@ -81,8 +82,9 @@ def suggest_models(name: object, n: int = 3) -> List[str]:
     key = _normalized(name)
     if key in by_norm:
         return list(by_norm[key])
+    out = filter_models(name)  # a part of a name ('vit-tiny', 'DiT-XL', 'uvit_huge'), in list order
     close = difflib.get_close_matches(key, list(by_norm), n=n, cutoff=0.6)
-    out = [m for c in close for m in by_norm[c]]
+    out += [m for c in close for m in by_norm[c] if m not in out]
     lower = {m.lower(): m for m in _REGISTRY}
     out += [lower[c] for c in difflib.get_close_matches(name.lower(), list(lower), n=n, cutoff=0.6) if lower[c] not in out]
     return out[:n]
