@@ -84,3 +84,12 @@ def test_sample_ddim_help_keeps_the_line_continuation_of_its_gpu_command():
 
     doc = ast.get_docstring(ast.parse((ROOT / "examples" / "sample_ddim.py").read_text()), clean=False)
     assert "imagenet256_uvit_huge.pth \\\n        --steps 50" in doc, doc
+
+
+def test_python_floor_is_the_one_torch_2_9_needs_and_the_readme_says_it():
+    """torch 2.9 (the floor in dependencies) is published for Python >= 3.10 only: a lower
+    requires-python lets pip start on 3.9 and fail on torch with no word about Python."""
+    assert re.search(r'"torch>=2\.9"', PYPROJECT)
+    assert re.search(r'^requires-python\s*=\s*">=3\.10"', PYPROJECT, re.M)
+    section = README[README.index("## Supported"):README.index("## Layout")]
+    assert "Python >= 3.10" in section
