@@ -141,3 +141,14 @@ def test_bench_unwritable_output_fails_before_the_work(tmp_path, capsys, flag):
     assert time.perf_counter() - start < 5
     assert main(["bench", "--suite", "ops", "--op", "skip_concat_linear", flag, str(tmp_path)]) == 2
     assert "is a folder; give a file name" in capsys.readouterr().err
+
+
+def test_python_dash_m_uvit_fast_is_the_console_script():
+    """Without the console script on PATH (a venv not activated), ``python -m uvit_fast`` works too."""
+    import uvit_fast
+
+    out = subprocess.run([sys.executable, "-m", "uvit_fast", "--version"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == f"uvit-fast {uvit_fast.__version__}", out.stderr
+    out = subprocess.run([sys.executable, "-m", "uvit_fast", "bench", "--op", "nope"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2 and "unknown --op nope" in out.stderr, out.stderr[-2000:]
