@@ -152,3 +152,24 @@ def test_python_dash_m_uvit_fast_is_the_console_script():
     out = subprocess.run([sys.executable, "-m", "uvit_fast", "bench", "--op", "nope"], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 2 and "unknown --op nope" in out.stderr, out.stderr[-2000:]
+
+
+def test_model_names_given_as_examples_in_the_help_exist():
+    """A newcomer copies the example from ``--help``: every model name a help text offers after
+    'e.g.' for a create_model name is one create_model accepts."""
+    import re
+
+    import uvit_fast
+    from uvit_fast.cli_args import SUBCOMMANDS, build_parser
+
+    parser = build_parser("test")
+    names = set(uvit_fast.list_models())
+    examples = []
+    for command in SUBCOMMANDS:
+        sub = parser._subparsers._group_actions[0].choices[command]
+        for action in sub._actions:
+            m = re.search(r"create_model name, e\.g\. (.+)$", action.help or "")
+            if m:
+                examples += [w.strip(" .,()") for w in m.group(1).split(" or ")]
+    assert examples, "no help text gives an example model name"
+    assert not [e for e in examples if e not in names], examples

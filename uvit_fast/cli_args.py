@@ -181,7 +181,7 @@ def add_kernels_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", metavar="MODEL", help="a create_model name, e.g. DiT-XL/2 or uvit_imagenet256_huge")
+    parser.add_argument("model", metavar="MODEL", help="a create_model name, e.g. DiT-XL/2 or imagenet256_uvit_huge")
     parser.add_argument("--batch", type=positive_int, default=1, metavar="B", help="batch size to tune for (default 1)")
     parser.add_argument("--training", action="store_true", help=(
         "tune the training keys (forward + backward timed together); default: inference"))
