@@ -173,3 +173,17 @@ def test_model_names_given_as_examples_in_the_help_exist():
                 examples += [w.strip(" .,()") for w in m.group(1).split(" or ")]
     assert examples, "no help text gives an example model name"
     assert not [e for e in examples if e not in names], examples
+
+
+def test_kernels_with_a_kernel_filter_that_matches_nothing_is_an_error():
+    """``uvit-fast kernels --kernel NAME`` with a NAME no kernel has compiled nothing and exited 0
+    with an empty report; it is now exit 2 naming the kernels the cases launch."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiling needs it unset
+    out = subprocess.run([sys.executable, "-m", "uvit_fast.cli", "kernels", "--op", "adaln", "--shape", "dit-xl2",
+                          "--dtype", "fp16", "--kernel", "nope", "--no-progress"],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
+    assert "no kernel name contains 'nope'; the selected cases launch: _adaln_fwd_kernel, _adaln_bwd_kernel" \
+        in out.stderr, out.stderr[-2000:]

@@ -184,7 +184,7 @@ def _as_cuda_mode():
 
 @contextlib.contextmanager
 def compile_only(arch: Any = "sm_90", kernels: Optional[List[str]] = None,
-                 max_configs: Optional[int] = None) -> Iterator[List[Launch]]:
+                 max_configs: Optional[int] = None, seen: Optional[List[str]] = None) -> Iterator[List[Launch]]:
     """Within the block, every ``kernel[grid](...)`` launch compiles for ``arch`` instead of running.
 
     Yields the list that collects one :class:`Launch` per launch. Autotuned kernels compile every
@@ -193,6 +193,7 @@ def compile_only(arch: Any = "sm_90", kernels: Optional[List[str]] = None,
     ``kernels``: compile only kernels whose name contains one of these strings (others are skipped).
     ``max_configs``: compile only the first N kept configs of an autotuned kernel (the rest are
     recorded as ``skipped``): the CI tests' representative subset.
+    ``seen``: a list that gets the name of every kernel launched, filtered out or not.
     """
     import torch
     from triton.runtime.autotuner import Autotuner, Heuristics
@@ -223,6 +224,8 @@ def compile_only(arch: Any = "sm_90", kernels: Optional[List[str]] = None,
 
     def launch(kernel, grid, args, kwargs):
         name = _jit_name(kernel)
+        if seen is not None:
+            seen.append(name)
         if kernels and not any(k in name for k in kernels):
             return
         if isinstance(kernel, Autotuner):
@@ -600,9 +603,9 @@ def cases(shapes=None, ops=None, dtypes=None) -> List[Case]:
 
 
 def run_case(case: Case, arch: Any = "sm_90", kernels: Optional[List[str]] = None,
-             max_configs: Optional[int] = None) -> List[Launch]:
+             max_configs: Optional[int] = None, seen: Optional[List[str]] = None) -> List[Launch]:
     """Compile every launch of ``case`` for ``arch`` (see :func:`compile_only` for the filters)."""
-    with compile_only(arch, kernels=kernels, max_configs=max_configs) as launches:
+    with compile_only(arch, kernels=kernels, max_configs=max_configs, seen=seen) as launches:
         _LAUNCHERS[case.op](case.shape, _torch_dtype(case.dtype))
     return launches
 
@@ -673,7 +676,8 @@ def format_table(report_rows: List[Dict[str, Any]]) -> str:
 
 
 def iter_report(arch: Any = "sm_90", shapes=None, ops=None, dtypes=None, kernels=None,
-                progress: Optional[bool] = None) -> Iterator[Tuple[Case, List[Dict[str, Any]]]]:
+                progress: Optional[bool] = None,
+                seen: Optional[List[str]] = None) -> Iterator[Tuple[Case, List[Dict[str, Any]]]]:
     """Compile every selected case for ``arch``, yielding ``(case, rows)`` as each case is done."""
     import sys
 
@@ -691,7 +695,7 @@ def iter_report(arch: Any = "sm_90", shapes=None, ops=None, dtypes=None, kernels
     for case in it:
         if progress:
             it.set_postfix_str(case.name)
-        yield case, rows(case, run_case(case, arch, kernels), arch)
+        yield case, rows(case, run_case(case, arch, kernels, seen=seen), arch)
 
 
 def report(arch: Any = "sm_90", shapes=None, ops=None, dtypes=None, kernels=None,
@@ -725,10 +729,13 @@ def run(args) -> int:
     if not args.json:
         print(f"# {a.name} ({a.gpu}: {a.sms} SMs, {a.smem_per_block // 1024} KiB shared memory per block, "
               f"64K registers per SM); compiled ahead of time, nothing run", flush=True)
-    n_errors = 0
+    n_errors = n_rows = 0
+    seen: List[str] = []
     try:
         # rows are printed as each case is done (one table per case), so a run cut short keeps them
-        for _, case_rows in iter_report(a, args.shape, args.op, args.dtype, args.kernel, progress=args.progress):
+        for _, case_rows in iter_report(a, args.shape, args.op, args.dtype, args.kernel, progress=args.progress,
+                                        seen=seen):
+            n_rows += len(case_rows)
             n_errors += sum(r["status"] == "error" for r in case_rows)
             if args.json:
                 for r in case_rows:
@@ -738,5 +745,9 @@ def run(args) -> int:
             sys.stdout.flush()
     except ValueError as exc:
         print(f"uvit-fast kernels: {exc}", file=sys.stderr)
+        return 2
+    if args.kernel and not n_rows:  # a typo in --kernel compiled nothing: say so, not an empty report
+        print(f"uvit-fast kernels: no kernel name contains {' or '.join(map(repr, args.kernel))}; the selected "
+              f"cases launch: {', '.join(dict.fromkeys(seen)) or 'nothing'}", file=sys.stderr)
         return 2
     return 1 if n_errors and args.strict else 0
