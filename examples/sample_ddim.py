@@ -66,7 +66,10 @@ def main(argv=None):
     overrides = {"depth": args.depth} if args.depth else {}
     model = uvit_fast.create_model(args.model, **overrides)
     if args.checkpoint:
-        uvit_fast.load_upstream_checkpoint(model, args.checkpoint)
+        try:
+            uvit_fast.load_upstream_checkpoint(model, args.checkpoint)
+        except (OSError, ValueError) as exc:  # no such file, or not this preset's checkpoint
+            ap.error(f"--checkpoint {args.checkpoint}: {exc}")
     model = model.to(device).eval()
     torch.manual_seed(args.seed)
     x_in = model.example_inputs(args.batch, device=device)

@@ -63,3 +63,20 @@ def test_tiny_run_in_a_subprocess(tmp_path):
     bad = subprocess.run([sys.executable, str(SCRIPT), "--model", "vit_tiny_patch16_224"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "is not a diffusion model" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_bad_checkpoint_is_a_usage_error_not_a_traceback(example, tmp_path, capsys):
+    """A missing file or another preset's checkpoint exits 2 with the loader's message."""
+    with pytest.raises(SystemExit) as exc:
+        example.main(["--model", "DiT-S/8", "--depth", "1", "--checkpoint", str(tmp_path / "nope.pth")])
+    assert exc.value.code == 2
+    assert f"--checkpoint {tmp_path / 'nope.pth'}: [Errno 2] No such file" in capsys.readouterr().err
+    other = tmp_path / "other.pth"
+    import uvit_fast
+
+    torch.save(uvit_fast.create_model("DiT-S/8", depth=2).state_dict(), other)
+    with pytest.raises(SystemExit) as exc:
+        example.main(["--model", "DiT-S/8", "--depth", "1", "--checkpoint", str(other)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "does not match the model create_model('DiT-S/8', depth=1)" in err and "Traceback" not in err
