@@ -93,3 +93,21 @@ def test_python_floor_is_the_one_torch_2_9_needs_and_the_readme_says_it():
     assert re.search(r'^requires-python\s*=\s*">=3\.10"', PYPROJECT, re.M)
     section = README[README.index("## Supported"):README.index("## Layout")]
     assert "Python >= 3.10" in section
+
+
+def test_ops_section_says_which_ops_have_a_backend_and_a_reference():
+    """'Each op takes backend= and has a *_reference twin' must hold for every op the README's ops
+    table lists, or the README must name the op as an exception."""
+    import inspect
+
+    import uvit_fast.ops as ops
+
+    section = README[README.index("## The ops"):README.index("### Choosing the backend")]
+    intro = section[:section.index("| op |")]
+    table_ops = re.findall(r"^\| `([a-z_]+)\(", section, re.M)
+    table_ops += re.findall(r"`, `([a-z_]+)\(", section)
+    assert "attention_qkvpacked" in table_ops and "unpatchify" in table_ops, table_ops
+    for name in table_ops:
+        fn = getattr(ops, name)
+        full = "backend" in inspect.signature(fn).parameters and hasattr(ops, f"{name}_reference")
+        assert full or f"`{name}`" in intro, name
