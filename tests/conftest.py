@@ -27,6 +27,22 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+EXTENDED = os.environ.get("UVIT_FAST_EXTENDED", "0") == "1"
+
+
+def pytest_collection_modifyitems(config, items):
+    """``@pytest.mark.extended`` cases (each repeats, in another dtype, backend or at a larger size, a
+    case the default run keeps) run only with ``UVIT_FAST_EXTENDED=1``, so that the full suite fits
+    CI's 15 minutes on 2 cores; docs/testing.md lists them."""
+    if EXTENDED:
+        return
+    skip = pytest.mark.skip(reason="extended case (a heavier repeat of one the default run keeps): "
+                                   "set UVIT_FAST_EXTENDED=1 to run it (docs/testing.md)")
+    for item in items:
+        if "extended" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def device():
     return DEVICE
