@@ -657,12 +657,7 @@ def _attn_bwd_dq(Q, K, V, DO, STATS, DELTA, DQ,
 # every config there).
 # --------------------------------------------------------------------------------------------
 
-TAIL_STEP = 16  # forward: loop step over the last, partial block of the other sequence
-# backward: the tail step is 32, because at 16 rows the 8-column remainder of head_dim 72 (with 8
-# warps) is one 2-byte element per thread, a scalar load no alignment hint can widen (compiled for
-# sm_90); 32 rows make it 16-byte cp.async. The cost: the last partial block is padded to 32 rows
-# (L=258: 288 rows computed instead of 272), not yet timed on a GPU.
-BWD_TAIL_STEP = 32
+TAIL_STEP = 16  # loop step over the last, partial block of the other sequence
 _INTERPRET_TILE = 64
 _INTERPRET_STEP = 32
 _sm_count_cache = {}
@@ -863,14 +858,14 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         q, k, v, dout, stats, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
         H, Lq, Lk, n_main, n_tail, scale, scale * LOG2E,
-    ), dict(common, BLOCK_M_TAIL=BWD_TAIL_STEP, BLOCK_N=tile_n, BLOCK_N_TAIL=tail))
+    ), dict(common, BLOCK_M_TAIL=TAIL_STEP, BLOCK_N=tile_n, BLOCK_N_TAIL=tail))
     tile_m = block_m or _program_tile(Lq, B * H, D, q.dtype, dev)
     n_main, tail, n_tail = _split(Lq, tile_m)
     _launch(_attn_bwd_dq_tuned, _attn_bwd_dq, "BLOCK_N", block_n, ((n_main + n_tail) * B * H,), (
         q, k, v, dout, stats, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
         H, Lq, Lk, n_main, n_tail, scale, scale * LOG2E,
-    ), dict(common, BLOCK_M=tile_m, BLOCK_M_TAIL=tail, BLOCK_N_TAIL=BWD_TAIL_STEP))
+    ), dict(common, BLOCK_M=tile_m, BLOCK_M_TAIL=tail, BLOCK_N_TAIL=TAIL_STEP))
     return dq, dk, dv
 
 
