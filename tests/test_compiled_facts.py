@@ -123,6 +123,12 @@ def test_ptx_readers():
     assert [lp["bytes"] for lp in loops] == [16 + 8 + 16, 4]
     # the second loop reads under half the bytes of the first: not a main loop
     assert kr.main_loops({"loops": loops}) == [loops[0]]
+    # attention's backward at head_dim 72 (sm_90): the masked and unmasked full-step loops read 52,
+    # the 16-row tail loops 32 (one 2-byte element per thread for the remainder): the tails are not
+    # main loops; a loop over 3/4 of the busiest is
+    main, tail = {"bytes": 52}, {"bytes": 32}
+    assert kr.main_loops({"loops": [main, tail, main, tail]}) == [main, main]
+    assert kr.main_loops({"loops": [{"bytes": 40}, {"bytes": 31}]}) == [{"bytes": 40}, {"bytes": 31}]
 
 
 def test_ttgir_dots():
