@@ -305,7 +305,8 @@ def test_triton_forward_fp32_fast():
 # fp32 at head_dim 72 for PixArt and UniDiffuser repeats DiT's fp32 run at 72 and their own fp16
 # runs, at the largest cost: extended (UVIT_FAST_EXTENDED=1)
 @pytest.mark.parametrize("kind,head_dim,dtype", [
-    pytest.param(k, hd, dt, marks=[pytest.mark.extended] if (k != "dit" and hd == 72 and dt == torch.float32) else [])
+    pytest.param(k, hd, dt, id=f"{k}-{hd}-{str(dt).replace('torch.', '')}",
+                 marks=[pytest.mark.extended] if (k != "dit" and hd == 72 and dt == torch.float32) else [])
     for dt in (torch.float32, torch.float16)
     for k, hd in (("dit", 72), ("pixart", 16), ("pixart", 72), ("unidiffuser", 72))])
 def test_triton_kernels_within_2x_rule_with_gradients(kind, head_dim, dtype):
