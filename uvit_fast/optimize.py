@@ -271,18 +271,19 @@ def _kind(m: nn.Module) -> Optional[str]:
 _FUSED_CLASSES: Dict[Tuple[type, str], type] = {}
 
 
-def _rebuild_swapped(base: type, kind: str, state: dict) -> nn.Module:
+def _rebuild_generated(base: type, swap, key, state: dict) -> nn.Module:
     m = base.__new__(base)
     m.__setstate__(state)
-    _swap_forward(m, kind)
+    swap(m, key)
     return m
 
 
-def _reduce_swapped(self, protocol):
-    # pickle (torch.save(model)) and copy.deepcopy: the generated class is rebuilt from the
-    # model's own class (importable by name) and the kind
+def _reduce_generated(self, protocol):
+    # pickle (torch.save(model)) and copy.deepcopy of a module whose class optimize generated: it is
+    # rebuilt from the module's own class, the swap that generated it (_swap_forward or _swap_class)
+    # and that swap's key (a kind or a mixin), all importable by name
     cls = type(self)
-    return _rebuild_swapped, (cls._uvit_fast_base, cls._uvit_fast_kind, self.__getstate__())
+    return _rebuild_generated, (cls._uvit_fast_base, cls._uvit_fast_swap, cls._uvit_fast_key, self.__getstate__())
 
 
 def _swap_forward(m: nn.Module, kind: str) -> None:
@@ -291,7 +292,8 @@ def _swap_forward(m: nn.Module, kind: str) -> None:
     key = (type(m), kind)
     if key not in _FUSED_CLASSES:
         attrs = {"forward": src.forward, "example_inputs": src.example_inputs, "_uvit_fast_optimized": True,
-                 "_uvit_fast_base": type(m), "_uvit_fast_kind": kind, "__reduce_ex__": _reduce_swapped}
+                 "_uvit_fast_base": type(m), "_uvit_fast_swap": _swap_forward,
+                 "_uvit_fast_key": kind, "__reduce_ex__": _reduce_generated}
         if kind != "dit":
             attrs.update(_run=_UViTBase._run, _time_token=_UViTBase._time_token, _image_inputs=_UViTBase._image_inputs)
         _FUSED_CLASSES[key] = type(f"Fused{type(m).__name__}", (type(m),), attrs)
@@ -426,20 +428,6 @@ class _TimmPatchEmbed(layers.PatchEmbed):
 _MIXED_CLASSES: Dict[Tuple[type, type], type] = {}
 
 
-def _rebuild_in_place(base: type, mixin: type, state: dict) -> nn.Module:
-    m = base.__new__(base)
-    m.__setstate__(state)
-    _swap_class(m, mixin)
-    return m
-
-
-def _reduce_in_place(self, protocol):
-    # pickle (torch.save(model)) and copy.deepcopy: the generated class is rebuilt from the
-    # module's own class and the mixin, both importable by name
-    cls = type(self)
-    return _rebuild_in_place, (cls._uvit_fast_base, cls._uvit_fast_mixin, self.__getstate__())
-
-
 def _swap_class(m: nn.Module, mixin: type, **attrs) -> bool:
     """Make ``m`` an instance of ``Fused<its class>(mixin, its class)``; False if it already is."""
     if isinstance(m, mixin):
@@ -447,8 +435,8 @@ def _swap_class(m: nn.Module, mixin: type, **attrs) -> bool:
     key = (type(m), mixin)
     if key not in _MIXED_CLASSES:
         _MIXED_CLASSES[key] = type(f"Fused{type(m).__name__}", (mixin, type(m)), {
-            "__module__": __name__, "_uvit_fast_base": type(m), "_uvit_fast_mixin": mixin,
-            "__reduce_ex__": _reduce_in_place,
+            "__module__": __name__, "_uvit_fast_base": type(m),
+            "_uvit_fast_swap": _swap_class, "_uvit_fast_key": mixin, "__reduce_ex__": _reduce_generated,
         })
     m.__class__ = _MIXED_CLASSES[key]
     for k, v in attrs.items():
