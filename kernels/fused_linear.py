@@ -1,0 +1,873 @@
+"""GEMMs with fused epilogues for the linears of a transformer block (qkv, proj, fc1, fc2).
+
+``out = residual + gate * act(x @ weight.T + bias)`` in one kernel, and the GEMMs of its backward
+with the activation's derivative, the gate and the bias gradient fused in. ``weight`` is read in
+place in nn.Linear's ``(N, K)`` layout (no transpose copy). Kernels:
+
+* forward (:func:`fused_linear_forward`): persistent programs (one or a few per SM) walk the
+  ``(BLOCK_M, BLOCK_N)`` output tiles in grouped order (``GROUP_M`` row tiles share their column
+  tiles, for L2 reuse). The K loop accumulates in fp32; the epilogue adds the bias, optionally
+  stores the pre-activation, applies the activation, multiplies by the gate row
+  ``gate[m // gate_rows]`` and adds the residual, then stores once. The x and weight tiles are read
+  through tensor descriptors (TMA) on sm_90 when the operands allow it (16-byte aligned base and
+  row strides, unit column stride), through masked pointer loads otherwise (sm_80, the
+  interpreter, strided views): a constexpr ``USE_TMA`` chosen by the launcher.
+* backward, input (:func:`fused_linear_backward_input`): ``dx = (grad * gate) @ weight``; the gate
+  scales the grad tile in the prologue, and the epilogue multiplies by ``act'(preact_input)`` when
+  asked: fc2's input gradient lands directly as the gradient of fc1's pre-activation.
+* backward, weight (:func:`fused_linear_backward_weight`): ``dweight = (grad * gate).T @ x``; the
+  programs of the first column tile also sum their (gated) grad tiles into ``dbias``. The long
+  reduction over ``M = B*L`` rows is split in parts when the output tiles alone do not fill the
+  GPU: fp32 partials, added in a fixed order afterwards (deterministic, no atomics).
+* backward, gate (:func:`fused_linear_backward_gate`): ``dgate[g] = sum over g's rows of
+  grad * act(preact)``, one program per (gate row, column block), rows in a fixed order.
+* :func:`activation_backward`: ``grad * act'(preact)``, elementwise.
+
+Activations: ``None``, ``"gelu"`` (erf), ``"gelu_tanh"`` (tanh approximation, written as
+``x * sigmoid(2u)``, which equals ``0.5 x (1 + tanh(u))``), ``"silu"``, ``"quick_gelu"``
+(``x * sigmoid(1.702 x)``, OpenAI CLIP's). They are evaluated in fp32.
+
+Every operand is addressed through its strides; row offsets are int64; all accumulation is fp32.
+fp32 operands use ``input_precision="ieee"`` unless PyTorch allows TF32 matmuls (as F.linear).
+Launch: ``triton.autotune`` over tile configs on the GPU (shared-memory pruning per GPU); under
+``TRITON_INTERPRET=1`` one small config is pinned. This module never imports ``uvit_fast``.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from ._precision import tf32_matmul_allowed
+from ._utils import empty, on_inputs_device
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip() == "1"
+
+ACTIVATIONS = (None, "gelu", "gelu_tanh", "silu", "quick_gelu")
+_ACT_CODE = {None: 0, "gelu": 1, "gelu_tanh": 2, "silu": 3, "quick_gelu": 4}
+
+INTERPRET_PROGRAMS = 3  # persistent programs under the interpreter (an odd count: programs share tiles unevenly)
+
+SMEM_LIMIT = 232448  # bytes of shared memory one block may use on an H100/H200 (227 KiB)
+SMEM_LIMIT_SM80 = 166912  # A100 (163 KiB)
+SMEM_LIMIT_OTHER = 101376  # sm_86 / sm_89 / sm_120 (99 KiB)
+SMEM_PER_SM = {9: 233472, 10: 233472}  # 228 KiB per SM on sm_90 / sm_100 (others: the block limit)
+
+
+# --------------------------------------------------------------------------------------------
+# configs
+# --------------------------------------------------------------------------------------------
+def _set_desc_blocks(nargs):
+    """Autotune pre-hook: a config's tile sizes become the tensor descriptors' block shapes."""
+    x_desc, w_desc = nargs.get("X_DESC"), nargs.get("W_DESC")
+    if isinstance(x_desc, TensorDescriptor):
+        x_desc.block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
+    if isinstance(w_desc, TensorDescriptor):
+        w_desc.block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
+
+
+def _make_configs(shapes, hook=None):
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}, num_warps=4, num_stages=1,
+                              pre_hook=hook)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s,
+                      pre_hook=hook)
+        for bm, bn, bk, w, s in shapes
+    ]
+
+
+# BLOCK_M, BLOCK_N, BLOCK_K, warps, stages. The forward's U-ViT-H/2 shapes: K 1152 (qkv, proj, fc1) or
+# 4608 (fc2), N 1152-4608, M = B*258: the large tiles first; the 64-row ones for small M (sampling
+# with a small batch, CLIP's 77 tokens).
+_FWD_SHAPES = [
+    (128, 256, 64, 8, 3),
+    (128, 256, 64, 8, 4),
+    (256, 128, 64, 8, 3),
+    (128, 128, 64, 8, 4),
+    (128, 128, 64, 4, 4),
+    (128, 64, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+    (64, 64, 64, 4, 4),
+]
+# the backward GEMMs (pointer loads, one program per tile) as kernels/skip_concat_linear.py
+_BWD_SHAPES = [
+    (128, 256, 64, 8, 3),
+    (256, 128, 64, 8, 3),
+    (128, 128, 64, 8, 4),
+    (128, 128, 64, 4, 4),
+    (128, 64, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+    (128, 128, 32, 4, 4),
+    (64, 64, 64, 4, 4),
+    (64, 32, 32, 4, 5),
+    (32, 64, 32, 4, 5),
+]
+_FWD_CONFIGS = _make_configs(_FWD_SHAPES, hook=_set_desc_blocks)
+_BWD_CONFIGS = _make_configs(_BWD_SHAPES)
+
+
+def _capability(t: torch.Tensor):
+    """``(major, minor)`` of ``t``'s CUDA GPU, None off CUDA (interpreter)."""
+    return torch.cuda.get_device_capability(t.device) if t.device.type == "cuda" else None
+
+
+def _smem_limit(cap) -> int:
+    """Per-block shared memory of a GPU of capability ``cap`` (the H100's when None)."""
+    if cap is None or cap[0] in (9, 10):
+        return SMEM_LIMIT
+    if tuple(cap) in ((8, 0), (8, 7)):
+        return SMEM_LIMIT_SM80
+    return SMEM_LIMIT_OTHER
+
+
+def _smem_bytes(config, elem_size: int) -> int:
+    """Shared memory of a config's pipeline: ``stages`` buffers of an A and a B tile."""
+    k = config.kwargs
+    return config.num_stages * (k["BLOCK_M"] + k["BLOCK_N"]) * k["BLOCK_K"] * elem_size
+
+
+def _prune_smem(configs, named_args, **kwargs):
+    """Drop configs over the GPU's shared-memory limit for the operands' element size (fp32 doubles
+    every buffer). Before Hopper (mma.sync) the configs whose fp32 accumulator takes 128 or more
+    registers per thread are dropped too (they spill compiled for sm_80, as the skip-linear GEMMs
+    do). Keeps at least the smallest config."""
+    t = next(v for v in named_args.values() if isinstance(v, torch.Tensor))
+    cap = _capability(t)
+    elem = t.element_size()
+    kept = [c for c in configs if _smem_bytes(c, elem) <= _smem_limit(cap)]
+    if cap is not None and cap[0] < 9:  # mma.sync
+        kept = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] < 128 * 32 * c.num_warps]
+    return kept or [min(configs, key=lambda c: _smem_bytes(c, elem))]
+
+
+_PRUNE = {"early_config_prune": _prune_smem}
+
+
+# --------------------------------------------------------------------------------------------
+# activations (fp32)
+# --------------------------------------------------------------------------------------------
+_SQRT1_2 = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+_TANH_C = 0.7978845608028654  # sqrt(2 / pi)
+_TANH_A = 0.044715
+_QUICK = 1.702
+
+
+@triton.jit
+def _act(x, ACTIVATION: tl.constexpr):
+    """``act(x)`` for the activation code (0 none, 1 gelu, 2 gelu_tanh, 3 silu, 4 quick_gelu)."""
+    if ACTIVATION == 1:
+        return 0.5 * x * (1.0 + tl.erf(x * _SQRT1_2))
+    elif ACTIVATION == 2:
+        # 0.5 x (1 + tanh(u)) = x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3)
+        return x * tl.sigmoid(2.0 * _TANH_C * (x + _TANH_A * x * x * x))
+    elif ACTIVATION == 3:
+        return x * tl.sigmoid(x)
+    elif ACTIVATION == 4:
+        return x * tl.sigmoid(_QUICK * x)
+    else:
+        return x
+
+
+@triton.jit
+def _act_grad(x, ACTIVATION: tl.constexpr):
+    """``act'(x)``."""
+    if ACTIVATION == 1:
+        return 0.5 * (1.0 + tl.erf(x * _SQRT1_2)) + x * _INV_SQRT_2PI * tl.exp(-0.5 * x * x)
+    elif ACTIVATION == 2:
+        s = tl.sigmoid(2.0 * _TANH_C * (x + _TANH_A * x * x * x))
+        return s + x * s * (1.0 - s) * (2.0 * _TANH_C) * (1.0 + 3.0 * _TANH_A * x * x)
+    elif ACTIVATION == 3:
+        s = tl.sigmoid(x)
+        return s * (1.0 + x * (1.0 - s))
+    elif ACTIVATION == 4:
+        s = tl.sigmoid(_QUICK * x)
+        return s + _QUICK * x * s * (1.0 - s)
+    else:
+        return tl.full(x.shape, 1.0, tl.float32)
+
+
+@triton.jit
+def _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Grouped tile order (GROUP_M row tiles share their column tiles) for L2 reuse."""
+    width = GROUP_M * num_pid_n
+    group_id = tile // width
+    first_m = group_id * GROUP_M
+    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (tile % width) % group_size
+    pid_n = (tile % width) // group_size
+    return pid_m, pid_n
+
+
+# --------------------------------------------------------------------------------------------
+# forward: out[M, N] = residual + gate[m // gate_rows] * act(x @ weight.T + bias)
+# --------------------------------------------------------------------------------------------
+@triton.autotune(configs=_FWD_CONFIGS, key=["M_BUCKET", "N", "K", "ACTIVATION", "HAS_GATE", "HAS_RES", "USE_TMA"],
+                 prune_configs_by=_PRUNE)
+@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+@triton.jit
+def _fused_linear_fwd_kernel(
+    X,
+    W,
+    X_DESC,
+    W_DESC,
+    BIAS,
+    RES,
+    GATE,
+    OUT,
+    PRE,
+    M,
+    N,
+    K,
+    M_BUCKET,
+    gate_rows,
+    stride_xm,
+    stride_xk,
+    stride_wn,
+    stride_wk,
+    stride_b,
+    stride_rm,
+    stride_rn,
+    stride_gg,
+    stride_gn,
+    stride_om,
+    stride_on,
+    stride_pm,
+    stride_pn,
+    HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    HAS_GATE: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    STORE_PRE: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_tiles = num_pid_m * num_pid_n
+    k_steps = tl.cdiv(K, BLOCK_K)
+    offs_k = tl.arange(0, BLOCK_K)
+    for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+        pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
+        offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_m = offs_m < M
+        mask_n = offs_n < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if USE_TMA:
+            # out-of-bounds rows/columns of a descriptor tile load as zeros (no masks)
+            for ks in range(0, k_steps):
+                a = X_DESC.load([pid_m * BLOCK_M, ks * BLOCK_K])
+                b = W_DESC.load([pid_n * BLOCK_N, ks * BLOCK_K])
+                acc = tl.dot(a, b.T, acc, input_precision=INPUT_PRECISION)
+        else:
+            a_ptrs = X + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+            b_ptrs = W + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn  # b[k, n] = weight[n, k]
+            for ks in range(0, k_steps):
+                if EVEN_K:
+                    a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
+                    b = tl.load(b_ptrs, mask=mask_n[None, :], other=0.0)
+                else:
+                    mask_k = offs_k < K - ks * BLOCK_K
+                    a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+                    b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+                a_ptrs += BLOCK_K * stride_xk
+                b_ptrs += BLOCK_K * stride_wk
+
+        # epilogue: bias, (pre-activation), activation, gate, residual; one store
+        mask = mask_m[:, None] & mask_n[None, :]
+        if HAS_BIAS:
+            acc += tl.load(BIAS + offs_n * stride_b, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        if STORE_PRE:
+            tl.store(PRE + offs_m[:, None] * stride_pm + offs_n[None, :] * stride_pn,
+                     acc.to(PRE.dtype.element_ty), mask=mask)
+        acc = _act(acc, ACTIVATION)
+        if HAS_GATE:
+            g_rows = offs_m // gate_rows
+            g = tl.load(GATE + g_rows[:, None] * stride_gg + offs_n[None, :] * stride_gn, mask=mask, other=0.0)
+            acc = acc * g.to(tl.float32)
+        if HAS_RES:
+            r = tl.load(RES + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn, mask=mask, other=0.0)
+            acc += r.to(tl.float32)
+        tl.store(OUT + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
+                 acc.to(OUT.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------
+# backward, input: dx[M, K] = ((grad * gate) @ weight) * act'(preact_input)
+# --------------------------------------------------------------------------------------------
+@triton.autotune(configs=_BWD_CONFIGS, key=["M_BUCKET", "N", "K", "HAS_GATE", "ACT_INPUT"], prune_configs_by=_PRUNE)
+@triton.heuristics({"EVEN_R": lambda args: args["N"] % args["BLOCK_K"] == 0})
+@triton.jit
+def _fused_linear_bwd_input_kernel(
+    DY,
+    W,
+    GATE,
+    PRE_IN,
+    DX,
+    M,
+    N,
+    K,
+    M_BUCKET,
+    gate_rows,
+    stride_dym,
+    stride_dyn,
+    stride_wn,
+    stride_wk,
+    stride_gg,
+    stride_gn,
+    stride_pm,
+    stride_pk,
+    stride_dxm,
+    stride_dxk,
+    HAS_GATE: tl.constexpr,
+    ACT_INPUT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    EVEN_R: tl.constexpr,
+):
+    # output tile (BLOCK_M rows of dx, BLOCK_N columns of K); the reduction runs over N in BLOCK_K steps
+    pid = tl.program_id(0)
+    pid_m, pid_n = _tile_coords(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_N), GROUP_M)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_c = offs_c < K
+    a_ptrs = DY + offs_m[:, None] * stride_dym + offs_r[None, :] * stride_dyn
+    b_ptrs = W + offs_r[:, None] * stride_wn + offs_c[None, :] * stride_wk  # b[r, c] = weight[r, c]
+    g_ptrs = GATE + (offs_m // gate_rows)[:, None] * stride_gg + offs_r[None, :] * stride_gn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r in range(0, N, BLOCK_K):
+        if EVEN_R:
+            mask_a = mask_m[:, None]
+            mask_b = mask_c[None, :]
+        else:
+            mask_r = offs_r < N - r
+            mask_a = mask_m[:, None] & mask_r[None, :]
+            mask_b = mask_r[:, None] & mask_c[None, :]
+        a = tl.load(a_ptrs, mask=mask_a, other=0.0)
+        b = tl.load(b_ptrs, mask=mask_b, other=0.0)
+        if HAS_GATE:
+            g = tl.load(g_ptrs, mask=mask_a, other=0.0)
+            a = (a.to(tl.float32) * g.to(tl.float32)).to(b.dtype)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        a_ptrs += BLOCK_K * stride_dyn
+        b_ptrs += BLOCK_K * stride_wn
+        g_ptrs += BLOCK_K * stride_gn
+    mask = mask_m[:, None] & mask_c[None, :]
+    if ACT_INPUT != 0:
+        z = tl.load(PRE_IN + offs_m[:, None] * stride_pm + offs_c[None, :] * stride_pk, mask=mask, other=0.0)
+        acc = acc * _act_grad(z.to(tl.float32), ACT_INPUT)
+    tl.store(DX + offs_m[:, None] * stride_dxm + offs_c[None, :] * stride_dxk, acc.to(DX.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------
+# backward, weight: dW[N, K] = (grad * gate)^T @ x; dbias[N] = sum_m grad * gate
+# --------------------------------------------------------------------------------------------
+@triton.autotune(configs=_BWD_CONFIGS, key=["M_BUCKET", "N", "K", "HAS_GATE", "HAS_DBIAS"], prune_configs_by=_PRUNE)
+@triton.heuristics({"EVEN_R": lambda args: args["M"] % args["BLOCK_K"] == 0 and args["chunk"] % args["BLOCK_K"] == 0})
+@triton.jit
+def _fused_linear_bwd_weight_kernel(
+    DY,
+    X,
+    GATE,
+    DW,
+    DB,
+    M,
+    N,
+    K,
+    M_BUCKET,
+    chunk,
+    gate_rows,
+    stride_dym,
+    stride_dyn,
+    stride_xm,
+    stride_xk,
+    stride_gg,
+    stride_gn,
+    stride_dwn,
+    stride_dwk,
+    stride_dws,
+    stride_dbs,
+    HAS_GATE: tl.constexpr,
+    HAS_DBIAS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    EVEN_R: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    # split of the reduction over M: rows [split * chunk, min(M, (split + 1) * chunk)); with more
+    # than one split DW/DB are fp32 workspaces (splits, N, K) / (splits, N), summed afterwards
+    split = tl.program_id(1)
+    row0 = split.to(tl.int64) * chunk
+    rows = tl.minimum(M - row0, chunk)
+    DW = DW + split.to(tl.int64) * stride_dws
+    DB = DB + split.to(tl.int64) * stride_dbs
+    # tile rows run over the N output features, tile columns over K; the reduction over the M rows
+    pid_r, pid_c = _tile_coords(pid, tl.cdiv(N, BLOCK_M), tl.cdiv(K, BLOCK_N), GROUP_M)
+    offs_n = pid_r.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = pid_c.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = row0 + tl.arange(0, BLOCK_K)
+    mask_n = offs_n < N
+    mask_c = offs_c < K
+    a_ptrs = DY + offs_n[:, None] * stride_dyn + offs_m[None, :] * stride_dym  # a[n, m] = grad[m, n]
+    b_ptrs = X + offs_m[:, None] * stride_xm + offs_c[None, :] * stride_xk
+    sum_dy = (pid_c == 0) & HAS_DBIAS  # the first column tile also reduces its grad tiles into dbias
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    col_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for r in range(0, rows, BLOCK_K):
+        if EVEN_R:
+            mask_a = mask_n[:, None]
+            mask_b = mask_c[None, :]
+        else:
+            mask_r = tl.arange(0, BLOCK_K) < rows - r
+            mask_a = mask_n[:, None] & mask_r[None, :]
+            mask_b = mask_r[:, None] & mask_c[None, :]
+        a = tl.load(a_ptrs, mask=mask_a, other=0.0)
+        b = tl.load(b_ptrs, mask=mask_b, other=0.0)
+        if HAS_GATE:
+            g_ptrs = GATE + ((offs_m + r) // gate_rows)[None, :] * stride_gg + offs_n[:, None] * stride_gn
+            g = tl.load(g_ptrs, mask=mask_a, other=0.0)
+            a32 = a.to(tl.float32) * g.to(tl.float32)
+            a = a32.to(b.dtype)
+        else:
+            a32 = a.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        if sum_dy:
+            col_sum += tl.sum(a32, axis=1)
+        a_ptrs += BLOCK_K * stride_dym
+        b_ptrs += BLOCK_K * stride_xm
+    if sum_dy:
+        tl.store(DB + offs_n, col_sum.to(DB.dtype.element_ty), mask=mask_n)
+    tl.store(DW + offs_n[:, None] * stride_dwn + offs_c[None, :] * stride_dwk,
+             acc.to(DW.dtype.element_ty), mask=mask_n[:, None] & mask_c[None, :])
+
+
+@triton.jit
+def _sum_splits_kernel(WS, OUT, n, splits, BLOCK: tl.constexpr):
+    """``OUT[i] = sum_s WS[s, i]`` over the fp32 partials, added in split order (0, 1, ...): the same
+    bits on every run (no atomics)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(0, splits):
+        acc += tl.load(WS + s * n + offs, mask=mask, other=0.0)
+    tl.store(OUT + offs, acc.to(OUT.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------
+# backward, gate: dgate[g, n] = sum over rows m of group g of grad[m, n] * act(preact[m, n])
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _fused_linear_bwd_gate_kernel(
+    DY,
+    PRE,
+    DG,
+    M,
+    N,
+    gate_rows,
+    stride_dym,
+    stride_dyn,
+    stride_pm,
+    stride_pn,
+    stride_dgg,
+    stride_dgn,
+    ACTIVATION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    g = tl.program_id(0)
+    offs_n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    row0 = g.to(tl.int64) * gate_rows
+    end = tl.minimum(row0 + gate_rows, M)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r in range(0, gate_rows, BLOCK_M):
+        offs_m = row0 + r + tl.arange(0, BLOCK_M)
+        mask = (offs_m < end)[:, None] & mask_n[None, :]
+        dy = tl.load(DY + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn, mask=mask, other=0.0)
+        z = tl.load(PRE + offs_m[:, None] * stride_pm + offs_n[None, :] * stride_pn, mask=mask, other=0.0)
+        acc += dy.to(tl.float32) * _act(z.to(tl.float32), ACTIVATION)
+    tl.store(DG + g.to(tl.int64) * stride_dgg + offs_n * stride_dgn, tl.sum(acc, axis=0).to(DG.dtype.element_ty),
+             mask=mask_n)
+
+
+# --------------------------------------------------------------------------------------------
+# activation backward: grad * act'(preact), elementwise
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _activation_bwd_kernel(
+    DY,
+    PRE,
+    DX,
+    M,
+    N,
+    stride_dym,
+    stride_dyn,
+    stride_pm,
+    stride_pn,
+    stride_dxm,
+    stride_dxn,
+    ACTIVATION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    dy = tl.load(DY + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn, mask=mask, other=0.0)
+    z = tl.load(PRE + offs_m[:, None] * stride_pm + offs_n[None, :] * stride_pn, mask=mask, other=0.0)
+    dx = dy.to(tl.float32) * _act_grad(z.to(tl.float32), ACTIVATION)
+    tl.store(DX + offs_m[:, None] * stride_dxm + offs_n[None, :] * stride_dxn, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------------
+def _input_precision(dtype: torch.dtype) -> str:
+    """``"ieee"`` for fp32 unless PyTorch allows TF32 matmuls (then ``"tf32"``, as cuBLAS would)."""
+    if dtype == torch.float32 and not _INTERPRET and tf32_matmul_allowed():
+        return "tf32"
+    return "ieee"
+
+
+def m_bucket(M: int) -> int:
+    """The autotune key for the row count: ``M`` rounded up to a power of two."""
+    return triton.next_power_of_2(max(1, M))
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return INTERPRET_PROGRAMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _act_code(activation) -> int:
+    if activation not in _ACT_CODE:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}; got {activation!r}")
+    return _ACT_CODE[activation]
+
+
+def _shape_text(t) -> str:
+    return "None" if t is None else str(tuple(t.shape))
+
+
+def _check_matrix(name: str, t, rows=None, cols=None, dtype=None, device=None) -> None:
+    """``t`` is a 2-D floating tensor of ``(rows, cols)`` (None: any) with ``dtype`` on ``device``."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor; got {type(t).__name__}")
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D; got shape {_shape_text(t)}")
+    if (rows is not None and t.shape[0] != rows) or (cols is not None and t.shape[1] != cols):
+        want = f"({'*' if rows is None else rows}, {'*' if cols is None else cols})"
+        raise ValueError(f"{name} must have shape {want}; got {_shape_text(t)}")
+    _check_dtype_device(name, t, dtype, device)
+
+
+def _check_dtype_device(name: str, t, dtype, device) -> None:
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype}; got {t.dtype}")
+    if dtype is None and t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"{name} must be float16, bfloat16 or float32; got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device}")
+
+
+def _check_gate(gate, gate_rows: int, M: int, N: int, dtype, device) -> None:
+    if gate is None:
+        return
+    if int(gate_rows) < 1:
+        raise ValueError(f"gate_rows must be >= 1; got {gate_rows}")
+    _check_matrix("gate", gate, cols=N, dtype=dtype, device=device)
+    if gate.shape[0] * gate_rows != M:
+        raise ValueError(f"gate of shape {_shape_text(gate)} with gate_rows={gate_rows} covers "
+                         f"{gate.shape[0] * gate_rows} rows; the GEMM has M={M}")
+
+
+def _tma_ok(t: torch.Tensor) -> bool:
+    """Whether a 2-D operand can be read through a TMA descriptor: 16-byte aligned base and row
+    stride, unit column stride, and a row of at least 16 bytes."""
+    e = t.element_size()
+    return (t.stride(1) == 1 and (t.stride(0) * e) % 16 == 0 and t.data_ptr() % 16 == 0
+            and t.shape[1] * e >= 16 and t.shape[0] > 0)
+
+
+def use_tma(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """The forward reads x and weight through tensor descriptors: on sm_90 (Hopper's TMA units) when
+    both operands allow it (:func:`_tma_ok`); pointers on sm_80, the interpreter and other layouts."""
+    cap = _capability(x)
+    return cap is not None and cap[0] == 9 and _tma_ok(x) and _tma_ok(weight)
+
+
+def _programs_per_sm(meta, elem_size: int, cap) -> int:
+    """Persistent programs per SM for a config: as many as the pipeline's shared memory allows, at
+    most two (one for 8-warp tiles: their fp32 accumulator fills the register file)."""
+    if meta.get("num_warps", 4) >= 8:
+        return 1
+    smem = meta.get("num_stages", 1) * (meta["BLOCK_M"] + meta["BLOCK_N"]) * meta["BLOCK_K"] * elem_size
+    per_sm = SMEM_PER_SM.get(cap[0] if cap else 9, _smem_limit(cap))
+    return max(1, min(2, per_sm // (smem + 1024)))
+
+
+@on_inputs_device
+def fused_linear_forward(x, weight, bias=None, *, activation=None, residual=None, gate=None, gate_rows=1,
+                         store_preact=False, _use_tma=None):
+    """``out = residual + gate[m // gate_rows] * act(x @ weight.T + bias)`` in one GEMM.
+
+    ``x (M, K)`` any strides; ``weight (N, K)``; ``bias (N,)``; ``residual (M, N)``; ``gate (G, N)``
+    with ``G * gate_rows == M``. Returns ``(out, preact)``: ``out (M, N)`` contiguous in x's dtype;
+    ``preact = x @ weight.T + bias`` (M, N) when ``store_preact``, else an empty ``(0,)`` tensor.
+    ``_use_tma`` overrides :func:`use_tma` (tests)."""
+    _check_matrix("x", x)
+    M, K = x.shape
+    dev, dt = x.device, x.dtype
+    _check_matrix("weight", weight, cols=K, dtype=dt, device=dev)
+    N = weight.shape[0]
+    code = _act_code(activation)
+    if bias is not None:
+        if bias.dim() != 1 or bias.shape[0] != N:
+            raise ValueError(f"bias must have shape ({N},); got {_shape_text(bias)}")
+        _check_dtype_device("bias", bias, dt, dev)
+    if residual is not None:
+        _check_matrix("residual", residual, rows=M, cols=N, dtype=dt, device=dev)
+    _check_gate(gate, gate_rows, M, N, dt, dev)
+    out = empty(M, N, dtype=dt, device=dev)
+    pre = empty(M, N, dtype=dt, device=dev) if store_preact else empty(0, dtype=dt, device=dev)
+    if M == 0 or N == 0:
+        return out, pre
+    if K == 0:  # no reduction: act(bias) broadcast
+        z = torch.zeros(M, N, dtype=torch.float32, device=dev) + (0 if bias is None else bias.float())
+        if store_preact:
+            pre.copy_(z)
+        h = _act_torch(z, activation)
+        h = h * (gate.float().repeat_interleave(gate_rows, 0) if gate is not None else 1)
+        out.copy_(h + (residual.float() if residual is not None else 0))
+        return out, pre
+    tma = use_tma(x, weight) if _use_tma is None else bool(_use_tma)
+    if tma:
+        # block shapes are placeholders: the config's pre-hook sets them to its tiles
+        x_desc = TensorDescriptor(x, [M, K], [x.stride(0), 1], [32, 32])
+        w_desc = TensorDescriptor(weight, [N, K], [weight.stride(0), 1], [32, 32])
+    else:
+        x_desc, w_desc = x, weight
+    cap = _capability(x)
+    sms = _sm_count(dev)
+    elem = x.element_size()
+
+    def grid(meta):
+        tiles = triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
+        return (min(tiles, sms * _programs_per_sm(meta, elem, cap)),)
+
+    _fused_linear_fwd_kernel[grid](
+        x, weight, x_desc, w_desc,
+        bias if bias is not None else out,
+        residual if residual is not None else out,
+        gate if gate is not None else out,
+        out, pre if store_preact else out,
+        M, N, K, m_bucket(M), int(gate_rows),
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+        bias.stride(0) if bias is not None else 0,
+        residual.stride(0) if residual is not None else 0, residual.stride(1) if residual is not None else 0,
+        gate.stride(0) if gate is not None else 0, gate.stride(1) if gate is not None else 0,
+        out.stride(0), out.stride(1),
+        pre.stride(0) if store_preact else 0, pre.stride(1) if store_preact else 0,
+        HAS_BIAS=bias is not None, ACTIVATION=code, HAS_GATE=gate is not None, HAS_RES=residual is not None,
+        STORE_PRE=bool(store_preact), USE_TMA=tma, INPUT_PRECISION=_input_precision(dt),
+    )
+    return out, pre
+
+
+def _act_torch(z: torch.Tensor, activation) -> torch.Tensor:
+    """``act(z)`` in plain PyTorch (the forward's degenerate K == 0 case: no GEMM to fuse into)."""
+    if activation is None:
+        return z
+    if activation == "gelu":
+        return torch.nn.functional.gelu(z)
+    if activation == "gelu_tanh":
+        return torch.nn.functional.gelu(z, approximate="tanh")
+    if activation == "silu":
+        return torch.nn.functional.silu(z)
+    return z * torch.sigmoid(1.702 * z)
+
+
+@on_inputs_device
+def fused_linear_backward_input(grad, weight, *, gate=None, gate_rows=1, act_input=None, preact_input=None):
+    """``dx (M, K) = ((grad * gate[m // gate_rows]) @ weight) * act_input'(preact_input)`` (the last
+    factor only when ``act_input`` is given; ``preact_input (M, K)``). Output in grad's dtype."""
+    _check_matrix("grad", grad)
+    M, N = grad.shape
+    dev, dt = grad.device, grad.dtype
+    _check_matrix("weight", weight, rows=N, dtype=dt, device=dev)
+    K = weight.shape[1]
+    _check_gate(gate, gate_rows, M, N, dt, dev)
+    code = _act_code(act_input)
+    if code != 0:
+        if preact_input is None:
+            raise ValueError(f"act_input={act_input!r} needs preact_input of shape ({M}, {K})")
+        _check_matrix("preact_input", preact_input, rows=M, cols=K, dtype=dt, device=dev)
+    dx = empty(M, K, dtype=dt, device=dev)
+    if M == 0 or K == 0:
+        return dx
+    if N == 0:
+        return dx.zero_()
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),)  # noqa: E731
+    _fused_linear_bwd_input_kernel[grid](
+        grad, weight, gate if gate is not None else grad, preact_input if code != 0 else grad, dx,
+        M, N, K, m_bucket(M), int(gate_rows),
+        grad.stride(0), grad.stride(1), weight.stride(0), weight.stride(1),
+        gate.stride(0) if gate is not None else 0, gate.stride(1) if gate is not None else 0,
+        preact_input.stride(0) if code != 0 else 0, preact_input.stride(1) if code != 0 else 0,
+        dx.stride(0), dx.stride(1),
+        HAS_GATE=gate is not None, ACT_INPUT=code, INPUT_PRECISION=_input_precision(dt),
+    )
+    return dx
+
+
+SPLIT_WAVES = 4  # aim for this many waves of weight-gradient programs
+MAX_SPLITS = 8
+MIN_SPLIT_ROWS = 1024  # each split reduces at least this many rows (16 steps of BLOCK_K=64)
+SPLIT_ROW_ALIGN = 256  # split boundaries on multiples of every BLOCK_K
+
+
+def weight_grad_splits(M: int, N: int, K: int, num_sms: int) -> int:
+    """How many parts the weight gradient's reduction over ``M`` rows is split into: enough for
+    ``SPLIT_WAVES`` waves of programs on ``num_sms`` SMs when the ``(N, K)`` output alone gives fewer
+    (counted in 128x128 tiles), at most ``MAX_SPLITS``, each part at least ``MIN_SPLIT_ROWS`` rows.
+    A function of the shapes and the GPU only, so a run is repeatable."""
+    tiles = triton.cdiv(N, 128) * triton.cdiv(K, 128)
+    splits = min(MAX_SPLITS, triton.cdiv(SPLIT_WAVES * num_sms, tiles), max(1, M // MIN_SPLIT_ROWS))
+    return max(1, splits)
+
+
+@on_inputs_device
+def fused_linear_backward_weight(grad, x, *, gate=None, gate_rows=1, compute_bias=True, splits=None):
+    """``dweight (N, K) = (grad * gate).T @ x`` and ``dbias (N,)`` = column sums of ``grad * gate``
+    (an empty ``(0,)`` tensor when not ``compute_bias``), in x's dtype.
+
+    The reduction over the ``M`` rows is split into ``splits`` parts (default
+    :func:`weight_grad_splits`): each part writes fp32 partial sums into a workspace, then one pass
+    adds them in a fixed order (deterministic, no atomics) and casts. ``splits`` pins the count."""
+    _check_matrix("grad", grad)
+    M, N = grad.shape
+    dev, dt = grad.device, grad.dtype
+    _check_matrix("x", x, rows=M, dtype=dt, device=dev)
+    K = x.shape[1]
+    _check_gate(gate, gate_rows, M, N, dt, dev)
+    dw = empty(N, K, dtype=dt, device=dev)
+    db = empty(N if compute_bias else 0, dtype=dt, device=dev)
+    if N == 0:
+        return dw, db
+    if M == 0 or K == 0:
+        dw.zero_()
+        if compute_bias:
+            g = grad.float() if gate is None else grad.float() * gate.float().repeat_interleave(gate_rows, 0)
+            db.copy_(g.sum(0))
+        return dw, db
+    if splits is None:
+        splits = weight_grad_splits(M, N, K, _sm_count(dev) if dev.type == "cuda" else 1)
+    splits = max(1, min(int(splits), M))
+    chunk = triton.cdiv(M, splits)
+    if splits > 1 and not _INTERPRET:
+        chunk = triton.cdiv(chunk, SPLIT_ROW_ALIGN) * SPLIT_ROW_ALIGN
+    splits = triton.cdiv(M, chunk)
+    if splits > 1:
+        dw_out = empty(splits, N, K, dtype=torch.float32, device=dev)
+        db_out = empty(splits, N if compute_bias else 1, dtype=torch.float32, device=dev)
+    else:
+        dw_out, db_out = dw, (db if compute_bias else dw)
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]), splits)  # noqa: E731
+    _fused_linear_bwd_weight_kernel[grid](
+        grad, x, gate if gate is not None else grad, dw_out, db_out,
+        M, N, K, m_bucket(M), chunk, int(gate_rows),
+        grad.stride(0), grad.stride(1), x.stride(0), x.stride(1),
+        gate.stride(0) if gate is not None else 0, gate.stride(1) if gate is not None else 0,
+        dw_out.stride(-2), dw_out.stride(-1),
+        dw_out.stride(0) if splits > 1 else 0, db_out.stride(0) if splits > 1 else 0,
+        HAS_GATE=gate is not None, HAS_DBIAS=bool(compute_bias), INPUT_PRECISION=_input_precision(dt),
+    )
+    if splits > 1:
+        for ws, out in ((dw_out, dw), (db_out, db)):
+            if out.numel():
+                block = 1024
+                _sum_splits_kernel[(triton.cdiv(out.numel(), block),)](ws, out, out.numel(), splits, BLOCK=block)
+    return dw, db
+
+
+GATE_BLOCK_M = 16
+GATE_BLOCK_N = 128
+
+
+@on_inputs_device
+def fused_linear_backward_gate(grad, preact, *, activation=None, gate_rows, num_gates):
+    """``dgate (num_gates, N)``: ``dgate[g, n] = sum over m with m // gate_rows == g of
+    grad[m, n] * act(preact[m, n])``, fp32 sums in a fixed row order, output in grad's dtype."""
+    _check_matrix("grad", grad)
+    M, N = grad.shape
+    dev, dt = grad.device, grad.dtype
+    _check_matrix("preact", preact, rows=M, cols=N, dtype=dt, device=dev)
+    code = _act_code(activation)
+    if int(gate_rows) < 1 or int(num_gates) < 0 or int(num_gates) * int(gate_rows) != M:
+        raise ValueError(f"num_gates={num_gates} x gate_rows={gate_rows} must equal the rows of grad "
+                         f"{_shape_text(grad)}")
+    dg = empty(int(num_gates), N, dtype=dt, device=dev)
+    if num_gates == 0 or N == 0:
+        return dg
+    block_m = min(GATE_BLOCK_M, triton.next_power_of_2(int(gate_rows)))
+    _fused_linear_bwd_gate_kernel[(int(num_gates), triton.cdiv(N, GATE_BLOCK_N))](
+        grad, preact, dg, M, N, int(gate_rows),
+        grad.stride(0), grad.stride(1), preact.stride(0), preact.stride(1), dg.stride(0), dg.stride(1),
+        ACTIVATION=code, BLOCK_M=block_m, BLOCK_N=GATE_BLOCK_N,
+    )
+    return dg
+
+
+ACT_BLOCK_M = 8
+ACT_BLOCK_N = 256
+
+
+@on_inputs_device
+def activation_backward(grad, preact, activation):
+    """``grad * act'(preact)`` (both ``(M, N)``, any strides), one elementwise pass; output
+    contiguous in grad's dtype."""
+    _check_matrix("grad", grad)
+    M, N = grad.shape
+    _check_matrix("preact", preact, rows=M, cols=N, dtype=grad.dtype, device=grad.device)
+    code = _act_code(activation)
+    dx = empty(M, N, dtype=grad.dtype, device=grad.device)
+    if M == 0 or N == 0:
+        return dx
+    _activation_bwd_kernel[(triton.cdiv(M, ACT_BLOCK_M), triton.cdiv(N, ACT_BLOCK_N))](
+        grad, preact, dx, M, N,
+        grad.stride(0), grad.stride(1), preact.stride(0), preact.stride(1), dx.stride(0), dx.stride(1),
+        ACTIVATION=code, BLOCK_M=ACT_BLOCK_M, BLOCK_N=ACT_BLOCK_N,
+    )
+    return dx
+
+
+__all__ = [
+    "ACTIVATIONS",
+    "fused_linear_forward",
+    "fused_linear_backward_input",
+    "fused_linear_backward_weight",
+    "fused_linear_backward_gate",
+    "activation_backward",
+    "use_tma",
+    "weight_grad_splits",
+]
