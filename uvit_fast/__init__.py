@@ -18,6 +18,8 @@ __version__ = "0.1.0"
 # public name -> (module, attribute in it; None = the module itself)
 _EXPORTS: Dict[str, Tuple[str, Any]] = {
     "ops": ("uvit_fast.ops", None),
+    "fused_linear": ("uvit_fast.ops", "fused_linear"),
+    "fused_mlp": ("uvit_fast.ops", "fused_mlp"),
     "use_backend": ("uvit_fast._backend", "use_backend"),
     "get_backend": ("uvit_fast._backend", "get_backend"),
     "BackendError": ("uvit_fast._backend", "BackendError"),
@@ -35,6 +37,7 @@ __all__ = [*_EXPORTS, "__version__"]
 
 if TYPE_CHECKING:  # for type checkers and IDEs only
     from uvit_fast import ops
+    from uvit_fast.ops import fused_linear, fused_mlp
     from uvit_fast._backend import BackendError, get_backend, use_backend
     from uvit_fast.models import create_model, list_models, load_upstream_checkpoint, text_to_image_context
     from uvit_fast.optimize import OptimizeReport, optimize

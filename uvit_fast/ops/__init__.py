@@ -10,6 +10,12 @@ from uvit_fast.ops.adaln import (
     residual_adaln_layer_norm_reference,
 )
 from uvit_fast.ops.attention import attention, attention_qkvpacked, attention_reference
+from uvit_fast.ops.fused_linear import (
+    fused_linear,
+    fused_linear_reference,
+    fused_mlp,
+    fused_mlp_reference,
+)
 from uvit_fast.ops.patch_embed import (
     decoder_unpatchify,
     decoder_unpatchify_reference,
@@ -36,4 +42,8 @@ __all__ = [
     "decoder_unpatchify_reference",
     "skip_concat_linear",
     "skip_concat_linear_reference",
+    "fused_linear",
+    "fused_linear_reference",
+    "fused_mlp",
+    "fused_mlp_reference",
 ]
