@@ -594,8 +594,16 @@ def _(grad, preact, activation):
     return grad.new_empty(grad.shape)
 
 
-def _need_preact(ctx, preact: torch.Tensor, op: str) -> torch.Tensor:
-    if preact.numel() == 0 and ctx.rows * ctx.cols > 0:
+def _saved(t: torch.Tensor) -> Optional[torch.Tensor]:
+    """An output saved for backward, or None for the empty ``(0,)`` placeholder (nothing to save)."""
+    return t if t.numel() > 0 else None
+
+
+def _need_preact(ctx, preact: Optional[torch.Tensor], grad: torch.Tensor, op: str) -> torch.Tensor:
+    """The saved pre-activation; an empty output (no rows or columns) saved none and needs none."""
+    if preact is None:
+        if grad.numel() == 0:
+            return grad
         raise RuntimeError(
             f"{op}: the backward needs the pre-activation, but the forward ran with store_preact=False "
             "(call it with store_preact=True when a gradient will be taken)"
@@ -613,7 +621,7 @@ def _linear_weight_grads(ctx, grad, x, gate, need_w: bool, need_b: bool):
 def _gate_grad(ctx, grad, preact, gate, activation, need_gate: bool):
     if not need_gate:
         return None
-    preact = _need_preact(ctx, preact, "fused_linear")
+    preact = _need_preact(ctx, preact, grad, "fused_linear")
     return _backward_gate_op(grad, preact, activation, ctx.gate_rows, gate.shape[0])
 
 
@@ -622,10 +630,9 @@ def _linear_setup(ctx, inputs, output):
     _, preact = output
     ctx.mark_non_differentiable(preact)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x, weight, gate, preact)
+    ctx.save_for_backward(x, weight, gate, _saved(preact))
     ctx.activation, ctx.gate_rows = activation, gate_rows
     ctx.has_bias = bias is not None
-    ctx.rows, ctx.cols = x.shape[0], weight.shape[0]
 
 
 def _linear_backward(ctx, grad, _grad_preact):
@@ -636,7 +643,7 @@ def _linear_backward(ctx, grad, _grad_preact):
         return (None,) * 8
     dpre = grad
     if ctx.activation is not None and (need_x or need_w or need_b):
-        dpre = _activation_backward_op(grad, _need_preact(ctx, preact, "fused_linear"), ctx.activation)
+        dpre = _activation_backward_op(grad, _need_preact(ctx, preact, grad, "fused_linear"), ctx.activation)
     dx = _backward_input_op(dpre, weight, gate, ctx.gate_rows, None, None) if need_x else None
     dweight, dbias = _linear_weight_grads(ctx, dpre, x, gate, need_w, need_b)
     dgate = _gate_grad(ctx, grad, preact, gate, ctx.activation, need_gate)
@@ -675,10 +682,9 @@ def _fc2_setup(ctx, inputs, output):
     _, preact = output
     ctx.mark_non_differentiable(preact)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(h, z, weight, gate, preact)
+    ctx.save_for_backward(h, _saved(z), weight, gate, _saved(preact))
     ctx.activation, ctx.gate_rows = activation, gate_rows
     ctx.has_bias = bias is not None
-    ctx.rows, ctx.cols = h.shape[0], weight.shape[0]
 
 
 def _fc2_backward(ctx, grad, _grad_preact):
@@ -688,8 +694,10 @@ def _fc2_backward(ctx, grad, _grad_preact):
         return (None,) * 9
     dz = None
     if need_z:
-        if ctx.activation is not None and z.numel() == 0 and ctx.rows * h.shape[1] > 0:
-            raise RuntimeError("fused_mlp_fc2: the backward needs z, but fc1 ran with store_preact=False")
+        if ctx.activation is not None and z is None:
+            if h.numel() > 0:
+                raise RuntimeError("fused_mlp_fc2: the backward needs z, but fc1 ran with store_preact=False")
+            z = h
         act_z = z if ctx.activation is not None else None
         dz = _backward_input_op(grad, weight, gate, ctx.gate_rows, ctx.activation, act_z)
     dweight, dbias = _linear_weight_grads(ctx, grad, h, gate, need_w, need_b and ctx.has_bias)

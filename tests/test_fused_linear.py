@@ -1,0 +1,628 @@
+"""fused_linear / fused_mlp (uvit_fast.ops.fused_linear): the ops on the Triton kernels against float64.
+
+On CPU the kernels run under the Triton interpreter (tests/conftest.py), outputs NaN-poisoned.
+The interpreter pins 64x64x64 tiles (kernels/fused_linear.py), so M = 1, 66, 77, 258 and N = 40,
+100 leave partial row / column tiles and K = 72 a partial K tile; K = 1000 / 1152 and N = 1000 /
+4608 (U-ViT-H/2's fc1) run in the slow tier. Every case compares the output and every gradient
+(x, weight, bias, residual, gate) with the 2x rule: the kernel's max error against float64 is at
+most twice plain PyTorch's in the same dtype (uvit_fast.testing.assert_parity).
+"""
+import pytest
+import torch
+
+import uvit_fast
+from uvit_fast import dispatch
+from uvit_fast.dispatch import Dispatcher, TuneCache
+from uvit_fast.ops import fused_linear, fused_linear_reference, fused_mlp, fused_mlp_reference
+from uvit_fast.ops.fused_linear import ACTIVATIONS
+from uvit_fast.testing import CustomOpRecorder, assert_parity
+
+ON_CUDA = torch.cuda.is_available()
+NEEDS_CUDA_BF16 = pytest.mark.skipif(
+    not ON_CUDA, reason="bf16 tl.dot is wrong under the Triton interpreter (triton issue 11584); needs a CUDA GPU"
+)
+DTYPES = [
+    pytest.param(torch.float32, id="fp32"),
+    pytest.param(torch.float16, id="fp16"),
+    pytest.param(torch.bfloat16, id="bf16", marks=NEEDS_CUDA_BF16),
+]
+ACTS = [pytest.param(a, id=str(a)) for a in ACTIVATIONS]
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    # F.linear in fp32 with TF32 off is the baseline; the kernel follows the same flag
+    if ON_CUDA:
+        old = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        yield
+        torch.backends.cuda.matmul.allow_tf32 = old
+    else:
+        yield
+
+
+def _leaf(t, dtype=None):
+    if t is None:
+        return None
+    return t.detach().to(dtype or t.dtype).clone().requires_grad_(True)
+
+
+def _gate(kind, lead, N, dtype, device):
+    if kind is None:
+        return None
+    shape = (lead[0], N) if kind == "sample" else (*lead, N)
+    return torch.randn(shape, device=device, dtype=dtype)
+
+
+def _linear_inputs(lead, K, N, dtype, device, *, bias=True, residual=False, gate=None):
+    x = torch.randn(*lead, K, device=device, dtype=dtype)
+    w = torch.randn(N, K, device=device, dtype=dtype) * K ** -0.5
+    b = torch.randn(N, device=device, dtype=dtype) if bias else None
+    r = torch.randn(*lead, N, device=device, dtype=dtype) if residual else None
+    return x, w, b, r, _gate(gate, lead, N, dtype, device)
+
+
+def _check(op, ref_op, args, kwargs, names, grad=None):
+    """op (backend="triton") vs ref_op in the same dtype vs ref_op in float64: the output and the
+    gradient of every tensor argument (positional ``args`` then the tensor ``kwargs``)."""
+    tensor_kw = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
+    other_kw = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
+
+    def leaves(dtype=None):
+        return [_leaf(t, dtype) for t in args], {k: _leaf(v, dtype) for k, v in tensor_kw.items()}
+
+    (a, ak), (b, bk), (r, rk) = leaves(), leaves(), leaves(torch.float64)
+    out = op(*a, **ak, **other_kw, backend="triton")
+    base = ref_op(*b, **bk, **other_kw)
+    ref = ref_op(*r, **rk, **other_kw)
+    assert out.dtype == base.dtype and out.shape == base.shape
+    assert_parity(out, base, ref, name="out")
+    g = torch.randn_like(out) if grad is None else grad
+    out.backward(g)
+    base.backward(g)
+    ref.backward(g.double())
+    for name, t, tb, tr in zip(names, [*a, *ak.values()], [*b, *bk.values()], [*r, *rk.values()]):
+        if t is None:
+            continue
+        assert t.grad is not None, f"no gradient for {name}"
+        assert t.grad.dtype == t.dtype and t.grad.shape == t.shape, name
+        assert_parity(t.grad, tb.grad, tr.grad, name=f"d{name}")
+
+
+def _check_linear(x, w, b, r, gate, activation, grad=None):
+    _check(
+        fused_linear, fused_linear_reference, (x, w, b),
+        {"residual": r, "gate": gate, "activation": activation},
+        [n for n, t in (("x", x), ("weight", w), ("bias", b), ("residual", r), ("gate", gate)) if t is not None or n in ("x", "weight", "bias")],
+        grad,
+    )
+
+
+def _check_mlp(x, w1, b1, w2, b2, r, gate, activation):
+    names = ["x", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"]
+    names += [n for n, t in (("residual", r), ("gate", gate)) if t is not None]
+    _check(fused_mlp, fused_mlp_reference, (x, w1, b1, w2, b2), {"residual": r, "gate": gate, "activation": activation}, names)
+
+
+def _mlp_inputs(lead, K, H, N, dtype, device, *, bias=True, residual=False, gate=None):
+    x = torch.randn(*lead, K, device=device, dtype=dtype)
+    w1 = torch.randn(H, K, device=device, dtype=dtype) * K ** -0.5
+    w2 = torch.randn(N, H, device=device, dtype=dtype) * H ** -0.5
+    b1 = torch.randn(H, device=device, dtype=dtype) if bias else None
+    b2 = torch.randn(N, device=device, dtype=dtype) if bias else None
+    r = torch.randn(*lead, N, device=device, dtype=dtype) if residual else None
+    return x, w1, b1, w2, b2, r, _gate(gate, lead, N, dtype, device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parity
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ACTS)
+def test_linear_every_activation(activation, dtype, device):
+    """Every activation with bias, a residual and DiT's per-sample gate: M = 66 (two row tiles, the
+    second partial), K = 72 (a partial K tile), N = 100 (a partial column tile)."""
+    _check_linear(*_linear_inputs((2, 33), 72, 100, dtype, device, residual=True, gate="sample"), activation)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "lead, bias, residual, gate, activation",
+    [
+        ((1, 1), True, False, None, None),  # M = 1: the bare GEMM with bias
+        ((1, 77), False, False, None, "gelu"),  # CLIP's 77 tokens, no bias
+        ((3, 5), True, True, None, "gelu_tanh"),  # plain residual (U-ViT's proj / fc2)
+        ((2, 7), False, True, "token", "silu"),  # per-token gate, no bias
+        ((5,), True, False, "token", "quick_gelu"),  # 2-D input (M, K), per-token gate
+        ((2, 9), True, False, "sample", None),  # gate without residual or activation
+    ],
+    ids=["M1-bias", "L77-nobias", "residual", "token-gate", "2d-token-gate", "sample-gate-only"],
+)
+def test_linear_epilogue_combinations(lead, bias, residual, gate, activation, dtype, device):
+    _check_linear(*_linear_inputs(lead, 72, 40, dtype, device, bias=bias, residual=residual, gate=gate), activation)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "lead, K, N, activation, gate",
+    [
+        ((1, 258), 72, 72, "gelu", "sample"),  # U-ViT's 258 tokens: five row tiles, the last of 2 rows
+        ((1, 5), 1000, 1000, "gelu_tanh", "sample"),  # K and N with partial tiles in both (1000 = 15*64 + 40)
+        ((1, 3), 1152, 4608, "gelu", None),  # U-ViT-H/2's fc1 with a 3-row M
+        ((1, 3), 4608, 1152, None, "token"),  # ... and its fc2
+    ],
+    ids=["L258", "K1000-N1000", "fc1-H2", "fc2-H2"],
+)
+def test_linear_large_shapes(lead, K, N, activation, gate, dtype, device):
+    _check_linear(*_linear_inputs(lead, K, N, dtype, device, residual=True, gate=gate), activation)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "lead, activation, bias, residual, gate",
+    [
+        ((2, 33), "gelu", True, True, None),  # U-ViT's MLP with its residual
+        ((2, 17), "gelu_tanh", True, True, "sample"),  # DiT's gated MLP
+        ((1, 77), "quick_gelu", True, False, None),  # CLIP's MLP without residual
+        ((3, 4), "silu", False, True, "token"),
+        ((1, 1), None, True, False, None),
+    ],
+    ids=["uvit", "dit", "clip", "silu-token-gate", "M1-noact"],
+)
+def test_mlp_parity(lead, activation, bias, residual, gate, dtype, device):
+    _check_mlp(*_mlp_inputs(lead, 72, 160, 72, dtype, device, bias=bias, residual=residual, gate=gate), activation)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mlp_uvit_h_width(dtype, device):
+    """U-ViT-H/2's MLP widths (1152 -> 4608 -> 1152) at a 3-row M, residual and per-sample gate."""
+    _check_mlp(*_mlp_inputs((1, 3), 1152, 4608, 1152, dtype, device, residual=True, gate="sample"), "gelu")
+
+
+def test_strided_inputs(device):
+    """Views read in place: a slice of a wider buffer, a transposed weight, a strided bias and an
+    expanded (stride-0) output gradient."""
+    B, L, K, N = 2, 21, 72, 48
+    x = torch.randn(B, L + 3, 2 * K, device=device)[:, 2 : L + 2, K:]
+    w = (torch.randn(K, N, device=device) * K ** -0.5).t()
+    b = torch.randn(2 * N, device=device)[::2]
+    assert not x.is_contiguous() and not w.is_contiguous()
+    r, g = torch.randn(B, L, N, device=device), torch.randn(B, N, device=device)
+    _check_linear(x, w, b, r, g, "gelu")
+    _check_linear(x, w, b, None, None, "silu", grad=torch.ones((), device=device).expand(B, L, N))
+
+
+def test_partial_gradients_run_only_the_needed_kernels(device):
+    x, w, b, _, _ = _linear_inputs((2, 9), 72, 40, torch.float32, device)
+    xl = x.clone().requires_grad_(True)
+    with CustomOpRecorder() as rec:
+        fused_linear(xl, w, b, activation="gelu", backend="triton").sum().backward()
+    assert any("backward_input" in o for o in rec.ops) and not any("backward_weight" in o for o in rec.ops), rec.ops
+    wl = w.clone().requires_grad_(True)
+    with CustomOpRecorder() as rec:
+        fused_linear(x, wl, b, backend="triton").sum().backward()
+    assert any("backward_weight" in o for o in rec.ops) and not any("backward_input" in o for o in rec.ops), rec.ops
+    # no gradient at all: no pre-activation written, no backward op
+    with CustomOpRecorder() as rec, torch.no_grad():
+        fused_linear(x, w, b, activation="gelu", gate=torch.randn(2, 40), backend="triton")
+    assert rec.ops == {"uvit_fast.fused_linear.default"}
+
+
+def test_empty_batch(device):
+    x, w, b, r, g = _linear_inputs((0, 7), 64, 32, torch.float32, device, residual=True, gate="sample")
+    leaves = [_leaf(t) for t in (x, w, b, r, g)]
+    out = fused_linear(*leaves[:3], residual=leaves[3], gate=leaves[4], activation="gelu", backend="triton")
+    assert out.shape == (0, 7, 32)
+    out.sum().backward()
+    assert leaves[0].grad.shape == x.shape
+    assert torch.equal(leaves[1].grad, torch.zeros_like(w)) and torch.equal(leaves[2].grad, torch.zeros_like(b))
+
+
+# ---------------------------------------------------------------------------------------------
+# The MLP's two-op design
+# ---------------------------------------------------------------------------------------------
+def _saved_tensors(fn):
+    packed = []
+
+    def pack(t):
+        packed.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, packed
+
+
+@pytest.mark.parametrize("gate", [None, "sample"])
+def test_mlp_saves_what_eager_saves(gate, device):
+    """Saved for backward: x, fc1's weight, h, z (the pre-activation, once), fc2's weight (and, when
+    gated, the gate and fc2's output), each once, the same set as eager (classified by storage:
+    the inputs by identity, the (M, H) hidden tensors and the (M, N) output by size)."""
+    lead, K, H, N = (2, 9), 8, 32, 8
+    x, w1, b1, w2, b2, r, g = _mlp_inputs(lead, K, H, N, torch.float32, device, residual=True, gate=gate)
+    leaves = [_leaf(t) for t in (x, w1, b1, w2, b2, g)]
+    inputs = {"x": leaves[0], "fc1_weight": leaves[1], "fc2_weight": leaves[3], "gate": leaves[5]}
+    M = x.numel() // K
+
+    def classify(packed):
+        kinds, storages = [], set()
+        for t in packed:
+            ptr = t.untyped_storage().data_ptr()
+            assert ptr not in storages, f"a storage saved twice: {tuple(t.shape)}"
+            storages.add(ptr)
+            name = next((n for n, i in inputs.items() if i is not None and i.untyped_storage().data_ptr() == ptr), None)
+            kinds.append(name or {M * H: "hidden", M * N: "out"}.get(t.numel(), f"other{tuple(t.shape)}"))
+        return sorted(kinds)
+
+    def run(backend):
+        return fused_mlp(*leaves[:5], residual=r, gate=leaves[5], activation="gelu", backend=backend)
+
+    _, eager = _saved_tensors(lambda: run("torch"))
+    _, fused = _saved_tensors(lambda: run("triton"))
+    expected = ["fc1_weight", "fc2_weight", "hidden", "hidden", "x"] + (["gate", "out"] if gate else [])
+    assert classify(eager) == sorted(expected)
+    assert classify(fused) == sorted(expected)
+    assert sum(t.numel() for t in fused) == sum(t.numel() for t in eager)
+
+
+def test_mlp_backward_runs_dgelu_in_fc2_input_gradient(monkeypatch, device):
+    """fc2's input-gradient GEMM gets act_input and z (M, H): dGELU in its epilogue; no separate
+    activation-backward pass runs, and fc1's input gradient has no activation."""
+    from uvit_fast.kernels import fused_linear as k
+
+    calls = []
+
+    def record(name, fn):
+        def wrapped(*args, **kwargs):
+            calls.append((name, args, kwargs))
+            return fn(*args, **kwargs)
+        return wrapped
+
+    for name in ("fused_linear_backward_input", "activation_backward", "fused_linear_backward_weight"):
+        monkeypatch.setattr(k, name, record(name, getattr(k, name)))
+    lead, K, H, N = (2, 5), 72, 96, 40
+    x, w1, b1, w2, b2, r, g = _mlp_inputs(lead, K, H, N, torch.float32, device, residual=True, gate="sample")
+    leaves = [_leaf(t) for t in (x, w1, b1, w2, b2)]
+    fused_mlp(*leaves, residual=r, gate=g, activation="gelu_tanh", backend="triton").sum().backward()
+    dx_calls = [(a, kw) for n, a, kw in calls if n == "fused_linear_backward_input"]
+    assert len(dx_calls) == 2, calls
+    (fc2_args, fc2_kw), (fc1_args, fc1_kw) = dx_calls  # backward runs fc2's first
+    assert fc2_kw["act_input"] == "gelu_tanh" and tuple(fc2_kw["preact_input"].shape) == (10, H)
+    assert fc2_kw["gate"] is not None and fc2_kw["gate_rows"] == 5
+    assert fc1_kw["act_input"] is None and fc1_kw["preact_input"] is None
+    assert not [n for n, _, _ in calls if n == "activation_backward"]
+    assert len([n for n, _, _ in calls if n == "fused_linear_backward_weight"]) == 2
+
+
+def test_mlp_inference_writes_no_preactivation(monkeypatch, device):
+    from uvit_fast.kernels import fused_linear as k
+
+    seen = []
+    real = k.fused_linear_forward
+    monkeypatch.setattr(k, "fused_linear_forward", lambda *a, **kw: (seen.append(kw["store_preact"]), real(*a, **kw))[1])
+    x, w1, b1, w2, b2, _, _ = _mlp_inputs((1, 5), 72, 96, 40, torch.float32, device)
+    with torch.no_grad():
+        fused_mlp(x, w1, b1, w2, b2, backend="triton")
+    assert seen == [False, False]
+    seen.clear()
+    fused_mlp(x.requires_grad_(True), w1, b1, w2, b2, backend="triton")
+    assert seen == [True, False]  # z for dGELU; fc2 has no gate, so no pre-gate output
+
+
+# ---------------------------------------------------------------------------------------------
+# Dtypes and autocast
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("which", ["linear", "mlp"])
+def test_autocast_dtypes_match_the_reference(which, amp, device):
+    """Under autocast the torch and triton paths give the reference's dtypes: the linear's output in
+    the autocast dtype, promoted by a float32 residual (the residual stream) to float32, gradients
+    in the leaves' float32 (bf16 values are not compared: the interpreter's bf16 tl.dot is wrong)."""
+    lead, K, H, N = (2, 5), 72, 96, 40
+    x, w1, b1, w2, b2, r, g = _mlp_inputs(lead, K, H, N, torch.float32, device, residual=True, gate="sample")
+    if which == "linear":
+        w1, b1 = torch.randn(N, K, device=device) * K ** -0.5, torch.randn(N, device=device)
+    for residual, gate, want in ((None, None, amp), (r, None, torch.float32), (r, g.to(amp), torch.float32),
+                                 (None, g.to(amp), amp), (None, g, torch.float32)):
+        dtypes = set()
+        for backend in ("torch", "triton"):
+            leaves = [_leaf(t) for t in (x, w1, b1, w2, b2)]
+            with torch.autocast(device.type, dtype=amp):
+                if which == "linear":
+                    out = fused_linear(leaves[0], leaves[1], leaves[2], activation="gelu", residual=residual,
+                                       gate=gate, backend=backend)
+                    ref = fused_linear_reference(leaves[0], leaves[1], leaves[2], activation="gelu",
+                                                 residual=residual, gate=gate)
+                else:
+                    out = fused_mlp(*leaves, residual=residual, gate=gate, backend=backend)
+                    ref = fused_mlp_reference(*leaves, residual=residual, gate=gate)
+            assert out.dtype == ref.dtype == want, (backend, out.dtype, ref.dtype, want)
+            out.float().sum().backward()
+            used = leaves[:3] if which == "linear" else leaves
+            assert all(t.grad is not None and t.grad.dtype == torch.float32 for t in used)
+            dtypes.add(out.dtype)
+        assert len(dtypes) == 1
+
+
+@pytest.mark.parametrize("which", ["linear", "mlp"])
+def test_autocast_fp16_parity(which, device):
+    """fp16 autocast with a float32 residual stream and a per-sample gate: the values, against the
+    float64 reference of the same computation (inputs rounded to fp16 first)."""
+    amp = torch.float16
+    x, w1, b1, w2, b2, r, g = _mlp_inputs((2, 33), 72, 96, 72, torch.float32, device, residual=True, gate="sample")
+    g = g.to(amp)
+    if which == "linear":
+        w1, b1 = torch.randn(72, 72, device=device) * 72 ** -0.5, torch.randn(72, device=device)
+    params = (x, w1, b1) if which == "linear" else (x, w1, b1, w2, b2)
+
+    def call(ts, backend=None, ref=False):
+        fn = (fused_linear_reference if which == "linear" else fused_mlp_reference) if ref else (
+            fused_linear if which == "linear" else fused_mlp)
+        kw = {"activation": "gelu", "residual": ts[-2], "gate": ts[-1]}
+        if backend:
+            kw["backend"] = backend
+        return fn(*ts[:-2], **kw)
+
+    a = [_leaf(t) for t in (*params, r, g)]
+    b = [_leaf(t) for t in (*params, r, g)]
+    r64 = [_leaf(t.to(amp) if t.dtype == torch.float32 and t is not r else t, torch.float64) for t in (*params, r, g)]
+    with torch.autocast(device.type, dtype=amp):
+        out = call(a, "triton")
+        base = call(b, ref=True)
+    ref = call(r64, ref=True)
+    assert out.dtype == base.dtype == torch.float32
+    assert_parity(out, base, ref, atol=4e-3, name="out (autocast)")
+    gr = torch.randn_like(out)
+    out.backward(gr)
+    base.backward(gr)
+    ref.backward(gr.double())
+    for i, (t, tb, tr) in enumerate(zip(a, b, r64)):
+        assert t.grad.dtype == t.dtype
+        assert_parity(t.grad, tb.grad, tr.grad, atol=4e-3, name=f"grad {i} (autocast)")
+
+
+def test_wider_residual_outside_autocast(device):
+    """fp16 x and weights with a float32 residual: the output is float32 as in eager (the kernel runs
+    the fp16 GEMM and gate; the wider residual is added after it), every gradient in its own dtype."""
+    x, w, b, _, g = _linear_inputs((2, 9), 72, 40, torch.float16, device, gate="sample")
+    r = torch.randn(2, 9, 40, device=device)
+    _check_linear(x, w, b, r, g, "silu")
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library: opcheck, torch.compile, FLOP counting
+# ---------------------------------------------------------------------------------------------
+def _opcheck_cases():
+    """(op name, argument factory) for every custom op, with and without the optional tensors."""
+    M, K, H, N = 18, 72, 96, 40
+
+    def r(*shape):
+        return torch.randn(*shape, device=DEVICE)
+
+    def lf(*shape):
+        return r(*shape).requires_grad_(True)
+
+    return [
+        ("fused_linear", lambda: (lf(M, K), lf(N, K), lf(N), lf(M, N), lf(2, N), "gelu", 9, True)),
+        ("fused_linear", lambda: (lf(M, K), lf(N, K), None, None, None, None, 1, False)),
+        ("fused_linear", lambda: (lf(M, K), lf(N, K), lf(N), None, lf(M, N), "quick_gelu", 1, True)),
+        ("fused_mlp_fc1", lambda: (lf(M, K), lf(H, K), lf(H), "gelu", True)),
+        ("fused_mlp_fc2", lambda: (r(M, H), lf(M, H), lf(N, H), lf(N), lf(M, N), lf(2, N), "gelu", 9, True)),
+        ("fused_mlp_fc2", lambda: (r(M, H), lf(M, H), lf(N, H), None, None, None, None, 1, False)),
+        ("fused_linear_backward_input", lambda: (r(M, N), r(N, K), r(3, N), 6, "gelu", r(M, K))),
+        ("fused_linear_backward_input", lambda: (r(M, N), r(N, K), None, 1, None, None)),
+        ("fused_linear_backward_weight", lambda: (r(M, N), r(M, K), r(3, N), 6, True)),
+        ("fused_linear_backward_weight", lambda: (r(M, N), r(M, K), None, 1, False)),
+        ("fused_linear_backward_gate", lambda: (r(M, N), r(M, N), "silu", 6, 3)),
+        ("fused_linear_backward_gate", lambda: (r(M, N), r(M, N), None, 1, M)),
+        ("fused_linear_activation_backward", lambda: (r(M, N), r(M, N), "gelu_tanh")),
+    ]
+
+
+DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
+
+
+@pytest.mark.parametrize("name, args", _opcheck_cases(), ids=[f"{n}-{i}" for i, (n, _) in enumerate(_opcheck_cases())])
+def test_opcheck(name, args):
+    torch.library.opcheck(getattr(torch.ops.uvit_fast, name).default, args())
+
+
+@pytest.mark.parametrize("which", ["linear", "mlp"])
+def test_torch_compile_fullgraph(which, device):
+    """torch.compile(fullgraph=True) traces the custom ops forward and backward (AOTAutograd with
+    the traced graphs run as they are, no Inductor, which the CPU tier cannot afford here); the
+    graphs hold the forward ops and the fused backward ops."""
+    import torch._dynamo
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = {"fw": [], "bw": []}
+
+    def keep(kind):
+        def compiler(gm, example_inputs):
+            graphs[kind].append(gm.code)
+            return make_boxed_func(gm.forward)
+        return compiler
+
+    backend = aot_autograd(fw_compiler=keep("fw"), bw_compiler=keep("bw"))
+    x, w1, b1, w2, b2, r, g = _mlp_inputs((2, 9), 72, 96, 40, torch.float32, device, residual=True, gate="sample")
+
+    def f(x, w1, b1, w2, b2, r, g):
+        if which == "linear":
+            return fused_linear(x, w1, b1, activation="gelu", residual=None, gate=None, backend="triton").square()
+        return fused_mlp(x, w1, b1, w2, b2, activation="gelu_tanh", residual=r, gate=g, backend="triton").square()
+
+    torch._dynamo.reset()
+    leaves = [_leaf(t) for t in (x, w1, b1, w2, b2, r, g)]
+    out = torch.compile(f, fullgraph=True, backend=backend)(*leaves)
+    out.sum().backward()
+    fw, bw = "\n".join(graphs["fw"]), "\n".join(graphs["bw"])
+    if which == "linear":
+        assert "uvit_fast.fused_linear.default" in fw
+        assert "fused_linear_activation_backward" in bw and "fused_linear_backward_weight" in bw
+    else:
+        assert "fused_mlp_fc1" in fw and "fused_mlp_fc2" in fw
+        assert bw.count("uvit_fast.fused_linear_backward_input.default(") == 2 and "fused_linear_backward_gate" in bw
+        assert "activation_backward" not in bw  # dGELU in fc2's input-gradient epilogue
+    eager = [_leaf(t) for t in (x, w1, b1, w2, b2, r, g)]
+    f(*eager).sum().backward()
+    torch.testing.assert_close(out, f(*[t.detach() for t in eager]), rtol=1e-5, atol=1e-5)
+    for a, b in zip(leaves, eager):
+        if b.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_flop_counter_counts_the_custom_ops(device):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    M, K, H, N = 10, 72, 96, 40
+    x, w1, b1, w2, b2, _, _ = _mlp_inputs((2, 5), K, H, N, torch.float32, device)
+    leaves = [_leaf(t) for t in (x, w1, b1, w2, b2)]
+    for backend in ("torch", "triton"):
+        counter = FlopCounterMode(display=False)
+        with counter:
+            fused_mlp(*leaves, backend=backend).sum().backward()
+        # forward 2 GEMMs, backward 4 (dx and dW each), 2 flops per multiply-add
+        assert counter.get_total_flops() == 3 * (2 * M * K * H + 2 * M * H * N), backend
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        fused_linear(x, w1, b1, activation="gelu", backend="triton")
+    assert counter.get_total_flops() == 2 * M * K * H
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatch
+# ---------------------------------------------------------------------------------------------
+def test_untimed_auto_is_pytorch_and_triton_is_forced(monkeypatch, device):
+    monkeypatch.setenv(dispatch.ENV_TUNE, "0")
+    x, w, b, r, g = _linear_inputs((2, 5), 72, 40, torch.float32, device, residual=True, gate="sample")
+    with CustomOpRecorder() as rec:
+        fused_linear(x, w, b, activation="gelu", residual=r, gate=g)
+        fused_mlp(x, torch.randn(96, 72), None, torch.randn(40, 96), None)
+    assert not rec.ops  # untimed auto: PyTorch on every device (cuBLAS + eager epilogue on CUDA)
+    with CustomOpRecorder() as rec, uvit_fast.use_backend("triton"):
+        fused_linear(x, w, b, activation="gelu", residual=r, gate=g)
+    assert rec.ops == {"uvit_fast.fused_linear.default"}
+    # float64: the kernels do not compute in it; auto falls back, triton says so
+    out = fused_linear(x.double(), w.double(), b.double(), activation="gelu")
+    assert out.dtype == torch.float64
+    with pytest.raises(TypeError, match=r"backend='triton' supports float16, bfloat16 and float32; got torch.float64"):
+        fused_linear(x.double(), w.double(), b.double(), backend="triton")
+    with pytest.raises(TypeError, match=r"fused_mlp: backend='triton' supports .* got torch.float64"):
+        fused_mlp(x.double(), torch.randn(96, 72).double(), None, torch.randn(40, 96).double(), None, backend="triton")
+
+
+@pytest.fixture
+def fresh(tmp_path, monkeypatch):
+    """Timing on (CPU under the interpreter), a fresh process-wide table on a temporary cache file."""
+    monkeypatch.setenv(dispatch.ENV_TUNE, "1")
+    disp = Dispatcher(TuneCache(tmp_path / "tune.json"))
+    monkeypatch.setattr(dispatch, "_DISPATCHER", disp)
+    return disp
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["infer", "train"])
+def test_measured_dispatch_keeps_pytorch_under_the_interpreter(fresh, training, device):
+    """UVIT_FAST_TUNE=1 on CPU: the candidates are timed for real (the interpreter is far slower than
+    PyTorch), a PyTorch path wins and is recorded in the cache file; the erf-GELU addmm_activation candidate
+    is offered on CPU for inference only (it has no autograd)."""
+    x, w, b, r, g = _linear_inputs((1, 77), 72, 40, torch.float32, device, residual=True, gate="sample")
+    w2 = torch.randn(40, 40, device=device) * 40 ** -0.5
+    if training:
+        x.requires_grad_(True)
+    with CustomOpRecorder():
+        fused_linear(x, w, b, activation="gelu", residual=r, gate=g)
+        fused_mlp(x, w, b, w2, None, activation="gelu", residual=r)
+    decisions = fresh.decisions()
+    assert len(decisions) == 2
+    for key, d in decisions.items():
+        assert key.split("[")[0] in ("fused_linear", "fused_mlp")
+        assert ("|train|" if training else "|infer|") in key
+        assert "act=gelu" in key and "residual=1" in key
+        assert d.choice in ("torch", "addmm_activation"), d  # a PyTorch path (the two are about equal on CPU)
+        assert d.timings_ms["triton"] is not None and d.timings_ms["triton"] > d.timings_ms[d.choice]
+        assert ("addmm_activation" in d.timings_ms) is (not training)
+    assert "gate=sample" in next(k for k in decisions if k.startswith("fused_linear"))
+    stored = TuneCache(fresh.cache.path).load()
+    assert {k: d.choice for k, d in stored.items()} == {k: d.choice for k, d in decisions.items()}
+
+
+def test_measured_winner_runs(fresh, monkeypatch, device):
+    """Injected timings: whichever candidate measures fastest runs (triton, then addmm_activation)."""
+    x, w, b, _, _ = _linear_inputs((1, 9), 72, 40, torch.float32, device)
+    for times, winner, fused in (([3.0, 2.0, 1.0], "triton", True), ([3.0, 1.0, 2.0], "addmm_activation", False)):
+        fresh.clear()
+        fresh.cache.path.unlink(missing_ok=True)
+        it = iter(times)
+        monkeypatch.setattr(dispatch, "default_timer", lambda device_type: (lambda fn: next(it)))
+        with CustomOpRecorder() as rec:
+            out = fused_linear(x, w, b, activation="gelu")
+        assert bool(rec.ops) is fused
+        (d,) = fresh.decisions().values()
+        assert d.choice == winner and list(d.timings_ms) == ["torch", "addmm_activation", "triton"]
+        torch.testing.assert_close(out, fused_linear_reference(x, w, b, activation="gelu"), rtol=1e-5, atol=1e-5)
+
+
+def test_addmm_activation_gelu_form_on_cpu():
+    """torch._addmm_activation(use_gelu=True) applies the erf GELU on CPU (tanh on CUDA: cuBLASLt's
+    epilogue), which is why it is a candidate for "gelu" on CPU and "gelu_tanh" on CUDA only."""
+    from uvit_fast.ops.fused_linear import _addmm_activation_form
+
+    x, w, b = torch.randn(8, 16, dtype=torch.float64), torch.randn(12, 16, dtype=torch.float64), torch.randn(12, dtype=torch.float64)
+    got = torch._addmm_activation(b, x, w.t(), use_gelu=True)
+    want = fused_linear_reference(x, w, b, activation=_addmm_activation_form("cpu"))
+    torch.testing.assert_close(got, want)
+    assert (got - fused_linear_reference(x, w, b, activation="gelu_tanh")).abs().max() > 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------
+def test_errors(device):
+    x, w, b, r, g = _linear_inputs((2, 5), 8, 6, torch.float32, device, residual=True, gate="sample")
+    with pytest.raises(ValueError, match=r"fused_linear: weight must have shape \(N, 8\) for x \(2, 5, 8\); got \(6, 7\)"):
+        fused_linear(x, w[:, :7], b)
+    with pytest.raises(ValueError, match=r"weight must have 2 dims; got shape \(6, 8, 1\)"):
+        fused_linear(x, w[..., None], b)
+    with pytest.raises(ValueError, match=r"bias has shape \(5,\) but weight \(6, 8\) needs \(6,\)"):
+        fused_linear(x, w, b[:5])
+    with pytest.raises(ValueError, match=r"activation must be one of .*'quick_gelu'.*got 'relu'"):
+        fused_linear(x, w, b, activation="relu")
+    with pytest.raises(ValueError, match=r"residual must have the output's shape \(2, 5, 6\) for x \(2, 5, 8\); got \(2, 5, 5\)"):
+        fused_linear(x, w, b, residual=r[..., :5])
+    with pytest.raises(ValueError, match=r"gate must have shape \(B, N\) = \(2, 6\) \(per sample\) or the output's shape \(2, 5, 6\) \(per token\).*got \(3, 6\)"):
+        fused_linear(x, w, b, gate=torch.randn(3, 6))
+    with pytest.raises(ValueError, match=r"gate must have shape the output's shape \(5, 6\) \(per token\) for x \(5, 8\); got \(1, 6\)"):
+        fused_linear(x[0], w, b, gate=g[:1])
+    with pytest.raises(TypeError, match=r"weight must have x's dtype \(torch.float32\) outside autocast; got torch.float16"):
+        fused_linear(x, w.half(), b, backend="triton")
+    with pytest.raises(TypeError, match=r"bias must have x's dtype \(torch.float32\) outside autocast; got torch.float16"):
+        fused_linear(x, w, b.half(), backend="torch")
+    with pytest.raises(TypeError, match=r"x must have a floating dtype; got torch.int64"):
+        fused_linear(x.long(), w, b)
+    with pytest.raises(TypeError, match=r"gate must be a torch.Tensor; got list"):
+        fused_linear(x, w, b, gate=[1.0])
+    with pytest.raises(ValueError, match=r"all tensors must be on one device.*weight on meta"):
+        fused_linear(x, w.to("meta"), b)
+    with pytest.raises(ValueError, match=r"backend must be one of"):
+        fused_linear(x, w, b, backend="cuda")
+
+
+def test_mlp_errors(device):
+    x, w1, b1, w2, b2, r, g = _mlp_inputs((2, 5), 8, 16, 6, torch.float32, device, residual=True, gate="sample")
+    with pytest.raises(ValueError, match=r"fused_mlp: fc1_weight must have shape \(N, 8\) for x \(2, 5, 8\); got \(16, 7\)"):
+        fused_mlp(x, w1[:, :7], b1, w2, b2)
+    with pytest.raises(ValueError, match=r"fc2_weight must have shape \(N, 16\) for fc1_weight \(16, 8\); got \(6, 15\)"):
+        fused_mlp(x, w1, b1, w2[:, :15], b2)
+    with pytest.raises(ValueError, match=r"fc2_bias has shape \(5,\) but fc2_weight \(6, 16\) needs \(6,\)"):
+        fused_mlp(x, w1, b1, w2, b2[:5])
+    with pytest.raises(ValueError, match=r"residual must have the output's shape \(2, 5, 6\)"):
+        fused_mlp(x, w1, b1, w2, b2, residual=torch.randn(2, 5, 16))
+    with pytest.raises(ValueError, match=r"gate must have shape \(B, N\) = \(2, 6\)"):
+        fused_mlp(x, w1, b1, w2, b2, gate=torch.randn(2, 16))
+    with pytest.raises(TypeError, match=r"fc2_weight must have x's dtype \(torch.float32\) outside autocast; got torch.float16"):
+        fused_mlp(x, w1, b1, w2.half(), b2)
+    with pytest.raises(ValueError, match=r"activation must be one of"):
+        fused_mlp(x, w1, b1, w2, b2, activation="gelu_erf")
