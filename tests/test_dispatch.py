@@ -475,63 +475,6 @@ def test_bench_has_an_auto_row_beside_every_triton_row(name):
     assert all(c.needs_cuda for c in cases if c.provider == "uvit_fast_auto")
 
 
-def _graph_ops(fn, *args, dynamic=None):
-    """Compile ``fn`` with fullgraph=True and return the traced graph's code (no Inductor)."""
-    import torch._dynamo
-
-    codes = []
-
-    def backend(gm, example_inputs):
-        codes.append(gm.code)
-        return gm.forward
-
-    torch._dynamo.reset()
-    out = torch.compile(fn, fullgraph=True, backend=backend, dynamic=dynamic)(*args)
-    return out, "\n".join(codes)
-
-
-def test_compile_takes_the_stored_decision_and_never_times(fresh, monkeypatch):
-    monkeypatch.setattr(dispatch, "default_timer", lambda device_type: pytest.fail("timed while tracing"))
-    x, w = torch.randn(1, 77, 72), torch.randn(72)
-
-    def f(x, w):
-        return ops.adaln_layer_norm(x, weight=w)
-
-    out, code = _graph_ops(f, x, w)  # no decision stored: untimed auto (PyTorch on CPU)
-    assert "uvit_fast" not in code and "layer_norm" in code
-    assert fresh.decisions() == {}
-    # an eager call (timing on) decides for Triton; a new trace takes that decision
-    monkeypatch.setattr(dispatch, "default_timer", lambda device_type: _ordered_timer([2.0, 1.0]))
-    ops.adaln_layer_norm(x, weight=w)
-    monkeypatch.setattr(dispatch, "default_timer", lambda device_type: pytest.fail("timed while tracing"))
-    out2, code = _graph_ops(f, x, w)
-    assert "uvit_fast.adaln_layer_norm" in code
-    torch.testing.assert_close(out2, out, rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.slow
-def test_compile_with_dynamic_shapes_finds_the_bucket(fresh, monkeypatch):
-    w = torch.randn(72)
-    monkeypatch.setattr(dispatch, "default_timer", lambda device_type: _ordered_timer([2.0, 1.0]))
-    ops.adaln_layer_norm(torch.randn(1, 77, 72), weight=w)  # decides for the 128-row bucket
-    monkeypatch.setattr(dispatch, "default_timer", lambda device_type: pytest.fail("timed while tracing"))
-    # the symbolic row count is bucketed by comparisons: 100 rows share 77's bucket
-    _, code = _graph_ops(lambda x, w: ops.adaln_layer_norm(x, weight=w), torch.randn(1, 100, 72), w, dynamic=True)
-    assert "uvit_fast.adaln_layer_norm" in code
-
-
-@pytest.mark.slow
-def test_compile_takes_the_stored_attention_decision(fresh, monkeypatch):
-    q = torch.randn(1, 77, 2, 72)
-    _, code = _graph_ops(lambda q: ops.attention(q, q, q), q)  # nothing stored: SDPA on CPU, untimed
-    assert "scaled_dot_product_attention" in code and "uvit_fast" not in code
-    monkeypatch.setattr(dispatch, "default_timer", lambda device_type: _ordered_timer([2.0, 3.0, 1.0]))
-    ops.attention(q, q, q)
-    monkeypatch.setattr(dispatch, "default_timer", lambda device_type: pytest.fail("timed while tracing"))
-    _, code = _graph_ops(lambda q: ops.attention(q, q, q), q)
-    assert "uvit_fast.attention_fwd" in code
-
-
 def _tune_worker(rank, world, init_file, out_dir):
     import datetime
     import os

@@ -462,11 +462,7 @@ def measure(
     device = present[0].device
     if len(candidates) == 1:
         return next(iter(candidates))
-    ac = ""
-    if torch.is_autocast_enabled(device.type):
-        ac = f"autocast={str(torch.get_autocast_dtype(device.type)).replace('torch.', '')}"
-    tags = ",".join(p for p in (flags, ac) if p)
-    name = f"{op}[{tags}]" if tags else op
+    name = key_name(op, flags, device.type)
     training = is_training(inputs)
     if torch.compiler.is_compiling():
         if default is None:
@@ -479,12 +475,28 @@ def measure(
     if decision is None:
         bound = {cand: _bind(fn, inputs, training) for cand, fn in candidates.items()}
         decision = _DISPATCHER.decide(key, bound, default_timer(device.type))
-    with _GLOBAL_LOCK:
-        for keys in _RECORD:
-            keys.append(str(key))
+    record_key(str(key))
     if decision.choice not in candidates:  # a stored decision for a candidate this process lacks
         return next(iter(candidates))
     return decision.choice
+
+
+def key_name(op: str, flags: str, device_type: str, compiled_training: bool = False) -> str:
+    """The op part of a key: ``op[flags,autocast=dtype]``. ``compiled_training`` tags the training
+    keys of the run-time dispatch ops under torch.compile (``uvit_fast.ops._runtime``), whose
+    PyTorch candidates time a recomputing backward: not what an eager training call times."""
+    ac = ""
+    if torch.is_autocast_enabled(device_type):
+        ac = f"autocast={str(torch.get_autocast_dtype(device_type)).replace('torch.', '')}"
+    tags = ",".join(p for p in (flags, ac, "compiled" if compiled_training else "") if p)
+    return f"{op}[{tags}]" if tags else op
+
+
+def record_key(key: str) -> None:
+    """Note ``key`` for every :func:`forced` block running (``tune()`` reports what a model ran)."""
+    with _GLOBAL_LOCK:
+        for keys in _RECORD:
+            keys.append(key)
 
 
 def _traced_bucket(n: Any) -> int:

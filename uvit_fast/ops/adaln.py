@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from uvit_fast._backend import load_kernel, resolve
 from uvit_fast.dispatch import measure
+from uvit_fast.ops._runtime import DispatchOp
 from uvit_fast.ops._checks import check_same_device, check_tensor, shape_str
 
 
@@ -138,18 +139,22 @@ def adaln_layer_norm(
     tensors = (x, shift, scale, weight, bias)
     choice = _choose(op, backend, tensors)
     if choice == "measure":  # time both paths once per key (uvit_fast.dispatch)
+        key = dict(rows=_rows(x), dims=(x.shape[-1],), flags=_flags(tensors[1:], scale_offset))
+        if torch.compiler.is_compiling():  # decided inside the graph, when it runs
+            call = _ADALN_DISPATCH.bind(op, tensors, **key)
+            return _adaln_layer_norm_triton(x, shift, scale, weight, bias, eps, scale_offset, call=call)
         choice = measure(op, tensors, {
             "torch": lambda *t: adaln_layer_norm_reference(*t, eps, scale_offset),
             "triton": lambda *t: _adaln_layer_norm_triton(*t, eps, scale_offset),
-        }, rows=_rows(x), dims=(x.shape[-1],), flags=_flags(tensors[1:], scale_offset))
+        }, **key)
     if choice == "torch":
         return adaln_layer_norm_reference(x, shift, scale, weight, bias, eps, scale_offset)
     return _adaln_layer_norm_triton(x, shift, scale, weight, bias, eps, scale_offset)
 
 
-def _adaln_layer_norm_triton(x, shift, scale, weight, bias, eps, scale_offset):
+def _adaln_layer_norm_triton(x, shift, scale, weight, bias, eps, scale_offset, call=None):
     out_dtype = _promote(_ln_dtype(x), scale, shift)
-    y, _, _ = torch.ops.uvit_fast.adaln_layer_norm(
+    y, _, _ = (call or torch.ops.uvit_fast.adaln_layer_norm)(
         x, shift, scale, weight, bias, float(eps), float(scale_offset), out_dtype
     )
     return y
@@ -212,19 +217,23 @@ def residual_adaln_layer_norm(
     tensors = (x, branch, gate, shift, scale, weight, bias)
     choice = _choose(op, backend, tensors)
     if choice == "measure":  # time both paths once per key (uvit_fast.dispatch)
+        key = dict(rows=_rows(x), dims=(x.shape[-1],), flags=_flags(tensors[2:], scale_offset))
+        if torch.compiler.is_compiling():  # decided inside the graph, when it runs
+            call = _RESIDUAL_DISPATCH.bind(op, tensors, **key)
+            return _residual_adaln_layer_norm_triton(*tensors, eps, scale_offset, call=call)
         choice = measure(op, tensors, {
             "torch": lambda *t: residual_adaln_layer_norm_reference(*t, eps, scale_offset),
             "triton": lambda *t: _residual_adaln_layer_norm_triton(*t, eps, scale_offset),
-        }, rows=_rows(x), dims=(x.shape[-1],), flags=_flags(tensors[2:], scale_offset))
+        }, **key)
     if choice == "torch":
         return residual_adaln_layer_norm_reference(x, branch, gate, shift, scale, weight, bias, eps, scale_offset)
     return _residual_adaln_layer_norm_triton(x, branch, gate, shift, scale, weight, bias, eps, scale_offset)
 
 
-def _residual_adaln_layer_norm_triton(x, branch, gate, shift, scale, weight, bias, eps, scale_offset):
+def _residual_adaln_layer_norm_triton(x, branch, gate, shift, scale, weight, bias, eps, scale_offset, call=None):
     xn_dtype = _promote(x.dtype, branch, gate)
     out_dtype = _promote(_ln_dtype(x, xn_dtype), scale, shift)
-    x_new, h, _, _ = torch.ops.uvit_fast.residual_adaln_layer_norm(
+    x_new, h, _, _ = (call or torch.ops.uvit_fast.residual_adaln_layer_norm)(
         x, branch, gate, shift, scale, weight, bias, float(eps), float(scale_offset), out_dtype
     )
     if not any(t is not None and t.requires_grad for t in (x, branch, gate)):
@@ -466,3 +475,33 @@ def _residual_backward(ctx, dx_new, dh, dmean, drstd):
 
 
 _residual_adaln_op.register_autograd(_residual_backward, setup_context=_residual_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# Under torch.compile with measured dispatch: the decision inside the graph (uvit_fast.ops._runtime).
+# The PyTorch candidate computes on the Triton op's arguments: x is widened to the output dtype
+# first when that is wider (CUDA autocast runs layer_norm in float32), then the result is cast to it.
+# ----------------------------------------------------------------------------------------------
+def _widen(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x.to(dtype) if x.dtype != dtype and torch.promote_types(x.dtype, dtype) == dtype else x
+
+
+def _adaln_torch_candidate(x, shift, scale, weight, bias, eps, scale_offset, out_dtype):
+    y = adaln_layer_norm_reference(_widen(x, out_dtype), shift, scale, weight, bias, eps, scale_offset)
+    return (y.to(out_dtype),)
+
+
+def _residual_torch_candidate(x, branch, gate, shift, scale, weight, bias, eps, scale_offset, out_dtype):
+    x_new = x + (_per_token(gate) * branch if gate is not None else branch)
+    h = adaln_layer_norm_reference(_widen(x_new, out_dtype), shift, scale, weight, bias, eps, scale_offset)
+    return x_new, h.to(out_dtype)
+
+
+_ADALN_DISPATCH = DispatchOp(
+    "adaln_layer_norm", torch.ops.uvit_fast.adaln_layer_norm, _adaln_setup_context, _adaln_backward, n_diff=1,
+    candidates=lambda *args: {"torch": _adaln_torch_candidate},
+)
+_RESIDUAL_DISPATCH = DispatchOp(
+    "residual_adaln_layer_norm", torch.ops.uvit_fast.residual_adaln_layer_norm, _residual_setup_context,
+    _residual_backward, n_diff=2, candidates=lambda *args: {"torch": _residual_torch_candidate},
+)

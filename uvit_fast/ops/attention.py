@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from uvit_fast._backend import BackendError, check_triton_device, get_backend, measuring
 from uvit_fast.dispatch import measure
+from uvit_fast.ops._runtime import DispatchOp
 from uvit_fast.kernels._precision import tf32_matmul_allowed
 from uvit_fast.ops._autocast import autocast_cast, autocast_dtype
 from uvit_fast.ops._checks import check_same_device, check_tensor
@@ -364,10 +365,10 @@ def _check_triton(op: str, t: torch.Tensor) -> None:
                         f"(shape {tuple(t.shape)}); use backend='sdpa' or 'torch'")
 
 
-def _attention_triton(q, k, v, causal, scale):
+def _attention_triton(q, k, v, causal, scale, call=None):
     q, k, v = _autocast(q, k, v)
     _check_triton("attention", q)
-    out, _ = _attention_fwd_op(q, k, v, bool(causal), _resolve_scale(scale, q.shape[-1]))
+    out, _ = (call or _attention_fwd_op)(q, k, v, bool(causal), _resolve_scale(scale, q.shape[-1]))
     return out
 
 
@@ -390,12 +391,16 @@ def _attention_candidates(q, k, causal, scale):
     return {name: run(name) for name in names}
 
 
-def _measure(op, inputs, candidates, causal, q=None) -> str:
+def _key(inputs, causal, q=None):
     q = inputs[0] if q is None else q
     B, L, H, D = q.shape
     Lk = inputs[1].shape[1] if len(inputs) > 1 else L
-    return measure(op, inputs, candidates, rows=B * H, dims=(L, Lk, D), flags=f"causal={int(bool(causal))}",
-                   default=_untimed_auto(q))
+    return dict(rows=B * H, dims=(L, Lk, D), flags=f"causal={int(bool(causal))}")
+
+
+def _measure(op, inputs, candidates, causal, q=None) -> str:
+    q = inputs[0] if q is None else q
+    return measure(op, inputs, candidates, **_key(inputs, causal, q), default=_untimed_auto(q))
 
 
 def attention(
@@ -426,6 +431,8 @@ def attention(
         raise ValueError(f"attention: backend must be one of {ATTENTION_BACKENDS}; got {backend!r}")
     _check_attention(q, k, v, scale)
     choice = _select(backend, q)
+    if choice == "measure" and torch.compiler.is_compiling():  # decided inside the graph, when it runs
+        return _attention_triton(q, k, v, causal, scale, call=_DISPATCH.bind("attention", (q, k, v), **_key((q, k, v), causal)))
     if choice == "measure":
         choice = _measure("attention", (q, k, v), _attention_candidates(q, k, causal, scale), causal)
     if choice == "sdpa":
@@ -455,6 +462,11 @@ def attention_qkvpacked(
     q, k, v = qkv.unbind(2)
     _check_attention(q, k, v, scale)
     choice = _select(backend, qkv)
+    if choice == "measure" and torch.compiler.is_compiling():  # decided inside the graph, when it runs
+        call = _PACKED_DISPATCH.bind("attention_qkvpacked", (qkv,), **_key((qkv,), causal, q))
+        (qkv,) = _autocast(qkv)
+        _check_triton("attention_qkvpacked", qkv)
+        return call(qkv, bool(causal), _resolve_scale(scale, qkv.shape[-1]))[0]
     if choice == "measure":
         candidates = {
             name: (lambda qkv, fn=fn: fn(*qkv.unbind(2))) for name, fn in _attention_candidates(q, k, causal, scale).items()
@@ -472,3 +484,31 @@ def attention_qkvpacked(
         _check_half(qkv)
         return fa.flash_attn_qkvpacked_func(qkv, softmax_scale=scale, causal=causal)
     return attention(q, k, v, causal=causal, scale=scale, backend=choice)
+
+
+# ---------------------------------------------------------------------------------------------
+# Under torch.compile with measured dispatch: the decision inside the graph (uvit_fast.ops._runtime)
+# between SDPA (the baseline), the math reference (small score matrices) and the kernel. flash-attn
+# and xformers are timed in eager calls only: their autograd Functions do not run under torch.func.
+# ---------------------------------------------------------------------------------------------
+def _compiled_candidates(q, k, causal, scale):
+    names = [n for n in _attention_candidates(q, k, causal, scale) if n in ("sdpa", "torch")]
+    fns = {
+        "sdpa": lambda q, k, v, causal, scale: (_sdpa(q, k, v, causal, scale),),
+        "torch": lambda q, k, v, causal, scale: (attention_reference(q, k, v, causal=causal, scale=scale),),
+    }
+    return {n: fns[n] for n in names}
+
+
+def _packed_candidates(qkv, causal, scale):
+    q, k, _ = qkv.unbind(2)
+    return {
+        name: (lambda qkv, causal, scale, fn=fn: fn(*qkv.unbind(2), causal, scale))
+        for name, fn in _compiled_candidates(q, k, causal, scale).items()
+    }
+
+
+_DISPATCH = DispatchOp("attention", torch.ops.uvit_fast.attention_fwd, _attention_setup, _attention_backward,
+                       n_diff=1, candidates=lambda q, k, v, causal, scale: _compiled_candidates(q, k, causal, scale))
+_PACKED_DISPATCH = DispatchOp("attention_qkvpacked", torch.ops.uvit_fast.attention_qkvpacked_fwd, _packed_setup,
+                              _packed_backward, n_diff=1, candidates=_packed_candidates)

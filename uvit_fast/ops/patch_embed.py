@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from uvit_fast._backend import load_kernel, resolve
 from uvit_fast.dispatch import measure
+from uvit_fast.ops._runtime import DispatchOp
 from uvit_fast.ops._autocast import autocast_cast, autocast_dtype
 from uvit_fast.ops._checks import as_tuple, check_same_device, check_tensor, shape_str
 
@@ -216,12 +217,18 @@ def patchify_embed(
         choice = "torch"  # "auto": dtypes the kernel does not compute in (e.g. float64)
     if choice == "measure":  # time both paths once per key (uvit_fast.dispatch)
         extra = prefix.shape[1] if prefix is not None else 0
-        choice = measure("patchify_embed", (x, weight, bias, prefix, pos_embed), {
+        tensors = (x, weight, bias, prefix, pos_embed)
+        key = dict(
+            rows=x.shape[0] * math.prod([s // p for s, p in zip(x.shape[2:], weight.shape[2:])]),
+            dims=(*x.shape[1:], *weight.shape[2:], weight.shape[0], extra),
+            flags=",".join(f"{n}={int(t is not None)}" for n, t in (("bias", bias), ("prefix", prefix), ("pos", pos_embed))),
+        )
+        if torch.compiler.is_compiling():  # decided inside the graph, when it runs
+            return _patchify_embed_triton(*tensors, call=_EMBED_DISPATCH.bind("patchify_embed", tensors, **key))
+        choice = measure("patchify_embed", tensors, {
             "torch": lambda x, w, b, pre, pos: patchify_embed_reference(x, w, b, prefix=pre, pos_embed=pos),
             "triton": _patchify_embed_triton,
-        }, rows=x.shape[0] * math.prod(s // p for s, p in zip(x.shape[2:], weight.shape[2:])),
-            dims=(*x.shape[1:], *weight.shape[2:], weight.shape[0], extra),
-            flags=",".join(f"{n}={int(t is not None)}" for n, t in (("bias", bias), ("prefix", prefix), ("pos", pos_embed))))
+        }, **key)
     if choice == "torch":
         return patchify_embed_reference(x, weight, bias, prefix=prefix, pos_embed=pos_embed)
     return _patchify_embed_triton(x, weight, bias, prefix, pos_embed)
@@ -241,7 +248,7 @@ def _embed_out_dtype(x, prefix, pos_embed) -> torch.dtype:
     return dt
 
 
-def _patchify_embed_triton(x, weight, bias, prefix, pos_embed):
+def _patchify_embed_triton(x, weight, bias, prefix, pos_embed, call=None):
     # Autocast: the reference's conv runs in the autocast dtype (x, weight and bias are cast),
     # while cat/add then promote against prefix/pos_embed as usual. Cast the conv operands
     # here, outside the custom op, and the op's own dtype rule does the rest.
@@ -254,7 +261,7 @@ def _patchify_embed_triton(x, weight, bias, prefix, pos_embed):
             f"patchify_embed: the Triton kernel supports float16, bfloat16 and float32; got {desc} "
             f"(use backend='torch')"
         )
-    return torch.ops.uvit_fast.patchify_embed(x, weight, bias, prefix, pos_embed)
+    return (call or torch.ops.uvit_fast.patchify_embed)(x, weight, bias, prefix, pos_embed)
 
 
 @torch.library.custom_op("uvit_fast::patchify_embed", mutates_args=())
@@ -419,11 +426,15 @@ def decoder_unpatchify(
     if choice in ("triton", "measure") and backend != "triton" and not _decoder_dtypes_ok(tokens):
         choice = "torch"  # "auto": dtypes the kernel does not compute in (e.g. float64)
     if choice == "measure":  # time both paths once per key (uvit_fast.dispatch)
+        key = dict(rows=tokens.shape[0] * math.prod(g), dims=(*patch, *g, extras, *weight.shape),
+                   flags=f"bias={int(bias is not None)}")
+        if torch.compiler.is_compiling():  # decided inside the graph, when it runs
+            call = _DECODER_DISPATCH.bind("decoder_unpatchify", (tokens, weight, bias), **key)
+            return _decoder_unpatchify_triton(tokens, weight, bias, patch, g, extras, call=call)
         choice = measure("decoder_unpatchify", (tokens, weight, bias), {
             "torch": lambda t, w, b: decoder_unpatchify_reference(t, w, b, patch_size=patch, grid=g, extras=extras),
             "triton": lambda t, w, b: _decoder_unpatchify_triton(t, w, b, patch, g, extras),
-        }, rows=tokens.shape[0] * math.prod(g), dims=(*patch, *g, extras, *weight.shape),
-            flags=f"bias={int(bias is not None)}")
+        }, **key)
     if choice == "torch":
         return decoder_unpatchify_reference(tokens, weight, bias, patch_size=patch, grid=g, extras=extras)
     return _decoder_unpatchify_triton(tokens, weight, bias, patch, g, extras)
@@ -433,7 +444,7 @@ def _decoder_dtypes_ok(tokens) -> bool:
     return _effective_dtype(tokens, autocast_dtype(tokens.device)) in _KERNEL_DTYPES
 
 
-def _decoder_unpatchify_triton(tokens, weight, bias, patch, grid, extras):
+def _decoder_unpatchify_triton(tokens, weight, bias, patch, grid, extras, call=None):
     # Autocast: the reference's linear runs in the autocast dtype and unpatchify keeps it.
     ac = autocast_dtype(tokens.device)
     tokens, weight, bias = (autocast_cast(t, ac) for t in (tokens, weight, bias))
@@ -442,7 +453,7 @@ def _decoder_unpatchify_triton(tokens, weight, bias, patch, grid, extras):
             f"decoder_unpatchify: the Triton kernel supports float16, bfloat16 and float32; "
             f"got tokens {tokens.dtype} (use backend='torch')"
         )
-    return torch.ops.uvit_fast.decoder_unpatchify(tokens, weight, bias, list(patch), list(grid), extras)
+    return (call or torch.ops.uvit_fast.decoder_unpatchify)(tokens, weight, bias, list(patch), list(grid), extras)
 
 
 @torch.library.custom_op("uvit_fast::decoder_unpatchify", mutates_args=())
@@ -518,4 +529,21 @@ def _decoder_unpatchify_backward(ctx, grad):
 
 _decoder_unpatchify_op.register_autograd(
     _decoder_unpatchify_backward, setup_context=_decoder_unpatchify_setup_context
+)
+
+
+# Under torch.compile with measured dispatch: the decision inside the graph (uvit_fast.ops._runtime).
+_EMBED_DISPATCH = DispatchOp(
+    "patchify_embed", torch.ops.uvit_fast.patchify_embed, _patchify_embed_setup_context, _patchify_embed_backward,
+    n_diff=1, candidates=lambda *args: {
+        "torch": lambda x, w, b, pre, pos: (patchify_embed_reference(x, w, b, prefix=pre, pos_embed=pos),)
+    },
+)
+_DECODER_DISPATCH = DispatchOp(
+    "decoder_unpatchify", torch.ops.uvit_fast.decoder_unpatchify, _decoder_unpatchify_setup_context,
+    _decoder_unpatchify_backward, n_diff=1, candidates=lambda *args: {
+        "torch": lambda t, w, b, patch, grid, extras: (
+            decoder_unpatchify_reference(t, w, b, patch_size=tuple(patch), grid=tuple(grid), extras=extras),
+        )
+    },
 )

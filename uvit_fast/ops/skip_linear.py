@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from uvit_fast._backend import get_backend, load_kernel, resolve
 from uvit_fast.dispatch import measure
+from uvit_fast.ops._runtime import DispatchOp
 from uvit_fast.ops._autocast import autocast_cast, autocast_dtype
 from uvit_fast.ops._checks import check_same_device, check_tensor, shape_str
 
@@ -115,6 +116,8 @@ def skip_concat_linear(
     choice = resolve(backend, op, h, skip, weight, bias)
     if choice == "measure":  # time both paths once per key (uvit_fast.dispatch)
         choice = _measure(op, h, skip, weight, bias, cast_to)
+        if isinstance(choice, torch.Tensor):
+            return choice
     if choice == "triton":
         h, skip, weight, bias = _linear_operands(h, skip, weight, bias, cast_to)
         _check_dtypes(op, h.dtype, weight, bias)
@@ -131,17 +134,22 @@ def skip_concat_linear(
     return _skip_concat_linear_triton(h, skip, weight, bias)
 
 
-def _measure(op, h, skip, weight, bias, cast_to) -> str:
+def _measure(op, h, skip, weight, bias, cast_to):
+    """The measured choice, or under torch.compile the output of the run-time dispatch op."""
     if _linear_operands(h, skip, weight, bias, cast_to)[0].dtype not in _TRITON_DTYPES:
         return "torch"  # as "auto" without timing: the kernel does not compute in this dtype
+    key = dict(rows=h.numel() // max(h.shape[-1], 1), dims=(h.shape[-1], weight.shape[0]), flags=f"bias={int(bias is not None)}")
+    if torch.compiler.is_compiling():  # decided inside the graph, when it runs
+        call = _DISPATCH.bind(op, (h, skip, weight, bias), **key)
+        return _skip_concat_linear_triton(*_linear_operands(h, skip, weight, bias, cast_to), call=call)
     return measure(op, (h, skip, weight, bias), {
         "torch": skip_concat_linear_reference,
         "triton": lambda *t: _skip_concat_linear_triton(*_linear_operands(*t, cast_to)),
-    }, rows=h.numel() // max(h.shape[-1], 1), dims=(h.shape[-1], weight.shape[0]), flags=f"bias={int(bias is not None)}")
+    }, **key)
 
 
-def _skip_concat_linear_triton(h, skip, weight, bias):
-    return torch.ops.uvit_fast.skip_concat_linear(h, skip, weight, bias)
+def _skip_concat_linear_triton(h, skip, weight, bias, call=None):
+    return (call or torch.ops.uvit_fast.skip_concat_linear)(h, skip, weight, bias)
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,3 +223,9 @@ def _backward(ctx, grad_out):
 
 
 _skip_concat_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+# under torch.compile with measured dispatch: the decision inside the graph (uvit_fast.ops._runtime)
+_DISPATCH = DispatchOp(
+    "skip_concat_linear", torch.ops.uvit_fast.skip_concat_linear, _setup_context, _backward, n_diff=1,
+    candidates=lambda h, skip, weight, bias: {"torch": lambda *a: (skip_concat_linear_reference(*a),)},
+)
