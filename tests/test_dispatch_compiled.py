@@ -262,3 +262,34 @@ def test_dispatch_ops_pass_opcheck(fresh, monkeypatch):
     key = ("skip_concat_linear[bias=1]", False, 77, [72, 72])
     torch.library.opcheck(torch.ops.uvit_fast.skip_concat_linear_dispatch, (h.detach(), s.detach(), w.detach(), b.detach(), *key),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+@pytest.mark.slow
+def test_a_compiled_model_trains_with_run_time_decisions(fresh):
+    """A whole fused DiT under torch.compile(fullgraph=True) with real timings (the interpreter loses
+    every op): each op decides when the graph first runs, and the forward and every gradient equal
+    the eager model's on the PyTorch path."""
+    import uvit_fast
+    from uvit_fast import create_model
+
+    torch.manual_seed(0)
+    model = create_model("DiT-S/8", input_size=16, depth=1, hidden_size=64, num_heads=2).eval()
+    x, t, y = model.example_inputs(2)
+    out = torch.compile(model, fullgraph=True, backend="aot_eager")(x, t, y)
+    out.square().mean().backward()
+    got = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    with uvit_fast.use_backend("torch"):
+        expected = model(x, t, y)
+    expected.square().mean().backward()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert {n for n, g in got.items() if g is None} == {n for n, p in model.named_parameters() if p.grad is None}
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-5, msg=n)
+    decisions = fresh.decisions()
+    assert {"adaln_layer_norm", "attention_qkvpacked", "patchify_embed", "decoder_unpatchify"} <= {
+        k.split("[")[0] for k in decisions}
+    for key, d in decisions.items():
+        assert ",compiled]|train|" in key and d.choice in ("torch", "sdpa"), (key, d)
+        assert d.timings_ms["triton"] > d.timings_ms[d.choice]
