@@ -13,6 +13,23 @@ def test_info_reports_versions_and_backends():
     data = info()
     assert data["torch"] and data["python"] and "sdpa" in data["attention_backends"]
     assert data["cuda_available"] in (True, False)
+    assert data["tune_cache"].endswith("tune.json") and data["auto_measures"] in (True, False)
+
+
+@pytest.mark.parametrize("interpret, listed", [("0", None), ("1", "triton (interpreter)")])
+def test_info_lists_triton_only_where_it_can_run(interpret, listed):
+    """Without CUDA the kernels run only under the interpreter (set before triton is imported:
+    a fresh process)."""
+    import os
+
+    env = {**os.environ, "TRITON_INTERPRET": interpret, "CUDA_VISIBLE_DEVICES": ""}
+    out = subprocess.run([sys.executable, "-m", "uvit_fast.cli", "info", "--json"], capture_output=True,
+                         text=True, timeout=120, env=env, check=True)
+    backends = json.loads(out.stdout)["attention_backends"]
+    if json.loads(out.stdout)["cuda_available"]:
+        pytest.skip("a CUDA device is visible: triton is listed as it runs there")
+    triton = [b for b in backends if b.startswith("triton")]
+    assert triton == ([listed] if listed else [])
 
 
 def test_console_script_info_json():

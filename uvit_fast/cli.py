@@ -44,13 +44,21 @@ def info() -> Dict[str, object]:
     if torch.cuda.is_available():
         out["device"] = torch.cuda.get_device_name()
         out["capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
+    from uvit_fast import _backend, dispatch
+
+    # the Triton kernels run on CUDA tensors, or on CPU tensors under the interpreter
+    interpreter = _backend.interpreter_enabled()
     backends = ["torch", "sdpa"]
-    if out["triton"] is not None:
-        backends.append("triton")
+    if out["triton"] is not None and (torch.cuda.is_available() or interpreter):
+        backends.append("triton (interpreter)" if interpreter and not torch.cuda.is_available() else "triton")
     for name, module in (("flash_attn", "flash_attn"), ("xformers", "xformers.ops")):
-        if _version(module) is not None:
+        if _version(module) is not None and torch.cuda.is_available():
             backends.append(name)
     out["attention_backends"] = backends
+    # what backend="auto" does here (README "Choosing the backend")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out["auto_measures"] = _backend.measuring(device)
+    out["tune_cache"] = str(dispatch.default_cache_path())
     return out
 
 
