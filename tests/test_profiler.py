@@ -376,3 +376,14 @@ def test_build_model_errors():
         profiler.count_flops("DiT-XL/2", None, 5)
     with pytest.raises(ValueError, match="unknown model 'x'"):
         profiler.count_flops("x")
+
+
+def test_small_rates_keep_their_digits():
+    """A CPU's forward rate (about 0.0015 TFLOP/s) must not print as 0.00."""
+    from uvit_fast.profiler import format_table
+
+    row = {"model": "DiT-S/8", "img_size": 32, "patch_size": 8, "tokens": 16, "params": 33_100_000, "gmacs": 0.36,
+           "gflops": 0.72, "attn_share": 0.007, "device": "CPU", "batch": 2, "ms": 963.0, "samples_per_s": 2.1,
+           "tflops": 0.0015}
+    assert format_table([row]).splitlines()[-1].split()[-1] == "0.0015"
+    assert format_table([{**row, "tflops": 312.456}]).splitlines()[-1].split()[-1] == "312.46"

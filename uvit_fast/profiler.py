@@ -342,6 +342,11 @@ def profile(
     return rows
 
 
+def _fmt_rate(tflops: float) -> str:
+    """Three significant digits: a CPU's 0.0015 TFLOP/s must not print as 0.00."""
+    return f"{tflops:.2f}" if tflops >= 1 else f"{tflops:.3g}"
+
+
 def _fmt_params(n: int) -> str:
     return f"{n / 1e6:.1f}M" if n < 1e9 else f"{n / 1e9:.2f}B"
 
@@ -360,7 +365,7 @@ def format_table(rows: Sequence[Dict[str, Any]]) -> str:
         ]
         if timed:
             if "ms" in r:
-                cells += [r["device"], str(r["batch"]), f"{r['ms']:.2f}", f"{r['samples_per_s']:.1f}", f"{r['tflops']:.2f}"]
+                cells += [r["device"], str(r["batch"]), f"{r['ms']:.2f}", f"{r['samples_per_s']:.1f}", _fmt_rate(r["tflops"])]
             else:
                 cells += [r.get("device", ""), str(r.get("batch", "")), "skipped", "", ""]
         body.append(cells)
