@@ -61,12 +61,13 @@ SMEM_PER_SM = {9: 233472, 10: 233472}  # 228 KiB per SM on sm_90 / sm_100 (other
 # configs
 # --------------------------------------------------------------------------------------------
 def _set_desc_blocks(nargs):
-    """Autotune pre-hook: a config's tile sizes become the tensor descriptors' block shapes."""
-    x_desc, w_desc = nargs.get("X_DESC"), nargs.get("W_DESC")
-    if isinstance(x_desc, TensorDescriptor):
-        x_desc.block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
-    if isinstance(w_desc, TensorDescriptor):
-        w_desc.block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
+    """Autotune pre-hook: a config's tile sizes become the tensor descriptors' block shapes (the x
+    and weight tiles of the K loop; the output, pre-activation and residual tiles of the epilogue)."""
+    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    epi = [bm, bn // 2]  # the epilogue runs in two column halves
+    for name, block in (("X", [bm, bk]), ("W", [bn, bk]), ("OUT", epi), ("PRE", epi), ("RES", epi)):
+        if isinstance(nargs.get(name), TensorDescriptor):
+            nargs[name].block_shape = block
 
 
 def _make_configs(shapes, hook=None):
@@ -124,24 +125,34 @@ def _smem_limit(cap) -> int:
     return SMEM_LIMIT_OTHER
 
 
-def _smem_bytes(config, elem_size: int) -> int:
-    """Shared memory of a config's pipeline: ``stages`` buffers of an A and a B tile."""
+def _smem_bytes(config, elem_size: int, tma_epilogue: bool = False) -> int:
+    """Shared memory of a config: ``stages`` buffers of an A and a B tile, plus, for the forward's
+    TMA epilogue, the staging buffer of one ``(BLOCK_M, BLOCK_N / 2)`` output half (Triton's
+    allocation compiled for sm_90: 144 KiB + 32 KiB for 128x256x64 in 3 stages, bf16)."""
     k = config.kwargs
-    return config.num_stages * (k["BLOCK_M"] + k["BLOCK_N"]) * k["BLOCK_K"] * elem_size
+    smem = config.num_stages * (k["BLOCK_M"] + k["BLOCK_N"]) * k["BLOCK_K"] * elem_size
+    if tma_epilogue:
+        smem += k["BLOCK_M"] * (k["BLOCK_N"] // 2) * elem_size
+    return smem
 
 
 def _prune_smem(configs, named_args, **kwargs):
     """Drop configs over the GPU's shared-memory limit for the operands' element size (fp32 doubles
-    every buffer). Before Hopper (mma.sync) the configs whose fp32 accumulator takes 128 or more
-    registers per thread are dropped too (they spill compiled for sm_80, as the skip-linear GEMMs
-    do). Keeps at least the smallest config."""
+    every buffer; the forward's TMA epilogue adds its staging buffer). Before Hopper (mma.sync) the
+    configs whose fp32 accumulator takes 128 or more registers per thread are dropped too (they
+    spill compiled for sm_80, as the skip-linear GEMMs do). Keeps at least the smallest config."""
     t = next(v for v in named_args.values() if isinstance(v, torch.Tensor))
     cap = _capability(t)
     elem = t.element_size()
-    kept = [c for c in configs if _smem_bytes(c, elem) <= _smem_limit(cap)]
-    if cap is not None and cap[0] < 9:  # mma.sync
+    tma = bool(kwargs.get("USE_TMA", False))
+    kept = [c for c in configs if _smem_bytes(c, elem, tma) <= _smem_limit(cap)]
+    # pointer-loaded gate tiles in the K loop (backward) or in the epilogue, and act' in the input
+    # gradient's epilogue, push the 128-register accumulators over 255 registers (sm_90: 16-184 B
+    # spilled per thread at 128x256 / 256x128 / 128x128 with 4 warps); the TMA forward does not spill
+    heavy = (kwargs.get("HAS_GATE", False) or kwargs.get("ACT_INPUT", 0)) and not tma
+    if (cap is not None and cap[0] < 9) or heavy:  # mma.sync, or a heavy prologue/epilogue
         kept = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] < 128 * 32 * c.num_warps]
-    return kept or [min(configs, key=lambda c: _smem_bytes(c, elem))]
+    return kept or [min(configs, key=lambda c: _smem_bytes(c, elem, tma))]
 
 
 _PRUNE = {"early_config_prune": _prune_smem}
@@ -150,25 +161,23 @@ _PRUNE = {"early_config_prune": _prune_smem}
 # --------------------------------------------------------------------------------------------
 # activations (fp32)
 # --------------------------------------------------------------------------------------------
-_SQRT1_2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
-_TANH_C = 0.7978845608028654  # sqrt(2 / pi)
-_TANH_A = 0.044715
-_QUICK = 1.702
+# constants written out inside the jit functions (module-level tl.constexpr globals fail under the
+# interpreter): 0.7071067811865476 = 1/sqrt(2), 0.3989422804014327 = 1/sqrt(2 pi),
+# 0.7978845608028654 = sqrt(2/pi), 0.044715 (the tanh form's cubic term), 1.702 (quick_gelu)
 
 
 @triton.jit
 def _act(x, ACTIVATION: tl.constexpr):
     """``act(x)`` for the activation code (0 none, 1 gelu, 2 gelu_tanh, 3 silu, 4 quick_gelu)."""
     if ACTIVATION == 1:
-        return 0.5 * x * (1.0 + tl.erf(x * _SQRT1_2))
+        return 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
     elif ACTIVATION == 2:
         # 0.5 x (1 + tanh(u)) = x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3)
-        return x * tl.sigmoid(2.0 * _TANH_C * (x + _TANH_A * x * x * x))
+        return x * tl.sigmoid(2.0 * 0.7978845608028654 * (x + 0.044715 * x * x * x))
     elif ACTIVATION == 3:
         return x * tl.sigmoid(x)
     elif ACTIVATION == 4:
-        return x * tl.sigmoid(_QUICK * x)
+        return x * tl.sigmoid(1.702 * x)
     else:
         return x
 
@@ -177,16 +186,16 @@ def _act(x, ACTIVATION: tl.constexpr):
 def _act_grad(x, ACTIVATION: tl.constexpr):
     """``act'(x)``."""
     if ACTIVATION == 1:
-        return 0.5 * (1.0 + tl.erf(x * _SQRT1_2)) + x * _INV_SQRT_2PI * tl.exp(-0.5 * x * x)
+        return 0.5 * (1.0 + tl.erf(x * 0.7071067811865476)) + x * 0.3989422804014327 * tl.exp(-0.5 * x * x)
     elif ACTIVATION == 2:
-        s = tl.sigmoid(2.0 * _TANH_C * (x + _TANH_A * x * x * x))
-        return s + x * s * (1.0 - s) * (2.0 * _TANH_C) * (1.0 + 3.0 * _TANH_A * x * x)
+        s = tl.sigmoid(2.0 * 0.7978845608028654 * (x + 0.044715 * x * x * x))
+        return s + x * s * (1.0 - s) * (2.0 * 0.7978845608028654) * (1.0 + 3.0 * 0.044715 * x * x)
     elif ACTIVATION == 3:
         s = tl.sigmoid(x)
         return s * (1.0 + x * (1.0 - s))
     elif ACTIVATION == 4:
-        s = tl.sigmoid(_QUICK * x)
-        return s + _QUICK * x * s * (1.0 - s)
+        s = tl.sigmoid(1.702 * x)
+        return s + 1.702 * x * s * (1.0 - s)
     else:
         return tl.full(x.shape, 1.0, tl.float32)
 
@@ -206,15 +215,13 @@ def _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 # --------------------------------------------------------------------------------------------
 # forward: out[M, N] = residual + gate[m // gate_rows] * act(x @ weight.T + bias)
 # --------------------------------------------------------------------------------------------
-@triton.autotune(configs=_FWD_CONFIGS, key=["M_BUCKET", "N", "K", "ACTIVATION", "HAS_GATE", "HAS_RES", "USE_TMA"],
-                 prune_configs_by=_PRUNE)
+@triton.autotune(configs=_FWD_CONFIGS, key=["M_BUCKET", "N", "K", "ACTIVATION", "HAS_GATE", "HAS_RES", "STORE_PRE",
+                                          "USE_TMA"], prune_configs_by=_PRUNE)
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit
 def _fused_linear_fwd_kernel(
     X,
     W,
-    X_DESC,
-    W_DESC,
     BIAS,
     RES,
     GATE,
@@ -251,6 +258,9 @@ def _fused_linear_fwd_kernel(
     GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr,
 ):
+    """With ``USE_TMA`` X, W, OUT, PRE and RES are tensor descriptors (TMA loads of the K loop's tiles,
+    TMA loads/stores of the epilogue's; out-of-bounds elements load as zeros and are not stored),
+    else pointers with masked loads and stores (the ``stride_*`` arguments)."""
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_tiles = num_pid_m * num_pid_n
@@ -264,10 +274,9 @@ def _fused_linear_fwd_kernel(
         mask_n = offs_n < N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if USE_TMA:
-            # out-of-bounds rows/columns of a descriptor tile load as zeros (no masks)
             for ks in range(0, k_steps):
-                a = X_DESC.load([pid_m * BLOCK_M, ks * BLOCK_K])
-                b = W_DESC.load([pid_n * BLOCK_N, ks * BLOCK_K])
+                a = X.load([pid_m * BLOCK_M, ks * BLOCK_K])
+                b = W.load([pid_n * BLOCK_N, ks * BLOCK_K])
                 acc = tl.dot(a, b.T, acc, input_precision=INPUT_PRECISION)
         else:
             a_ptrs = X + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
@@ -284,18 +293,48 @@ def _fused_linear_fwd_kernel(
                 a_ptrs += BLOCK_K * stride_xk
                 b_ptrs += BLOCK_K * stride_wk
 
-        # epilogue: bias, (pre-activation), activation, gate, residual; one store
-        mask = mask_m[:, None] & mask_n[None, :]
-        if HAS_BIAS:
-            acc += tl.load(BIAS + offs_n * stride_b, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        if STORE_PRE:
+        # the epilogue in two column halves (BLOCK_M, BLOCK_N // 2): half the registers live at a time
+        # (the whole tile's epilogue spilled at 128x256 compiled for sm_90)
+        halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
+        acc0, acc1 = tl.split(halves)
+        n0 = pid_n * BLOCK_N
+        _epilogue(acc0, pid_m * BLOCK_M, n0, offs_m, mask_m, BIAS, RES, GATE, OUT, PRE, N, gate_rows, stride_b,
+                  stride_rm, stride_rn, stride_gg, stride_gn, stride_om, stride_on, stride_pm, stride_pn,
+                  HAS_BIAS, ACTIVATION, HAS_GATE, HAS_RES, STORE_PRE, USE_TMA, BLOCK_N // 2)
+        _epilogue(acc1, pid_m * BLOCK_M, n0 + BLOCK_N // 2, offs_m, mask_m, BIAS, RES, GATE, OUT, PRE, N, gate_rows,
+                  stride_b, stride_rm, stride_rn, stride_gg, stride_gn, stride_om, stride_on, stride_pm, stride_pn,
+                  HAS_BIAS, ACTIVATION, HAS_GATE, HAS_RES, STORE_PRE, USE_TMA, BLOCK_N // 2)
+
+
+@triton.jit
+def _epilogue(acc, m0, n0, offs_m, mask_m, BIAS, RES, GATE, OUT, PRE, N, gate_rows, stride_b, stride_rm, stride_rn,
+              stride_gg, stride_gn, stride_om, stride_on, stride_pm, stride_pn,
+              HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr,
+              STORE_PRE: tl.constexpr, USE_TMA: tl.constexpr, EPI_N: tl.constexpr):
+    """The forward's epilogue on the ``(BLOCK_M, EPI_N)`` fp32 tile at ``(m0, n0)``: bias, the
+    pre-activation's store, activation, gate (row m uses ``gate[m // gate_rows]``), residual, and
+    the store (TMA descriptors or masked pointers, as the K loop)."""
+    offs_n = n0.to(tl.int64) + tl.arange(0, EPI_N)
+    mask_n = offs_n < N
+    mask = mask_m[:, None] & mask_n[None, :]
+    if HAS_BIAS:
+        acc += tl.load(BIAS + offs_n * stride_b, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if STORE_PRE:
+        if USE_TMA:
+            PRE.store([m0, n0], acc.to(PRE.dtype))
+        else:
             tl.store(PRE + offs_m[:, None] * stride_pm + offs_n[None, :] * stride_pn,
                      acc.to(PRE.dtype.element_ty), mask=mask)
-        acc = _act(acc, ACTIVATION)
-        if HAS_GATE:
-            g_rows = offs_m // gate_rows
-            g = tl.load(GATE + g_rows[:, None] * stride_gg + offs_n[None, :] * stride_gn, mask=mask, other=0.0)
-            acc = acc * g.to(tl.float32)
+    acc = _act(acc, ACTIVATION)
+    if HAS_GATE:
+        g_rows = offs_m // gate_rows
+        g = tl.load(GATE + g_rows[:, None] * stride_gg + offs_n[None, :] * stride_gn, mask=mask, other=0.0)
+        acc = acc * g.to(tl.float32)
+    if USE_TMA:
+        if HAS_RES:
+            acc += RES.load([m0, n0]).to(tl.float32)
+        OUT.store([m0, n0], acc.to(OUT.dtype))
+    else:
         if HAS_RES:
             r = tl.load(RES + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn, mask=mask, other=0.0)
             acc += r.to(tl.float32)
@@ -368,10 +407,28 @@ def _fused_linear_bwd_input_kernel(
         a_ptrs += BLOCK_K * stride_dyn
         b_ptrs += BLOCK_K * stride_wn
         g_ptrs += BLOCK_K * stride_gn
-    mask = mask_m[:, None] & mask_c[None, :]
     if ACT_INPUT != 0:
-        z = tl.load(PRE_IN + offs_m[:, None] * stride_pm + offs_c[None, :] * stride_pk, mask=mask, other=0.0)
-        acc = acc * _act_grad(z.to(tl.float32), ACT_INPUT)
+        # act' in two column halves: the whole tile's GELU' spilled ~1000 B/thread at 128 accumulator
+        # registers per thread compiled for sm_90
+        acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+        c0 = pid_n.to(tl.int64) * BLOCK_N
+        _bwd_input_epilogue(acc0, offs_m, mask_m, c0, PRE_IN, DX, K, stride_pm, stride_pk, stride_dxm, stride_dxk,
+                            ACT_INPUT, BLOCK_N // 2)
+        _bwd_input_epilogue(acc1, offs_m, mask_m, c0 + BLOCK_N // 2, PRE_IN, DX, K, stride_pm, stride_pk, stride_dxm,
+                            stride_dxk, ACT_INPUT, BLOCK_N // 2)
+    else:
+        tl.store(DX + offs_m[:, None] * stride_dxm + offs_c[None, :] * stride_dxk, acc.to(DX.dtype.element_ty),
+                 mask=mask_m[:, None] & mask_c[None, :])
+
+
+@triton.jit
+def _bwd_input_epilogue(acc, offs_m, mask_m, c0, PRE_IN, DX, K, stride_pm, stride_pk, stride_dxm, stride_dxk,
+                        ACT_INPUT: tl.constexpr, EPI_N: tl.constexpr):
+    """``dx[:, c0:c0 + EPI_N] = acc * act'(preact_input)`` for one column part of the tile."""
+    offs_c = c0 + tl.arange(0, EPI_N)
+    mask = mask_m[:, None] & (offs_c < K)[None, :]
+    z = tl.load(PRE_IN + offs_m[:, None] * stride_pm + offs_c[None, :] * stride_pk, mask=mask, other=0.0)
+    acc = acc * _act_grad(z.to(tl.float32), ACT_INPUT)
     tl.store(DX + offs_m[:, None] * stride_dxm + offs_c[None, :] * stride_dxk, acc.to(DX.dtype.element_ty), mask=mask)
 
 
@@ -609,11 +666,15 @@ def _tma_ok(t: torch.Tensor) -> bool:
             and t.shape[1] * e >= 16 and t.shape[0] > 0)
 
 
-def use_tma(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """The forward reads x and weight through tensor descriptors: on sm_90 (Hopper's TMA units) when
-    both operands allow it (:func:`_tma_ok`); pointers on sm_80, the interpreter and other layouts."""
+def use_tma(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, residual=None) -> bool:
+    """The forward reads and writes its tiles through tensor descriptors: on sm_90 (Hopper's TMA units)
+    when every 2-D operand allows it (:func:`_tma_ok`: x, weight, out and the residual); pointers on
+    sm_80, the interpreter and other layouts (e.g. a strided view, or rows of ``N * elem`` bytes not a
+    multiple of 16)."""
     cap = _capability(x)
-    return cap is not None and cap[0] == 9 and _tma_ok(x) and _tma_ok(weight)
+    if cap is None or cap[0] != 9:
+        return False
+    return all(_tma_ok(t) for t in (x, weight, out, residual) if t is not None)
 
 
 def _programs_per_sm(meta, elem_size: int, cap) -> int:
@@ -660,13 +721,19 @@ def fused_linear_forward(x, weight, bias=None, *, activation=None, residual=None
         h = h * (gate.float().repeat_interleave(gate_rows, 0) if gate is not None else 1)
         out.copy_(h + (residual.float() if residual is not None else 0))
         return out, pre
-    tma = use_tma(x, weight) if _use_tma is None else bool(_use_tma)
+    tma = use_tma(x, weight, out, residual) if _use_tma is None else bool(_use_tma)
     if tma:
         # block shapes are placeholders: the config's pre-hook sets them to its tiles
-        x_desc = TensorDescriptor(x, [M, K], [x.stride(0), 1], [32, 32])
-        w_desc = TensorDescriptor(weight, [N, K], [weight.stride(0), 1], [32, 32])
+        def desc(t):
+            return TensorDescriptor(t, list(t.shape), [t.stride(0), 1], [16, 16])
+
+        x_arg, w_arg, out_arg = desc(x), desc(weight), desc(out)
+        pre_arg = desc(pre) if store_preact else out_arg
+        res_arg = desc(residual) if residual is not None else out_arg
     else:
-        x_desc, w_desc = x, weight
+        x_arg, w_arg, out_arg = x, weight, out
+        pre_arg = pre if store_preact else out
+        res_arg = residual if residual is not None else out
     cap = _capability(x)
     sms = _sm_count(dev)
     elem = x.element_size()
@@ -676,11 +743,11 @@ def fused_linear_forward(x, weight, bias=None, *, activation=None, residual=None
         return (min(tiles, sms * _programs_per_sm(meta, elem, cap)),)
 
     _fused_linear_fwd_kernel[grid](
-        x, weight, x_desc, w_desc,
+        x_arg, w_arg,
         bias if bias is not None else out,
-        residual if residual is not None else out,
+        res_arg,
         gate if gate is not None else out,
-        out, pre if store_preact else out,
+        out_arg, pre_arg,
         M, N, K, m_bucket(M), int(gate_rows),
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
         bias.stride(0) if bias is not None else 0,

@@ -205,11 +205,13 @@ def compile_only(arch: Any = "sm_90", kernels: Optional[List[str]] = None,
     a = get_arch(arch)
     launches: List[Launch] = []
 
-    def compile_one(kernel, grid, args, kwargs, cfg_kwargs, cfg, order):
+    def compile_one(kernel, grid, args, kwargs, cfg_kwargs, cfg, order, pre_hook=None):
         meta = dict(zip(kernel.arg_names, args), **kwargs, **cfg_kwargs)
         if isinstance(kernel, Heuristics):  # heuristics may feed the grid
             for name, heur in kernel.values.items():
                 meta.setdefault(name, heur(meta))
+        if pre_hook is not None:  # a config's pre-hook, as the autotuner runs it (e.g. TMA block shapes)
+            pre_hook(meta)
         res = ConfigResult(config=cfg, status="compiled", order=order, programs=_programs(grid, meta))
         try:
             compiled = kernel.run(*args, grid=grid, warmup=True, **kwargs, **cfg_kwargs)
@@ -238,7 +240,8 @@ def compile_only(arch: Any = "sm_90", kernels: Optional[List[str]] = None,
             else:
                 kept = list(kernel.configs)
             tiles = {k: v for k, v in kwargs.items() if k.startswith("BLOCK_")}  # the launcher's own tiles
-            results = [compile_one(kernel.fn, grid, args, kwargs, c.all_kwargs(), dict(tiles, **_config_dict(c)), i)
+            results = [compile_one(kernel.fn, grid, args, kwargs, c.all_kwargs(), dict(tiles, **_config_dict(c)), i,
+                                   c.pre_hook)
                        if max_configs is None or i < max_configs else
                        ConfigResult(config=dict(tiles, **_config_dict(c)), status="skipped", order=i)
                        for i, c in enumerate(kept)]
@@ -463,9 +466,10 @@ class Shape:
 
 SHAPES: Tuple[Shape, ...] = (
     Shape("uvit-h2", "U-ViT-H/2 (latent 256 px)", 1152, 16, 258, 32, extras=2, image=(4, 32, 32), patch=(2, 2),
-          out_chans=4, ops=("adaln", "adaln_residual", "patchify", "decoder", "skip_linear", "attention")),
+          out_chans=4, ops=("adaln", "adaln_residual", "patchify", "decoder", "skip_linear", "attention",
+                                "fused_linear")),
     Shape("dit-xl2", "DiT-XL/2 (latent 256 px)", 1152, 16, 256, 32, image=(4, 32, 32), patch=(2, 2), out_chans=8,
-          norm="adaln", ops=("adaln", "adaln_residual", "patchify", "decoder", "attention")),
+          norm="adaln", ops=("adaln", "adaln_residual", "patchify", "decoder", "attention", "fused_linear")),
     Shape("uvit-m4", "U-ViT-M/4 (ImageNet 64 px)", 768, 12, 258, 32, extras=2, image=(3, 64, 64), patch=(4, 4),
           out_chans=3, ops=("adaln", "adaln_residual", "patchify", "decoder", "skip_linear", "attention")),
     Shape("clip-l14-text", "CLIP ViT-L/14 text tower (causal)", 768, 12, 77, 32, causal=True,
@@ -476,7 +480,7 @@ SHAPES: Tuple[Shape, ...] = (
           patch=(2, 16, 16), prefix=True, ops=("patchify",)),
 )
 
-OPS = ("adaln", "adaln_residual", "patchify", "decoder", "skip_linear", "attention")
+OPS = ("adaln", "adaln_residual", "patchify", "decoder", "skip_linear", "attention", "fused_linear")
 
 
 def _torch_dtype(name: str):
@@ -569,6 +573,34 @@ def _launch_attention(s: Shape, dt) -> None:
     k.attention_qkvpacked_backward(_randn(*out.shape, dtype=dt), qkv, out, stats, causal=s.causal)
 
 
+def _launch_fused_linear(s: Shape, dt) -> None:
+    """The block's linears through kernels/fused_linear.py: qkv (bias), fc1 + GELU (pre-activation
+    stored), fc2 + residual (DiT: + per-sample gate), and their backward GEMMs (fc2's input gradient
+    with GELU' in its epilogue)."""
+    from uvit_fast.kernels import fused_linear as k
+
+    B, L, D = s.batch, s.tokens, s.dim
+    M, H = B * L, 4 * D
+    act = "gelu_tanh" if s.norm == "adaln" else "gelu"  # DiT's MLP uses the tanh form, U-ViT's the erf one
+    gate = _randn(B, D, dtype=dt) if s.norm == "adaln" else None
+    x = _randn(M, D, dtype=dt)
+    w_qkv, b_qkv = _randn(3 * D, D, dtype=dt), _randn(3 * D, dtype=dt)
+    w1, b1, w2, b2 = _randn(H, D, dtype=dt), _randn(H, dtype=dt), _randn(D, H, dtype=dt), _randn(D, dtype=dt)
+    k.fused_linear_forward(x, w_qkv, b_qkv)
+    h, z = k.fused_linear_forward(x, w1, b1, activation=act, store_preact=True)
+    h, z = _randn(M, H, dtype=dt), _randn(M, H, dtype=dt)  # compile-only: the launches above wrote nothing
+    k.fused_linear_forward(h, w2, b2, residual=x, gate=gate, gate_rows=L)
+    dy = _randn(M, D, dtype=dt)
+    dz = k.fused_linear_backward_input(dy, w2, gate=gate, gate_rows=L, act_input=act, preact_input=z)
+    k.fused_linear_backward_weight(dy, h, gate=gate, gate_rows=L, compute_bias=True)
+    if gate is not None:
+        k.fused_linear_backward_gate(dy, _randn(M, D, dtype=dt), activation=None, gate_rows=L, num_gates=B)
+    dz = _randn(M, H, dtype=dt)
+    k.fused_linear_backward_input(dz, w1)
+    k.fused_linear_backward_weight(dz, x, compute_bias=True)
+    k.activation_backward(dz, z, act)
+
+
 _LAUNCHERS: Dict[str, Callable] = {
     "adaln": lambda s, dt: _launch_adaln(s, dt, residual=False),
     "adaln_residual": lambda s, dt: _launch_adaln(s, dt, residual=True),
@@ -576,6 +608,7 @@ _LAUNCHERS: Dict[str, Callable] = {
     "decoder": _launch_decoder,
     "skip_linear": _launch_skip_linear,
     "attention": _launch_attention,
+    "fused_linear": _launch_fused_linear,
 }
 
 
