@@ -24,7 +24,8 @@ The counting rules (docs/profiling.md has the reasons and the limits):
 * **HBM traffic**: a :class:`~torch.utils._python_dispatch.TorchDispatchMode` sees every aten op
   and every ``uvit_fast::`` custom op; each is one kernel that reads each distinct input tensor
   once and writes each output once (an argument it only writes, ``out=`` or the destination of
-  ``copy_`` / ``fill_`` / ``zero_``, is not read, nor the model tensor of ``full_like`` and kin).
+  ``copy_`` / ``fill_`` / ``zero_``, is not read, nor the model tensor of ``full_like`` and kin,
+  nor ``fused_mlp_fc2``'s ``z``, which it takes only for its backward).
   A tensor's bytes are the elements it addresses (broadcast, stride-0 dimensions count once)
   times the element size. Views, reshapes, ``detach`` and
   allocations (``empty``) move nothing.
@@ -119,7 +120,12 @@ _FREE = {"_unsafe_view", "detach", "alias", "lift_fresh", "empty", "empty_like",
          "new_empty_strided", "promote_types"}
 _GEMM = {"mm", "addmm", "bmm", "baddbmm", "convolution", "_convolution", "convolution_backward", "_scaled_mm",
          "skip_concat_linear", "skip_concat_linear_backward_input", "skip_concat_linear_backward_weight",
-         "patchify_embed", "patchify_embed_backward", "decoder_unpatchify", "decoder_unpatchify_backward"}
+         "patchify_embed", "patchify_embed_backward", "decoder_unpatchify", "decoder_unpatchify_backward",
+         "fused_linear", "fused_mlp_fc1", "fused_mlp_fc2", "fused_linear_backward_input",
+         "fused_linear_backward_weight"}
+# arguments a custom op takes only for its backward (autograd saves them), which its forward kernel
+# does not read: fused_mlp_fc2 gets fc1's pre-activation z for act'(z) in its input-gradient GEMM
+_UNREAD_ARGS = {"fused_mlp_fc2": {"z"}}
 
 
 def _short(func) -> str:
@@ -161,8 +167,9 @@ _OVERWRITE = {"copy_", "fill_", "zero_", "normal_", "uniform_", "bernoulli_", "r
 
 def _read_tensors(func, args, kwargs) -> List[torch.Tensor]:
     """The tensor arguments an op reads: all of them but those it only writes (``out=``
-    arguments, and the destination of ``copy_`` / ``fill_`` / ``zero_`` / a random fill); a
-    ``*_like`` factory reads none (it takes only the shape and dtype)."""
+    arguments, and the destination of ``copy_`` / ``fill_`` / ``zero_`` / a random fill) and
+    those a custom op takes only for its backward (``_UNREAD_ARGS``); a ``*_like`` factory reads
+    none (it takes only the shape and dtype)."""
     if _short(func).endswith("_like"):  # full_like, zeros_like, rand_like: only the shape is used
         return []
     schema = getattr(func, "_schema", None)
@@ -171,6 +178,7 @@ def _read_tensors(func, args, kwargs) -> List[torch.Tensor]:
     overwrite = _short(func) in _OVERWRITE
     skip = {a.name for a in schema.arguments
             if a.alias_info is not None and a.alias_info.is_write and (a.kwarg_only or overwrite)}
+    skip |= _UNREAD_ARGS.get(_short(func), set())
     names = [a.name for a in schema.arguments]
     pos = [x for i, x in enumerate(args) if i >= len(names) or names[i] not in skip]
     return _tensors(pos + [v for k, v in kwargs.items() if k not in skip])
