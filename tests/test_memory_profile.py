@@ -196,8 +196,8 @@ def test_hbm_bytes_tiny_uvit_fused():
         + (3 * T + T + U_H * 2 * L * FP32)   # attention: read qkv, write out + stats
         + (T + T)                            # proj
         + (2 * T + 2 * T + U_STATS)          # residual LN: read x, branch; write x_new, h, stats
-        + (T + 4 * T) + (4 * T + 4 * T) + (4 * T + T)  # fc1, GELU, fc2
-        + (2 * T + T)                        # residual add
+        + (T + 4 * T + 4 * T)                # fused_mlp_fc1: read h; write GELU(z) and z (kept for backward)
+        + (4 * T + T + T)                    # fused_mlp_fc2: read GELU(z) and the residual x; write x + fc2(..)
     )
     expected = (
         _time_embedding_traffic(D)
@@ -208,7 +208,7 @@ def test_hbm_bytes_tiny_uvit_fused():
         + (T + U_IMG)                        # decoder_unpatchify: read tokens, write the image
         + (U_IMG + U_IMG)                    # final conv
     )
-    assert expected == 132524
+    assert expected == 112940
     _, _, hbm = per_sample(UVIT, True)
     assert hbm == expected
 
@@ -270,10 +270,9 @@ def test_hbm_bytes_tiny_dit_fused():
         + (3 * T + T + D_H * 2 * L * FP32)   # attention
         + (T + T)                            # proj
         + (2 * T + 3 * v + 2 * T + D_STATS)  # residual LN: read x, branch, gate, shift, scale
-        + (T + 4 * T) + (4 * T + 4 * T) + (4 * T + T)  # fc1, GELU, fc2
-        + (T + v + T)                        # gate_mlp * mlp
-        + (2 * T + T)                        # residual add
-    )
+        + (T + 4 * T + 4 * T)                # fused_mlp_fc1: read h; write GELU(z) and z (kept for backward)
+        + (4 * T + T + v + T + T)            # fused_mlp_fc2: read GELU(z), x, gate_mlp; write x + gate * y
+    )                                        # and y = fc2(..) (kept for the gate's gradient)
     expected = (
         (D_IMG + T)                          # patchify_embed (+ pos_embed, a weight)
         + _dit_conditioning_traffic()
@@ -282,7 +281,7 @@ def test_hbm_bytes_tiny_dit_fused():
         + (T + 2 * v + T + D_STATS)          # final adaln_layer_norm
         + (T + L * 2 * 2 * 2 * D_C * BF16)   # decoder_unpatchify: read tokens, write 8 channels
     )
-    assert expected == 96310
+    assert expected == 81974
     _, _, hbm = per_sample(DIT, True)
     assert hbm == expected
 
@@ -441,7 +440,7 @@ def test_memory_fields_tiny_uvit():
     row = memory.memory_fields(UVIT["name"], UVIT["img"], UVIT["patch"], gpu="a100", gpu_memory=budget,
                                **UVIT["overrides"])
     assert row["saved_bytes_fused"] == 58024 and row["saved_bytes_plain"] == 75384
-    assert row["hbm_bytes_fused"] == 132524 and row["hbm_bytes_plain"] == 197332
+    assert row["hbm_bytes_fused"] == 112940 and row["hbm_bytes_plain"] == 197332
     # AMP training state: fp32 weights (4) + fp32 grads (4) + AdamW m, v (8) + bf16 weight copy (2)
     assert row["state_bytes"] == 18 * params
     assert (row["param_bytes"], row["grad_bytes"], row["adamw_bytes"]) == (4 * params, 4 * params, 8 * params)

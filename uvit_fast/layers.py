@@ -3,12 +3,15 @@
 Every module keeps upstream's parameter names, so ``state_dict`` keys never change, and has a
 ``fused`` attribute: ``False`` runs the plain PyTorch math of the upstream code, ``True``
 routes through :mod:`uvit_fast.ops` with ``backend="auto"`` (Triton on CUDA, PyTorch on CPU,
-overridable with :func:`uvit_fast.use_backend`).
+overridable with :func:`uvit_fast.use_backend`). On the fused path the blocks' linears (qkv, proj,
+and the MLP with its residual add and DiT's gate) go through :func:`uvit_fast.ops.fused_linear` /
+:func:`uvit_fast.ops.fused_mlp` where the module computes exactly that (:func:`is_plain_linear`,
+:func:`mlp_parts`); those ops run PyTorch unless measured faster or forced (``use_backend("triton")``).
 """
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -84,11 +87,119 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+# --------------------------------------------------------------------------- the linears on the fused path
+# A block on the fused path calls its linears through ops.fused_linear / ops.fused_mlp, reading the
+# modules' own parameters, only where calling the module computes exactly that: a plain nn.Linear
+# (its class does not override forward: no LoRA-style subclass), no hooks on it (a forward pre-hook
+# may recompute the weight, a forward hook reads the output), a known activation, dropout off.
+# Anything else is called as before, so a module the fused path cannot route is never skipped.
+def _forward_owner(cls: type) -> str:
+    owner = next(c for c in cls.__mro__ if "forward" in vars(c))
+    return f"{owner.__module__}.{owner.__qualname__}"
+
+
+def _no_hooks(m: nn.Module) -> bool:
+    return not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
+def _no_global_hooks() -> bool:
+    g = nn.modules.module
+    return not (g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks
+                or g._global_backward_pre_hooks)
+
+
+def is_plain_linear(m: nn.Module) -> bool:
+    """``m(x)`` is exactly ``F.linear(x, m.weight, m.bias)``: an ``nn.Linear`` whose class keeps
+    ``nn.Linear.forward`` and that has no hooks (nor any global module hook)."""
+    return (isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward and _no_hooks(m)
+            and _no_global_hooks())
+
+
+# activation modules by the class that defines their forward (timm is never imported): the
+# ``activation`` name of ops.fused_linear they compute
+_ACTIVATIONS = {
+    "torch.nn.modules.activation.SiLU": "silu",
+    "uvit_fast.layers.QuickGELU": "quick_gelu",  # OpenAI CLIP's x * sigmoid(1.702 x)
+    "timm.layers.activations.QuickGELU": "quick_gelu",
+    "timm.layers.activations.GELU": "gelu",  # F.gelu(x)
+    "timm.layers.activations.GELUTanh": "gelu_tanh",  # F.gelu(x, approximate="tanh")
+}
+
+
+def activation_name(act: nn.Module) -> Optional[str]:
+    """The ``ops.fused_linear`` activation ``act`` computes, or None when it is not one of them."""
+    if not isinstance(act, nn.Module) or not _no_hooks(act):
+        return None
+    owner = _forward_owner(type(act))
+    if owner == "torch.nn.modules.activation.GELU":
+        return {"none": "gelu", "tanh": "gelu_tanh"}.get(act.approximate)
+    return _ACTIVATIONS.get(owner)
+
+
+def _inactive_dropout(m: Optional[nn.Module]) -> bool:
+    if m is None or isinstance(m, nn.Identity):
+        return True
+    return type(m) is nn.Dropout and _no_hooks(m) and (m.p == 0 or not m.training)
+
+
+_MLP_CHILDREN = ("fc1", "act", "drop", "drop1", "norm", "fc2", "drop2")
+
+
+def mlp_parts(mlp: nn.Module) -> Optional[Tuple[nn.Linear, str, nn.Linear]]:
+    """``(fc1, activation, fc2)`` when ``mlp(x)`` computes ``fc2(act(fc1(x)))`` and nothing else, else
+    None (the block then calls ``mlp`` itself). Two forms: a class named ``Mlp`` (ours, timm's, upstream
+    U-ViT's) with only timm's ``Mlp`` children, inactive dropouts and no ``norm`` (or an Identity one);
+    OpenAI CLIP's ``nn.Sequential(c_fc, gelu, c_proj)``. Both need plain linears of matching widths
+    (:func:`is_plain_linear`), a known activation (:func:`activation_name`) and no hooks."""
+    if not _no_hooks(mlp):
+        return None
+    if type(mlp) is nn.Sequential:
+        if list(mlp._modules) != ["c_fc", "gelu", "c_proj"]:
+            return None
+        fc1, act_mod, fc2 = mlp.c_fc, mlp.gelu, mlp.c_proj
+    else:
+        if _forward_owner(type(mlp)).rsplit(".", 1)[-1] != "Mlp":
+            return None
+        if any(n not in _MLP_CHILDREN for n in mlp._modules) or mlp._parameters or mlp._buffers:
+            return None
+        norm = getattr(mlp, "norm", None)
+        if not (norm is None or (type(norm) is nn.Identity and _no_hooks(norm))):
+            return None
+        if not all(_inactive_dropout(getattr(mlp, n, None)) for n in ("drop", "drop1", "drop2")):
+            return None
+        fc1, act_mod, fc2 = getattr(mlp, "fc1", None), getattr(mlp, "act", None), getattr(mlp, "fc2", None)
+    if not (is_plain_linear(fc1) and is_plain_linear(fc2)) or fc2.in_features != fc1.out_features:
+        return None  # e.g. timm's GluMlp (fc1 twice as wide, its output chunked) is not this
+    act = activation_name(act_mod)
+    return None if act is None else (fc1, act, fc2)
+
+
+def linear(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``m(x)``, through :func:`uvit_fast.ops.fused_linear` when ``m`` is a plain ``nn.Linear``."""
+    if is_plain_linear(m):
+        return ops.fused_linear(x, m.weight, m.bias)
+    return m(x)
+
+
+def mlp_residual(mlp: nn.Module, x: torch.Tensor, h: torch.Tensor, gate: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x + mlp(h)`` (``x + gate[:, None] * mlp(h)`` with DiT's per-sample ``(B, D)`` gate), as one
+    :func:`uvit_fast.ops.fused_mlp` call when ``mlp`` is a plain fc1-activation-fc2 MLP
+    (:func:`mlp_parts`); otherwise exactly that, in PyTorch."""
+    parts = mlp_parts(mlp)
+    if parts is None:
+        y = mlp(h)
+        return x + y if gate is None else x + gate.unsqueeze(1) * y
+    fc1, act, fc2 = parts
+    return ops.fused_mlp(h, fc1.weight, fc1.bias, fc2.weight, fc2.bias, activation=act, residual=x, gate=gate)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with a packed ``qkv`` Linear and a ``proj`` Linear.
 
     ``upcast=True`` reproduces upstream U-ViT's attention, which casts q, k, v to float32
     before SDPA (the fused path does not; float64 stays float64). ``causal`` masks keys after the query.
+    The fused path runs ``qkv`` and ``proj`` through :func:`uvit_fast.ops.fused_linear` when they are
+    plain ``nn.Linear`` modules (:func:`is_plain_linear`), else calls them.
     """
 
     def __init__(
@@ -116,15 +227,16 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, L, C = x.shape
-        qkv = self.qkv(x).view(B, L, 3, self.num_heads, self.head_dim)
         if self.fused:
+            qkv = linear(self.qkv, x).view(B, L, 3, self.num_heads, self.head_dim)
             out = ops.attention_qkvpacked(qkv, causal=self.causal, scale=self.scale)
-        else:
-            q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B, H, L, Dh) each
-            if self.upcast and q.dtype in (torch.float16, torch.bfloat16):
-                q, k, v = q.float(), k.float(), v.float()
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, scale=self.scale)
-            out = out.transpose(1, 2).to(qkv.dtype)
+            return linear(self.proj, out.reshape(B, L, C))
+        qkv = self.qkv(x).view(B, L, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B, H, L, Dh) each
+        if self.upcast and q.dtype in (torch.float16, torch.bfloat16):
+            q, k, v = q.float(), k.float(), v.float()
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, scale=self.scale)
+        out = out.transpose(1, 2).to(qkv.dtype)
         return self.proj(out.reshape(B, L, C))
 
 
@@ -250,8 +362,9 @@ class InProjAttention(nn.Module):
 
     Batch-first ``(B, L, D)`` (upstream runs sequence-first; the result is the same). The
     packed projection's rows are ``[q; k; v]``, heads contiguous inside each. ``causal`` is
-    the text tower's mask (query i sees keys 0..i). The fused path runs
-    :func:`uvit_fast.ops.attention_qkvpacked`; the plain path runs SDPA.
+    the text tower's mask (query i sees keys 0..i). The fused path runs the packed projection and
+    ``out_proj`` through :func:`uvit_fast.ops.fused_linear` and
+    :func:`uvit_fast.ops.attention_qkvpacked`; the plain path runs ``F.linear`` and SDPA.
     """
 
     def __init__(self, dim: int, num_heads: int, *, causal: bool = False, fused: bool = True):
@@ -271,10 +384,11 @@ class InProjAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, L, C = x.shape
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(B, L, 3, self.num_heads, self.head_dim)
         if self.fused:
-            out = ops.attention_qkvpacked(qkv, causal=self.causal)
-        else:
-            q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B, H, L, Dh) each
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal).transpose(1, 2)
+            qkv = ops.fused_linear(x, self.in_proj_weight, self.in_proj_bias)
+            out = ops.attention_qkvpacked(qkv.view(B, L, 3, self.num_heads, self.head_dim), causal=self.causal)
+            return linear(self.out_proj, out.reshape(B, L, C))
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(B, L, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B, H, L, Dh) each
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal).transpose(1, 2)
         return self.out_proj(out.reshape(B, L, C))

@@ -5,7 +5,10 @@ timm ``VisionTransformer`` module trees by structure (attribute names and shapes
 code is never imported), and swaps in the fused modules in place:
 
 * every transformer block becomes the fused block (fused LayerNorm, the residual add fused
-  with the next LayerNorm, fused attention on the packed qkv, fused long-skip linear);
+  with the next LayerNorm, fused attention on the packed qkv, fused long-skip linear; qkv and
+  proj through ``ops.fused_linear``, the MLP with its residual add, and DiT's gate, through one
+  ``ops.fused_mlp`` call where the MLP is a plain fc1-activation-fc2 one: ``layers.mlp_parts``;
+  any other MLP, e.g. timm's ``GluMlp``, is called as before);
 * U-ViT and DiT also get the fused patch embedding (prefix tokens and position embedding
   written by the same kernel) and the fused decoder + unpatchify, through a forward that
   reads the same attributes (the model's class becomes a subclass of its own class, so
@@ -390,7 +393,7 @@ class _TimmBlock(nn.Module):
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
         if attn_mask is None and not is_causal and self.fused:
             x, h = self.norm2.residual(x, self.attn(self.norm1(x)))
-            return x + self.mlp(h)
+            return layers.mlp_residual(self.mlp, x, h)
         return super().forward(x, **_given(attn_mask=attn_mask, is_causal=is_causal))
 
 

@@ -9,7 +9,8 @@ mlp.c_fc, mlp.c_proj}, ln_post, proj [W, E]}``, ``token_embedding``, ``positiona
 
 The fused path runs the patch embedding with the class token as prefix and the position
 embedding added in one kernel, the fused LayerNorm (and residual + LayerNorm between attention
-and MLP), and the fused attention (causal in the text tower).
+and MLP), the fused attention (causal in the text tower), the attention's projections through
+``ops.fused_linear`` and the MLP (QuickGELU) with its residual add through ``ops.fused_mlp``.
 
 :func:`text_to_image_context` gives the text tower's last hidden states, the context U-ViT's
 text-to-image model (``UViTT2I``, ``clip_dim`` = the text width) is conditioned on.
@@ -25,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from uvit_fast import ops
-from uvit_fast.layers import InProjAttention, LayerNormFp32, QuickGELU
+from uvit_fast.layers import InProjAttention, LayerNormFp32, QuickGELU, mlp_residual
 from uvit_fast.ops._autocast import matmul_dtype
 from uvit_fast.models.common import check_image
 
@@ -50,7 +51,7 @@ class ResidualAttentionBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
             x, h = self.ln_2.residual(x, self.attn(self.ln_1(x)))
-            return x + self.mlp(h)
+            return mlp_residual(self.mlp, x, h)  # c_fc + QuickGELU, then c_proj + the residual: one fused_mlp
         x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
 

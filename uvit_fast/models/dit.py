@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from uvit_fast.layers import Attention, LayerNorm, Mlp, PatchEmbed, decode_tokens, timestep_embedding
+from uvit_fast.layers import Attention, LayerNorm, Mlp, PatchEmbed, decode_tokens, mlp_residual, timestep_embedding
 from uvit_fast.models.common import check_image, check_labels, check_timesteps
 
 
@@ -87,9 +87,9 @@ class DiTBlock(nn.Module):
         attn_out = self.attn(self.norm1.modulated(x, shift_msa, scale_msa))
         if self.fused:
             x, h = self.norm2.residual(x, attn_out, gate_msa, shift_mlp, scale_mlp)
-        else:
-            x = x + gate_msa.unsqueeze(1) * attn_out
-            h = self.norm2.modulated(x, shift_mlp, scale_mlp)
+            return mlp_residual(self.mlp, x, h, gate_mlp)  # x + gate_mlp * mlp(h): one fused_mlp call
+        x = x + gate_msa.unsqueeze(1) * attn_out
+        h = self.norm2.modulated(x, shift_mlp, scale_mlp)
         return x + gate_mlp.unsqueeze(1) * self.mlp(h)
 
 

@@ -11,7 +11,9 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
-from uvit_fast.layers import Attention, LayerNorm, Mlp, PatchEmbed, SkipLinear, decode_tokens, timestep_embedding
+from uvit_fast.layers import (
+    Attention, LayerNorm, Mlp, PatchEmbed, SkipLinear, decode_tokens, mlp_residual, timestep_embedding,
+)
 from uvit_fast.models.common import check_image, check_input_dtype, check_labels, check_timesteps
 
 
@@ -56,9 +58,9 @@ class Block(nn.Module):
                 raise ValueError("U-ViT out-block: skip is required when the block has a skip_linear")
             x = self.skip_linear(x, skip)
         if self.fused and isinstance(self.norm2, LayerNorm):
-            # residual add + norm2 in one pass
+            # residual add + norm2 in one pass; the MLP with its residual add in one fused_mlp call
             x, h = self.norm2.residual(x, self.attn(self.norm1(x)))
-            return x + self.mlp(h)
+            return mlp_residual(self.mlp, x, h)
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
 

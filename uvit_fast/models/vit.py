@@ -7,14 +7,15 @@ concat, classification from the class token after ``norm``.
 
 The fused path embeds the patches with the class token as prefix and ``pos_embed`` added in
 one kernel (:func:`uvit_fast.ops.patchify_embed`), runs the fused LayerNorm, the fused
-residual-add + LayerNorm between attention and MLP, and the fused attention.
+residual-add + LayerNorm between attention and MLP, the fused attention, qkv and proj through
+:func:`uvit_fast.ops.fused_linear` and the MLP with its residual add through :func:`uvit_fast.ops.fused_mlp`.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-from uvit_fast.layers import Attention, LayerNorm, Mlp, PatchEmbed
+from uvit_fast.layers import Attention, LayerNorm, Mlp, PatchEmbed, mlp_residual
 from uvit_fast.models.common import check_image
 
 
@@ -44,7 +45,7 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
             x, h = self.norm2.residual(x, self.attn(self.norm1(x)))  # residual add + norm2 in one pass
-            return x + self.mlp(h)
+            return mlp_residual(self.mlp, x, h)  # fc1 + GELU, fc2 + residual: one fused_mlp call
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
 
