@@ -528,3 +528,31 @@ def test_attention_candidates_leave_out_the_math_reference_at_large_scores():
     large = torch.empty(64, 1025, 24, 64, device="meta")  # U-ViT-H/2 at 512 px: 6.4 GB of fp32 scores
     assert list(_attention_candidates(small, small, False, None)) == ["sdpa", "torch", "triton"]
     assert list(_attention_candidates(large, large, False, None)) == ["sdpa", "triton"]
+
+
+@pytest.mark.parametrize("winner", ["torch", "triton"])
+def test_clip_fp32_layer_norm_is_measured_against_its_float32_path(fresh, monkeypatch, winner):
+    """CLIP's LayerNormFp32 times the kernel against the plain float32 path (not the op's own PyTorch
+    path, which would normalise in the input's dtype) and runs the winner."""
+    from uvit_fast.layers import LayerNormFp32
+
+    torch.manual_seed(0)
+    ln = LayerNormFp32(72)
+    x, br = torch.randn(1, 77, 72).half(), torch.randn(1, 77, 72).half()
+    monkeypatch.setattr(dispatch, "default_timer",
+                        lambda device_type: _ordered_timer([1.0, 2.0] if winner == "torch" else [2.0, 1.0]))
+    with _Ops() as seen:
+        out = ln(x)
+    assert seen.fused is (winner == "triton")
+    expected = torch.nn.functional.layer_norm(x.float(), (72,), ln.weight, ln.bias, 1e-5).half()
+    torch.testing.assert_close(out, expected, rtol=1e-3, atol=1e-3)
+    monkeypatch.setattr(dispatch, "default_timer",
+                        lambda device_type: _ordered_timer([1.0, 2.0] if winner == "torch" else [2.0, 1.0]))
+    with _Ops() as seen:
+        x_new, h = ln.residual(x, br)
+    assert seen.fused is (winner == "triton")
+    torch.testing.assert_close(h, torch.nn.functional.layer_norm((x + br).float(), (72,), ln.weight, ln.bias).half(),
+                               rtol=1e-3, atol=1e-3)
+    keys = sorted(k.split("[")[0] for k in fresh.decisions())
+    assert keys == ["layer_norm_fp32", "residual_layer_norm_fp32"]
+    assert all(d.choice == winner for d in fresh.decisions().values())

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from uvit_fast import ops
+from uvit_fast import dispatch, ops
 from uvit_fast._backend import resolve
 from uvit_fast.ops.patch_embed import _check_patchify_embed as check_patchify_embed
 
@@ -331,29 +331,60 @@ class LayerNormFp32(LayerNorm):
     (so the output dtype is ``x``'s under autocast too, as upstream's).
     """
 
-    def _on_kernel(self, *tensors: torch.Tensor) -> bool:
-        """Fused and the op will run the Triton kernel, which computes in float32 whatever the input
-        dtype. On the PyTorch path the op would run ``F.layer_norm`` in the input's dtype (and sum the
-        bias gradient in bf16); the plain path computes in float32 as upstream does."""
-        return self._fusable(tensors[0]) and resolve("auto", "adaln_layer_norm", *tensors) == "triton"
+    def _kernel_backend(self, name: str, tensors: Tuple[torch.Tensor, ...], plain, kernel) -> Optional[str]:
+        """The ``backend`` to run the fused op with, or None for the plain float32 path. The kernel
+        computes in float32 whatever the input dtype; the op's own PyTorch path would run
+        ``F.layer_norm`` in the input's dtype (and sum the bias gradient in bf16), so it is never
+        used here. Under measured ``auto`` the kernel is timed against the plain float32 path
+        (``name`` in the key); under torch.compile that choice is not measured and the plain path
+        runs (the compiler fuses it)."""
+        if not self._fusable(tensors[0]):
+            return None
+        choice = resolve("auto", "adaln_layer_norm", *tensors)
+        if choice == "triton":
+            return "auto"
+        if choice != "measure" or torch.compiler.is_compiling():
+            return None
+        if any(t is not None and t.dtype not in (torch.float16, torch.bfloat16, torch.float32) for t in tensors):
+            return None
+        x = tensors[0]
+        rows = x.numel() // max(x.shape[-1], 1)
+        winner = dispatch.measure(name, tensors, {"torch": plain, "triton": kernel}, rows=rows, dims=(x.shape[-1],),
+                                  flags=f"affine={int(self.weight is not None)}", default="torch")
+        return "triton" if winner == "triton" else None
+
+    def _plain(self, x: torch.Tensor, weight, bias) -> torch.Tensor:
+        dt = torch.promote_types(x.dtype, torch.float32)  # float64 stays float64
+        w = weight.to(dt) if weight is not None else None
+        b = bias.to(dt) if bias is not None else None
+        return F.layer_norm(x.to(dt), self.normalized_shape, w, b, self.eps).to(x.dtype)
+
+    def _kernel(self, x: torch.Tensor, weight, bias, backend: str = "triton") -> torch.Tensor:
+        return ops.adaln_layer_norm(x, weight=weight, bias=bias, eps=self.eps, backend=backend).to(x.dtype)
+
+    def _plain_residual(self, x, branch, weight, bias):
+        x_new = x + branch
+        return x_new, self._plain(x_new, weight, bias)
+
+    def _kernel_residual(self, x, branch, weight, bias, backend: str = "triton"):
+        x_new, h = ops.residual_adaln_layer_norm(x, branch, weight=weight, bias=bias, eps=self.eps, backend=backend)
+        return x_new, h.to(x_new.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._on_kernel(x, self.weight):
-            return ops.adaln_layer_norm(x, weight=self.weight, bias=self.bias, eps=self.eps).to(x.dtype)
-        dt = torch.promote_types(x.dtype, torch.float32)  # float64 stays float64
-        w = self.weight.to(dt) if self.weight is not None else None
-        b = self.bias.to(dt) if self.bias is not None else None
-        return F.layer_norm(x.to(dt), self.normalized_shape, w, b, self.eps).to(x.dtype)
+        backend = self._kernel_backend("layer_norm_fp32", (x, self.weight, self.bias), self._plain, self._kernel)
+        if backend is not None:
+            return self._kernel(x, self.weight, self.bias, backend)
+        return self._plain(x, self.weight, self.bias)
 
     def residual(self, x: torch.Tensor, branch: torch.Tensor, *args, **kwargs):  # type: ignore[override]
         """``x_new = x + branch``; returns ``(x_new, LN(x_new))`` (no modulation)."""
         if args or kwargs:
             raise TypeError("LayerNormFp32.residual takes only (x, branch)")
-        if self._on_kernel(x, branch, self.weight):
-            x_new, h = ops.residual_adaln_layer_norm(x, branch, weight=self.weight, bias=self.bias, eps=self.eps)
-            return x_new, h.to(x_new.dtype)
-        x_new = x + branch
-        return x_new, self.forward(x_new)
+        tensors = (x, branch, self.weight, self.bias)
+        backend = self._kernel_backend("residual_layer_norm_fp32", tensors, self._plain_residual, self._kernel_residual)
+        if backend is not None:
+            return self._kernel_residual(*tensors, backend)
+        return self._plain_residual(*tensors)
 
 
 class InProjAttention(nn.Module):
