@@ -26,6 +26,12 @@ DTYPES = [
     pytest.param(torch.float16, id="fp16"),
     pytest.param(torch.bfloat16, id="bf16", marks=NEEDS_CUDA_BF16),
 ]
+# the combination tests keep fp32 in the quick subset; their fp16 repeats run in the full suite
+DTYPES_FP16_SLOW = [
+    pytest.param(torch.float32, id="fp32"),
+    pytest.param(torch.float16, id="fp16", marks=pytest.mark.slow),
+    pytest.param(torch.bfloat16, id="bf16", marks=NEEDS_CUDA_BF16),
+]
 ACTS = [pytest.param(a, id=str(a)) for a in ACTIVATIONS]
 
 
@@ -125,7 +131,7 @@ def test_linear_every_activation(activation, dtype, device):
     _check_linear(*_linear_inputs((2, 33), 72, 100, dtype, device, residual=True, gate="sample"), activation)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES_FP16_SLOW)
 @pytest.mark.parametrize(
     "lead, bias, residual, gate, activation",
     [
@@ -142,6 +148,9 @@ def test_linear_epilogue_combinations(lead, bias, residual, gate, activation, dt
     _check_linear(*_linear_inputs(lead, 72, 40, dtype, device, bias=bias, residual=residual, gate=gate), activation)
 
 
+EXTENDED = pytest.mark.extended  # minutes each under the interpreter (docs/testing.md)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
@@ -149,10 +158,12 @@ def test_linear_epilogue_combinations(lead, bias, residual, gate, activation, dt
     [
         ((1, 258), 72, 72, "gelu", "sample"),  # U-ViT's 258 tokens: five row tiles, the last of 2 rows
         ((1, 5), 1000, 1000, "gelu_tanh", "sample"),  # K and N with partial tiles in both (1000 = 15*64 + 40)
-        ((1, 3), 1152, 4608, "gelu", None),  # U-ViT-H/2's fc1 with a 3-row M
-        ((1, 3), 4608, 1152, None, "token"),  # ... and its fc2
+        ((1, 3), 72, 4608, "silu", "token"),  # fc1's N = 4608: 72 column tiles
+        ((1, 3), 1152, 72, None, "sample"),  # K = 1152: 18 K steps forward, 18 dW column tiles
+        pytest.param((1, 3), 1152, 4608, "gelu", None, marks=EXTENDED),  # U-ViT-H/2's fc1 with a 3-row M
+        pytest.param((1, 3), 4608, 1152, None, "token", marks=EXTENDED),  # ... and its fc2
     ],
-    ids=["L258", "K1000-N1000", "fc1-H2", "fc2-H2"],
+    ids=["L258", "K1000-N1000", "N4608", "K1152", "fc1-H2", "fc2-H2"],
 )
 def test_linear_large_shapes(lead, K, N, activation, gate, dtype, device):
     _check_linear(*_linear_inputs(lead, K, N, dtype, device, residual=True, gate=gate), activation)
@@ -164,17 +175,29 @@ def test_linear_large_shapes(lead, K, N, activation, gate, dtype, device):
     [
         ((2, 33), "gelu", True, True, None),  # U-ViT's MLP with its residual
         ((2, 17), "gelu_tanh", True, True, "sample"),  # DiT's gated MLP
-        ((1, 77), "quick_gelu", True, False, None),  # CLIP's MLP without residual
-        ((3, 4), "silu", False, True, "token"),
-        ((1, 1), None, True, False, None),
     ],
-    ids=["uvit", "dit", "clip", "silu-token-gate", "M1-noact"],
+    ids=["uvit", "dit"],
 )
 def test_mlp_parity(lead, activation, bias, residual, gate, dtype, device):
     _check_mlp(*_mlp_inputs(lead, 72, 160, 72, dtype, device, bias=bias, residual=residual, gate=gate), activation)
 
 
+@pytest.mark.parametrize("dtype", DTYPES_FP16_SLOW)
+@pytest.mark.parametrize(
+    "lead, activation, bias, residual, gate",
+    [
+        ((1, 77), "quick_gelu", True, False, None),  # CLIP's MLP without residual
+        ((3, 4), "silu", False, True, "token"),  # no biases, per-token gate
+        ((1, 1), None, True, False, None),  # M = 1, no activation
+    ],
+    ids=["clip", "silu-token-gate", "M1-noact"],
+)
+def test_mlp_combinations(lead, activation, bias, residual, gate, dtype, device):
+    _check_mlp(*_mlp_inputs(lead, 72, 160, 72, dtype, device, bias=bias, residual=residual, gate=gate), activation)
+
+
 @pytest.mark.slow
+@EXTENDED
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_mlp_uvit_h_width(dtype, device):
     """U-ViT-H/2's MLP widths (1152 -> 4608 -> 1152) at a 3-row M, residual and per-sample gate."""
@@ -314,8 +337,10 @@ def test_mlp_inference_writes_no_preactivation(monkeypatch, device):
 # ---------------------------------------------------------------------------------------------
 # Dtypes and autocast
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("which", ["linear", "mlp"])
+@pytest.mark.parametrize("which, amp", [
+    ("linear", torch.float16), ("mlp", torch.bfloat16),
+    pytest.param("linear", torch.bfloat16, marks=pytest.mark.slow), pytest.param("mlp", torch.float16, marks=pytest.mark.slow),
+], ids=["linear-fp16", "mlp-bf16", "linear-bf16", "mlp-fp16"])
 def test_autocast_dtypes_match_the_reference(which, amp, device):
     """Under autocast the torch and triton paths give the reference's dtypes: the linear's output in
     the autocast dtype, promoted by a float32 residual (the residual stream) to float32, gradients
@@ -523,7 +548,7 @@ def fresh(tmp_path, monkeypatch):
     return disp
 
 
-@pytest.mark.parametrize("training", [False, True], ids=["infer", "train"])
+@pytest.mark.parametrize("training", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["infer", "train"])
 def test_measured_dispatch_keeps_pytorch_under_the_interpreter(fresh, training, device):
     """UVIT_FAST_TUNE=1 on CPU: the candidates are timed for real (the interpreter is far slower than
     PyTorch), a PyTorch path wins and is recorded in the cache file; the erf-GELU addmm_activation candidate
@@ -626,3 +651,38 @@ def test_mlp_errors(device):
         fused_mlp(x, w1, b1, w2.half(), b2)
     with pytest.raises(ValueError, match=r"activation must be one of"):
         fused_mlp(x, w1, b1, w2, b2, activation="gelu_erf")
+
+
+# ---------------------------------------------------------------------------------------------
+# uvit-fast bench rows
+# ---------------------------------------------------------------------------------------------
+def test_bench_rows():
+    """``uvit-fast bench --op fused_linear``: fused_linear and fused_mlp rows at U-ViT-H/2 and
+    DiT-XL/2 shapes, an auto row beside every Triton row, addmm_activation only where it computes
+    the row's function (tanh GELU, forward), and every provider's function runs (tiny shapes here)."""
+    from uvit_fast.bench import fused_linear as bench
+    from uvit_fast.bench import runner
+
+    assert "fused_linear" in runner.discover_op_modules()
+    cases, reason = runner.load_cases("fused_linear", torch.device("cpu"), torch.float32)
+    assert reason is None
+    assert {c.op for c in cases} == {"fused_linear", "fused_mlp"}
+
+    def rows(provider):
+        return {(c.op, c.shape, c.pass_) for c in cases if c.provider == provider}
+
+    assert rows("uvit_fast") and rows("uvit_fast_auto") == rows("uvit_fast") == rows("eager") == rows("linear")
+    assert all(c.needs_cuda for c in cases if c.provider.startswith("uvit_fast"))
+    addmm = [c for c in cases if c.provider == "addmm_activation"]
+    assert addmm and all(c.pass_ == "fwd" and c.extra["activation"] == "gelu_tanh" and c.needs_cuda for c in addmm)
+    assert any("U-ViT-H/2 fc1+gelu B=128 L=258 (M=33024, K=1152, N=4608)" == c.shape for c in cases)
+    tiny = [bench._Spec("fused_linear", "fc2+res+gate", "tiny", 5, 72, 40, activation="gelu_tanh", residual=True,
+                        gate=True, B=2),
+            bench._Spec("fused_mlp", "mlp", "tiny", 5, 72, 40, H=96, activation="gelu", residual=True, B=2)]
+    for spec in tiny:
+        for provider in ("eager", "uvit_fast", "linear"):
+            for pass_ in bench.PASSES:
+                bench._make_fn(spec, provider, pass_, torch.device("cpu"), torch.float32)()
+        nbytes, flops = bench._cost(spec, torch.float32, "fwd")
+        layers = [(72, 96), (96, 40)] if spec.op == "fused_mlp" else [(72, 40)]
+        assert flops == sum(2 * 10 * k * n for k, n in layers) and nbytes > 0

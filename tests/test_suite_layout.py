@@ -18,12 +18,15 @@ OPS = {
     "residual_adaln_layer_norm": r"^tests/test_adaln_layer_norm\.py::test_residual_parity\[",
     "skip_concat_linear": r"^tests/test_skip_concat_linear\.py::test_parity",
     "attention": r"^tests/test_attention\.py::test_parity_matrix",
+    "fused_linear": r"^tests/test_fused_linear\.py::test_linear_every_activation\[",
+    "fused_mlp": r"^tests/test_fused_linear\.py::test_mlp_parity\[",
 }
 OPCHECK = {
     "adaln ops": r"^tests/test_adaln_layer_norm\.py::test_opcheck",
     "patch_embed ops": r"^tests/test_patch_embed\.py::test_opcheck",
     "skip_concat_linear": r"^tests/test_skip_concat_linear\.py::test_opcheck",
     "attention ops": r"^tests/test_attention\.py::test_opcheck",
+    "fused_linear ops": r"^tests/test_fused_linear\.py::test_opcheck",
 }
 MODELS = {
     "UViT": r"^tests/test_models\.py::test_uvit_matches_reference",

@@ -47,7 +47,7 @@ from uvit_fast.bench.core import Case, raise_recompile_limits, time_fn
 from uvit_fast.cli_args import BENCH_CPU_BUDGET, BENCH_CPU_BUDGET_QUICK, BENCH_QUICK_ENV, BENCH_RESULTS_DIR
 from uvit_fast.cli_args import add_bench_arguments as add_arguments  # noqa: F401
 
-OP_MODULES: Tuple[str, ...] = ("adaln_layer_norm", "patch_embed", "skip_concat_linear", "attention")
+OP_MODULES: Tuple[str, ...] = ("adaln_layer_norm", "patch_embed", "skip_concat_linear", "attention", "fused_linear")
 NOT_OP_MODULES = {"core", "runner", "models"}
 # the command-line arguments and their defaults are in the torch-free uvit_fast.cli_args
 QUICK_ENV = BENCH_QUICK_ENV
