@@ -425,7 +425,9 @@ def _dkdv_block(Q, K, V, DO, STATS, DELTA, DK, DV,
         dv1 = dv0
 
     # Query rows: [lo, min(mid, lq_full)) straddle the causal diagonal (masked), [mid, lq_full)
-    # need no mask, [max(lo, lq_full), Lq) is the Lq tail (masked, BLOCK_M_TAIL steps).
+    # need no mask, [max(lo, lq_full), Lq) is the Lq tail (masked, in steps of BLOCK_M_TAIL, at
+    # most BLOCK_M: a tail step over the main step would only pad more rows and shared memory).
+    TAIL_M: tl.constexpr = BLOCK_M_TAIL if BLOCK_M_TAIL < BLOCK_M else BLOCK_M
     lq_full = (Lq // BLOCK_M) * BLOCK_M
     if CAUSAL:
         lo = (start_n // BLOCK_M) * BLOCK_M
@@ -444,7 +446,7 @@ def _dkdv_block(Q, K, V, DO, STATS, DELTA, DK, DV,
     dk0, dk1, dv0, dv1 = _bwd_dkdv_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q_bh, DO_bh, STATS_bh, DELTA_bh,
                                          stride_qm, stride_qd, stride_dm, stride_dd,
                                          offs_n, tl.maximum(lo, lq_full), Lq, Lq, qk_scale,
-                                         HEAD_DIM, D0, REM, DRK, DRN, True, CAUSAL, DOT_PREC, BLOCK_M_TAIL, ALIGNED)
+                                         HEAD_DIM, D0, REM, DRK, DRN, True, CAUSAL, DOT_PREC, TAIL_M, ALIGNED)
 
     DK_blk = DK + _off3(off_b, stride_dkb, off_h, stride_dkh, start_n64, stride_dkn, ALIGNED)
     DV_blk = DV + _off3(off_b, stride_dvb, off_h, stride_dvh, start_n64, stride_dvn, ALIGNED)
@@ -585,6 +587,7 @@ def _dq_block(Q, K, V, DO, STATS, DELTA, DQ,
     delta = tl.load(DELTA + pid_bh.to(tl.int64) * Lq + offs_m, mask=row_ok, other=0.0)
 
     lk_full = (Lk // BLOCK_N) * BLOCK_N
+    TAIL_N: tl.constexpr = BLOCK_N_TAIL if BLOCK_N_TAIL < BLOCK_N else BLOCK_N  # the Lk tail's step
     if CAUSAL:
         u_hi = tl.minimum(lk_full, ((start_m + 1) // BLOCK_N) * BLOCK_N)
         dq0, dq1 = _bwd_dq_inner(dq0, dq1, q0, q1, do0, do1, m_row, log2_l, delta, K_bh, V_bh,
@@ -603,7 +606,7 @@ def _dq_block(Q, K, V, DO, STATS, DELTA, DQ,
         dq0, dq1 = _bwd_dq_inner(dq0, dq1, q0, q1, do0, do1, m_row, log2_l, delta, K_bh, V_bh,
                                  stride_kn, stride_kd, stride_vn, stride_vd,
                                  offs_m, lk_full, Lk, Lk, qk_scale,
-                                 HEAD_DIM, D0, REM, DRK, DRN, True, CAUSAL, DOT_PREC, BLOCK_N_TAIL, ALIGNED)
+                                 HEAD_DIM, D0, REM, DRK, DRN, True, CAUSAL, DOT_PREC, TAIL_N, ALIGNED)
 
     DQ_blk = DQ + _off3(off_b, stride_dqb, off_h, stride_dqh, start_m64, stride_dqm, ALIGNED)
     _store_tile(DQ_blk, (dq0 * scale).to(DQ.dtype.element_ty), offs_r, offs_d0, stride_dqm, stride_dqd,
@@ -657,7 +660,15 @@ def _attn_bwd_dq(Q, K, V, DO, STATS, DELTA, DQ,
 # every config there).
 # --------------------------------------------------------------------------------------------
 
-TAIL_STEP = 16  # loop step over the last, partial block of the other sequence
+TAIL_STEP = 16  # forward: loop step over the last, partial block of the other sequence
+# Backward: the loops over the last, partial block of the other sequence step 32 rows (capped at
+# the main step in the kernels). Compiled for sm_90 at head_dim 72, a 16-row step left the 8-column
+# remainder tile as one 2-byte scalar load per thread (8 warps); at 32 rows every load of those
+# loops is a 16-byte cp.async (docs/attention.md). The cost: the last partial block is padded to
+# 32 rows (L = 258: 288 rows computed per program instead of 272), untimed. Accuracy is unchanged:
+# with a shape-independent fp32 dot the gradients are the same for a 16- or 32-row step (tests/
+# test_attention.py::test_backward_tail_step_does_not_change_the_gradients).
+BWD_TAIL_STEP = 32
 _INTERPRET_TILE = 64
 _INTERPRET_STEP = 32
 _sm_count_cache = {}
@@ -858,14 +869,14 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         q, k, v, dout, stats, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
         H, Lq, Lk, n_main, n_tail, scale, scale * LOG2E,
-    ), dict(common, BLOCK_M_TAIL=TAIL_STEP, BLOCK_N=tile_n, BLOCK_N_TAIL=tail))
+    ), dict(common, BLOCK_M_TAIL=BWD_TAIL_STEP, BLOCK_N=tile_n, BLOCK_N_TAIL=tail))
     tile_m = block_m or _program_tile(Lq, B * H, D, q.dtype, dev)
     n_main, tail, n_tail = _split(Lq, tile_m)
     _launch(_attn_bwd_dq_tuned, _attn_bwd_dq, "BLOCK_N", block_n, ((n_main + n_tail) * B * H,), (
         q, k, v, dout, stats, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
         H, Lq, Lk, n_main, n_tail, scale, scale * LOG2E,
-    ), dict(common, BLOCK_M=tile_m, BLOCK_M_TAIL=tail, BLOCK_N_TAIL=TAIL_STEP))
+    ), dict(common, BLOCK_M=tile_m, BLOCK_M_TAIL=tail, BLOCK_N_TAIL=BWD_TAIL_STEP))
     return dq, dk, dv
 
 

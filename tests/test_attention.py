@@ -233,6 +233,140 @@ def test_large_logits_stay_finite(dtype, device):
         assert torch.isfinite(t).all()
 
 
+# ------------------------------------------------------------------------------------------------
+# The backward's tail step and the interpreter's fp32 dot
+#
+# The backward recomputes the scores s = q k^T and subtracts the forward's row statistics, so at
+# scale 30 (s * scale * log2(e) ~ 1e3 in base 2) a difference of a few ulps between the forward's
+# and the backward's s moves p by ~1e-4 relative. On the GPU, Triton's fp32 dot is an FMA chain over
+# the head dim in the same order for every tile shape (and s^T = k q^T takes the same products), so
+# forward and backward agree. The interpreter's tl.dot is np.matmul on float32 (OpenBLAS sgemm),
+# whose rounding depends on the operand shapes: a [64, 64] x [64, 32] product (the dK/dV kernel's
+# 32-row tail step) is up to ~4x less exact than a [64, 64] x [64, 16] one, so the backward's scores
+# stopped matching the forward's and dv came out at 13x PyTorch's error (L 77, causal, scale 30),
+# which got the 32-row tail reverted (cd58791). With a dot whose result does not depend on the
+# tile shape, the 16- and 32-row steps give the same gradients at every shape checked (L 33, 47,
+# 77, 129, 258; head dims 72, 80, 96; causal or not; scale 1 and 30).
+# The fixture below gives the interpreter such a dot for fp32 operands: each element is the float64
+# sum rounded once to fp32, whatever the tile shape (16-bit operands keep the interpreter's own).
+# ------------------------------------------------------------------------------------------------
+
+
+def _shape_independent_fp32_dot():
+    """Patch the interpreter's ``create_dot`` (fp32 operands); returns the function that undoes it."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    plain = builder.create_dot
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if a.data.dtype == np.float32 and b.data.dtype == np.float32 and d.data.dtype == np.float32:
+            exact = np.matmul(a.data.astype(np.float64), b.data.astype(np.float64)) + d.data
+            return interpreter.TensorHandle(exact.astype(np.float32), d.dtype.scalar)
+        return plain(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    builder.create_dot = create_dot
+
+    def undo():
+        builder.create_dot = plain
+    return undo
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fp32_dot_independent_of_the_tile_shape():
+    """Every test of this module runs the interpreter's fp32 dots shape-independent (see above)."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        yield  # compiled kernels: the GPU's own dot
+        return
+    undo = _shape_independent_fp32_dot()
+    try:
+        yield
+    finally:
+        undo()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the interpreter's dot (CPU only)")
+def test_interpreter_fp32_dot_does_not_depend_on_the_tile_shape():
+    """The same [64, 64] x [64, n] scores computed with n = 16 and n = 32 columns are bitwise equal
+    (np.matmul's sgemm puts them up to ~7e-6 apart at |s| ~ 20)."""
+    q, k = torch.randn(32, 64), torch.randn(64, 64)
+    s16, s32 = torch.empty(64, 16), torch.empty(64, 32)
+    _scores_kernel()[(1,)](k, q, s16, N=16)
+    _scores_kernel()[(1,)](k, q, s32, N=32)
+    exact = (k.double() @ q.double().T).float()
+    assert torch.equal(s16, s32[:, :16]), f"columns differ by {(s16 - s32[:, :16]).abs().max():.3e}"
+    assert torch.equal(s32, exact), f"not the rounded float64 sum: {(s32 - exact).abs().max():.3e}"
+
+
+_SCORES = []
+
+
+def _scores_kernel():
+    """``S[64, N] = K[64, 64] @ Q[N, 64]^T`` as one ``tl.dot``, like the dK/dV kernel's scores."""
+    if not _SCORES:
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def scores(K, Q, S, N: tl.constexpr):
+            r = tl.arange(0, 64)
+            n = tl.arange(0, N)
+            k = tl.load(K + r[:, None] * 64 + r[None, :])
+            q = tl.load(Q + n[:, None] * 64 + r[None, :])
+            tl.store(S + r[:, None] * N + n[None, :], tl.dot(k, tl.trans(q), input_precision="ieee"))
+
+        _SCORES.append(scores)
+    return _SCORES[0]
+
+
+def _with_tail_step(monkeypatch, step, q, k, v, dout, *, causal, scale):
+    """``(out, dq, dk, dv)`` with the backward's tail step set to ``step``."""
+    k_ = _kernels()
+    monkeypatch.setattr(k_, "BWD_TAIL_STEP", step)
+    out, stats = k_.attention_forward(q, k, v, causal=causal, scale=scale)
+    return (out, *k_.attention_backward(dout, q, k, v, out, stats, causal=causal, scale=scale))
+
+
+def _baseline_and_ref(q, k, v, dout, *, causal, scale):
+    spec = lambda a, b, c: attention_reference(a, b, c, causal=causal, scale=scale)  # noqa: E731
+    return _run(spec, q, k, v, dout), _run(spec, q.double(), k.double(), v.double(), dout.double())
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_backward_tail_step_does_not_change_the_gradients(causal, monkeypatch, device):
+    """L 77 at scale 30, fp32 (the case that got the 32-row tail reverted): the 16- and 32-row tail
+    steps of both backward kernels give the same dq, dk, dv, within the parity rule."""
+    q, k, v = _make_qkv(1, 77, 77, 2, 72, torch.float32, device, "contig")
+    dout = torch.randn_like(q)
+    r16 = _with_tail_step(monkeypatch, 16, q, k, v, dout, causal=causal, scale=30.0)
+    r32 = _with_tail_step(monkeypatch, 32, q, k, v, dout, causal=causal, scale=30.0)
+    base, ref = _baseline_and_ref(q, k, v, dout, causal=causal, scale=30.0)
+    for name, a, b, pt, r in zip(("out", "dq", "dk", "dv"), r16, r32, base, ref):
+        if not torch.cuda.is_available():  # one shape-independent dot: the same numbers
+            assert torch.equal(a, b), f"{name}: 16- and 32-row tails differ by {(a - b).abs().max():.3e}"
+        assert_parity(a, pt, r, name=f"{name} (16-row tail)")
+        assert_parity(b, pt, r, name=f"{name} (32-row tail)")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("step", [16, 32])
+@pytest.mark.parametrize("L,D,causal", [(33, 80, True), (47, 96, False), (77, 80, False), (129, 72, True),
+                                        (129, 96, True), (258, 72, True)])
+def test_backward_tail_steps_at_large_logits(L, D, causal, step, monkeypatch, device):
+    """Scale 30, fp32, both tail steps, at lengths whose last partial block is 1 to 31 rows. With the
+    interpreter's own sgemm the 32-row step broke the rule at (77, 80, full), (129, 72) and
+    (129, 96), and the 16-row step stood at 2.05x PyTorch's dk error at (33, 80)."""
+    q, k, v = _make_qkv(1, L, L, 2, D, torch.float32, device, "contig")
+    dout = torch.randn_like(q)
+    got = _with_tail_step(monkeypatch, step, q, k, v, dout, causal=causal, scale=30.0)
+    base, ref = _baseline_and_ref(q, k, v, dout, causal=causal, scale=30.0)
+    for name, o, b, r in zip(("out", "dq", "dk", "dv"), got, base, ref):
+        assert_parity(o, b, r, name=f"{name} (L {L}, D {D}, tail step {step})")
+
+
 @pytest.mark.parametrize("block_m,block_n", [(16, 32), (32, 16), (16, 16)])
 @pytest.mark.slow
 def test_explicit_tiles_causal_lq_ne_lk(block_m, block_n, device):
@@ -636,10 +770,10 @@ cases = (
      dict(BLOCK_M=tile, BLOCK_M_TAIL=16, BLOCK_N_TAIL=16)),
     ("dkdv", k._attn_bwd_dkdv_tuned, "BLOCK_M", "Lq", k._attn_bwd_dkdv,
      dict(Q=P, K=P, V=P, DO=P, STATS=P, DELTA=P, DK=P, DV=P), {"scale", "qk_scale"},
-     dict(BLOCK_M_TAIL=16, BLOCK_N=tile, BLOCK_N_TAIL=32)),
+     dict(BLOCK_M_TAIL=k.BWD_TAIL_STEP, BLOCK_N=tile, BLOCK_N_TAIL=32)),
     ("dq", k._attn_bwd_dq_tuned, "BLOCK_N", "Lk", k._attn_bwd_dq,
      dict(Q=P, K=P, V=P, DO=P, STATS=P, DELTA=P, DQ=P), {"scale", "qk_scale"},
-     dict(BLOCK_M=tile, BLOCK_M_TAIL=32, BLOCK_N_TAIL=16)),
+     dict(BLOCK_M=tile, BLOCK_M_TAIL=32, BLOCK_N_TAIL=k.BWD_TAIL_STEP)),
 )
 for name, tuned, step, seq, kernel, ptrs, floats, consts in cases:
     kept = tuned.early_config_prune(tuned.configs, {seq: 4096, "Q": None}, HEAD_DIM=D, **consts)
