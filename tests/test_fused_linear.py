@@ -686,3 +686,53 @@ def test_bench_rows():
         nbytes, flops = bench._cost(spec, torch.float32, "fwd")
         layers = [(72, 96), (96, 40)] if spec.op == "fused_mlp" else [(72, 40)]
         assert flops == sum(2 * 10 * k * n for k, n in layers) and nbytes > 0
+
+
+def test_compile_with_auto_takes_pytorch_without_timing(fresh, monkeypatch, device):
+    """Under torch.compile nothing is timed: with no stored decision ``auto`` traces the PyTorch
+    path (the untimed default), fullgraph, for both ops."""
+    import torch._dynamo
+
+    monkeypatch.setattr(dispatch, "default_timer", lambda device_type: pytest.fail("timed while tracing"))
+    codes = []
+
+    def backend(gm, example_inputs):
+        codes.append(gm.code)
+        return gm.forward
+
+    x, w1, b1, w2, b2, r, g = _mlp_inputs((2, 9), 72, 96, 40, torch.float32, device, residual=True, gate="sample")
+
+    def f(x):
+        y = fused_linear(x, w1, b1, activation="gelu")
+        return fused_mlp(x, w1, b1, w2, b2, residual=r, gate=g) + y.sum()
+
+    torch._dynamo.reset()
+    out = torch.compile(f, fullgraph=True, backend=backend)(x)
+    expect = fused_mlp_reference(x, w1, b1, w2, b2, residual=r, gate=g) + fused_linear_reference(
+        x, w1, b1, activation="gelu").sum()
+    torch.testing.assert_close(out, expect)
+    assert codes and not any("uvit_fast" in c for c in codes)
+    assert not fresh.decisions()
+
+
+def test_compile_takes_the_stored_triton_decision(fresh, monkeypatch, device):
+    """A decision stored by an eager call (here with injected timings: triton fastest) is what the
+    compiled graph runs; the trace itself times nothing."""
+    import torch._dynamo
+
+    x, w, b, _, _ = _linear_inputs((2, 9), 72, 40, torch.float32, device)
+    times = iter([3.0, 1.0])  # torch, triton (silu: no addmm_activation candidate)
+    monkeypatch.setattr(dispatch, "default_timer", lambda device_type: (lambda fn: next(times)))
+    fused_linear(x, w, b, activation="silu")
+    assert [d.choice for d in fresh.decisions().values()] == ["triton"]
+    monkeypatch.setattr(dispatch, "default_timer", lambda device_type: pytest.fail("timed while tracing"))
+    codes = []
+
+    def backend(gm, example_inputs):
+        codes.append(gm.code)
+        return gm.forward
+
+    torch._dynamo.reset()
+    out = torch.compile(lambda x: fused_linear(x, w, b, activation="silu"), fullgraph=True, backend=backend)(x)
+    assert any("uvit_fast.fused_linear" in c for c in codes), codes
+    torch.testing.assert_close(out, fused_linear_reference(x, w, b, activation="silu"), rtol=1e-5, atol=1e-5)
