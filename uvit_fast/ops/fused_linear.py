@@ -363,7 +363,9 @@ def _fused_linear_triton(x, weight, bias, residual, gate, activation, cast_to):
     N = weight.shape[0]
     k_residual, k_gate = _kernel_epilogue(x.dtype, residual, gate)
     g2, gate_rows = _gate_rows(x, N, k_gate)
-    store_preact = (activation is not None or k_gate is not None) and _records_grad(x, weight, bias, k_gate)
+    # the pre-activation feeds act' (gradients of x, weight, bias) and the gate's gradient
+    store_preact = (activation is not None and _records_grad(x, weight, bias)) or (
+        k_gate is not None and _records_grad(k_gate))
     out, _ = torch.ops.uvit_fast.fused_linear(
         x.reshape(-1, x.shape[-1]), weight, bias, _rows(k_residual, N), g2, activation, gate_rows, store_preact
     )
@@ -453,10 +455,12 @@ def _fused_mlp_triton(x, w1, b1, w2, b2, residual, gate, activation, cast_to):
     N = w2.shape[0]
     k_residual, k_gate = _kernel_epilogue(x.dtype, residual, gate)
     g2, gate_rows = _gate_rows(x, N, k_gate)
-    training = _records_grad(x, w1, b1, w2, b2, k_gate, k_residual)
-    h, z = torch.ops.uvit_fast.fused_mlp_fc1(x.reshape(-1, x.shape[-1]), w1, b1, activation, training)
+    # z feeds act' in dz (gradients of x, fc1's weight and bias); fc2's pre-gate output the gate's gradient
+    store_z = _records_grad(x, w1, b1)
+    store_preact = k_gate is not None and _records_grad(k_gate)
+    h, z = torch.ops.uvit_fast.fused_mlp_fc1(x.reshape(-1, x.shape[-1]), w1, b1, activation, store_z)
     out, _ = torch.ops.uvit_fast.fused_mlp_fc2(
-        h, z, w2, b2, _rows(k_residual, N), g2, activation, gate_rows, training and k_gate is not None
+        h, z, w2, b2, _rows(k_residual, N), g2, activation, gate_rows, store_preact
     )
     out = out.view(*x.shape[:-1], N)
     if gate is not None and k_gate is None:
