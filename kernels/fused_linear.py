@@ -125,37 +125,52 @@ def _smem_limit(cap) -> int:
     return SMEM_LIMIT_OTHER
 
 
-def _smem_bytes(config, elem_size: int, tma_epilogue: bool = False) -> int:
-    """Shared memory of a config: ``stages`` buffers of an A and a B tile, plus, for the forward's
-    TMA epilogue, the staging buffer of one ``(BLOCK_M, BLOCK_N / 2)`` output half (Triton's
-    allocation compiled for sm_90: 144 KiB + 32 KiB for 128x256x64 in 3 stages, bf16)."""
+def _smem_bytes(config, elem_size: int, tma_epilogue: bool = False, gate_tiles: bool = False) -> int:
+    """Shared memory of a config: ``stages`` buffers of an A and a B tile (and of a gate tile of A's
+    shape when the backward pipelines one alongside A), plus, for the forward's TMA epilogue, the
+    staging buffer of one ``(BLOCK_M, BLOCK_N / 2)`` output half (Triton's allocation compiled for
+    sm_90: 144 KiB + 32 KiB for 128x256x64 in 3 stages, bf16)."""
     k = config.kwargs
-    smem = config.num_stages * (k["BLOCK_M"] + k["BLOCK_N"]) * k["BLOCK_K"] * elem_size
+    a_rows = 2 * k["BLOCK_M"] if gate_tiles else k["BLOCK_M"]
+    smem = config.num_stages * (a_rows + k["BLOCK_N"]) * k["BLOCK_K"] * elem_size
     if tma_epilogue:
         smem += k["BLOCK_M"] * (k["BLOCK_N"] // 2) * elem_size
     return smem
 
 
-def _prune_smem(configs, named_args, **kwargs):
+def _prune(configs, named_args, tma_epilogue: bool, gate_tiles: bool, heavy: bool):
     """Drop configs over the GPU's shared-memory limit for the operands' element size (fp32 doubles
-    every buffer; the forward's TMA epilogue adds its staging buffer). Before Hopper (mma.sync) the
-    configs whose fp32 accumulator takes 128 or more registers per thread are dropped too (they
-    spill compiled for sm_80, as the skip-linear GEMMs do). Keeps at least the smallest config."""
+    every buffer). Before Hopper (mma.sync), and for ``heavy`` variants (a gate or an activation
+    applied through pointer loads), the configs whose fp32 accumulator takes 128 or more registers
+    per thread are dropped too: they spill (sm_80, as the skip-linear GEMMs; sm_90: 16-1000 B per
+    thread at 128x256, 256x128 and 128x128 with 4 warps for the gated or act' backward GEMMs).
+    Keeps at least the smallest config."""
     t = next(v for v in named_args.values() if isinstance(v, torch.Tensor))
     cap = _capability(t)
     elem = t.element_size()
-    tma = bool(kwargs.get("USE_TMA", False))
-    kept = [c for c in configs if _smem_bytes(c, elem, tma) <= _smem_limit(cap)]
-    # pointer-loaded gate tiles in the K loop (backward) or in the epilogue, and act' in the input
-    # gradient's epilogue, push the 128-register accumulators over 255 registers (sm_90: 16-184 B
-    # spilled per thread at 128x256 / 256x128 / 128x128 with 4 warps); the TMA forward does not spill
-    heavy = (kwargs.get("HAS_GATE", False) or kwargs.get("ACT_INPUT", 0)) and not tma
-    if (cap is not None and cap[0] < 9) or heavy:  # mma.sync, or a heavy prologue/epilogue
+    kept = [c for c in configs if _smem_bytes(c, elem, tma_epilogue, gate_tiles) <= _smem_limit(cap)]
+    if (cap is not None and cap[0] < 9) or heavy:
         kept = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] < 128 * 32 * c.num_warps]
-    return kept or [min(configs, key=lambda c: _smem_bytes(c, elem, tma))]
+    return kept or [min(configs, key=lambda c: _smem_bytes(c, elem, tma_epilogue, gate_tiles))]
 
 
-_PRUNE = {"early_config_prune": _prune_smem}
+def _prune_fwd(configs, named_args, **kwargs):
+    """The forward: the TMA epilogue's staging buffer counts; on the pointer path an epilogue beyond
+    the bias (activation, gate, residual) makes the variant heavy. The TMA forward compiled for
+    sm_90 spills nothing at any config (bf16, U-ViT-H/2 and DiT-XL/2 shapes)."""
+    tma = bool(kwargs.get("USE_TMA", False))
+    heavy = not tma and bool(kwargs.get("ACTIVATION", 0) or kwargs.get("HAS_GATE") or kwargs.get("HAS_RES"))
+    return _prune(configs, named_args, tma_epilogue=tma, gate_tiles=False, heavy=heavy)
+
+
+def _prune_bwd(configs, named_args, **kwargs):
+    """The backward GEMMs: a gate tile is pipelined alongside each grad tile; gate or act' is heavy."""
+    gate = bool(kwargs.get("HAS_GATE", False))
+    return _prune(configs, named_args, tma_epilogue=False, gate_tiles=gate, heavy=gate or bool(kwargs.get("ACT_INPUT")))
+
+
+_PRUNE_FWD = {"early_config_prune": _prune_fwd}
+_PRUNE_BWD = {"early_config_prune": _prune_bwd}
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,7 +231,7 @@ def _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 # forward: out[M, N] = residual + gate[m // gate_rows] * act(x @ weight.T + bias)
 # --------------------------------------------------------------------------------------------
 @triton.autotune(configs=_FWD_CONFIGS, key=["M_BUCKET", "N", "K", "ACTIVATION", "HAS_GATE", "HAS_RES", "STORE_PRE",
-                                          "USE_TMA"], prune_configs_by=_PRUNE)
+                                          "USE_TMA"], prune_configs_by=_PRUNE_FWD)
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit
 def _fused_linear_fwd_kernel(
@@ -345,7 +360,8 @@ def _epilogue(acc, m0, n0, offs_m, mask_m, BIAS, RES, GATE, OUT, PRE, N, gate_ro
 # --------------------------------------------------------------------------------------------
 # backward, input: dx[M, K] = ((grad * gate) @ weight) * act'(preact_input)
 # --------------------------------------------------------------------------------------------
-@triton.autotune(configs=_BWD_CONFIGS, key=["M_BUCKET", "N", "K", "HAS_GATE", "ACT_INPUT"], prune_configs_by=_PRUNE)
+@triton.autotune(configs=_BWD_CONFIGS, key=["M_BUCKET", "N", "K", "HAS_GATE", "ACT_INPUT"],
+                 prune_configs_by=_PRUNE_BWD)
 @triton.heuristics({"EVEN_R": lambda args: args["N"] % args["BLOCK_K"] == 0})
 @triton.jit
 def _fused_linear_bwd_input_kernel(
@@ -435,7 +451,8 @@ def _bwd_input_epilogue(acc, offs_m, mask_m, c0, PRE_IN, DX, K, stride_pm, strid
 # --------------------------------------------------------------------------------------------
 # backward, weight: dW[N, K] = (grad * gate)^T @ x; dbias[N] = sum_m grad * gate
 # --------------------------------------------------------------------------------------------
-@triton.autotune(configs=_BWD_CONFIGS, key=["M_BUCKET", "N", "K", "HAS_GATE", "HAS_DBIAS"], prune_configs_by=_PRUNE)
+@triton.autotune(configs=_BWD_CONFIGS, key=["M_BUCKET", "N", "K", "HAS_GATE", "HAS_DBIAS"],
+                 prune_configs_by=_PRUNE_BWD)
 @triton.heuristics({"EVEN_R": lambda args: args["M"] % args["BLOCK_K"] == 0 and args["chunk"] % args["BLOCK_K"] == 0})
 @triton.jit
 def _fused_linear_bwd_weight_kernel(

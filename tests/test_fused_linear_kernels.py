@@ -386,27 +386,35 @@ def test_bad_input_is_a_clear_error(device):
 
 
 def test_config_prunes(monkeypatch):
-    """Shared memory per GPU (the TMA epilogue's staging buffer counted), mma.sync's register
-    limit before Hopper, and the 128-register accumulators dropped where a gate or act' is applied
-    through pointers (they spilled compiled for sm_90)."""
+    """Shared memory per GPU (the TMA epilogue's staging buffer and the backward's gate tiles
+    counted), mma.sync's register limit before Hopper, and the 128-register accumulators dropped
+    where a gate or act' is applied through pointers (they spilled compiled for sm_90)."""
     monkeypatch.setattr(k, "_INTERPRET", False)
     fwd = k._make_configs(k._FWD_SHAPES, hook=k._set_desc_blocks)
     bwd = k._make_configs(k._BWD_SHAPES)
     bf16 = {"X": torch.empty(1, dtype=torch.bfloat16)}
     fp32 = {"X": torch.empty(1, dtype=torch.float32)}
+
+    def small_acc(configs):
+        return all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] // (32 * c.num_warps) < 128 for c in configs)
+
     monkeypatch.setattr(k, "_capability", lambda t: (9, 0))
-    assert len(k._prune_smem(fwd, bf16, USE_TMA=True)) == len(fwd)  # 128x256x64 s4: 192 + 32 KiB fits 227
-    kept = k._prune_smem(fwd, fp32, USE_TMA=True)
-    assert all(k._smem_bytes(c, 4, True) <= k.SMEM_LIMIT for c in kept) and len(kept) < len(fwd)
-    light = k._prune_smem(bwd, bf16, HAS_GATE=False, ACT_INPUT=0)
-    heavy = k._prune_smem(bwd, bf16, HAS_GATE=True, ACT_INPUT=0)
-    assert len(light) == len(bwd)
-    assert all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] // (32 * c.num_warps) < 128 for c in heavy)
-    assert len(k._prune_smem(bwd, bf16, HAS_GATE=False, ACT_INPUT=1)) == len(heavy) < len(bwd)
+    assert len(k._prune_fwd(fwd, bf16, USE_TMA=True, ACTIVATION=1, HAS_GATE=True)) == len(fwd)  # 192 + 32 KiB fit
+    kept = k._prune_fwd(fwd, fp32, USE_TMA=True)
+    assert kept and all(k._smem_bytes(c, 4, tma_epilogue=True) <= k.SMEM_LIMIT for c in kept) and len(kept) < len(fwd)
+    assert len(k._prune_fwd(fwd, bf16, USE_TMA=False, ACTIVATION=0)) == len(fwd)
+    assert small_acc(k._prune_fwd(fwd, bf16, USE_TMA=False, ACTIVATION=1))
+    assert len(k._prune_bwd(bwd, bf16, HAS_GATE=False, ACT_INPUT=0)) == len(bwd)
+    gated = k._prune_bwd(bwd, bf16, HAS_GATE=True, ACT_INPUT=0)
+    assert small_acc(gated) and len(gated) < len(bwd)
+    assert small_acc(k._prune_bwd(bwd, bf16, HAS_DBIAS=True, ACT_INPUT=1))
+    # fp32 with a gate: the gate tiles double A's buffers (128x64x64 in 4 stages needs 320 KiB)
+    kept = k._prune_bwd(bwd, fp32, HAS_GATE=True)
+    assert all(k._smem_bytes(c, 4, gate_tiles=True) <= k.SMEM_LIMIT for c in kept)
+    assert (128, 64, 64) not in {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in kept}
     monkeypatch.setattr(k, "_capability", lambda t: (8, 0))
-    kept = k._prune_smem(fwd, bf16, USE_TMA=False)
-    assert kept and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] // (32 * c.num_warps) < 128 for c in kept)
-    assert all(k._smem_bytes(c, 2) <= k.SMEM_LIMIT_SM80 for c in kept)
+    kept = k._prune_fwd(fwd, bf16, USE_TMA=False)
+    assert kept and small_acc(kept) and all(k._smem_bytes(c, 2) <= k.SMEM_LIMIT_SM80 for c in kept)
 
 
 def test_descriptor_pre_hook_sets_block_shapes():
