@@ -1,7 +1,7 @@
 """fused_linear / fused_mlp (uvit_fast.ops.fused_linear): the ops on the Triton kernels against float64.
 
 On CPU the kernels run under the Triton interpreter (tests/conftest.py), outputs NaN-poisoned.
-The interpreter pins 64x64x64 tiles (kernels/fused_linear.py), so M = 1, 66, 77, 258 and N = 40,
+The interpreter pins 32x32x32 tiles (kernels/fused_linear.py), so M = 1, 66, 77, 258 and N = 40,
 100 leave partial row / column tiles and K = 72 a partial K tile; K = 1000 / 1152 and N = 1000 /
 4608 (U-ViT-H/2's fc1) run in the slow tier. Every case compares the output and every gradient
 (x, weight, bias, residual, gate) with the 2x rule: the kernel's max error against float64 is at
@@ -126,8 +126,8 @@ def _mlp_inputs(lead, K, H, N, dtype, device, *, bias=True, residual=False, gate
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("activation", ACTS)
 def test_linear_every_activation(activation, dtype, device):
-    """Every activation with bias, a residual and DiT's per-sample gate: M = 66 (two row tiles, the
-    second partial), K = 72 (a partial K tile), N = 100 (a partial column tile)."""
+    """Every activation with bias, a residual and DiT's per-sample gate: M = 66 (three row tiles, the
+    last of 2 rows), K = 72 (a partial K tile), N = 100 (a partial column tile)."""
     _check_linear(*_linear_inputs((2, 33), 72, 100, dtype, device, residual=True, gate="sample"), activation)
 
 
@@ -156,10 +156,10 @@ EXTENDED = pytest.mark.extended  # minutes each under the interpreter (docs/test
 @pytest.mark.parametrize(
     "lead, K, N, activation, gate",
     [
-        ((1, 258), 72, 72, "gelu", "sample"),  # U-ViT's 258 tokens: five row tiles, the last of 2 rows
-        ((1, 5), 1000, 1000, "gelu_tanh", "sample"),  # K and N with partial tiles in both (1000 = 15*64 + 40)
-        ((1, 3), 72, 4608, "silu", "token"),  # fc1's N = 4608: 72 column tiles
-        ((1, 3), 1152, 72, None, "sample"),  # K = 1152: 18 K steps forward, 18 dW column tiles
+        ((1, 258), 72, 72, "gelu", "sample"),  # U-ViT's 258 tokens: nine row tiles, the last of 2 rows
+        ((1, 5), 1000, 1000, "gelu_tanh", "sample"),  # K and N with partial tiles in both (1000 = 31*32 + 8)
+        ((1, 3), 72, 4608, "silu", "token"),  # fc1's N = 4608: 144 column tiles
+        ((1, 3), 1152, 72, None, "sample"),  # K = 1152: 36 K steps forward, 36 dW column tiles
         pytest.param((1, 3), 1152, 4608, "gelu", None, marks=EXTENDED),  # U-ViT-H/2's fc1 with a 3-row M
         pytest.param((1, 3), 4608, 1152, None, "token", marks=EXTENDED),  # ... and its fc2
     ],
