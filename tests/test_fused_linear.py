@@ -18,6 +18,7 @@ from uvit_fast.ops.fused_linear import ACTIVATIONS
 from uvit_fast.testing import CustomOpRecorder, assert_parity
 
 ON_CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
 NEEDS_CUDA_BF16 = pytest.mark.skipif(
     not ON_CUDA, reason="bf16 tl.dot is wrong under the Triton interpreter (triton issue 11584); needs a CUDA GPU"
 )
@@ -99,7 +100,7 @@ def _check_linear(x, w, b, r, gate, activation, grad=None):
     _check(
         fused_linear, fused_linear_reference, (x, w, b),
         {"residual": r, "gate": gate, "activation": activation},
-        [n for n, t in (("x", x), ("weight", w), ("bias", b), ("residual", r), ("gate", gate)) if t is not None or n in ("x", "weight", "bias")],
+        ["x", "weight", "bias"] + [n for n, t in (("residual", r), ("gate", gate)) if t is not None],
         grad,
     )
 
@@ -444,9 +445,6 @@ def _opcheck_cases():
         ("fused_linear_backward_gate", lambda: (r(M, N), r(M, N), None, 1, M)),
         ("fused_linear_activation_backward", lambda: (r(M, N), r(M, N), "gelu_tanh")),
     ]
-
-
-DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
 
 
 @pytest.mark.parametrize("name, args", _opcheck_cases(), ids=[f"{n}-{i}" for i, (n, _) in enumerate(_opcheck_cases())])

@@ -478,10 +478,6 @@ def _kernel():
     return load_kernel("fused_linear", "fused_linear")
 
 
-def _empty_preact(t: torch.Tensor) -> torch.Tensor:
-    return t.new_empty((0,))
-
-
 @torch.library.custom_op("uvit_fast::fused_linear", mutates_args=())
 def _fused_linear_op(
     x: torch.Tensor,
