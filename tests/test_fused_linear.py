@@ -9,6 +9,8 @@ most twice plain PyTorch's in the same dtype (uvit_fast.testing.assert_parity).
 """
 import pytest
 import torch
+from hypothesis import given, note
+from hypothesis import strategies as st
 
 import uvit_fast
 from uvit_fast import dispatch
@@ -734,3 +736,37 @@ def test_compile_takes_the_stored_triton_decision(fresh, monkeypatch, device):
     out = torch.compile(lambda x: fused_linear(x, w, b, activation="silu"), fullgraph=True, backend=backend)(x)
     assert any("uvit_fast.fused_linear" in c for c in codes), codes
     torch.testing.assert_close(out, fused_linear_reference(x, w, b, activation="silu"), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Random shapes (hypothesis; the example budget comes from tests/conftest.py's profile)
+# ---------------------------------------------------------------------------------------------
+@st.composite
+def _linear_case(draw):
+    B = draw(st.integers(1, 3), label="B")
+    L = draw(st.sampled_from([1, 2, 5, 31, 33, 77, 129]), label="L")
+    K = draw(st.sampled_from([1, 7, 32, 33, 72, 80, 96]), label="K")
+    N = draw(st.sampled_from([1, 8, 31, 40, 65]), label="N")
+    return dict(
+        lead=(B, L), K=K, N=N,
+        dtype=draw(st.sampled_from([torch.float32, torch.float16]), label="dtype"),
+        bias=draw(st.booleans(), label="bias"),
+        residual=draw(st.booleans(), label="residual"),
+        gate=draw(st.sampled_from([None, "sample", "token"]), label="gate"),
+        activation=draw(st.sampled_from(ACTIVATIONS), label="activation"),
+        transposed_weight=draw(st.booleans(), label="transposed weight"),
+    )
+
+
+@pytest.mark.slow
+@given(case=_linear_case())
+def test_random_shapes_and_layouts(case):
+    """M = B * L from 1 to 387 with tails against the 32-row tiles, K and N from 1 to 96 (partial
+    K and column tiles, K = 1 with no full tile), every epilogue, optionally a column-major weight."""
+    note(str(case))
+    torch.manual_seed(0)
+    x, w, b, r, g = _linear_inputs(case["lead"], case["K"], case["N"], case["dtype"], DEVICE, bias=case["bias"],
+                                   residual=case["residual"], gate=case["gate"])
+    if case["transposed_weight"]:
+        w = w.t().contiguous().t()
+    _check_linear(x, w, b, r, g, case["activation"])
