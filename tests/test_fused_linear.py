@@ -218,6 +218,12 @@ def test_strided_inputs(device):
     r, g = torch.randn(B, L, N, device=device), torch.randn(B, N, device=device)
     _check_linear(x, w, b, r, g, "gelu")
     _check_linear(x, w, b, None, None, "silu", grad=torch.ones((), device=device).expand(B, L, N))
+    # a (B, N, L)-transposed residual and a column-strided gate; the MLP on the same views
+    r_t = torch.randn(B, N, L, device=device).transpose(1, 2)
+    g_s = torch.randn(B, 2 * N, device=device)[:, ::2]
+    _check_linear(x, w, b, r_t, g_s, "gelu_tanh")
+    w2 = (torch.randn(N, N, device=device) * N ** -0.5).t()
+    _check_mlp(x, w, b, w2, None, r_t, g_s, "gelu")
 
 
 def test_partial_gradients_run_only_the_needed_kernels(device):
