@@ -70,6 +70,20 @@ def _set_desc_blocks(nargs):
             nargs[name].block_shape = block
 
 
+def _set_bwd_input_blocks(nargs):
+    """Pre-hook of the input gradient: grad tiles ``[BM, BK]``, weight tiles ``[BK, BN]``."""
+    if isinstance(nargs.get("DY"), TensorDescriptor):
+        nargs["DY"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
+        nargs["W"].block_shape = [nargs["BLOCK_K"], nargs["BLOCK_N"]]
+
+
+def _set_bwd_weight_blocks(nargs):
+    """Pre-hook of the weight gradient: grad tiles ``[BK, BM]`` (used transposed), x tiles ``[BK, BN]``."""
+    if isinstance(nargs.get("DY"), TensorDescriptor):
+        nargs["DY"].block_shape = [nargs["BLOCK_K"], nargs["BLOCK_M"]]
+        nargs["X"].block_shape = [nargs["BLOCK_K"], nargs["BLOCK_N"]]
+
+
 def _make_configs(shapes, hook=None):
     if _INTERPRET:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}, num_warps=4, num_stages=1,
@@ -108,7 +122,8 @@ _BWD_SHAPES = [
     (32, 64, 32, 4, 5),
 ]
 _FWD_CONFIGS = _make_configs(_FWD_SHAPES, hook=_set_desc_blocks)
-_BWD_CONFIGS = _make_configs(_BWD_SHAPES)
+_BWD_INPUT_CONFIGS = _make_configs(_BWD_SHAPES, hook=_set_bwd_input_blocks)
+_BWD_WEIGHT_CONFIGS = _make_configs(_BWD_SHAPES, hook=_set_bwd_weight_blocks)
 
 
 def _capability(t: torch.Tensor):
@@ -166,7 +181,9 @@ def _prune_fwd(configs, named_args, **kwargs):
 def _prune_bwd(configs, named_args, **kwargs):
     """The backward GEMMs: a gate tile is pipelined alongside each grad tile; gate or act' is heavy."""
     gate = bool(kwargs.get("HAS_GATE", False))
-    return _prune(configs, named_args, tma_epilogue=False, gate_tiles=gate, heavy=gate or bool(kwargs.get("ACT_INPUT")))
+    # with TMA tiles too (sm_90): still 24-152 B spilled per thread at the 128-register configs
+    heavy = gate or bool(kwargs.get("ACT_INPUT"))
+    return _prune(configs, named_args, tma_epilogue=False, gate_tiles=gate, heavy=heavy)
 
 
 _PRUNE_FWD = {"early_config_prune": _prune_fwd}
@@ -360,7 +377,7 @@ def _epilogue(acc, m0, n0, offs_m, mask_m, BIAS, RES, GATE, OUT, PRE, N, gate_ro
 # --------------------------------------------------------------------------------------------
 # backward, input: dx[M, K] = ((grad * gate) @ weight) * act'(preact_input)
 # --------------------------------------------------------------------------------------------
-@triton.autotune(configs=_BWD_CONFIGS, key=["M_BUCKET", "N", "K", "HAS_GATE", "ACT_INPUT"],
+@triton.autotune(configs=_BWD_INPUT_CONFIGS, key=["M_BUCKET", "N", "K", "HAS_GATE", "ACT_INPUT", "USE_TMA"],
                  prune_configs_by=_PRUNE_BWD)
 @triton.heuristics({"EVEN_R": lambda args: args["N"] % args["BLOCK_K"] == 0})
 @triton.jit
@@ -387,6 +404,7 @@ def _fused_linear_bwd_input_kernel(
     stride_dxk,
     HAS_GATE: tl.constexpr,
     ACT_INPUT: tl.constexpr,
+    USE_TMA: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -394,7 +412,8 @@ def _fused_linear_bwd_input_kernel(
     GROUP_M: tl.constexpr,
     EVEN_R: tl.constexpr,
 ):
-    # output tile (BLOCK_M rows of dx, BLOCK_N columns of K); the reduction runs over N in BLOCK_K steps
+    # output tile (BLOCK_M rows of dx, BLOCK_N columns of K); the reduction runs over N in BLOCK_K steps.
+    # With USE_TMA, DY and W are tensor descriptors (zero padding past N and M: no masks on the tiles)
     pid = tl.program_id(0)
     pid_m, pid_n = _tile_coords(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_N), GROUP_M)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -402,8 +421,9 @@ def _fused_linear_bwd_input_kernel(
     offs_r = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_c = offs_c < K
-    a_ptrs = DY + offs_m[:, None] * stride_dym + offs_r[None, :] * stride_dyn
-    b_ptrs = W + offs_r[:, None] * stride_wn + offs_c[None, :] * stride_wk  # b[r, c] = weight[r, c]
+    if not USE_TMA:
+        a_ptrs = DY + offs_m[:, None] * stride_dym + offs_r[None, :] * stride_dyn
+        b_ptrs = W + offs_r[:, None] * stride_wn + offs_c[None, :] * stride_wk  # b[r, c] = weight[r, c]
     g_ptrs = GATE + (offs_m // gate_rows)[:, None] * stride_gg + offs_r[None, :] * stride_gn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r in range(0, N, BLOCK_K):
@@ -414,14 +434,19 @@ def _fused_linear_bwd_input_kernel(
             mask_r = offs_r < N - r
             mask_a = mask_m[:, None] & mask_r[None, :]
             mask_b = mask_r[:, None] & mask_c[None, :]
-        a = tl.load(a_ptrs, mask=mask_a, other=0.0)
-        b = tl.load(b_ptrs, mask=mask_b, other=0.0)
+        if USE_TMA:
+            a = DY.load([pid_m * BLOCK_M, r])
+            b = W.load([r, pid_n * BLOCK_N])
+        else:
+            a = tl.load(a_ptrs, mask=mask_a, other=0.0)
+            b = tl.load(b_ptrs, mask=mask_b, other=0.0)
         if HAS_GATE:
             g = tl.load(g_ptrs, mask=mask_a, other=0.0)
             a = (a.to(tl.float32) * g.to(tl.float32)).to(b.dtype)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-        a_ptrs += BLOCK_K * stride_dyn
-        b_ptrs += BLOCK_K * stride_wn
+        if not USE_TMA:
+            a_ptrs += BLOCK_K * stride_dyn
+            b_ptrs += BLOCK_K * stride_wn
         g_ptrs += BLOCK_K * stride_gn
     if ACT_INPUT != 0:
         # act' in two column halves: the whole tile's GELU' spilled ~1000 B/thread at 128 accumulator
@@ -451,7 +476,7 @@ def _bwd_input_epilogue(acc, offs_m, mask_m, c0, PRE_IN, DX, K, stride_pm, strid
 # --------------------------------------------------------------------------------------------
 # backward, weight: dW[N, K] = (grad * gate)^T @ x; dbias[N] = sum_m grad * gate
 # --------------------------------------------------------------------------------------------
-@triton.autotune(configs=_BWD_CONFIGS, key=["M_BUCKET", "N", "K", "HAS_GATE", "HAS_DBIAS"],
+@triton.autotune(configs=_BWD_WEIGHT_CONFIGS, key=["M_BUCKET", "N", "K", "HAS_GATE", "HAS_DBIAS", "USE_TMA"],
                  prune_configs_by=_PRUNE_BWD)
 @triton.heuristics({"EVEN_R": lambda args: args["M"] % args["BLOCK_K"] == 0 and args["chunk"] % args["BLOCK_K"] == 0})
 @triton.jit
@@ -479,6 +504,7 @@ def _fused_linear_bwd_weight_kernel(
     stride_dbs,
     HAS_GATE: tl.constexpr,
     HAS_DBIAS: tl.constexpr,
+    USE_TMA: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -501,11 +527,15 @@ def _fused_linear_bwd_weight_kernel(
     offs_m = row0 + tl.arange(0, BLOCK_K)
     mask_n = offs_n < N
     mask_c = offs_c < K
-    a_ptrs = DY + offs_n[:, None] * stride_dyn + offs_m[None, :] * stride_dym  # a[n, m] = grad[m, n]
-    b_ptrs = X + offs_m[:, None] * stride_xm + offs_c[None, :] * stride_xk
+    if not USE_TMA:
+        a_ptrs = DY + offs_n[:, None] * stride_dyn + offs_m[None, :] * stride_dym  # a[n, m] = grad[m, n]
+        b_ptrs = X + offs_m[:, None] * stride_xm + offs_c[None, :] * stride_xk
     sum_dy = (pid_c == 0) & HAS_DBIAS  # the first column tile also reduces its grad tiles into dbias
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     col_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    # With USE_TMA, DY and X are tensor descriptors over all M rows: a part's tiles stop at its end
+    # because the launcher makes every part but the last a whole number of BLOCK_K steps (rows past
+    # M load as zeros)
     for r in range(0, rows, BLOCK_K):
         if EVEN_R:
             mask_a = mask_n[:, None]
@@ -514,8 +544,13 @@ def _fused_linear_bwd_weight_kernel(
             mask_r = tl.arange(0, BLOCK_K) < rows - r
             mask_a = mask_n[:, None] & mask_r[None, :]
             mask_b = mask_r[:, None] & mask_c[None, :]
-        a = tl.load(a_ptrs, mask=mask_a, other=0.0)
-        b = tl.load(b_ptrs, mask=mask_b, other=0.0)
+        if USE_TMA:
+            m0 = (row0 + r).to(tl.int32)
+            a = DY.load([m0, pid_r * BLOCK_M]).T  # [BK, BM] tile of grad, used as a[n, m]
+            b = X.load([m0, pid_c * BLOCK_N])
+        else:
+            a = tl.load(a_ptrs, mask=mask_a, other=0.0)
+            b = tl.load(b_ptrs, mask=mask_b, other=0.0)
         if HAS_GATE:
             g_ptrs = GATE + ((offs_m + r) // gate_rows)[None, :] * stride_gg + offs_n[:, None] * stride_gn
             g = tl.load(g_ptrs, mask=mask_a, other=0.0)
@@ -526,8 +561,9 @@ def _fused_linear_bwd_weight_kernel(
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
         if sum_dy:
             col_sum += tl.sum(a32, axis=1)
-        a_ptrs += BLOCK_K * stride_dym
-        b_ptrs += BLOCK_K * stride_xm
+        if not USE_TMA:
+            a_ptrs += BLOCK_K * stride_dym
+            b_ptrs += BLOCK_K * stride_xm
     if sum_dy:
         tl.store(DB + offs_n, col_sum.to(DB.dtype.element_ty), mask=mask_n)
     tl.store(DW + offs_n[:, None] * stride_dwn + offs_c[None, :] * stride_dwk,
@@ -688,10 +724,21 @@ def use_tma(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, residual=N
     when every 2-D operand allows it (:func:`_tma_ok`: x, weight, out and the residual); pointers on
     sm_80, the interpreter and other layouts (e.g. a strided view, or rows of ``N * elem`` bytes not a
     multiple of 16)."""
-    cap = _capability(x)
+    return _tma_operands(x, weight, out, residual)
+
+
+def _tma_operands(*tensors) -> bool:
+    """On sm_90, every given 2-D operand can be read through a descriptor (:func:`_tma_ok`)."""
+    cap = _capability(tensors[0])
     if cap is None or cap[0] != 9:
         return False
-    return all(_tma_ok(t) for t in (x, weight, out, residual) if t is not None)
+    return all(_tma_ok(t) for t in tensors if t is not None)
+
+
+def _descriptor(t: torch.Tensor) -> TensorDescriptor:
+    """A TMA descriptor over a 2-D operand; its block shape is a placeholder that each autotune
+    config's pre-hook sets to the config's tiles."""
+    return TensorDescriptor(t, list(t.shape), [t.stride(0), 1], [16, 16])
 
 
 def _programs_per_sm(meta, elem_size: int, cap) -> int:
@@ -740,13 +787,9 @@ def fused_linear_forward(x, weight, bias=None, *, activation=None, residual=None
         return out, pre
     tma = use_tma(x, weight, out, residual) if _use_tma is None else bool(_use_tma)
     if tma:
-        # block shapes are placeholders: the config's pre-hook sets them to its tiles
-        def desc(t):
-            return TensorDescriptor(t, list(t.shape), [t.stride(0), 1], [16, 16])
-
-        x_arg, w_arg, out_arg = desc(x), desc(weight), desc(out)
-        pre_arg = desc(pre) if store_preact else out_arg
-        res_arg = desc(residual) if residual is not None else out_arg
+        x_arg, w_arg, out_arg = _descriptor(x), _descriptor(weight), _descriptor(out)
+        pre_arg = _descriptor(pre) if store_preact else out_arg
+        res_arg = _descriptor(residual) if residual is not None else out_arg
     else:
         x_arg, w_arg, out_arg = x, weight, out
         pre_arg = pre if store_preact else out
@@ -792,9 +835,11 @@ def _act_torch(z: torch.Tensor, activation) -> torch.Tensor:
 
 
 @on_inputs_device
-def fused_linear_backward_input(grad, weight, *, gate=None, gate_rows=1, act_input=None, preact_input=None):
+def fused_linear_backward_input(grad, weight, *, gate=None, gate_rows=1, act_input=None, preact_input=None,
+                                _use_tma=None):
     """``dx (M, K) = ((grad * gate[m // gate_rows]) @ weight) * act_input'(preact_input)`` (the last
-    factor only when ``act_input`` is given; ``preact_input (M, K)``). Output in grad's dtype."""
+    factor only when ``act_input`` is given; ``preact_input (M, K)``). Output in grad's dtype. grad and
+    weight are read through TMA descriptors on sm_90 when they allow it (``_use_tma`` overrides)."""
     _check_matrix("grad", grad)
     M, N = grad.shape
     dev, dt = grad.device, grad.dtype
@@ -811,15 +856,17 @@ def fused_linear_backward_input(grad, weight, *, gate=None, gate_rows=1, act_inp
         return dx
     if N == 0:
         return dx.zero_()
+    tma = _tma_operands(grad, weight) if _use_tma is None else bool(_use_tma)
+    grad_arg, w_arg = (_descriptor(grad), _descriptor(weight)) if tma else (grad, weight)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),)  # noqa: E731
     _fused_linear_bwd_input_kernel[grid](
-        grad, weight, gate if gate is not None else grad, preact_input if code != 0 else grad, dx,
+        grad_arg, w_arg, gate if gate is not None else grad, preact_input if code != 0 else grad, dx,
         M, N, K, m_bucket(M), int(gate_rows),
         grad.stride(0), grad.stride(1), weight.stride(0), weight.stride(1),
         gate.stride(0) if gate is not None else 0, gate.stride(1) if gate is not None else 0,
         preact_input.stride(0) if code != 0 else 0, preact_input.stride(1) if code != 0 else 0,
         dx.stride(0), dx.stride(1),
-        HAS_GATE=gate is not None, ACT_INPUT=code, INPUT_PRECISION=_input_precision(dt),
+        HAS_GATE=gate is not None, ACT_INPUT=code, USE_TMA=tma, INPUT_PRECISION=_input_precision(dt),
     )
     return dx
 
@@ -841,13 +888,14 @@ def weight_grad_splits(M: int, N: int, K: int, num_sms: int) -> int:
 
 
 @on_inputs_device
-def fused_linear_backward_weight(grad, x, *, gate=None, gate_rows=1, compute_bias=True, splits=None):
+def fused_linear_backward_weight(grad, x, *, gate=None, gate_rows=1, compute_bias=True, splits=None, _use_tma=None):
     """``dweight (N, K) = (grad * gate).T @ x`` and ``dbias (N,)`` = column sums of ``grad * gate``
     (an empty ``(0,)`` tensor when not ``compute_bias``), in x's dtype.
 
     The reduction over the ``M`` rows is split into ``splits`` parts (default
     :func:`weight_grad_splits`): each part writes fp32 partial sums into a workspace, then one pass
-    adds them in a fixed order (deterministic, no atomics) and casts. ``splits`` pins the count."""
+    adds them in a fixed order (deterministic, no atomics) and casts. ``splits`` pins the count.
+    grad and x are read through TMA descriptors on sm_90 when they allow it (``_use_tma`` overrides)."""
     _check_matrix("grad", grad)
     M, N = grad.shape
     dev, dt = grad.device, grad.dtype
@@ -867,8 +915,9 @@ def fused_linear_backward_weight(grad, x, *, gate=None, gate_rows=1, compute_bia
     if splits is None:
         splits = weight_grad_splits(M, N, K, _sm_count(dev) if dev.type == "cuda" else 1)
     splits = max(1, min(int(splits), M))
+    tma = _tma_operands(grad, x) if _use_tma is None else bool(_use_tma)
     chunk = triton.cdiv(M, splits)
-    if splits > 1 and not _INTERPRET:
+    if splits > 1 and (tma or not _INTERPRET):  # descriptor tiles must not cross a part's end
         chunk = triton.cdiv(chunk, SPLIT_ROW_ALIGN) * SPLIT_ROW_ALIGN
     splits = triton.cdiv(M, chunk)
     if splits > 1:
@@ -877,14 +926,15 @@ def fused_linear_backward_weight(grad, x, *, gate=None, gate_rows=1, compute_bia
     else:
         dw_out, db_out = dw, (db if compute_bias else dw)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]), splits)  # noqa: E731
+    grad_arg, x_arg = (_descriptor(grad), _descriptor(x)) if tma else (grad, x)
     _fused_linear_bwd_weight_kernel[grid](
-        grad, x, gate if gate is not None else grad, dw_out, db_out,
+        grad_arg, x_arg, gate if gate is not None else grad, dw_out, db_out,
         M, N, K, m_bucket(M), chunk, int(gate_rows),
         grad.stride(0), grad.stride(1), x.stride(0), x.stride(1),
         gate.stride(0) if gate is not None else 0, gate.stride(1) if gate is not None else 0,
         dw_out.stride(-2), dw_out.stride(-1),
         dw_out.stride(0) if splits > 1 else 0, db_out.stride(0) if splits > 1 else 0,
-        HAS_GATE=gate is not None, HAS_DBIAS=bool(compute_bias), INPUT_PRECISION=_input_precision(dt),
+        HAS_GATE=gate is not None, HAS_DBIAS=bool(compute_bias), USE_TMA=tma, INPUT_PRECISION=_input_precision(dt),
     )
     if splits > 1:
         for ws, out in ((dw_out, dw), (db_out, db)):

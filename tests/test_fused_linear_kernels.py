@@ -296,6 +296,29 @@ def test_backward_weight_258_tokens_long_k(dtype, device):
     assert_parity(db, bb, rb, name="dbias")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward_tma_paths_under_the_interpreter(dtype, device):
+    """The backward GEMMs' descriptor (TMA) path, forced on: the input gradient with a gate and
+    GELU' (grad tiles [BM, BK], weight tiles [BK, BN]); the weight gradient with a gate and dbias over
+    M = 300 rows split in 2 parts (the first a whole number of steps: 256 rows; grad tiles read
+    transposed; rows past M from the zero padding)."""
+    M, N, K = 300, 40, 72
+    grad = torch.randn(M, N, device=device, dtype=dtype)
+    w = (torch.randn(N, K, device=device) * N ** -0.5).to(dtype)
+    x = torch.randn(M, K, device=device, dtype=dtype)
+    gate = torch.randn(3, N, device=device, dtype=dtype)
+    z = torch.randn(M, K, device=device, dtype=dtype)
+    dx = k.fused_linear_backward_input(grad, w, gate=gate, gate_rows=100, act_input="gelu", preact_input=z,
+                                       _use_tma=True)
+    assert_parity(dx, _input_grad_reference(grad, w, gate, 100, "gelu", z, dtype),
+                  _input_grad_reference(grad, w, gate, 100, "gelu", z, torch.float64), name="dx (TMA)")
+    for splits in (1, 2):
+        dw, db = k.fused_linear_backward_weight(grad, x, gate=gate, gate_rows=100, splits=splits, _use_tma=True)
+        (bw, bb), (rw, rb) = (_weight_grad_reference(grad, x, gate, 100, d) for d in (dtype, torch.float64))
+        assert_parity(dw, bw, rw, name=f"dW (TMA, splits={splits})")
+        assert_parity(db, bb, rb, name=f"dbias (TMA, splits={splits})")
+
+
 def test_backward_weight_is_deterministic(device):
     grad = torch.randn(77, 40, device=device)
     x = torch.randn(77, 72, device=device)
@@ -391,7 +414,7 @@ def test_config_prunes(monkeypatch):
     where a gate or act' is applied through pointers (they spilled compiled for sm_90)."""
     monkeypatch.setattr(k, "_INTERPRET", False)
     fwd = k._make_configs(k._FWD_SHAPES, hook=k._set_desc_blocks)
-    bwd = k._make_configs(k._BWD_SHAPES)
+    bwd = k._make_configs(k._BWD_SHAPES, hook=k._set_bwd_input_blocks)
     bf16 = {"X": torch.empty(1, dtype=torch.bfloat16)}
     fp32 = {"X": torch.empty(1, dtype=torch.float32)}
 
@@ -426,3 +449,7 @@ def test_descriptor_pre_hook_sets_block_shapes():
     k._set_desc_blocks(nargs)
     assert nargs["X"].block_shape == [128, 64] and nargs["W"].block_shape == [256, 64]
     assert nargs["OUT"].block_shape == nargs["PRE"].block_shape == nargs["RES"].block_shape == [128, 128]
+    k._set_bwd_input_blocks(dict(nargs, DY=nargs["RES"]))
+    assert nargs["RES"].block_shape == [128, 64] and nargs["W"].block_shape == [64, 256]
+    k._set_bwd_weight_blocks(nargs | {"DY": nargs["OUT"]})
+    assert nargs["OUT"].block_shape == [64, 128] and nargs["X"].block_shape == [64, 256]
