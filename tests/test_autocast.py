@@ -131,7 +131,15 @@ def _dtypes_of(model):
             rec[name] = tuple(o.dtype for o in outs if isinstance(o, torch.Tensor))
         return f
 
-    return rec, [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
+    # not on the modules the fused path routes through ops.fused_linear / fused_mlp without calling them
+    # (each block's attention linears, its MLP and the MLP's children): a hook on one keeps it on its own
+    # forward (uvit_fast.layers.is_plain_linear), so hooking them would keep the fused linears from running
+    routed = set()
+    for blk in model.modules():
+        if hasattr(blk, "attn") and hasattr(blk, "mlp"):
+            routed |= {id(m) for m in blk.mlp.modules()}
+            routed |= {id(getattr(blk.attn, a)) for a in ("qkv", "proj", "out_proj") if hasattr(blk.attn, a)}
+    return rec, [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n and id(m) not in routed]
 
 
 def _run(model, inputs, autocast_dtype=None, backend="auto"):
@@ -223,7 +231,9 @@ def test_fp16_on_triton_kernels_matches_plain(family, mode):
         fused_run = _run(fused, inputs, ac, backend="triton")
     runs = [fused_run, _run(plain, inputs, ac), _run(ref, _inputs(ref, torch.float64))]
     _check_against_plain(family, *runs)
-    wanted = ["attention", "layer_norm"] + (["patchify_embed"] if family != "clip" else [])
+    # the linears: fused_linear (qkv, proj) and its backward GEMMs, which the MLP's fused_mlp_fc1/fc2 also run
+    assert any("fused_mlp_fc1" in o for o in ops.ops) and any("fused_mlp_fc2" in o for o in ops.ops), ops.ops
+    wanted = ["attention", "layer_norm", "fused_linear"] + (["patchify_embed"] if family != "clip" else [])
     wanted += ["skip_concat_linear"] if family.startswith("uvit") else []
     wanted += ["decoder_unpatchify"] if family.startswith(("uvit", "dit")) else []
     for part in wanted:

@@ -61,16 +61,18 @@ def _run(model, args, dtype, backend=None, recorder=None):
 
 
 # the kernels each structure must run on, forward and backward
+# (fused_linear: qkv and proj; its backward GEMMs also run the MLP's, whose forward is fused_mlp_fc1/fc2)
 KERNELS = {
-    "uvit_uncond": ("patchify_embed", "adaln_layer_norm", "attention", "skip_concat_linear", "decoder_unpatchify"),
-    "dit": ("patchify_embed", "adaln_layer_norm", "attention", "decoder_unpatchify"),
-    "vit": ("patchify_embed", "adaln_layer_norm", "attention"),
+    "uvit_uncond": ("patchify_embed", "adaln_layer_norm", "attention", "skip_concat_linear", "decoder_unpatchify",
+                    "fused_linear"),
+    "dit": ("patchify_embed", "adaln_layer_norm", "attention", "decoder_unpatchify", "fused_linear"),
+    "vit": ("patchify_embed", "adaln_layer_norm", "attention", "fused_linear"),
 }
 KERNELS["uvit_cond"] = KERNELS["uvit_t2i"] = KERNELS["uvit_uncond"]
 KERNELS["vit_pre116"] = KERNELS["vit"]
 
 
-# the Triton runs (13-35 s each under the interpreter) are slow; the quick subset keeps the torch runs
+# the Triton runs (5-11 s each under the interpreter on 2 cores) are slow; the quick subset keeps the torch runs
 @pytest.mark.parametrize("backend", [b if b != "triton" else pytest.param(b, marks=pytest.mark.slow) for b in BACKENDS])
 @pytest.mark.parametrize("kind", KINDS)
 def test_optimized_matches_upstream_outputs_and_gradients(kind, backend):
@@ -88,6 +90,7 @@ def test_optimized_matches_upstream_outputs_and_gradients(kind, backend):
         for k in KERNELS[kind]:
             assert any(k in op and not bwd(op) for op in rec.ops), (k, rec.ops)
             assert any(k in op and bwd(op) for op in rec.ops), (k, rec.ops)
+        assert any("fused_mlp_fc1" in op for op in rec.ops) and any("fused_mlp_fc2" in op for op in rec.ops), rec.ops
     out_ref, grads_ref = _run(copy.deepcopy(base).to(dtype), args, dtype)
     assert grads.keys() == grads_ref.keys()
     if dtype == torch.float64:

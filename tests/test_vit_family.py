@@ -485,7 +485,8 @@ def test_fused_models_on_triton_kernels(which, device):
     set_fused(model, True)
     with uvit_fast.use_backend("triton"), CustomOpRecorder() as rec:
         out, grads = _model_grads(model, run, lambda o: o.double().square().sum())
-    wanted = ("attention", "layer_norm") + (("patchify_embed",) if which != "clip" else ())
+    wanted = ("attention", "layer_norm", "fused_linear") + (("patchify_embed",) if which != "clip" else ())
+    assert any("fused_mlp_fc1" in op for op in rec.ops) and any("fused_mlp_fc2" in op for op in rec.ops), rec.ops
     for part in wanted:  # the kernels really ran, forward and backward
         assert any(part in op and "backward" not in op and "bwd" not in op for op in rec.ops), (part, rec.ops)
         assert any(part in op and ("backward" in op or "bwd" in op) for op in rec.ops), (part, rec.ops)
