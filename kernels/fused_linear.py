@@ -14,7 +14,9 @@ place in nn.Linear's ``(N, K)`` layout (no transpose copy). Kernels:
   interpreter, strided views): a constexpr ``USE_TMA`` chosen by the launcher.
 * backward, input (:func:`fused_linear_backward_input`): ``dx = (grad * gate) @ weight``; the gate
   scales the grad tile in the prologue, and the epilogue multiplies by ``act'(preact_input)`` when
-  asked: fc2's input gradient lands directly as the gradient of fc1's pre-activation.
+  asked: fc2's input gradient lands directly as the gradient of fc1's pre-activation. Like the
+  weight gradient, it reads its grad and weight (x) tiles through tensor descriptors on sm_90 when
+  the operands allow it, through pointers otherwise.
 * backward, weight (:func:`fused_linear_backward_weight`): ``dweight = (grad * gate).T @ x``; the
   programs of the first column tile also sum their (gated) grad tiles into ``dbias``. The long
   reduction over ``M = B*L`` rows is split in parts when the output tiles alone do not fill the
