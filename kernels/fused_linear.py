@@ -56,7 +56,6 @@ INTERPRET_PROGRAMS = 3  # persistent programs under the interpreter (an odd coun
 SMEM_LIMIT = 232448  # bytes of shared memory one block may use on an H100/H200 (227 KiB)
 SMEM_LIMIT_SM80 = 166912  # A100 (163 KiB)
 SMEM_LIMIT_OTHER = 101376  # sm_86 / sm_89 / sm_120 (99 KiB)
-SMEM_PER_SM = {9: 233472, 10: 233472}  # 228 KiB per SM on sm_90 / sm_100 (others: the block limit)
 
 
 # --------------------------------------------------------------------------------------------
@@ -579,8 +578,10 @@ def _sum_splits_kernel(WS, OUT, n, splits, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in range(0, splits):
-        acc += tl.load(WS + s * n + offs, mask=mask, other=0.0)
+    ws = WS + offs  # advanced by n per split (64-bit pointers: splits * n may pass 2**31)
+    for _ in range(0, splits):
+        acc += tl.load(ws, mask=mask, other=0.0)
+        ws += n
     tl.store(OUT + offs, acc.to(OUT.dtype.element_ty), mask=mask)
 
 
@@ -743,14 +744,14 @@ def _descriptor(t: torch.Tensor) -> TensorDescriptor:
     return TensorDescriptor(t, list(t.shape), [t.stride(0), 1], [16, 16])
 
 
-def _programs_per_sm(meta, elem_size: int, cap) -> int:
-    """Persistent programs per SM for a config: as many as the pipeline's shared memory allows, at
-    most two (one for 8-warp tiles: their fp32 accumulator fills the register file)."""
-    if meta.get("num_warps", 4) >= 8:
+def _programs_per_sm(meta, elem_size: int) -> int:
+    """Persistent programs per SM for a config, from its tiles alone (the grid function sees the
+    kernel's arguments, not the config's warps and stages): one for tiles of 128x128 and more (their
+    pipelines take 128-224 KiB of shared memory compiled for sm_90, and 8-warp ones fill the register
+    file) and for fp32 operands; two for the smaller 16-bit tiles (at most 104 KiB each)."""
+    if meta["BLOCK_M"] * meta["BLOCK_N"] >= 128 * 128 or elem_size >= 4:
         return 1
-    smem = meta.get("num_stages", 1) * (meta["BLOCK_M"] + meta["BLOCK_N"]) * meta["BLOCK_K"] * elem_size
-    per_sm = SMEM_PER_SM.get(cap[0] if cap else 9, _smem_limit(cap))
-    return max(1, min(2, per_sm // (smem + 1024)))
+    return 2
 
 
 @on_inputs_device
@@ -796,13 +797,12 @@ def fused_linear_forward(x, weight, bias=None, *, activation=None, residual=None
         x_arg, w_arg, out_arg = x, weight, out
         pre_arg = pre if store_preact else out
         res_arg = residual if residual is not None else out
-    cap = _capability(x)
     sms = _sm_count(dev)
     elem = x.element_size()
 
     def grid(meta):
         tiles = triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
-        return (min(tiles, sms * _programs_per_sm(meta, elem, cap)),)
+        return (min(tiles, sms * _programs_per_sm(meta, elem)),)
 
     _fused_linear_fwd_kernel[grid](
         x_arg, w_arg,
