@@ -89,6 +89,15 @@ def _calls():
             lambda x, w, b, pre, pos: ops.patchify_embed(x, w, b, prefix=pre, pos_embed=pos),
             lambda x, w, b, pre, pos: ops.patchify_embed_reference(x, w, b, prefix=pre, pos_embed=pos),
             lambda: (r(B, 3, 8, 12), r(D, 3, 4, 4), r(D), r(B, 1, D), r(1, 7, D))),
+        "fused_linear": (
+            lambda x, w, b, res, g: ops.fused_linear(x, w, b, activation="gelu", residual=res, gate=g),
+            lambda x, w, b, res, g: ops.fused_linear_reference(x, w, b, activation="gelu", residual=res, gate=g),
+            lambda: (r(2, 33, D), r(40, D), r(40), r(2, 33, 40), r(2, 40))),
+        "fused_mlp": (
+            lambda x, w1, b1, w2, b2, res, g: ops.fused_mlp(x, w1, b1, w2, b2, activation="gelu_tanh", residual=res, gate=g),
+            lambda x, w1, b1, w2, b2, res, g: ops.fused_mlp_reference(
+                x, w1, b1, w2, b2, activation="gelu_tanh", residual=res, gate=g),
+            lambda: (r(2, 33, D), r(96, D), r(96), r(D, 96), r(D), r(2, 33, D), r(2, D))),
         "decoder_unpatchify": (
             lambda t, w, b: ops.decoder_unpatchify(t, w, b, patch_size=4, grid=(2, 3), extras=1),
             lambda t, w, b: ops.decoder_unpatchify_reference(t, w, b, patch_size=4, grid=(2, 3), extras=1),
@@ -96,7 +105,7 @@ def _calls():
     }
 
 
-_FAST = {("skip_concat_linear", "torch"), ("adaln_layer_norm", "triton")}
+_FAST = {("skip_concat_linear", "torch"), ("adaln_layer_norm", "triton"), ("fused_mlp", "triton")}
 _CASES = [
     pytest.param(name, winner, id=f"{name}-{winner}", marks=() if (name, winner) in _FAST else pytest.mark.slow)
     for name in _calls() for winner in ("torch", "triton")

@@ -94,8 +94,8 @@ def resolve(backend: str, op: str, *tensors: Optional[torch.Tensor]) -> str:
 
     ``"measure"`` (``backend="auto"``, the process-wide default ``"auto"`` and :func:`measuring`):
     the op times both paths once per key through :func:`uvit_fast.dispatch.measure`. Under
-    torch.compile the answer is a trace-time constant, and ``measure`` then takes the decision
-    stored for the key, or the default of untimed ``auto``, without timing.
+    torch.compile the answer is a trace-time constant, and a ``"measure"`` traces the op's run-time
+    dispatch op (:mod:`uvit_fast.ops._runtime`), which decides when the graph runs.
 
     ``tensors`` are the op's inputs (``None`` entries are ignored); they must share
     one device.
@@ -137,7 +137,7 @@ def _resolve_device(backend: str, op: str, device_type: str) -> str:
 @torch.compiler.assume_constant_result
 def _resolve_constant(backend: str, op: str, device_type: str) -> str:
     if backend == "auto" and get_backend() == "auto" and measuring(device_type):
-        return "measure"  # under compile: the stored decision or the old default, never timed
+        return "measure"  # under compile: the run-time dispatch op decides when the graph runs
     return _resolve_device(backend, op, device_type)
 
 

@@ -17,9 +17,10 @@ speed. The pieces:
 - :class:`Dispatcher`: the process-wide table of decisions, :func:`dispatch_report` prints it.
 - :func:`measure`: what an op wrapper calls when ``_backend.resolve`` answers ``"measure"``: the
   key of this call, its stored decision or the candidates timed now (a training call, grad on and
-  an input requiring grad, times forward plus backward). Under torch.compile nothing is timed: the
-  trace takes the stored decision, else untimed ``auto``. :func:`uvit_fast.tune` (``tuning.py``)
-  runs a whole model with measuring forced on (:func:`forced`).
+  an input requiring grad, times forward plus backward). Under torch.compile the wrappers call a
+  run-time dispatch op instead (:mod:`uvit_fast.ops._runtime`), which does the same when the graph
+  runs. :func:`uvit_fast.tune` (``tuning.py``) runs a whole model with measuring forced on
+  (:func:`forced`).
 
 ``UVIT_FAST_TUNE=0`` turns timing off (``auto`` then runs Triton on CUDA tensors, as before).
 Timing is on by default for CUDA tensors; on CPU tensors under ``TRITON_INTERPRET=1`` it runs
@@ -444,7 +445,6 @@ def measure(
     rows: int,
     dims: Sequence[int] = (),
     flags: str = "",
-    default: Optional[str] = None,
 ) -> str:
     """The candidate that runs this call of ``op``: the stored decision for its key, else every
     candidate timed now (see :func:`choose`; the first is the PyTorch baseline) and the winner stored.
@@ -454,10 +454,8 @@ def measure(
     ``flags`` (what changes the kernel: causal, bias present, ...) plus the autocast dtype are
     part of the op's name in the key.
 
-    Under torch.compile nothing is timed while tracing: the graph takes the decision stored for
-    the key (by :func:`uvit_fast.tune`, an eager call, or the cache file) when there is one, else
-    ``default`` (``auto`` without timing: Triton on CUDA), fixed for that compiled graph. With
-    dynamic shapes the graph is guarded on the row count's bucket and specialised on the exact dims."""
+    Eager calls only: under torch.compile the op wrappers call their run-time dispatch op instead
+    (:mod:`uvit_fast.ops._runtime`), which takes the decision when the graph runs."""
     present = [t for t in inputs if isinstance(t, torch.Tensor)]
     device = present[0].device
     if len(candidates) == 1:
@@ -465,11 +463,10 @@ def measure(
     name = key_name(op, flags, device.type)
     training = is_training(inputs)
     if torch.compiler.is_compiling():
-        if default is None:
-            default = "triton" if device.type == "cuda" and "triton" in candidates else next(iter(candidates))
-        dtypes = tuple(str(t.dtype).replace("torch.", "") for t in present)
-        return _stored_choice(name, training, _traced_bucket(rows), tuple(_concrete(d) for d in dims), dtypes,
-                              str(device), tuple(candidates), default)
+        raise RuntimeError(
+            f"{op}: measure() runs in eager calls only; under torch.compile an op decides inside its "
+            "run-time dispatch op (uvit_fast.ops._runtime)"
+        )
     key = make_key(name, present, training=training, rows=rows, dims=dims)
     decision = _DISPATCHER.lookup(key)
     if decision is None:
@@ -497,42 +494,3 @@ def record_key(key: str) -> None:
     with _GLOBAL_LOCK:
         for keys in _RECORD:
             keys.append(key)
-
-
-def _traced_bucket(n: Any) -> int:
-    """:func:`bucket` by comparisons only, so that a symbolic size (dynamic shapes) gives a Python
-    int under dynamo, guarded on the bucket's range rather than the exact value."""
-    b = 1 if n >= 1 else 0
-    while b < n:
-        b *= 2
-    return b
-
-
-def _concrete(n: Any) -> int:
-    """The value of a (possibly symbolic) size as a Python int, found by bisection: dynamo guards each
-    comparison, which pins the value (as a static shape would) without ``int()`` on a SymInt."""
-    hi = 1
-    while hi <= n:
-        hi *= 2
-    lo = 0
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if n >= mid:
-            lo = mid
-        else:
-            hi = mid
-    return lo
-
-
-@torch.compiler.assume_constant_result
-def _stored_choice(
-    op: str, training: bool, rows: int, dims: Tuple[int, ...], dtypes: Tuple[str, ...], device: str,
-    candidates: Tuple[str, ...], default: str,
-) -> str:
-    """Under torch.compile, at trace time: the stored decision for the key, else ``default``."""
-    key = DispatchKey(op, training, (bucket(rows), *dims), dtypes, device_name(torch.device(device)))
-    found = _DISPATCHER.lookup(key)
-    with _GLOBAL_LOCK:
-        for keys in _RECORD:
-            keys.append(str(key))
-    return found.choice if found is not None and found.choice in candidates else default

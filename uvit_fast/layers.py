@@ -350,7 +350,7 @@ class LayerNormFp32(LayerNorm):
         x = tensors[0]
         rows = x.numel() // max(x.shape[-1], 1)
         winner = dispatch.measure(name, tensors, {"torch": plain, "triton": kernel}, rows=rows, dims=(x.shape[-1],),
-                                  flags=f"affine={int(self.weight is not None)}", default="torch")
+                                  flags=f"affine={int(self.weight is not None)}")
         return "triton" if winner == "triton" else None
 
     def _plain(self, x: torch.Tensor, weight, bias) -> torch.Tensor:

@@ -400,7 +400,7 @@ def _key(inputs, causal, q=None):
 
 def _measure(op, inputs, candidates, causal, q=None) -> str:
     q = inputs[0] if q is None else q
-    return measure(op, inputs, candidates, **_key(inputs, causal, q), default=_untimed_auto(q))
+    return measure(op, inputs, candidates, **_key(inputs, causal, q))
 
 
 def attention(

@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from uvit_fast._backend import get_backend, load_kernel, resolve
 from uvit_fast.dispatch import is_training, measure
 from uvit_fast.ops._autocast import autocast_cast, autocast_dtype
+from uvit_fast.ops._runtime import DispatchOp
 from uvit_fast.ops._checks import check_same_device, check_tensor, shape_str
 
 #: the activations of the epilogue; ``"quick_gelu"`` is OpenAI CLIP's ``x * sigmoid(1.702 x)``
@@ -293,6 +294,10 @@ def fused_linear(
         _check_dtypes(op, x.dtype, weight=weight, bias=bias)
     dtype = autocast_cast(x, cast_to).dtype
     choice = _choose(op, backend, dtype, (x, weight, bias, residual, gate))
+    if choice == "measure" and torch.compiler.is_compiling():  # decided inside the graph, when it runs
+        key = _linear_key(x, weight, bias, residual, gate, activation)
+        call = _LINEAR_DISPATCH.bind(op, (x, weight, bias, residual, gate), **key)
+        return _fused_linear_triton(x, weight, bias, residual, gate, activation, cast_to, call=call)
     if choice == "measure":
         choice = _measure_linear(x, weight, bias, residual, gate, activation, cast_to)
     if choice == "torch":
@@ -313,15 +318,16 @@ def _measure_linear(x, weight, bias, residual, gate, activation, cast_to) -> str
             _addmm_activation_linear(*t[:3], activation, cast_to), t[3], t[4]
         )
     candidates["triton"] = lambda *t: _fused_linear_triton(*t, activation, cast_to)
+    return measure("fused_linear", inputs, candidates, **_linear_key(x, weight, bias, residual, gate, activation))
+
+
+def _linear_key(x, weight, bias, residual, gate, activation):
     N = weight.shape[0]
     flags = (
         f"act={activation},bias={int(bias is not None)},residual={int(residual is not None)},"
         f"gate={_gate_flag(x, N, gate)}"
     )
-    return measure(
-        "fused_linear", inputs, candidates,
-        rows=x.numel() // max(x.shape[-1], 1), dims=(x.shape[-1], N), flags=flags, default="torch",
-    )
+    return dict(rows=x.numel() // max(x.shape[-1], 1), dims=(x.shape[-1], N), flags=flags)
 
 
 def _records_grad(*tensors: Optional[torch.Tensor]) -> bool:
@@ -357,7 +363,7 @@ def _gate_rows(x: torch.Tensor, N: int, gate: Optional[torch.Tensor]) -> Tuple[O
     return gate, max(1, math.prod(x.shape[1:-1]))
 
 
-def _fused_linear_triton(x, weight, bias, residual, gate, activation, cast_to):
+def _fused_linear_triton(x, weight, bias, residual, gate, activation, cast_to, call=None):
     x, weight, bias = (autocast_cast(t, cast_to) for t in (x, weight, bias))
     _check_dtypes("fused_linear", x.dtype, weight=weight, bias=bias)
     N = weight.shape[0]
@@ -366,7 +372,7 @@ def _fused_linear_triton(x, weight, bias, residual, gate, activation, cast_to):
     # the pre-activation feeds act' (gradients of x, weight, bias) and the gate's gradient
     store_preact = (activation is not None and _records_grad(x, weight, bias)) or (
         k_gate is not None and _records_grad(k_gate))
-    out, _ = torch.ops.uvit_fast.fused_linear(
+    out, _ = (call or torch.ops.uvit_fast.fused_linear)(
         x.reshape(-1, x.shape[-1]), weight, bias, _rows(k_residual, N), g2, activation, gate_rows, store_preact
     )
     out = out.view(*x.shape[:-1], N)
@@ -414,6 +420,9 @@ def fused_mlp(
     dtype = autocast_cast(x, cast_to).dtype
     tensors = (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, gate)
     choice = _choose(op, backend, dtype, tensors)
+    if choice == "measure" and torch.compiler.is_compiling():  # decided inside the graph, when it runs
+        call = _MLP_DISPATCH.bind(op, tensors, **_mlp_key(*tensors, activation))
+        return _fused_mlp_triton(*tensors, activation, cast_to, call=call)
     if choice == "measure":
         choice = _measure_mlp(*tensors, activation, cast_to)
     if choice == "torch":
@@ -438,18 +447,19 @@ def _measure_mlp(x, w1, b1, w2, b2, residual, gate, activation, cast_to) -> str:
     if _addmm_activation_ok(activation, b1, x.device.type, inputs):
         candidates["addmm_activation"] = lambda *t: _mlp_addmm_activation(*t, activation, cast_to)
     candidates["triton"] = lambda *t: _fused_mlp_triton(*t, activation, cast_to)
+    return measure("fused_mlp", inputs, candidates, **_mlp_key(*inputs, activation))
+
+
+def _mlp_key(x, w1, b1, w2, b2, residual, gate, activation):
     N = w2.shape[0]
     flags = (
         f"act={activation},bias={int(b1 is not None)}{int(b2 is not None)},residual={int(residual is not None)},"
         f"gate={_gate_flag(x, N, gate)}"
     )
-    return measure(
-        "fused_mlp", inputs, candidates,
-        rows=x.numel() // max(x.shape[-1], 1), dims=(x.shape[-1], w1.shape[0], N), flags=flags, default="torch",
-    )
+    return dict(rows=x.numel() // max(x.shape[-1], 1), dims=(x.shape[-1], w1.shape[0], N), flags=flags)
 
 
-def _fused_mlp_triton(x, w1, b1, w2, b2, residual, gate, activation, cast_to):
+def _fused_mlp_triton(x, w1, b1, w2, b2, residual, gate, activation, cast_to, call=None):
     x, w1, b1, w2, b2 = (autocast_cast(t, cast_to) for t in (x, w1, b1, w2, b2))
     _check_dtypes("fused_mlp", x.dtype, fc1_weight=w1, fc1_bias=b1, fc2_weight=w2, fc2_bias=b2)
     N = w2.shape[0]
@@ -458,10 +468,10 @@ def _fused_mlp_triton(x, w1, b1, w2, b2, residual, gate, activation, cast_to):
     # z feeds act' in dz (gradients of x, fc1's weight and bias); fc2's pre-gate output the gate's gradient
     store_z = _records_grad(x, w1, b1)
     store_preact = k_gate is not None and _records_grad(k_gate)
-    h, z = torch.ops.uvit_fast.fused_mlp_fc1(x.reshape(-1, x.shape[-1]), w1, b1, activation, store_z)
-    out, _ = torch.ops.uvit_fast.fused_mlp_fc2(
-        h, z, w2, b2, _rows(k_residual, N), g2, activation, gate_rows, store_preact
-    )
+    out = (call or _mlp_pair)(
+        x.reshape(-1, x.shape[-1]), w1, b1, w2, b2, _rows(k_residual, N), g2, activation, gate_rows, store_z,
+        store_preact,
+    )[0]
     out = out.view(*x.shape[:-1], N)
     if gate is not None and k_gate is None:
         out = _broadcast_gate(gate, out) * out
@@ -706,6 +716,105 @@ def _fc2_backward(ctx, grad, _grad_preact):
 
 
 _fused_mlp_fc2_op.register_autograd(_fc2_backward, setup_context=_fc2_setup)
+
+
+def _mlp_pair(x, w1, b1, w2, b2, residual, gate, activation, gate_rows, store_z, store_preact):
+    """fc1 then fc2 on rows: ``(out, h, z, fc2's pre-gate output)`` (z and the last empty when not stored)."""
+    h, z = torch.ops.uvit_fast.fused_mlp_fc1(x, w1, b1, activation, store_z)
+    out, preact = torch.ops.uvit_fast.fused_mlp_fc2(h, z, w2, b2, residual, gate, activation, gate_rows, store_preact)
+    return out, h, z, preact
+
+
+# --------------------------------------------------------------------------------------------
+# Under torch.compile with measured dispatch (uvit_fast.ops._runtime): one dispatch op per call.
+# The MLP is decided as a unit, as in eager calls: its Triton side is the pair above as one custom
+# op, ``uvit_fast::fused_mlp``, whose backward is fc2's backward formula followed by fc1's.
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("uvit_fast::fused_mlp", mutates_args=())
+def _fused_mlp_op(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: Optional[torch.Tensor],
+    w2: torch.Tensor,
+    b2: Optional[torch.Tensor],
+    residual: Optional[torch.Tensor],
+    gate: Optional[torch.Tensor],
+    activation: Optional[str],
+    gate_rows: int,
+    store_z: bool,
+    store_preact: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _mlp_pair(x, w1, b1, w2, b2, residual, gate, activation, gate_rows, store_z, store_preact)
+
+
+@_fused_mlp_op.register_fake
+def _(x, w1, b1, w2, b2, residual, gate, activation, gate_rows, store_z, store_preact):
+    M, H, N = x.shape[0], w1.shape[0], w2.shape[0]
+    return (x.new_empty((M, N)), x.new_empty((M, H)), x.new_empty((M, H) if store_z else (0,)),
+            x.new_empty((M, N) if store_preact else (0,)))
+
+
+def _mlp_setup(ctx, inputs, output):
+    x, w1, b1, w2, b2, residual, gate, activation, gate_rows, store_z, store_preact = inputs
+    _, h, z, preact = output
+    ctx.mark_non_differentiable(h, z, preact)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(x, w1, h, _saved(z), w2, gate, _saved(preact))
+    ctx.activation, ctx.gate_rows = activation, gate_rows
+    ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
+
+
+class _SubCtx:
+    """fc1's or fc2's ``ctx``, rebuilt from the pair's, for their backward formulas."""
+
+    def __init__(self, saved, needs, **attrs):
+        self.saved_tensors, self.needs_input_grad = saved, needs
+        self.__dict__.update(attrs)
+
+
+def _mlp_backward(ctx, grad, *_stats):
+    x, w1, h, z, w2, gate, preact = ctx.saved_tensors
+    need_x, need_w1, need_b1, need_w2, need_b2, need_res, need_gate = ctx.needs_input_grad[:7]
+    if grad is None:
+        return (None,) * 11
+    fc1_needs = (need_x, need_w1, need_b1 and ctx.has_b1)
+    fc2 = _SubCtx((h, z, w2, gate, preact), (False, any(fc1_needs), need_w2, need_b2, need_res, need_gate),
+                  activation=ctx.activation, gate_rows=ctx.gate_rows, has_bias=ctx.has_b2)
+    _, dz, dw2, db2, dres, dgate, *_ = _fc2_backward(fc2, grad, None)
+    dx = dw1 = db1 = None
+    if any(fc1_needs):
+        fc1 = _SubCtx((x, w1), fc1_needs, has_bias=ctx.has_b1, gate_rows=1)
+        dx, dw1, db1, _, _ = _fc1_backward(fc1, None, dz)
+    return dx, dw1, db1, dw2, db2, dres, dgate, None, None, None, None
+
+
+_fused_mlp_op.register_autograd(_mlp_backward, setup_context=_mlp_setup)
+
+
+def _rows_epilogue(y, residual, gate, gate_rows):
+    """``residual + gate[m // gate_rows] * y`` on ``(M, N)`` rows."""
+    if gate is not None:
+        y = (y.view(gate.shape[0], -1, y.shape[-1]) * gate.unsqueeze(1)).view(y.shape)
+    return y if residual is None else residual + y
+
+
+def _linear_rows_torch(x, weight, bias, residual, gate, activation, gate_rows, store_preact):
+    return (_rows_epilogue(activation_reference(F.linear(x, weight, bias), activation), residual, gate, gate_rows),)
+
+
+def _mlp_rows_torch(x, w1, b1, w2, b2, residual, gate, activation, gate_rows, store_z, store_preact):
+    h = activation_reference(F.linear(x, w1, b1), activation)
+    return (_rows_epilogue(F.linear(h, w2, b2), residual, gate, gate_rows),)
+
+
+_LINEAR_DISPATCH = DispatchOp(
+    "fused_linear", torch.ops.uvit_fast.fused_linear, _linear_setup, _linear_backward, n_diff=1,
+    candidates=lambda *args: {"torch": _linear_rows_torch},
+)
+_MLP_DISPATCH = DispatchOp(
+    "fused_mlp", torch.ops.uvit_fast.fused_mlp, _mlp_setup, _mlp_backward, n_diff=1,
+    candidates=lambda *args: {"torch": _mlp_rows_torch},
+)
 
 
 # --------------------------------------------------------------------------------------------
