@@ -109,7 +109,7 @@ _FWD_SHAPES = [
     (64, 128, 64, 4, 4),
     (64, 64, 64, 4, 4),
 ]
-# the backward GEMMs (pointer loads, one program per tile) as kernels/skip_concat_linear.py
+# the backward GEMMs (one program per tile): the configs of kernels/skip_concat_linear.py
 _BWD_SHAPES = [
     (128, 256, 64, 8, 3),
     (256, 128, 64, 8, 3),
