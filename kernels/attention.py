@@ -661,14 +661,16 @@ def _attn_bwd_dq(Q, K, V, DO, STATS, DELTA, DQ,
 # --------------------------------------------------------------------------------------------
 
 TAIL_STEP = 16  # forward: loop step over the last, partial block of the other sequence
-# Backward: the loops over the last, partial block of the other sequence step 32 rows (capped at
-# the main step in the kernels). Compiled for sm_90 at head_dim 72, a 16-row step left the 8-column
-# remainder tile as one 2-byte scalar load per thread (8 warps); at 32 rows every load of those
-# loops is a 16-byte cp.async (docs/attention.md). The cost: the last partial block is padded to
-# 32 rows (L = 258: 288 rows computed per program instead of 272), untimed. Accuracy is unchanged:
-# with a shape-independent fp32 dot the gradients are the same for a 16- or 32-row step (tests/
-# test_attention.py::test_backward_tail_step_does_not_change_the_gradients).
-BWD_TAIL_STEP = 32
+# Backward: the loops over the last, partial block of the other sequence step 32 rows for 16-bit
+# inputs (capped at the main step in the kernels), 16 for fp32. Compiled for sm_90 at head_dim 72,
+# a 16-row step left the 8-column remainder tile of 16-bit inputs as one 2-byte scalar load per
+# thread (8 warps); at 32 rows every load of those loops is a 16-byte cp.async, with no spills
+# (docs/attention.md). fp32 has no 2-byte loads to remove, and there 32 rows cost registers (TF32
+# dQ first config: 195 registers, no spills -> 255 and 8 B spilled), so fp32 keeps 16. The cost for
+# 16-bit: the last partial block is padded to 32 rows (L = 258: 288 rows computed per program
+# instead of 272), untimed. Accuracy is the same for either step (tests/test_attention.py::
+# test_backward_tail_step_does_not_change_the_gradients).
+BWD_TAIL_STEPS = {torch.float16: 32, torch.bfloat16: 32, torch.float32: 16}
 _INTERPRET_TILE = 64
 _INTERPRET_STEP = 32
 _sm_count_cache = {}
@@ -860,6 +862,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         HEAD_DIM=D, BLOCK_M=bm_delta, BLOCK_D=block_d, ALIGNED=_aligned(out, dout), num_warps=4,
     )
 
+    tail_step = BWD_TAIL_STEPS[q.dtype]
     common = dict(HEAD_DIM=D, D0=d0, REM=rem, DRK=drk, DRN=drn, CAUSAL=bool(causal),
                   DOT_PREC=_dot_precision(q.dtype, input_precision),
                   ALIGNED=_aligned(q, k, v, dout, dq, dk, dv))
@@ -869,14 +872,14 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         q, k, v, dout, stats, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
         H, Lq, Lk, n_main, n_tail, scale, scale * LOG2E,
-    ), dict(common, BLOCK_M_TAIL=BWD_TAIL_STEP, BLOCK_N=tile_n, BLOCK_N_TAIL=tail))
+    ), dict(common, BLOCK_M_TAIL=tail_step, BLOCK_N=tile_n, BLOCK_N_TAIL=tail))
     tile_m = block_m or _program_tile(Lq, B * H, D, q.dtype, dev)
     n_main, tail, n_tail = _split(Lq, tile_m)
     _launch(_attn_bwd_dq_tuned, _attn_bwd_dq, "BLOCK_N", block_n, ((n_main + n_tail) * B * H,), (
         q, k, v, dout, stats, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
         H, Lq, Lk, n_main, n_tail, scale, scale * LOG2E,
-    ), dict(common, BLOCK_M=tile_m, BLOCK_M_TAIL=tail, BLOCK_N_TAIL=BWD_TAIL_STEP))
+    ), dict(common, BLOCK_M=tile_m, BLOCK_M_TAIL=tail, BLOCK_N_TAIL=tail_step))
     return dq, dk, dv
 
 

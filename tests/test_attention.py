@@ -325,7 +325,7 @@ def _scores_kernel():
 def _with_tail_step(monkeypatch, step, q, k, v, dout, *, causal, scale):
     """``(out, dq, dk, dv)`` with the backward's tail step set to ``step``."""
     k_ = _kernels()
-    monkeypatch.setattr(k_, "BWD_TAIL_STEP", step)
+    monkeypatch.setitem(k_.BWD_TAIL_STEPS, q.dtype, step)
     out, stats = k_.attention_forward(q, k, v, causal=causal, scale=scale)
     return (out, *k_.attention_backward(dout, q, k, v, out, stats, causal=causal, scale=scale))
 
@@ -335,11 +335,12 @@ def _baseline_and_ref(q, k, v, dout, *, causal, scale):
     return _run(spec, q, k, v, dout), _run(spec, q.double(), k.double(), v.double(), dout.double())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-def test_backward_tail_step_does_not_change_the_gradients(causal, monkeypatch, device):
-    """L 77 at scale 30, fp32 (the case that got the 32-row tail reverted): the 16- and 32-row tail
-    steps of both backward kernels give the same dq, dk, dv, within the parity rule."""
-    q, k, v = _make_qkv(1, 77, 77, 2, 72, torch.float32, device, "contig")
+def test_backward_tail_step_does_not_change_the_gradients(causal, dtype, monkeypatch, device):
+    """L 77 at scale 30 (the case that got the 32-row tail reverted): the 16- and 32-row tail steps
+    of both backward kernels give the same dq, dk, dv, within the parity rule."""
+    q, k, v = _make_qkv(1, 77, 77, 2, 72, dtype, device, "contig")
     dout = torch.randn_like(q)
     r16 = _with_tail_step(monkeypatch, 16, q, k, v, dout, causal=causal, scale=30.0)
     r32 = _with_tail_step(monkeypatch, 32, q, k, v, dout, causal=causal, scale=30.0)
@@ -735,6 +736,7 @@ def test_kernels_compile_for_sm90():
 _SMEM_SCRIPT = r"""
 import os
 os.environ.pop("TRITON_INTERPRET", None)
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -770,10 +772,10 @@ cases = (
      dict(BLOCK_M=tile, BLOCK_M_TAIL=16, BLOCK_N_TAIL=16)),
     ("dkdv", k._attn_bwd_dkdv_tuned, "BLOCK_M", "Lq", k._attn_bwd_dkdv,
      dict(Q=P, K=P, V=P, DO=P, STATS=P, DELTA=P, DK=P, DV=P), {"scale", "qk_scale"},
-     dict(BLOCK_M_TAIL=k.BWD_TAIL_STEP, BLOCK_N=tile, BLOCK_N_TAIL=32)),
+     dict(BLOCK_M_TAIL=k.BWD_TAIL_STEPS[torch.float32], BLOCK_N=tile, BLOCK_N_TAIL=32)),
     ("dq", k._attn_bwd_dq_tuned, "BLOCK_N", "Lk", k._attn_bwd_dq,
      dict(Q=P, K=P, V=P, DO=P, STATS=P, DELTA=P, DQ=P), {"scale", "qk_scale"},
-     dict(BLOCK_M=tile, BLOCK_M_TAIL=32, BLOCK_N_TAIL=k.BWD_TAIL_STEP)),
+     dict(BLOCK_M=tile, BLOCK_M_TAIL=32, BLOCK_N_TAIL=k.BWD_TAIL_STEPS[torch.float32])),
 )
 for name, tuned, step, seq, kernel, ptrs, floats, consts in cases:
     kept = tuned.early_config_prune(tuned.configs, {seq: 4096, "Q": None}, HEAD_DIM=D, **consts)
@@ -789,6 +791,63 @@ for name, tuned, step, seq, kernel, ptrs, floats, consts in cases:
     print(name, sizes[-1])
 print("OK")
 """
+
+
+# The backward's tail loops compiled for sm_90 (kernel_report's per-loop facts): U-ViT-H/2 attention
+# (head_dim 72, L 258), the first autotune config of dK/dV and dQ, bf16 and fp16, and fp32 with TF32.
+_TAIL_LOADS_SCRIPT = r"""
+import json, os
+os.environ.pop("TRITON_INTERPRET", None)
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+import torch
+from uvit_fast import kernel_report as kr
+from uvit_fast.kernels import attention as k
+
+plain = k._dot_precision
+k._dot_precision = lambda dtype, p: "tf32" if dtype == torch.float32 else plain(dtype, p)  # auto's fp32 path
+for dtype in ("bf16", "fp16", "fp32"):
+    case = kr.cases(["uvit-h2"], ["attention"], [dtype])[0]
+    for row in kr.rows(case, kr.run_case(case, "sm_90", kernels=["_attn_bwd_dkdv", "_attn_bwd_dq"], max_configs=1),
+                       "sm_90"):
+        if row["status"] == "compiled":
+            print("ROW " + json.dumps(dict(dtype=dtype, kernel=row["kernel"], loops=row["loops"],
+                                           spill=row["spill_bytes"], regs=row["regs"]), default=str))
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="compiles offline for sm_90 (CPU machines)")
+@pytest.mark.slow
+def test_backward_tail_loops_compiled_for_sm90():
+    """16-bit: no loop of the first dK/dV and dQ configs (main or tail) has a 2-byte global load,
+    nothing spills (the 16-row tail left two 2-byte loads per tail loop at head_dim 72). fp32 (TF32)
+    keeps the 16-row tail, whose first dQ config spills nothing (a 32-row tail spilled 8 B); its
+    first dK/dV config spills 144 B with either step, not checked here."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _TAIL_LOADS_SCRIPT], capture_output=True, text=True, env=env,
+                          timeout=1200)
+    if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
+        pytest.skip("this triton install has no ptxas to compile for sm_90")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line[4:]) for line in proc.stdout.splitlines() if line.startswith("ROW ")]
+    assert {(r["dtype"], r["kernel"]) for r in rows} == {(d, kn) for d in ("bf16", "fp16", "fp32")
+                                                          for kn in ("_attn_bwd_dkdv", "_attn_bwd_dq")}
+    bad = []
+    for r in rows:
+        where = f"{r['dtype']} {r['kernel']}"
+        if r["spill"] and (r["dtype"], r["kernel"]) != ("fp32", "_attn_bwd_dkdv"):
+            bad.append(f"{where}: {r['spill']} B spilled at {r['regs']} registers")
+        if r["dtype"] == "fp32":
+            continue
+        assert len(r["loops"]) >= 4, f"{where}: {r['loops']}"  # main and tail loops of two program tiles
+        for lp in r["loops"]:
+            if "2" in lp["loads"] or "2" in lp["cp_async"]:
+                bad.append(f"{where}: a loop with 2-byte loads: {lp}")
+    assert not bad, "\n".join(bad)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU test_fp32_head_dim_256_autotuned runs the kernels")
