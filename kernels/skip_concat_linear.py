@@ -364,8 +364,10 @@ def _sum_splits_kernel(WS, OUT, n, splits, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in range(0, splits):
-        acc += tl.load(WS + s * n + offs, mask=mask, other=0.0)
+    ptrs = WS + offs  # int64 offsets; stepping the pointer by n never forms splits * n in int32
+    for _ in range(0, splits):
+        acc += tl.load(ptrs, mask=mask, other=0.0)
+        ptrs += n
     tl.store(OUT + offs, acc.to(OUT.dtype.element_ty), mask=mask)
 
 
