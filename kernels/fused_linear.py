@@ -141,33 +141,55 @@ def _smem_limit(cap) -> int:
     return SMEM_LIMIT_OTHER
 
 
-def _smem_bytes(config, elem_size: int, tma_epilogue: bool = False, gate_tiles: bool = False) -> int:
-    """Shared memory of a config: ``stages`` buffers of an A and a B tile (and of a gate tile of A's
-    shape when the backward pipelines one alongside A), plus, for the forward's TMA epilogue, the
-    staging buffer of one ``(BLOCK_M, BLOCK_N / 2)`` output half (Triton's allocation compiled for
-    sm_90: 144 KiB + 32 KiB for 128x256x64 in 3 stages, bf16)."""
+def _smem_bytes(config, elem_size: int, tma_epilogue: bool = False, gate_tiles: bool = False, *, b_elem=None,
+                out_elem=None, gate_elem=None) -> int:
+    """Shared memory of a config: ``stages`` buffers of an A tile (``elem_size`` bytes per element)
+    and a B tile (``b_elem``, default ``elem_size``), and of a gate tile of A's shape (``gate_elem``)
+    when the backward pipelines one alongside A, plus, for the forward's TMA epilogue, the staging
+    buffer of one ``(BLOCK_M, BLOCK_N / 2)`` output half in the output's element size (``out_elem``;
+    Triton's allocation compiled for sm_90: 144 KiB + 32 KiB for 128x256x64 in 3 stages, bf16). The
+    mixed-dtype variants (a float32 residual stream under bf16 autocast) have a float32 output or
+    float32 grad tiles next to 16-bit operands."""
     k = config.kwargs
-    a_rows = 2 * k["BLOCK_M"] if gate_tiles else k["BLOCK_M"]
-    smem = config.num_stages * (a_rows + k["BLOCK_N"]) * k["BLOCK_K"] * elem_size
+    b_elem = elem_size if b_elem is None else b_elem
+    a_bytes = k["BLOCK_M"] * elem_size
+    if gate_tiles:
+        a_bytes += k["BLOCK_M"] * (elem_size if gate_elem is None else gate_elem)
+    smem = config.num_stages * (a_bytes + k["BLOCK_N"] * b_elem) * k["BLOCK_K"]
     if tma_epilogue:
-        smem += k["BLOCK_M"] * (k["BLOCK_N"] // 2) * elem_size
+        smem += k["BLOCK_M"] * (k["BLOCK_N"] // 2) * (elem_size if out_elem is None else out_elem)
     return smem
 
 
-def _prune(configs, named_args, tma_epilogue: bool, gate_tiles: bool, heavy: bool):
-    """Drop configs over the GPU's shared-memory limit for the operands' element size (fp32 doubles
-    every buffer). Before Hopper (mma.sync), and for ``heavy`` variants (a gate or an activation
-    applied through pointer loads), the configs whose fp32 accumulator takes 128 or more registers
-    per thread are dropped too: they spill (sm_80, as the skip-linear GEMMs; sm_90: 16-1000 B per
-    thread at 128x256, 256x128 and 128x128 with 4 warps for the gated or act' backward GEMMs).
-    Keeps at least the smallest config."""
-    t = next(v for v in named_args.values() if isinstance(v, torch.Tensor))
-    cap = _capability(t)
-    elem = t.element_size()
-    kept = [c for c in configs if _smem_bytes(c, elem, tma_epilogue, gate_tiles) <= _smem_limit(cap)]
+def _elem(named_args, *names) -> int:
+    """Element size of the first of ``names`` that is a tensor or a tensor descriptor (its base)."""
+    for name in names:
+        v = named_args.get(name)
+        v = v.base if isinstance(v, TensorDescriptor) else v
+        if isinstance(v, torch.Tensor):
+            return v.element_size()
+    return next(v for v in named_args.values() if isinstance(v, torch.Tensor)).element_size()
+
+
+def _prune(configs, named_args, tma_epilogue: bool, gate_tiles: bool, heavy: bool, sizes=None):
+    """Drop configs over the GPU's shared-memory limit for the operands' element sizes (fp32 doubles
+    a buffer; ``sizes``: :func:`_smem_bytes`'s keyword element sizes). Before Hopper (mma.sync), and
+    for ``heavy`` variants (a gate or an activation applied through pointer loads), the configs
+    whose fp32 accumulator takes 128 or more registers per thread are dropped too: they spill
+    (sm_80, as the skip-linear GEMMs; sm_90: 16-1000 B per thread at 128x256, 256x128 and 128x128
+    with 4 warps for the gated or act' backward GEMMs). Keeps at least the smallest config."""
+    t = next(v for v in named_args.values() if isinstance(v, (torch.Tensor, TensorDescriptor)))
+    cap = _capability(t.base if isinstance(t, TensorDescriptor) else t)
+    sizes = dict(sizes or {})
+    elem = sizes.pop("a_elem", None) or _elem(named_args, "X", "DY")
+
+    def smem(c):
+        return _smem_bytes(c, elem, tma_epilogue, gate_tiles, **sizes)
+
+    kept = [c for c in configs if smem(c) <= _smem_limit(cap)]
     if (cap is not None and cap[0] < 9) or heavy:
         kept = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] < 128 * 32 * c.num_warps]
-    return kept or [min(configs, key=lambda c: _smem_bytes(c, elem, tma_epilogue, gate_tiles))]
+    return kept or [min(configs, key=smem)]
 
 
 def _prune_fwd(configs, named_args, **kwargs):
@@ -176,7 +198,9 @@ def _prune_fwd(configs, named_args, **kwargs):
     sm_90 spills nothing at any config (bf16, U-ViT-H/2 and DiT-XL/2 shapes)."""
     tma = bool(kwargs.get("USE_TMA", False))
     heavy = not tma and bool(kwargs.get("ACTIVATION", 0) or kwargs.get("HAS_GATE") or kwargs.get("HAS_RES"))
-    return _prune(configs, named_args, tma_epilogue=tma, gate_tiles=False, heavy=heavy)
+    sizes = {"a_elem": _elem(named_args, "X"), "b_elem": _elem(named_args, "W", "X"),
+             "out_elem": _elem(named_args, "OUT", "X")}
+    return _prune(configs, named_args, tma_epilogue=tma, gate_tiles=False, heavy=heavy, sizes=sizes)
 
 
 def _prune_bwd(configs, named_args, **kwargs):
@@ -184,7 +208,9 @@ def _prune_bwd(configs, named_args, **kwargs):
     gate = bool(kwargs.get("HAS_GATE", False))
     # with TMA tiles too (sm_90): still 24-152 B spilled per thread at the 128-register configs
     heavy = gate or bool(kwargs.get("ACT_INPUT"))
-    return _prune(configs, named_args, tma_epilogue=False, gate_tiles=gate, heavy=heavy)
+    sizes = {"a_elem": _elem(named_args, "DY"), "b_elem": _elem(named_args, "W", "X", "DY"),
+             "gate_elem": _elem(named_args, "GATE", "DY")}
+    return _prune(configs, named_args, tma_epilogue=False, gate_tiles=gate, heavy=heavy, sizes=sizes)
 
 
 _PRUNE_FWD = {"early_config_prune": _prune_fwd}
@@ -249,7 +275,7 @@ def _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 # forward: out[M, N] = residual + gate[m // gate_rows] * act(x @ weight.T + bias)
 # --------------------------------------------------------------------------------------------
 @triton.autotune(configs=_FWD_CONFIGS, key=["M_BUCKET", "N", "K", "ACTIVATION", "HAS_GATE", "HAS_RES", "STORE_PRE",
-                                          "USE_TMA"], prune_configs_by=_PRUNE_FWD)
+                                          "USE_TMA", "Y_ROUND"], prune_configs_by=_PRUNE_FWD)
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit
 def _fused_linear_fwd_kernel(
@@ -284,6 +310,7 @@ def _fused_linear_fwd_kernel(
     HAS_RES: tl.constexpr,
     STORE_PRE: tl.constexpr,
     USE_TMA: tl.constexpr,
+    Y_ROUND: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -293,7 +320,10 @@ def _fused_linear_fwd_kernel(
 ):
     """With ``USE_TMA`` X, W, OUT, PRE and RES are tensor descriptors (TMA loads of the K loop's tiles,
     TMA loads/stores of the epilogue's; out-of-bounds elements load as zeros and are not stored),
-    else pointers with masked loads and stores (the ``stride_*`` arguments)."""
+    else pointers with masked loads and stores (the ``stride_*`` arguments). RES and GATE are read in
+    their own dtypes and OUT written in its own (wider than x's under autocast with a float32
+    residual stream); ``Y_ROUND`` (0, or 1 / 2 for float16 / bfloat16) rounds ``act(...)`` to the
+    linear's dtype before the gate and residual, as eager's ``residual + gate * y`` sees a 16-bit y."""
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_tiles = num_pid_m * num_pid_n
@@ -333,20 +363,21 @@ def _fused_linear_fwd_kernel(
         n0 = pid_n * BLOCK_N
         _epilogue(acc0, pid_m * BLOCK_M, n0, offs_m, mask_m, BIAS, RES, GATE, OUT, PRE, N, gate_rows, stride_b,
                   stride_rm, stride_rn, stride_gg, stride_gn, stride_om, stride_on, stride_pm, stride_pn,
-                  HAS_BIAS, ACTIVATION, HAS_GATE, HAS_RES, STORE_PRE, USE_TMA, BLOCK_N // 2)
+                  HAS_BIAS, ACTIVATION, HAS_GATE, HAS_RES, STORE_PRE, USE_TMA, Y_ROUND, BLOCK_N // 2)
         _epilogue(acc1, pid_m * BLOCK_M, n0 + BLOCK_N // 2, offs_m, mask_m, BIAS, RES, GATE, OUT, PRE, N, gate_rows,
                   stride_b, stride_rm, stride_rn, stride_gg, stride_gn, stride_om, stride_on, stride_pm, stride_pn,
-                  HAS_BIAS, ACTIVATION, HAS_GATE, HAS_RES, STORE_PRE, USE_TMA, BLOCK_N // 2)
+                  HAS_BIAS, ACTIVATION, HAS_GATE, HAS_RES, STORE_PRE, USE_TMA, Y_ROUND, BLOCK_N // 2)
 
 
 @triton.jit
 def _epilogue(acc, m0, n0, offs_m, mask_m, BIAS, RES, GATE, OUT, PRE, N, gate_rows, stride_b, stride_rm, stride_rn,
               stride_gg, stride_gn, stride_om, stride_on, stride_pm, stride_pn,
               HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr,
-              STORE_PRE: tl.constexpr, USE_TMA: tl.constexpr, EPI_N: tl.constexpr):
+              STORE_PRE: tl.constexpr, USE_TMA: tl.constexpr, Y_ROUND: tl.constexpr, EPI_N: tl.constexpr):
     """The forward's epilogue on the ``(BLOCK_M, EPI_N)`` fp32 tile at ``(m0, n0)``: bias, the
-    pre-activation's store, activation, gate (row m uses ``gate[m // gate_rows]``), residual, and
-    the store (TMA descriptors or masked pointers, as the K loop)."""
+    pre-activation's store, activation (rounded to the linear's dtype when ``Y_ROUND``), gate (row m
+    uses ``gate[m // gate_rows]``), residual, and the store (TMA descriptors or masked pointers, as
+    the K loop). The gate and residual are converted to fp32 from whatever dtype they have."""
     offs_n = n0.to(tl.int64) + tl.arange(0, EPI_N)
     mask_n = offs_n < N
     mask = mask_m[:, None] & mask_n[None, :]
@@ -359,6 +390,10 @@ def _epilogue(acc, m0, n0, offs_m, mask_m, BIAS, RES, GATE, OUT, PRE, N, gate_ro
             tl.store(PRE + offs_m[:, None] * stride_pm + offs_n[None, :] * stride_pn,
                      acc.to(PRE.dtype.element_ty), mask=mask)
     acc = _act(acc, ACTIVATION)
+    if Y_ROUND == 1:
+        acc = acc.to(tl.float16).to(tl.float32)
+    elif Y_ROUND == 2:
+        acc = acc.to(tl.bfloat16).to(tl.float32)
     if HAS_GATE:
         g_rows = offs_m // gate_rows
         g = tl.load(GATE + g_rows[:, None] * stride_gg + offs_n[None, :] * stride_gn, mask=mask, other=0.0)
@@ -441,9 +476,13 @@ def _fused_linear_bwd_input_kernel(
         else:
             a = tl.load(a_ptrs, mask=mask_a, other=0.0)
             b = tl.load(b_ptrs, mask=mask_b, other=0.0)
+        # the grad tile (any dtype: float32 under autocast's float32 residual stream) times the gate in
+        # fp32, rounded to the weight's dtype as eager rounds the gradient of its 16-bit y
         if HAS_GATE:
             g = tl.load(g_ptrs, mask=mask_a, other=0.0)
             a = (a.to(tl.float32) * g.to(tl.float32)).to(b.dtype)
+        else:
+            a = a.to(b.dtype)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
         if not USE_TMA:
             a_ptrs += BLOCK_K * stride_dyn
@@ -559,6 +598,9 @@ def _fused_linear_bwd_weight_kernel(
             a = a32.to(b.dtype)
         else:
             a32 = a.to(tl.float32)
+            a = a.to(b.dtype)  # a no-op unless grad is wider (float32) than x
+        # grad (any dtype) * gate is rounded to x's dtype, as eager's gradient of its 16-bit y; dbias sums
+        # the unrounded fp32 values
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
         if sum_dy:
             col_sum += tl.sum(a32, axis=1)
@@ -703,6 +745,12 @@ def _check_dtype_device(name: str, t, dtype, device) -> None:
         raise ValueError(f"{name} is on {t.device}, expected {device}")
 
 
+def _check_float_dtype(name: str, dtype) -> torch.dtype:
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"{name} must be torch.float16, torch.bfloat16 or torch.float32; got {dtype}")
+    return dtype
+
+
 def _check_gate(gate, gate_rows: int, M: int, N: int, dtype, device) -> None:
     if gate is None:
         return
@@ -754,15 +802,35 @@ def _programs_per_sm(meta, elem_size: int) -> int:
     return 2
 
 
+def out_dtype_of(dtype: torch.dtype, residual=None, gate=None) -> torch.dtype:
+    """The forward's output dtype for a linear in ``dtype``: ``promote(dtype, gate, residual)``, as
+    eager's ``residual + gate * y`` (float32 for a float32 residual stream under 16-bit autocast)."""
+    for t in (residual, gate):
+        if t is not None:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+_Y_ROUND = {torch.float16: 1, torch.bfloat16: 2}
+
+
 @on_inputs_device
 def fused_linear_forward(x, weight, bias=None, *, activation=None, residual=None, gate=None, gate_rows=1,
-                         store_preact=False, _use_tma=None):
+                         store_preact=False, out_dtype=None, _use_tma=None):
     """``out = residual + gate[m // gate_rows] * act(x @ weight.T + bias)`` in one GEMM.
 
     ``x (M, K)`` any strides; ``weight (N, K)``; ``bias (N,)``; ``residual (M, N)``; ``gate (G, N)``
-    with ``G * gate_rows == M``. Returns ``(out, preact)``: ``out (M, N)`` contiguous in x's dtype;
-    ``preact = x @ weight.T + bias`` (M, N) when ``store_preact``, else an empty ``(0,)`` tensor.
-    ``_use_tma`` overrides :func:`use_tma` (tests)."""
+    with ``G * gate_rows == M``. The residual and the gate may be float16, bfloat16 or float32
+    whatever x's dtype (under autocast: a float32 residual stream, a float32 or 16-bit gate); they
+    are read in their own dtypes and the epilogue runs in fp32. Returns ``(out, preact)``:
+    ``out (M, N)`` contiguous in ``out_dtype``, ``preact = x @ weight.T + bias`` (M, N) in x's dtype
+    when ``store_preact``, else an empty ``(0,)`` tensor.
+
+    ``out_dtype`` (default :func:`out_dtype_of`: x's dtype when the residual and gate have it) is
+    x's dtype or float32, never narrower than ``promote(x, residual, gate)``. When it is wider than
+    x's dtype, ``act(x @ weight.T + bias)`` is rounded to x's dtype before the gate and residual, the
+    rounding point of eager's 16-bit ``y`` in ``residual + gate * y``. ``_use_tma`` overrides
+    :func:`use_tma` (tests)."""
     _check_matrix("x", x)
     M, K = x.shape
     dev, dt = x.device, x.dtype
@@ -774,10 +842,12 @@ def fused_linear_forward(x, weight, bias=None, *, activation=None, residual=None
             raise ValueError(f"bias must have shape ({N},); got {_shape_text(bias)}")
         _check_dtype_device("bias", bias, dt, dev)
     if residual is not None:
-        _check_matrix("residual", residual, rows=M, cols=N, dtype=dt, device=dev)
-    _check_gate(gate, gate_rows, M, N, dt, dev)
-    out = empty(M, N, dtype=dt, device=dev)
+        _check_matrix("residual", residual, rows=M, cols=N, device=dev)
+    _check_gate(gate, gate_rows, M, N, None, dev)
+    odt = _check_out_dtype(out_dtype, dt, residual, gate)
+    out = empty(M, N, dtype=odt, device=dev)
     pre = empty(M, N, dtype=dt, device=dev) if store_preact else empty(0, dtype=dt, device=dev)
+    y_round = _Y_ROUND.get(dt, 0) if odt != dt else 0
     if M == 0 or N == 0:
         return out, pre
     if K == 0:  # no reduction: act(bias) broadcast
@@ -785,6 +855,7 @@ def fused_linear_forward(x, weight, bias=None, *, activation=None, residual=None
         if store_preact:
             pre.copy_(z)
         h = _act_torch(z, activation)
+        h = h.to(dt).float() if y_round else h
         h = h * (gate.float().repeat_interleave(gate_rows, 0) if gate is not None else 1)
         out.copy_(h + (residual.float() if residual is not None else 0))
         return out, pre
@@ -818,9 +889,23 @@ def fused_linear_forward(x, weight, bias=None, *, activation=None, residual=None
         out.stride(0), out.stride(1),
         pre.stride(0) if store_preact else 0, pre.stride(1) if store_preact else 0,
         HAS_BIAS=bias is not None, ACTIVATION=code, HAS_GATE=gate is not None, HAS_RES=residual is not None,
-        STORE_PRE=bool(store_preact), USE_TMA=tma, INPUT_PRECISION=_input_precision(dt),
+        STORE_PRE=bool(store_preact), USE_TMA=tma, Y_ROUND=y_round, INPUT_PRECISION=_input_precision(dt),
     )
     return out, pre
+
+
+def _check_out_dtype(out_dtype, dtype, residual, gate) -> torch.dtype:
+    """``out_dtype`` (None: :func:`out_dtype_of`) is x's dtype or float32 and holds the residual and
+    the gate without narrowing them."""
+    want = out_dtype_of(dtype, residual, gate)
+    if out_dtype is None:
+        return want
+    if out_dtype not in (dtype, torch.float32) or torch.promote_types(out_dtype, want) != out_dtype:
+        raise TypeError(
+            f"out_dtype must be x's dtype ({dtype}) or torch.float32, at least promote(x, residual, gate) = {want}; "
+            f"got {out_dtype} (residual {None if residual is None else residual.dtype}, "
+            f"gate {None if gate is None else gate.dtype})")
+    return out_dtype
 
 
 def _act_torch(z: torch.Tensor, activation) -> torch.Tensor:
@@ -840,14 +925,18 @@ def _act_torch(z: torch.Tensor, activation) -> torch.Tensor:
 def fused_linear_backward_input(grad, weight, *, gate=None, gate_rows=1, act_input=None, preact_input=None,
                                 _use_tma=None):
     """``dx (M, K) = ((grad * gate[m // gate_rows]) @ weight) * act_input'(preact_input)`` (the last
-    factor only when ``act_input`` is given; ``preact_input (M, K)``). Output in grad's dtype. grad and
-    weight are read through TMA descriptors on sm_90 when they allow it (``_use_tma`` overrides)."""
+    factor only when ``act_input`` is given; ``preact_input (M, K)`` in weight's dtype). Output in
+    weight's dtype (the linear's). ``grad`` and ``gate`` may be wider (float32 under autocast with a
+    float32 residual stream): ``grad * gate`` is formed in fp32 and rounded to weight's dtype before
+    the dot, as eager rounds the gradient of its 16-bit ``y``. grad and weight are read through TMA
+    descriptors on sm_90 when they allow it (``_use_tma`` overrides)."""
     _check_matrix("grad", grad)
     M, N = grad.shape
-    dev, dt = grad.device, grad.dtype
-    _check_matrix("weight", weight, rows=N, dtype=dt, device=dev)
+    dev = grad.device
+    _check_matrix("weight", weight, rows=N, device=dev)
+    dt = weight.dtype
     K = weight.shape[1]
-    _check_gate(gate, gate_rows, M, N, dt, dev)
+    _check_gate(gate, gate_rows, M, N, None, dev)
     code = _act_code(act_input)
     if code != 0:
         if preact_input is None:
@@ -892,7 +981,9 @@ def weight_grad_splits(M: int, N: int, K: int, num_sms: int) -> int:
 @on_inputs_device
 def fused_linear_backward_weight(grad, x, *, gate=None, gate_rows=1, compute_bias=True, splits=None, _use_tma=None):
     """``dweight (N, K) = (grad * gate).T @ x`` and ``dbias (N,)`` = column sums of ``grad * gate``
-    (an empty ``(0,)`` tensor when not ``compute_bias``), in x's dtype.
+    (an empty ``(0,)`` tensor when not ``compute_bias``), in x's dtype. ``grad`` and ``gate`` may be
+    wider than x (float32): ``grad * gate`` is formed in fp32, rounded to x's dtype for the dot (as
+    eager's 16-bit gradient) and summed unrounded into ``dbias``.
 
     The reduction over the ``M`` rows is split into ``splits`` parts (default
     :func:`weight_grad_splits`): each part writes fp32 partial sums into a workspace, then one pass
@@ -900,10 +991,11 @@ def fused_linear_backward_weight(grad, x, *, gate=None, gate_rows=1, compute_bia
     grad and x are read through TMA descriptors on sm_90 when they allow it (``_use_tma`` overrides)."""
     _check_matrix("grad", grad)
     M, N = grad.shape
-    dev, dt = grad.device, grad.dtype
-    _check_matrix("x", x, rows=M, dtype=dt, device=dev)
+    dev = grad.device
+    _check_matrix("x", x, rows=M, device=dev)
+    dt = x.dtype
     K = x.shape[1]
-    _check_gate(gate, gate_rows, M, N, dt, dev)
+    _check_gate(gate, gate_rows, M, N, None, dev)
     dw = empty(N, K, dtype=dt, device=dev)
     db = empty(N if compute_bias else 0, dtype=dt, device=dev)
     if N == 0:
@@ -951,13 +1043,16 @@ GATE_BLOCK_N = 128
 
 
 @on_inputs_device
-def fused_linear_backward_gate(grad, preact, *, activation=None, gate_rows, num_gates):
+def fused_linear_backward_gate(grad, preact, *, activation=None, gate_rows, num_gates, out_dtype=None):
     """``dgate (num_gates, N)``: ``dgate[g, n] = sum over m with m // gate_rows == g of
-    grad[m, n] * act(preact[m, n])``, fp32 sums in a fixed row order, output in grad's dtype."""
+    grad[m, n] * act(preact[m, n])``, fp32 sums in a fixed row order, output in ``out_dtype``
+    (default grad's dtype; the op passes the gate's). grad and preact may differ in dtype (a float32
+    grad of the residual stream, a 16-bit pre-activation)."""
     _check_matrix("grad", grad)
     M, N = grad.shape
-    dev, dt = grad.device, grad.dtype
-    _check_matrix("preact", preact, rows=M, cols=N, dtype=dt, device=dev)
+    dev = grad.device
+    dt = grad.dtype if out_dtype is None else _check_float_dtype("out_dtype", out_dtype)
+    _check_matrix("preact", preact, rows=M, cols=N, device=dev)
     code = _act_code(activation)
     if int(gate_rows) < 1 or int(num_gates) < 0 or int(num_gates) * int(gate_rows) != M:
         raise ValueError(f"num_gates={num_gates} x gate_rows={gate_rows} must equal the rows of grad "
@@ -979,14 +1074,16 @@ ACT_BLOCK_N = 256
 
 
 @on_inputs_device
-def activation_backward(grad, preact, activation):
-    """``grad * act'(preact)`` (both ``(M, N)``, any strides), one elementwise pass; output
-    contiguous in grad's dtype."""
+def activation_backward(grad, preact, activation, *, out_dtype=None):
+    """``grad * act'(preact)`` (both ``(M, N)``, any strides, each in its own dtype), one elementwise
+    pass in fp32; output contiguous in ``out_dtype`` (default grad's dtype; the op passes the
+    pre-activation's, the linear's, as eager's gradient of its 16-bit pre-activation)."""
     _check_matrix("grad", grad)
     M, N = grad.shape
-    _check_matrix("preact", preact, rows=M, cols=N, dtype=grad.dtype, device=grad.device)
+    _check_matrix("preact", preact, rows=M, cols=N, device=grad.device)
     code = _act_code(activation)
-    dx = empty(M, N, dtype=grad.dtype, device=grad.device)
+    odt = grad.dtype if out_dtype is None else _check_float_dtype("out_dtype", out_dtype)
+    dx = empty(M, N, dtype=odt, device=grad.device)
     if M == 0 or N == 0:
         return dx
     _activation_bwd_kernel[(triton.cdiv(M, ACT_BLOCK_M), triton.cdiv(N, ACT_BLOCK_N))](
@@ -1004,6 +1101,7 @@ __all__ = [
     "fused_linear_backward_weight",
     "fused_linear_backward_gate",
     "activation_backward",
+    "out_dtype_of",
     "use_tma",
     "weight_grad_splits",
 ]

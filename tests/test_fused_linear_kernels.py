@@ -376,6 +376,128 @@ def test_activation_backward(activation, dtype, device):
 
 
 # ------------------------------------------------------------------------------------------------
+# mixed dtypes: a 16-bit linear with a float32 residual stream (bf16/fp16 autocast training)
+# ------------------------------------------------------------------------------------------------
+F16, F32 = torch.float16, torch.float32
+GATE_DTYPES = [pytest.param(F32, id="gate-fp32"), pytest.param(F16, id="gate-fp16"), pytest.param(None, id="no-gate")]
+
+
+def mixed_forward_reference(x, w, b, activation, residual, gate, gate_rows, wide):
+    """Eager: the linear and its activation in x's dtype (a 16-bit y), then ``residual + gate * y`` in
+    the promoted dtype; ``wide`` (float64) runs everything in float64 instead."""
+    lin = wide or x.dtype
+    y = act_torch(F.linear(x.to(lin), w.to(lin), None if b is None else b.to(lin)), activation)
+    if gate is not None:
+        y = gate.to(wide or gate.dtype).repeat_interleave(gate_rows, 0) * y
+    if residual is not None:
+        y = residual.to(wide or residual.dtype) + y
+    return y
+
+
+@pytest.mark.parametrize("gate_dtype", GATE_DTYPES)
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
+def test_forward_float32_residual_stream(gate_dtype, tma, device):
+    """fp16 x and weight with a float32 residual and a float32 / fp16 / no per-sample gate (77 rows =
+    7 x 11): the residual and gate are read in their own dtypes, the output is float32 (promote, as
+    eager), y rounded to fp16 before the gate; the pre-activation stays fp16."""
+    x, w, b, _, _ = _data(77, 72, 40, F16, device)
+    res = torch.randn(77, 40, device=device)
+    gate = None if gate_dtype is None else torch.randn(7, 40, device=device, dtype=gate_dtype)
+    for activation in ("gelu", None):
+        out, pre = k.fused_linear_forward(x, w, b, activation=activation, residual=res, gate=gate, gate_rows=11,
+                                          store_preact=True, _use_tma=tma)
+        base = mixed_forward_reference(x, w, b, activation, res, gate, 11, None)
+        ref = mixed_forward_reference(x, w, b, activation, res, gate, 11, torch.float64)
+        assert out.dtype == base.dtype == F32 and pre.dtype == F16 and out.is_contiguous()
+        assert_parity(out, base, ref, name=f"out ({activation}, gate {gate_dtype})")
+        assert_parity(pre, F.linear(x, w, b), F.linear(x.double(), w.double(), b.double()), name="preact")
+
+
+def test_forward_float32_gate_without_residual_and_out_dtype(device):
+    """A float32 gate alone makes a float32 output (DiT's fp32 modulation outside autocast); a 16-bit
+    gate with ``out_dtype=float32`` too; the output dtype is never narrower than promote(...)."""
+    x, w, b, res, _ = _data(33, 72, 48, F16, device)
+    gate = torch.randn(3, 48, device=device)
+    out, _ = k.fused_linear_forward(x, w, b, activation="silu", gate=gate, gate_rows=11)
+    base = mixed_forward_reference(x, w, b, "silu", None, gate, 11, None)
+    assert out.dtype == base.dtype == F32
+    assert_parity(out, base, mixed_forward_reference(x, w, b, "silu", None, gate, 11, torch.float64), name="out")
+    out, _ = k.fused_linear_forward(x, w, b, residual=res, out_dtype=F32)
+    assert out.dtype == F32
+    assert_parity(out, res.float() + F.linear(x, w, b).float(), res.double() + F.linear(x.double(), w.double(), b.double()),
+                  name="out (out_dtype=float32)")
+    assert k.out_dtype_of(F16, res, gate.half()) == F16 and k.out_dtype_of(torch.bfloat16, res) == F32
+    with pytest.raises(TypeError, match=r"out_dtype must be x's dtype \(torch.float16\) or torch.float32, at least "
+                                        r"promote\(x, residual, gate\) = torch.float32; got torch.float16"):
+        k.fused_linear_forward(x, w, b, gate=gate, gate_rows=11, out_dtype=F16)
+    with pytest.raises(TypeError, match=r"out_dtype must be .*got torch.bfloat16"):
+        k.fused_linear_forward(x, w, b, out_dtype=torch.bfloat16)
+
+
+def test_forward_degenerate_k_float32_residual(device):
+    """K = 0 with a float32 residual: act(bias) rounded to x's dtype, then added in float32."""
+    x, w = torch.randn(4, 0, device=device, dtype=F16), torch.randn(8, 0, device=device, dtype=F16)
+    b = torch.randn(8, device=device, dtype=F16)
+    res = torch.randn(4, 8, device=device)
+    out, _ = k.fused_linear_forward(x, w, b, activation="gelu", residual=res)
+    assert out.dtype == F32
+    torch.testing.assert_close(out, res + F.gelu(b.float()).half().float().expand(4, 8))
+
+
+@pytest.mark.parametrize("gate_dtype", GATE_DTYPES)
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
+def test_backward_float32_grad(gate_dtype, tma, device):
+    """The gradient of a float32 output (fp16 linear) with a float32 / fp16 / no gate: the input and
+    weight GEMMs form grad * gate in fp32 and round it to fp16 before the dot (eager's gradient of its
+    fp16 y), so dx, dW and dbias come out in fp16; act' of fc1's fp16 pre-activation in dx's epilogue.
+    The baseline is eager: ``(grad * gate).half()`` then the fp16 GEMMs."""
+    M, N, K = 77, 40, 72
+    grad = torch.randn(M, N, device=device)
+    w = (torch.randn(N, K, device=device) * N ** -0.5).to(F16)
+    x = torch.randn(M, K, device=device, dtype=F16)
+    z = torch.randn(M, K, device=device, dtype=F16)
+    gate = None if gate_dtype is None else torch.randn(7, N, device=device, dtype=gate_dtype)
+
+    def gated(wide):
+        g = grad.to(wide or grad.dtype)
+        if gate is not None:
+            g = g * gate.to(wide or gate.dtype).repeat_interleave(11, 0)
+        return g.to(wide or F16)
+
+    dx = k.fused_linear_backward_input(grad, w, gate=gate, gate_rows=11, act_input="gelu", preact_input=z,
+                                       _use_tma=tma)
+    assert dx.dtype == F16
+    base = _act_grad_reference(z, "gelu", gated(None) @ w)
+    ref = _act_grad_reference(z.double(), "gelu", gated(torch.float64) @ w.double())
+    assert_parity(dx, base, ref, name="dx")
+    for splits in (1, 3):
+        dw, db = k.fused_linear_backward_weight(grad, x, gate=gate, gate_rows=11, splits=splits, _use_tma=tma)
+        assert dw.dtype == db.dtype == F16
+        assert_parity(dw, gated(None).t() @ x, gated(torch.float64).t() @ x.double(), name=f"dW splits={splits}")
+        assert_parity(db, gated(None).sum(0), gated(torch.float64).sum(0), name=f"dbias splits={splits}")
+
+
+@pytest.mark.parametrize("out_dtype", [F32, F16])
+def test_backward_gate_and_activation_float32_grad(out_dtype, device):
+    """dgate from a float32 grad and an fp16 pre-activation, written in the gate's dtype
+    (``out_dtype``); act' of a float32 grad written in the pre-activation's fp16."""
+    M, N = 52, 140
+    grad = torch.randn(M, N, device=device)
+    z = torch.randn(M, N, device=device, dtype=F16)
+    dg = k.fused_linear_backward_gate(grad, z, activation="gelu_tanh", gate_rows=26, num_gates=2, out_dtype=out_dtype)
+    assert dg.dtype == out_dtype and dg.shape == (2, N)
+    base = (grad.to(out_dtype) * act_torch(z, "gelu_tanh").to(out_dtype)).view(2, 26, N).sum(1)
+    ref = (grad.double() * act_torch(z.double(), "gelu_tanh")).view(2, 26, N).sum(1)
+    assert_parity(dg, base, ref, name=f"dgate ({out_dtype})")
+    dz = k.activation_backward(grad, z, "gelu", out_dtype=F16)
+    assert dz.dtype == F16
+    assert_parity(dz, _act_grad_reference(z, "gelu", grad.half()), _act_grad_reference(z.double(), "gelu", grad.double()),
+                  name="act' (float32 grad)")
+    with pytest.raises(TypeError, match="out_dtype must be torch.float16, torch.bfloat16 or torch.float32; got torch.float64"):
+        k.activation_backward(grad, z, "gelu", out_dtype=torch.float64)
+
+
+# ------------------------------------------------------------------------------------------------
 # bad input, configs
 # ------------------------------------------------------------------------------------------------
 
@@ -435,6 +557,21 @@ def test_config_prunes(monkeypatch):
     kept = k._prune_bwd(bwd, fp32, HAS_GATE=True)
     assert all(k._smem_bytes(c, 4, gate_tiles=True) <= k.SMEM_LIMIT for c in kept)
     assert (128, 64, 64) not in {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in kept}
+    # a float32 output (bf16 linear, float32 residual stream): the TMA epilogue's staging half doubles,
+    # 128x256x64 in 4 stages (192 + 64 KiB) no longer fits; read from descriptors' bases too
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    x16 = torch.empty(64, 64, dtype=torch.bfloat16)
+    mixed = {"X": TensorDescriptor(x16, [64, 64], [64, 1], [16, 16]), "W": TensorDescriptor(x16, [64, 64], [64, 1], [16, 16]),
+             "BIAS": torch.empty(1, dtype=torch.float32), "OUT": torch.empty(1, dtype=torch.float32)}
+    kept = k._prune_fwd(fwd, mixed, USE_TMA=True)
+    assert [(c.kwargs["BLOCK_N"], c.num_stages) for c in fwd if c not in kept] == [(256, 4)]
+    assert all(k._smem_bytes(c, 2, tma_epilogue=True, out_elem=4) <= k.SMEM_LIMIT for c in kept)
+    # float32 grad tiles (A) next to bf16 weight tiles (B) in the backward
+    grad32 = {"DY": torch.empty(1, dtype=torch.float32), "W": torch.empty(1, dtype=torch.bfloat16)}
+    kept = k._prune_bwd(bwd, grad32, HAS_GATE=False)
+    assert all(k._smem_bytes(c, 4, b_elem=2) <= k.SMEM_LIMIT for c in kept)
+    assert len(kept) == len([c for c in bwd if k._smem_bytes(c, 4, b_elem=2) <= k.SMEM_LIMIT])
     monkeypatch.setattr(k, "_capability", lambda t: (8, 0))
     kept = k._prune_fwd(fwd, bf16, USE_TMA=False)
     assert kept and small_acc(kept) and all(k._smem_bytes(c, 2) <= k.SMEM_LIMIT_SM80 for c in kept)
