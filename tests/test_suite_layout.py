@@ -37,12 +37,20 @@ MODELS = {
     "CLIP": r"^tests/test_vit_family\.py::test_clip_parity",
 }
 
+# the blocks' linears routed to fused_linear / fused_mlp (issue 16), per family, and on the Triton kernels
+ROUTING = {
+    **{f"{f} routing": rf"^tests/test_linear_routing\.py::test_every_block_routes_its_linears\[{f}\]"
+       for f in ("uvit", "uvit_t2i", "dit", "vit", "vivit", "clip")},
+    "linears on the Triton kernels": r"^tests/test_linear_routing\.py::test_triton_linears_match_plain_within_parity_rule",
+    "optimize routing": r"^tests/test_linear_routing\.py::test_optimize_routes_upstream_linears",
+}
+
 
 def _check_layout(quick, total):
     assert len(quick) >= 100, f"the quick subset has only {len(quick)} tests"
     assert len(quick) < total, "nothing is marked slow: -m 'not slow' runs the whole suite"
     assert len(quick) >= total // 4, f"the quick subset keeps {len(quick)} of {total} tests"
-    missing = [name for group in (OPS, OPCHECK, MODELS) for name, pattern in group.items()
+    missing = [name for group in (OPS, OPCHECK, MODELS, ROUTING) for name, pattern in group.items()
                if not any(re.search(pattern, nodeid) for nodeid in quick)]
     assert not missing, f"the quick subset (-m 'not slow') runs nothing of: {', '.join(missing)}"
 
