@@ -29,6 +29,7 @@ which is what the compiled graph was planned with.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 import threading
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -116,6 +117,12 @@ def _own(outputs: Sequence[Optional[torch.Tensor]], inputs: Sequence[Any]) -> Li
     return out
 
 
+def _key_parts(parts: Sequence[Any]) -> Tuple[Any, ...]:
+    """``(key_op, training, rows, dims, dtypes)`` from a dispatch op's key arguments, ``dtypes``
+    defaulting to ``""`` (a direct call without it, as opcheck's: the key takes the op's tensors')."""
+    return tuple(parts) if len(parts) == 5 else (*parts, "")
+
+
 class DispatchOp:
     """The run-time dispatch op of one fused op (see the module docstring).
 
@@ -152,9 +159,10 @@ class DispatchOp:
         args, returns = _split_schema(str(schema))
         self.n_args = len(schema.arguments)
         self.n_out = len(schema.returns)
-        key_args = "str key_op, bool training, SymInt rows, SymInt[] dims"
+        key_args = "str key_op, bool training, SymInt rows, SymInt[] dims, str dtypes"
+        key_defaults = key_args + '=""'  # callers without the dtypes (opcheck) key by the op's tensors
         self.forward_op = torch.library.custom_op(
-            f"uvit_fast::{name}_dispatch", self._forward_body, mutates_args=(), schema=f"({args}, {key_args}) -> {returns}"
+            f"uvit_fast::{name}_dispatch", self._forward_body, mutates_args=(), schema=f"({args}, {key_defaults}) -> {returns}"
         )
         self.backward_op = torch.library.custom_op(
             f"uvit_fast::{name}_dispatch_backward",
@@ -167,9 +175,12 @@ class DispatchOp:
         self.forward_op.register_autograd(self._autograd_backward, setup_context=self._autograd_setup)
 
     # -- calling ------------------------------------------------------------------------------
-    def __call__(self, *args: Any, key_op: str, training: bool, rows: Any, dims: Sequence[Any]) -> Any:
-        """Run the op with the Triton op's arguments ``args``; the decision is taken when it runs."""
-        return self.forward_op(*args, key_op, bool(training), rows, list(dims))
+    def __call__(self, *args: Any, key_op: str, training: bool, rows: Any, dims: Sequence[Any],
+                 dtypes: str = "") -> Any:
+        """Run the op with the Triton op's arguments ``args``; the decision is taken when it runs.
+        ``dtypes``: the key's dtypes, comma-separated (the caller's tensors', as an eager call's key
+        has them; empty: those of ``args``)."""
+        return self.forward_op(*args, key_op, bool(training), rows, list(dims), dtypes)
 
     def bind(self, op: str, inputs: Sequence[Any], *, rows: Any, dims: Sequence[Any], flags: str = "") -> Callable[..., Any]:
         """A stand-in for the Triton op, called while tracing in place of ``measure``: ``op``,
@@ -178,18 +189,24 @@ class DispatchOp:
         device = next(t for t in inputs if isinstance(t, torch.Tensor)).device
         training = dispatch.is_training(inputs)
         key_op = dispatch.key_name(op, flags, device.type, compiled_training=training)
-        return lambda *args: self(*args, key_op=key_op, training=training, rows=rows, dims=dims)
+        # the key's dtypes are the user's tensors' (before autocast's casts), as in an eager call's
+        # key, so that inference decisions are shared with eager calls and tune()
+        dtypes = ",".join(dispatch.make_key(key_op, inputs, training=training, rows=1).dtypes)
+        return lambda *args: self(*args, key_op=key_op, training=training, rows=rows, dims=dims, dtypes=dtypes)
 
     # -- the decision -------------------------------------------------------------------------
-    def _key(self, args: Sequence[Any], key_op: str, training: bool, rows: int, dims: Sequence[int]):
+    def _key(self, args: Sequence[Any], key_op: str, training: bool, rows: int, dims: Sequence[int],
+             dtypes: str):
         tensors = [args[i] for i in self.tensor_args if args[i] is not None]
-        return dispatch.make_key(key_op, tensors, training=training, rows=rows, dims=dims)
+        key = dispatch.make_key(key_op, tensors, training=training, rows=rows, dims=dims)
+        return dataclasses.replace(key, dtypes=tuple(dtypes.split(","))) if dtypes else key
 
     def _names(self, args: Sequence[Any]) -> List[str]:
         return [*self.candidates(*args), "triton"]
 
-    def _decide(self, args: Sequence[Any], key_op: str, training: bool, rows: int, dims: Sequence[int]) -> str:
-        key = self._key(args, key_op, training, rows, dims)
+    def _decide(self, args: Sequence[Any], key_op: str, training: bool, rows: int, dims: Sequence[int],
+                dtypes: str) -> str:
+        key = self._key(args, key_op, training, rows, dims, dtypes)
         skey = str(key)
         with _PIN_LOCK:
             pinned = _PINNED.get(skey)
@@ -250,8 +267,8 @@ class DispatchOp:
         return tuple(out) if self.n_out > 1 else (out,)
 
     def _forward_body(self, *all_args: Any) -> Any:
-        args, (key_op, training, rows, dims) = all_args[: self.n_args], all_args[self.n_args:]
-        choice = self._decide(args, key_op, training, rows, dims)
+        args, (key_op, training, rows, dims, dtypes) = all_args[: self.n_args], _key_parts(all_args[self.n_args:])
+        choice = self._decide(args, key_op, training, rows, dims, dtypes)
         outputs = tuple(_own(self._run_forward(choice, args), args))
         return outputs if self.n_out > 1 else outputs[0]
 
@@ -292,8 +309,8 @@ class DispatchOp:
 
     def _backward_body(self, grads, outputs, *rest):
         args = rest[: self.n_args]
-        key_op, training, rows, dims, needs = rest[self.n_args:]
-        key = self._key(args, key_op, training, rows, dims)
+        key_op, training, rows, dims, dtypes, needs = rest[self.n_args:]
+        key = self._key(args, key_op, training, rows, dims, dtypes)
         with _PIN_LOCK:
             choice = _PINNED.get(str(key))
         if choice is None:  # a forward always pins its training key first
@@ -321,7 +338,8 @@ class DispatchOp:
         ctx.n_tensors = [args[i] is not None for i in self.tensor_args]
         ctx.save_for_backward(*[args[i] for i in self.tensor_args], *outputs)
         ctx.statics = [None if i in self.tensor_args else args[i] for i in range(self.n_args)]
-        ctx.key = inputs[self.n_args:]
+        ctx.key = _key_parts(inputs[self.n_args:])
+        ctx.n_inputs = len(inputs)
         for o in outputs[self.n_diff:]:
             ctx.mark_non_differentiable(o)
 
@@ -332,12 +350,12 @@ class DispatchOp:
         for i, t in zip(self.tensor_args, tensors):
             args[i] = t
         needs = [bool(ctx.needs_input_grad[i]) and i in self.tensor_args and args[i] is not None for i in range(self.n_args)]
-        none = [None] * (self.n_args + 4)
+        none = [None] * ctx.n_inputs
         if not any(needs):
             return tuple(none)
-        key_op, _, rows, dims = ctx.key
+        key_op, _, rows, dims, dtypes = ctx.key
         got = self.backward_op(list(grads[: self.n_diff]) + [None] * (self.n_out - self.n_diff), list(outputs),
-                               *args, key_op, True, rows, list(dims), needs)
+                               *args, key_op, True, rows, list(dims), dtypes, needs)
         for j, i in enumerate(self.tensor_args):
             if needs[i]:
                 none[i] = got[j]
