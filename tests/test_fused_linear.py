@@ -98,7 +98,7 @@ def _check(op, ref_op, args, kwargs, names, grad=None):
         if t is None:
             continue
         assert t.grad is not None, f"no gradient for {name}"
-        assert t.grad.dtype == t.dtype and t.grad.shape == t.shape, name
+        assert t.grad.dtype == t.dtype == tb.grad.dtype and t.grad.shape == t.shape, name
         assert_parity(t.grad, tb.grad, tr.grad, name=f"d{name}")
 
 
@@ -384,13 +384,17 @@ def test_autocast_dtypes_match_the_reference(which, amp, device):
         assert len(dtypes) == 1
 
 
+@pytest.mark.parametrize("gate_dtype", [torch.float16, torch.float32], ids=["fp16-gate", "fp32-gate"])
 @pytest.mark.parametrize("which", ["linear", "mlp"])
-def test_autocast_fp16_parity(which, device):
-    """fp16 autocast with a float32 residual stream and a per-sample gate: the values, against the
-    float64 reference of the same computation (inputs rounded to fp16 first)."""
+def test_autocast_fp16_parity(which, gate_dtype, monkeypatch, device):
+    """fp16 autocast with a float32 residual stream and a per-sample gate (fp16, as adaLN's linear
+    gives under autocast, or float32): the values and every gradient, against the float64
+    reference of the same computation (parameters rounded to fp16 first), in eager's dtypes; the
+    residual and gate are fused into the kernel (its output is float32)."""
     amp = torch.float16
+    seen = _record_forward(monkeypatch)
     x, w1, b1, w2, b2, r, g = _mlp_inputs((2, 33), 72, 96, 72, torch.float32, device, residual=True, gate="sample")
-    g = g.to(amp)
+    g = g.to(gate_dtype)
     if which == "linear":
         w1, b1 = torch.randn(72, 72, device=device) * 72 ** -0.5, torch.randn(72, device=device)
     params = (x, w1, b1) if which == "linear" else (x, w1, b1, w2, b2)
@@ -405,28 +409,80 @@ def test_autocast_fp16_parity(which, device):
 
     a = [_leaf(t) for t in (*params, r, g)]
     b = [_leaf(t) for t in (*params, r, g)]
-    r64 = [_leaf(t.to(amp) if t.dtype == torch.float32 and t is not r else t, torch.float64) for t in (*params, r, g)]
+    r64 = [_leaf(t.to(amp), torch.float64) for t in params] + [_leaf(r, torch.float64), _leaf(g, torch.float64)]
     with torch.autocast(device.type, dtype=amp):
         out = call(a, "triton")
         base = call(b, ref=True)
     ref = call(r64, ref=True)
     assert out.dtype == base.dtype == torch.float32
+    assert seen[-1] == (torch.float32, gate_dtype, torch.float32)
     assert_parity(out, base, ref, atol=4e-3, name="out (autocast)")
     gr = torch.randn_like(out)
     out.backward(gr)
     base.backward(gr)
     ref.backward(gr.double())
     for i, (t, tb, tr) in enumerate(zip(a, b, r64)):
-        assert t.grad.dtype == t.dtype
+        assert t.grad.dtype == t.dtype == tb.grad.dtype
         assert_parity(t.grad, tb.grad, tr.grad, atol=4e-3, name=f"grad {i} (autocast)")
 
 
-def test_wider_residual_outside_autocast(device):
-    """fp16 x and weights with a float32 residual: the output is float32 as in eager (the kernel runs
-    the fp16 GEMM and gate; the wider residual is added after it), every gradient in its own dtype."""
-    x, w, b, _, g = _linear_inputs((2, 9), 72, 40, torch.float16, device, gate="sample")
+def _record_forward(monkeypatch):
+    """The forward launcher's calls: (residual dtype, gate dtype, output dtype) of each."""
+    from uvit_fast.kernels import fused_linear as k
+
+    seen = []
+    real = k.fused_linear_forward
+
+    def spy(*a, **kw):
+        out = real(*a, **kw)
+        seen.append(tuple(None if kw.get(n) is None else kw[n].dtype for n in ("residual", "gate")) + (out[0].dtype,))
+        return out
+
+    monkeypatch.setattr(k, "fused_linear_forward", spy)
+    return seen
+
+
+F32_STREAM = [
+    pytest.param("sample", torch.float32, id="fp32-gate"),
+    pytest.param("sample", torch.float16, id="fp16-gate"),
+    pytest.param("token", torch.float32, id="fp32-token-gate"),
+    pytest.param(None, None, id="no-gate"),
+]
+
+
+@pytest.mark.parametrize("gate, gate_dtype", F32_STREAM)
+def test_float32_residual_stream_outside_autocast(gate, gate_dtype, monkeypatch, device):
+    """fp16 x and weights with a float32 residual and a float32 or fp16 gate (DiT with float32
+    modulation weights): the kernel reads both in their own dtypes and writes the float32 output
+    (no PyTorch epilogue after it); the output and every gradient match eager's dtypes and pass the
+    2x rule against float64."""
+    seen = _record_forward(monkeypatch)
+    x, w, b, _, _ = _linear_inputs((2, 9), 72, 40, torch.float16, device)
     r = torch.randn(2, 9, 40, device=device)
+    g = _gate(gate, (2, 9), 40, gate_dtype, device)
     _check_linear(x, w, b, r, g, "silu")
+    assert seen == [(torch.float32, gate_dtype, torch.float32)]
+
+
+@pytest.mark.parametrize("gate, gate_dtype", F32_STREAM[:2] + F32_STREAM[3:])
+def test_mlp_float32_residual_stream_outside_autocast(gate, gate_dtype, monkeypatch, device):
+    """The MLP with fp16 weights, a float32 residual and a float32 / fp16 / no gate: fc2's kernel
+    writes float32; dz, every weight, bias, residual and gate gradient in eager's dtypes (2x rule)."""
+    seen = _record_forward(monkeypatch)
+    x, w1, b1, w2, b2, _, _ = _mlp_inputs((2, 9), 72, 96, 40, torch.float16, device)
+    r = torch.randn(2, 9, 40, device=device)
+    _check_mlp(x, w1, b1, w2, b2, r, _gate(gate, (2, 9), 40, gate_dtype, device), "gelu_tanh")
+    assert seen == [(None, None, torch.float16), (torch.float32, gate_dtype, torch.float32)]
+
+
+def test_float64_residual_stays_outside_the_kernel(device):
+    """A float64 residual (a dtype the kernels do not read) is added after the fp32 kernel, in float64."""
+    x, w, b, _, g = _linear_inputs((2, 9), 72, 40, torch.float32, device, gate="sample")
+    r = torch.randn(2, 9, 40, device=device, dtype=torch.float64)
+    out = fused_linear(x, w, b, activation="gelu", residual=r, gate=g, backend="triton")
+    ref = fused_linear_reference(x, w, b, activation="gelu", residual=r, gate=g)
+    assert out.dtype == ref.dtype == torch.float64
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -442,6 +498,12 @@ def _opcheck_cases():
     def lf(*shape):
         return r(*shape).requires_grad_(True)
 
+    def r16(*shape):
+        return r(*shape).half()
+
+    def lf16(*shape):
+        return r16(*shape).requires_grad_(True)
+
     return [
         ("fused_linear", lambda: (lf(M, K), lf(N, K), lf(N), lf(M, N), lf(2, N), "gelu", 9, True)),
         ("fused_linear", lambda: (lf(M, K), lf(N, K), None, None, None, None, 1, False)),
@@ -456,9 +518,19 @@ def _opcheck_cases():
         ("fused_linear_backward_input", lambda: (r(M, N), r(N, K), None, 1, None, None)),
         ("fused_linear_backward_weight", lambda: (r(M, N), r(M, K), r(3, N), 6, True)),
         ("fused_linear_backward_weight", lambda: (r(M, N), r(M, K), None, 1, False)),
-        ("fused_linear_backward_gate", lambda: (r(M, N), r(M, N), "silu", 6, 3)),
-        ("fused_linear_backward_gate", lambda: (r(M, N), r(M, N), None, 1, M)),
+        ("fused_linear_backward_gate", lambda: (r(M, N), r(M, N), "silu", 6, 3, torch.float32)),
+        ("fused_linear_backward_gate", lambda: (r(M, N), r(M, N), None, 1, M, torch.float32)),
         ("fused_linear_activation_backward", lambda: (r(M, N), r(M, N), "gelu_tanh")),
+        # mixed dtypes: fp16 linears with a float32 residual stream and a float32 or fp16 gate
+        ("fused_linear", lambda: (lf16(M, K), lf16(N, K), lf16(N), lf(M, N), lf(2, N), "gelu", 9, True)),
+        ("fused_linear", lambda: (lf16(M, K), lf16(N, K), None, lf(M, N), lf16(M, N), None, 1, True)),
+        ("fused_mlp_fc2", lambda: (r16(M, H), lf16(M, H), lf16(N, H), lf16(N), lf(M, N), lf(2, N), "gelu", 9, True)),
+        ("fused_mlp", lambda: (lf16(M, K), lf16(H, K), lf16(H), lf16(N, H), lf16(N), lf(M, N), lf16(2, N), "gelu_tanh",
+                               9, True, True)),
+        ("fused_linear_backward_input", lambda: (r(M, N), r16(N, K), r(3, N), 6, "gelu", r16(M, K))),
+        ("fused_linear_backward_weight", lambda: (r(M, N), r16(M, K), r16(3, N), 6, True)),
+        ("fused_linear_backward_gate", lambda: (r(M, N), r16(M, N), "gelu", 6, 3, torch.float16)),
+        ("fused_linear_activation_backward", lambda: (r(M, N), r16(M, N), "gelu")),
     ]
 
 

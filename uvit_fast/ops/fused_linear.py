@@ -34,9 +34,14 @@ floating and not float64, are cast to the autocast dtype (custom ops are not aut
 the wrapper casts, as autocast would; the casts are autograd ops, so float32 master weights get
 float32 gradients). ``gate`` and ``residual`` may have any floating dtype: the output is
 ``promote(linear dtype, gate, residual)``, as the eager ``residual + gate * y``. The Triton
-kernels write the linear's dtype; where a gate or residual is wider (float32 residual stream
-under bf16 autocast) that part of the epilogue runs in PyTorch after the kernel, with the
-reference's rounding.
+kernels read a float16, bfloat16 or float32 gate and residual in their own dtypes and write that
+promoted dtype, so the float32 residual stream under bf16/fp16 autocast (and DiT's float32 gate
+outside autocast) stays inside the GEMM: ``y = act(x @ W.T + b)`` is rounded to the linear's dtype
+first, as eager's 16-bit ``y``, then ``residual + gate * y`` runs in fp32. Their backward takes the
+wider gradient, forms ``grad * gate`` in fp32 and rounds it to the linear's dtype before the GEMMs
+(eager's gradient of its 16-bit ``y``); every gradient comes back in its input's dtype (the gate's
+and the residual's in theirs). Only a gate or residual the kernels cannot read (float64) is applied
+in PyTorch after the kernel.
 
 Backends: ``backend="auto"`` runs PyTorch (cuBLAS + the eager epilogue) unless measured dispatch
 (:mod:`uvit_fast.dispatch`) is on and times the Triton kernel faster for the call's key; the
@@ -334,20 +339,25 @@ def _records_grad(*tensors: Optional[torch.Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _kernel_epilogue(dtype: torch.dtype, residual, gate):
-    """The parts of the epilogue the kernel runs in ``dtype`` (the linear's): a gate or residual
-    wider than ``dtype`` would make the eager result wider, so it stays outside (module docstring).
-    Returns ``(residual, gate)`` for the kernel, cast to ``dtype`` (exact: never narrowing)."""
-    fused_gate = gate
-    if gate is not None and torch.promote_types(dtype, gate.dtype) != dtype:
+def _kernel_epilogue(residual, gate):
+    """The parts of the epilogue the kernel runs: a gate or residual in float16, bfloat16 or float32,
+    whatever the linear's dtype (the kernel reads each in its own dtype and writes
+    ``promote(linear dtype, gate, residual)``: the float32 residual stream under 16-bit autocast is
+    fused). One in a dtype the kernel cannot read (float64) stays outside, in PyTorch after the
+    kernel, and so does the residual after an unfused gate. Returns ``(residual, gate)`` for the kernel."""
+    if gate is not None and gate.dtype not in _TRITON_DTYPES:
         return None, None
-    fused_residual = residual
-    if residual is not None and torch.promote_types(dtype, residual.dtype) != dtype:
-        fused_residual = None
-    return (
-        None if fused_residual is None else fused_residual.to(dtype),
-        None if fused_gate is None else fused_gate.to(dtype),
-    )
+    if residual is not None and residual.dtype not in _TRITON_DTYPES:
+        residual = None
+    return residual, gate
+
+
+def _out_dtype(dtype: torch.dtype, residual: Optional[torch.Tensor], gate: Optional[torch.Tensor]) -> torch.dtype:
+    """The kernels' output dtype: ``promote(linear dtype, residual, gate)``, as eager's epilogue."""
+    for t in (residual, gate):
+        if t is not None:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
 
 
 def _rows(t: Optional[torch.Tensor], N: int) -> Optional[torch.Tensor]:
@@ -367,7 +377,7 @@ def _fused_linear_triton(x, weight, bias, residual, gate, activation, cast_to, c
     x, weight, bias = (autocast_cast(t, cast_to) for t in (x, weight, bias))
     _check_dtypes("fused_linear", x.dtype, weight=weight, bias=bias)
     N = weight.shape[0]
-    k_residual, k_gate = _kernel_epilogue(x.dtype, residual, gate)
+    k_residual, k_gate = _kernel_epilogue(residual, gate)
     g2, gate_rows = _gate_rows(x, N, k_gate)
     # the pre-activation feeds act' (gradients of x, weight, bias) and the gate's gradient
     store_preact = (activation is not None and _records_grad(x, weight, bias)) or (
@@ -463,7 +473,7 @@ def _fused_mlp_triton(x, w1, b1, w2, b2, residual, gate, activation, cast_to, ca
     x, w1, b1, w2, b2 = (autocast_cast(t, cast_to) for t in (x, w1, b1, w2, b2))
     _check_dtypes("fused_mlp", x.dtype, fc1_weight=w1, fc1_bias=b1, fc2_weight=w2, fc2_bias=b2)
     N = w2.shape[0]
-    k_residual, k_gate = _kernel_epilogue(x.dtype, residual, gate)
+    k_residual, k_gate = _kernel_epilogue(residual, gate)
     g2, gate_rows = _gate_rows(x, N, k_gate)
     # z feeds act' in dz (gradients of x, fc1's weight and bias); fc2's pre-gate output the gate's gradient
     store_z = _records_grad(x, w1, b1)
@@ -508,7 +518,8 @@ def _fused_linear_op(
 @_fused_linear_op.register_fake
 def _(x, weight, bias, residual, gate, activation, gate_rows, store_preact):
     M, N = x.shape[0], weight.shape[0]
-    return x.new_empty((M, N)), x.new_empty((M, N) if store_preact else (0,))
+    out = x.new_empty((M, N), dtype=_out_dtype(x.dtype, residual, gate))
+    return out, x.new_empty((M, N) if store_preact else (0,))
 
 
 @torch.library.custom_op("uvit_fast::fused_mlp_fc1", mutates_args=())
@@ -545,7 +556,8 @@ def _fused_mlp_fc2_op(
 @_fused_mlp_fc2_op.register_fake
 def _(h, z, weight, bias, residual, gate, activation, gate_rows, store_preact):
     M, N = h.shape[0], weight.shape[0]
-    return h.new_empty((M, N)), h.new_empty((M, N) if store_preact else (0,))
+    out = h.new_empty((M, N), dtype=_out_dtype(h.dtype, residual, gate))
+    return out, h.new_empty((M, N) if store_preact else (0,))
 
 
 @torch.library.custom_op("uvit_fast::fused_linear_backward_input", mutates_args=())
@@ -564,7 +576,7 @@ def _backward_input_op(
 
 @_backward_input_op.register_fake
 def _(grad, weight, gate, gate_rows, act_input, preact_input):
-    return grad.new_empty((grad.shape[0], weight.shape[1]))
+    return weight.new_empty((grad.shape[0], weight.shape[1]))  # the linear's dtype, whatever grad's
 
 
 @torch.library.custom_op("uvit_fast::fused_linear_backward_weight", mutates_args=())
@@ -582,26 +594,29 @@ def _(grad, x, gate, gate_rows, compute_bias):
 
 @torch.library.custom_op("uvit_fast::fused_linear_backward_gate", mutates_args=())
 def _backward_gate_op(
-    grad: torch.Tensor, preact: torch.Tensor, activation: Optional[str], gate_rows: int, num_gates: int
+    grad: torch.Tensor, preact: torch.Tensor, activation: Optional[str], gate_rows: int, num_gates: int,
+    out_dtype: torch.dtype,
 ) -> torch.Tensor:
+    # out_dtype: the gate's (its gradient's) dtype; grad may be wider (the float32 residual stream)
     return _kernel().fused_linear_backward_gate(
-        grad, preact, activation=activation, gate_rows=gate_rows, num_gates=num_gates
+        grad, preact, activation=activation, gate_rows=gate_rows, num_gates=num_gates, out_dtype=out_dtype
     )
 
 
 @_backward_gate_op.register_fake
-def _(grad, preact, activation, gate_rows, num_gates):
-    return grad.new_empty((num_gates, grad.shape[1]))
+def _(grad, preact, activation, gate_rows, num_gates, out_dtype):
+    return grad.new_empty((num_gates, grad.shape[1]), dtype=out_dtype)
 
 
 @torch.library.custom_op("uvit_fast::fused_linear_activation_backward", mutates_args=())
 def _activation_backward_op(grad: torch.Tensor, preact: torch.Tensor, activation: str) -> torch.Tensor:
-    return _kernel().activation_backward(grad, preact, activation)
+    # in the pre-activation's dtype (the linear's), as eager's gradient of its pre-activation
+    return _kernel().activation_backward(grad, preact, activation, out_dtype=preact.dtype)
 
 
 @_activation_backward_op.register_fake
 def _(grad, preact, activation):
-    return grad.new_empty(grad.shape)
+    return grad.new_empty(grad.shape, dtype=preact.dtype)
 
 
 def _saved(t: torch.Tensor) -> Optional[torch.Tensor]:
@@ -632,7 +647,13 @@ def _gate_grad(ctx, grad, preact, gate, activation, need_gate: bool):
     if not need_gate:
         return None
     preact = _need_preact(ctx, preact, grad, "fused_linear")
-    return _backward_gate_op(grad, preact, activation, ctx.gate_rows, gate.shape[0])
+    return _backward_gate_op(grad, preact, activation, ctx.gate_rows, gate.shape[0], gate.dtype)
+
+
+def _residual_grad(ctx, grad, need_res: bool):
+    """The residual's gradient: the output's, in the residual's dtype (a 16-bit residual under a
+    float32 gate gets a 16-bit gradient, as eager's add)."""
+    return grad.to(ctx.res_dtype) if need_res else None
 
 
 def _linear_setup(ctx, inputs, output):
@@ -643,6 +664,7 @@ def _linear_setup(ctx, inputs, output):
     ctx.save_for_backward(x, weight, gate, _saved(preact))
     ctx.activation, ctx.gate_rows = activation, gate_rows
     ctx.has_bias = bias is not None
+    ctx.res_dtype = None if residual is None else residual.dtype
 
 
 def _linear_backward(ctx, grad, _grad_preact):
@@ -657,7 +679,7 @@ def _linear_backward(ctx, grad, _grad_preact):
     dx = _backward_input_op(dpre, weight, gate, ctx.gate_rows, None, None) if need_x else None
     dweight, dbias = _linear_weight_grads(ctx, dpre, x, gate, need_w, need_b)
     dgate = _gate_grad(ctx, grad, preact, gate, ctx.activation, need_gate)
-    return dx, dweight, dbias, (grad if need_res else None), dgate, None, None, None
+    return dx, dweight, dbias, _residual_grad(ctx, grad, need_res), dgate, None, None, None
 
 
 _fused_linear_op.register_autograd(_linear_backward, setup_context=_linear_setup)
@@ -695,6 +717,7 @@ def _fc2_setup(ctx, inputs, output):
     ctx.save_for_backward(h, _saved(z), weight, gate, _saved(preact))
     ctx.activation, ctx.gate_rows = activation, gate_rows
     ctx.has_bias = bias is not None
+    ctx.res_dtype = None if residual is None else residual.dtype
 
 
 def _fc2_backward(ctx, grad, _grad_preact):
@@ -712,7 +735,7 @@ def _fc2_backward(ctx, grad, _grad_preact):
         dz = _backward_input_op(grad, weight, gate, ctx.gate_rows, ctx.activation, act_z)
     dweight, dbias = _linear_weight_grads(ctx, grad, h, gate, need_w, need_b and ctx.has_bias)
     dgate = _gate_grad(ctx, grad, preact, gate, None, need_gate)
-    return None, dz, dweight, dbias, (grad if need_res else None), dgate, None, None, None
+    return None, dz, dweight, dbias, _residual_grad(ctx, grad, need_res), dgate, None, None, None
 
 
 _fused_mlp_fc2_op.register_autograd(_fc2_backward, setup_context=_fc2_setup)
@@ -750,7 +773,7 @@ def _fused_mlp_op(
 @_fused_mlp_op.register_fake
 def _(x, w1, b1, w2, b2, residual, gate, activation, gate_rows, store_z, store_preact):
     M, H, N = x.shape[0], w1.shape[0], w2.shape[0]
-    return (x.new_empty((M, N)), x.new_empty((M, H)), x.new_empty((M, H) if store_z else (0,)),
+    return (x.new_empty((M, N), dtype=_out_dtype(x.dtype, residual, gate)), x.new_empty((M, H)), x.new_empty((M, H) if store_z else (0,)),
             x.new_empty((M, N) if store_preact else (0,)))
 
 
@@ -762,6 +785,7 @@ def _mlp_setup(ctx, inputs, output):
     ctx.save_for_backward(x, w1, h, _saved(z), w2, gate, _saved(preact))
     ctx.activation, ctx.gate_rows = activation, gate_rows
     ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
+    ctx.res_dtype = None if residual is None else residual.dtype
 
 
 class _SubCtx:
@@ -779,7 +803,7 @@ def _mlp_backward(ctx, grad, *_stats):
         return (None,) * 11
     fc1_needs = (need_x, need_w1, need_b1 and ctx.has_b1)
     fc2 = _SubCtx((h, z, w2, gate, preact), (False, any(fc1_needs), need_w2, need_b2, need_res, need_gate),
-                  activation=ctx.activation, gate_rows=ctx.gate_rows, has_bias=ctx.has_b2)
+                  activation=ctx.activation, gate_rows=ctx.gate_rows, has_bias=ctx.has_b2, res_dtype=ctx.res_dtype)
     _, dz, dw2, db2, dres, dgate, *_ = _fc2_backward(fc2, grad, None)
     dx = dw1 = db1 = None
     if any(fc1_needs):
