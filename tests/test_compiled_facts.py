@@ -123,7 +123,8 @@ def test_ptx_readers():
     assert [lp["bytes"] for lp in loops] == [16 + 8 + 16, 4]
     # the second loop reads under half the bytes of the first: not a main loop
     assert kr.main_loops({"loops": loops}) == [loops[0]]
-    # attention's backward at head_dim 72 (sm_90): the masked and unmasked full-step loops read 52,
+    # attention's backward at head_dim 72 (sm_90) with a 16-row tail step (configs whose main step is
+    # 16 rows): the masked and unmasked full-step loops read 52,
     # the 16-row tail loops 32 (one 2-byte element per thread for the remainder): the tails are not
     # main loops; a loop over 3/4 of the busiest is
     main, tail = {"bytes": 52}, {"bytes": 32}
