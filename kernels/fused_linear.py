@@ -65,7 +65,7 @@ def _set_desc_blocks(nargs):
     """Autotune pre-hook: a config's tile sizes become the tensor descriptors' block shapes (the x
     and weight tiles of the K loop; the output, pre-activation and residual tiles of the epilogue)."""
     bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
-    epi = [bm, bn // 2]  # the epilogue runs in two column halves
+    epi = [bm, bn // (4 if nargs.get("EPI_QUARTERS") else 2)]  # the epilogue runs in column halves (quarters)
     for name, block in (("X", [bm, bk]), ("W", [bn, bk]), ("OUT", epi), ("PRE", epi), ("RES", epi)):
         if isinstance(nargs.get(name), TensorDescriptor):
             nargs[name].block_shape = block
@@ -109,11 +109,13 @@ _FWD_SHAPES = [
     (64, 128, 64, 4, 4),
     (64, 64, 64, 4, 4),
 ]
-# the backward GEMMs (one program per tile): the configs of kernels/skip_concat_linear.py
+# the backward GEMMs (one program per tile): the configs of kernels/skip_concat_linear.py, plus 128x128x64 in
+# 3 stages (8 warps) for a float32 grad next to 16-bit operands, whose 4-stage pipeline no longer fits
 _BWD_SHAPES = [
     (128, 256, 64, 8, 3),
     (256, 128, 64, 8, 3),
     (128, 128, 64, 8, 4),
+    (128, 128, 64, 8, 3),  # fits with float32 grad tiles and a gate (autocast's float32 residual stream)
     (128, 128, 64, 4, 4),
     (128, 64, 64, 4, 4),
     (64, 128, 64, 4, 4),
@@ -146,10 +148,11 @@ def _smem_bytes(config, elem_size: int, tma_epilogue: bool = False, gate_tiles: 
     """Shared memory of a config: ``stages`` buffers of an A tile (``elem_size`` bytes per element)
     and a B tile (``b_elem``, default ``elem_size``), and of a gate tile of A's shape (``gate_elem``)
     when the backward pipelines one alongside A, plus, for the forward's TMA epilogue, the staging
-    buffer of one ``(BLOCK_M, BLOCK_N / 2)`` output half in the output's element size (``out_elem``;
-    Triton's allocation compiled for sm_90: 144 KiB + 32 KiB for 128x256x64 in 3 stages, bf16). The
-    mixed-dtype variants (a float32 residual stream under bf16 autocast) have a float32 output or
-    float32 grad tiles next to 16-bit operands."""
+    buffer of one ``(BLOCK_M, BLOCK_N / 2)`` output half (Triton's allocation compiled for sm_90:
+    144 KiB + 32 KiB for 128x256x64 in 3 stages, bf16), or of one ``(BLOCK_M, BLOCK_N / 4)`` quarter
+    when the output is wider than x (``out_elem``: a float32 output under bf16 autocast, whose
+    epilogue runs in quarters; the same 32 KiB). The backward's A tiles are float32 when the grad is
+    (the float32 residual stream's)."""
     k = config.kwargs
     b_elem = elem_size if b_elem is None else b_elem
     a_bytes = k["BLOCK_M"] * elem_size
@@ -157,7 +160,8 @@ def _smem_bytes(config, elem_size: int, tma_epilogue: bool = False, gate_tiles: 
         a_bytes += k["BLOCK_M"] * (elem_size if gate_elem is None else gate_elem)
     smem = config.num_stages * (a_bytes + k["BLOCK_N"] * b_elem) * k["BLOCK_K"]
     if tma_epilogue:
-        smem += k["BLOCK_M"] * (k["BLOCK_N"] // 2) * (elem_size if out_elem is None else out_elem)
+        out_elem = elem_size if out_elem is None else out_elem
+        smem += k["BLOCK_M"] * (k["BLOCK_N"] // (4 if out_elem > elem_size else 2)) * out_elem
     return smem
 
 
@@ -275,7 +279,7 @@ def _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 # forward: out[M, N] = residual + gate[m // gate_rows] * act(x @ weight.T + bias)
 # --------------------------------------------------------------------------------------------
 @triton.autotune(configs=_FWD_CONFIGS, key=["M_BUCKET", "N", "K", "ACTIVATION", "HAS_GATE", "HAS_RES", "STORE_PRE",
-                                          "USE_TMA", "Y_ROUND"], prune_configs_by=_PRUNE_FWD)
+                                          "USE_TMA", "Y_ROUND", "EPI_QUARTERS"], prune_configs_by=_PRUNE_FWD)
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit
 def _fused_linear_fwd_kernel(
@@ -311,6 +315,7 @@ def _fused_linear_fwd_kernel(
     STORE_PRE: tl.constexpr,
     USE_TMA: tl.constexpr,
     Y_ROUND: tl.constexpr,
+    EPI_QUARTERS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -357,16 +362,35 @@ def _fused_linear_fwd_kernel(
                 b_ptrs += BLOCK_K * stride_wk
 
         # the epilogue in two column halves (BLOCK_M, BLOCK_N // 2): half the registers live at a time
-        # (the whole tile's epilogue spilled at 128x256 compiled for sm_90)
+        # (the whole tile's epilogue spilled at 128x256 compiled for sm_90); in quarters when the
+        # output is wider than x (a float32 residual stream: its float32 residual and output tiles
+        # take twice the registers; in halves, DiT's fc2 with a bf16 gate spilled 8 B at 128x256)
         halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
         acc0, acc1 = tl.split(halves)
+        m0 = pid_m * BLOCK_M
         n0 = pid_n * BLOCK_N
-        _epilogue(acc0, pid_m * BLOCK_M, n0, offs_m, mask_m, BIAS, RES, GATE, OUT, PRE, N, gate_rows, stride_b,
-                  stride_rm, stride_rn, stride_gg, stride_gn, stride_om, stride_on, stride_pm, stride_pn,
-                  HAS_BIAS, ACTIVATION, HAS_GATE, HAS_RES, STORE_PRE, USE_TMA, Y_ROUND, BLOCK_N // 2)
-        _epilogue(acc1, pid_m * BLOCK_M, n0 + BLOCK_N // 2, offs_m, mask_m, BIAS, RES, GATE, OUT, PRE, N, gate_rows,
-                  stride_b, stride_rm, stride_rn, stride_gg, stride_gn, stride_om, stride_on, stride_pm, stride_pn,
-                  HAS_BIAS, ACTIVATION, HAS_GATE, HAS_RES, STORE_PRE, USE_TMA, Y_ROUND, BLOCK_N // 2)
+        if EPI_QUARTERS:
+            acc00, acc01 = tl.split(tl.permute(tl.reshape(acc0, (BLOCK_M, 2, BLOCK_N // 4)), (0, 2, 1)))
+            acc10, acc11 = tl.split(tl.permute(tl.reshape(acc1, (BLOCK_M, 2, BLOCK_N // 4)), (0, 2, 1)))
+            _epilogue(acc00, m0, n0, offs_m, mask_m, BIAS, RES, GATE, OUT, PRE, N, gate_rows, stride_b,
+                      stride_rm, stride_rn, stride_gg, stride_gn, stride_om, stride_on, stride_pm, stride_pn,
+                      HAS_BIAS, ACTIVATION, HAS_GATE, HAS_RES, STORE_PRE, USE_TMA, Y_ROUND, BLOCK_N // 4)
+            _epilogue(acc01, m0, n0 + BLOCK_N // 4, offs_m, mask_m, BIAS, RES, GATE, OUT, PRE, N, gate_rows, stride_b,
+                      stride_rm, stride_rn, stride_gg, stride_gn, stride_om, stride_on, stride_pm, stride_pn,
+                      HAS_BIAS, ACTIVATION, HAS_GATE, HAS_RES, STORE_PRE, USE_TMA, Y_ROUND, BLOCK_N // 4)
+            _epilogue(acc10, m0, n0 + BLOCK_N // 2, offs_m, mask_m, BIAS, RES, GATE, OUT, PRE, N, gate_rows, stride_b,
+                      stride_rm, stride_rn, stride_gg, stride_gn, stride_om, stride_on, stride_pm, stride_pn,
+                      HAS_BIAS, ACTIVATION, HAS_GATE, HAS_RES, STORE_PRE, USE_TMA, Y_ROUND, BLOCK_N // 4)
+            _epilogue(acc11, m0, n0 + 3 * (BLOCK_N // 4), offs_m, mask_m, BIAS, RES, GATE, OUT, PRE, N, gate_rows, stride_b,
+                      stride_rm, stride_rn, stride_gg, stride_gn, stride_om, stride_on, stride_pm, stride_pn,
+                      HAS_BIAS, ACTIVATION, HAS_GATE, HAS_RES, STORE_PRE, USE_TMA, Y_ROUND, BLOCK_N // 4)
+        else:
+            _epilogue(acc0, m0, n0, offs_m, mask_m, BIAS, RES, GATE, OUT, PRE, N, gate_rows, stride_b,
+                      stride_rm, stride_rn, stride_gg, stride_gn, stride_om, stride_on, stride_pm, stride_pn,
+                      HAS_BIAS, ACTIVATION, HAS_GATE, HAS_RES, STORE_PRE, USE_TMA, Y_ROUND, BLOCK_N // 2)
+            _epilogue(acc1, m0, n0 + BLOCK_N // 2, offs_m, mask_m, BIAS, RES, GATE, OUT, PRE, N, gate_rows,
+                      stride_b, stride_rm, stride_rn, stride_gg, stride_gn, stride_om, stride_on, stride_pm,
+                      stride_pn, HAS_BIAS, ACTIVATION, HAS_GATE, HAS_RES, STORE_PRE, USE_TMA, Y_ROUND, BLOCK_N // 2)
 
 
 @triton.jit
@@ -889,7 +913,8 @@ def fused_linear_forward(x, weight, bias=None, *, activation=None, residual=None
         out.stride(0), out.stride(1),
         pre.stride(0) if store_preact else 0, pre.stride(1) if store_preact else 0,
         HAS_BIAS=bias is not None, ACTIVATION=code, HAS_GATE=gate is not None, HAS_RES=residual is not None,
-        STORE_PRE=bool(store_preact), USE_TMA=tma, Y_ROUND=y_round, INPUT_PRECISION=_input_precision(dt),
+        STORE_PRE=bool(store_preact), USE_TMA=tma, Y_ROUND=y_round, EPI_QUARTERS=odt != dt,
+        INPUT_PRECISION=_input_precision(dt),
     )
     return out, pre
 
