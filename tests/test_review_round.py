@@ -53,3 +53,20 @@ def test_compiled_inference_under_autocast_reuses_the_eager_decision(fresh, monk
     assert len(keys) == 1
     assert set(fresh.decisions()) == keys, f"compiled inference measured {set(fresh.decisions()) - keys}"
     torch.testing.assert_close(compiled, eager)
+
+
+def test_a_cache_file_that_is_not_utf8_is_ignored_with_a_warning_and_rewritten(tmp_path):
+    """A corrupt cache file is ignored with a warning (issue #15), binary garbage included: reading it
+    raised UnicodeDecodeError (a ValueError, not an OSError) out of load() and store(), so every
+    measured op call failed until the file was deleted by hand."""
+    path = tmp_path / "tune.json"
+    path.write_bytes(b"\xff\xfe{\x00garbage")
+    cache = TuneCache(path)
+    with pytest.warns(UserWarning, match="corrupt"):
+        assert cache.load() == {}
+    disp = Dispatcher(cache)
+    key = dispatch.make_key("op", [torch.zeros(2)], training=False, rows=2)
+    with pytest.warns(UserWarning, match="corrupt"):
+        decision = disp.decide(key, {"torch": lambda: None, "triton": lambda: None}, lambda fn: 1.0)
+    assert decision.choice == "torch"
+    assert set(TuneCache(path).load()) == {str(key)}  # rewritten as a valid file

@@ -219,7 +219,7 @@ class TuneCache:
 
     def _read(self, warn: bool) -> Dict[str, Decision]:
         try:
-            text = self.path.read_text()
+            text = self.path.read_bytes()  # decoded by json.loads: bad UTF-8 is a ValueError, below
         except FileNotFoundError:
             return {}
         except OSError as exc:
