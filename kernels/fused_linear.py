@@ -214,7 +214,14 @@ def _prune_bwd(configs, named_args, **kwargs):
     heavy = gate or bool(kwargs.get("ACT_INPUT"))
     sizes = {"a_elem": _elem(named_args, "DY"), "b_elem": _elem(named_args, "W", "X", "DY"),
              "gate_elem": _elem(named_args, "GATE", "DY")}
-    return _prune(configs, named_args, tma_epilogue=False, gate_tiles=gate, heavy=heavy, sizes=sizes)
+    kept = _prune(configs, named_args, tma_epilogue=False, gate_tiles=gate, heavy=heavy, sizes=sizes)
+    if "X" in named_args and sizes["a_elem"] > sizes["b_elem"]:
+        # the weight gradient of a float32 grad (the float32 residual stream) next to 16-bit x: its
+        # grad tile, used transposed and summed into dbias, is held in fp32; compiled for sm_90 the
+        # configs with 64 or more of its registers per thread spilled (128x128x64 with 4 warps: 216 B;
+        # 128x64x64 with a gate: 56 B)
+        kept = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] < 128 * 16 * c.num_warps] or kept[-1:]
+    return kept
 
 
 _PRUNE_FWD = {"early_config_prune": _prune_fwd}

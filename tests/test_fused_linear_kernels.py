@@ -573,6 +573,12 @@ def test_config_prunes(monkeypatch):
     kept = k._prune_bwd(bwd, grad32, HAS_GATE=False)
     assert all(k._smem_bytes(c, 4, b_elem=2) <= k.SMEM_LIMIT for c in kept)
     assert len(kept) == len([c for c in bwd if k._smem_bytes(c, 4, b_elem=2) <= k.SMEM_LIMIT])
+    # the weight gradient of a float32 grad: no config holding 64+ fp32 grad-tile registers per thread
+    wbwd = k._make_configs(k._BWD_SHAPES, hook=k._set_bwd_weight_blocks)
+    for gated in (False, True):
+        kept = k._prune_bwd(wbwd, {"DY": grad32["DY"], "X": grad32["W"]}, HAS_GATE=gated)
+        assert kept and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] // (32 * c.num_warps) < 64 for c in kept)
+        assert (128, 256, 64) in {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in kept} or gated
     monkeypatch.setattr(k, "_capability", lambda t: (8, 0))
     kept = k._prune_fwd(fwd, bf16, USE_TMA=False)
     assert kept and small_acc(kept) and all(k._smem_bytes(c, 2) <= k.SMEM_LIMIT_SM80 for c in kept)
