@@ -114,8 +114,12 @@ def make_key(
     present = [t for t in tensors if t is not None]
     if not present:
         raise ValueError(f"make_key: {op} needs at least one tensor")
-    dtypes = tuple(str(t.dtype).replace("torch.", "") for t in present)
-    return DispatchKey(op, bool(training), (bucket(rows), *map(int, dims)), dtypes, device_name(present[0].device))
+    return DispatchKey(op, bool(training), (bucket(rows), *map(int, dims)), dtype_names(present), device_name(present[0].device))
+
+
+def dtype_names(tensors: Sequence[Any]) -> Tuple[str, ...]:
+    """The dtypes part of a key: each tensor's dtype without ``torch.`` (``None`` entries skipped)."""
+    return tuple(str(t.dtype).replace("torch.", "") for t in tensors if isinstance(t, torch.Tensor))
 
 
 @dataclasses.dataclass

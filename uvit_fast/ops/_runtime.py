@@ -191,7 +191,7 @@ class DispatchOp:
         key_op = dispatch.key_name(op, flags, device.type, compiled_training=training)
         # the key's dtypes are the user's tensors' (before autocast's casts), as in an eager call's
         # key, so that inference decisions are shared with eager calls and tune()
-        dtypes = ",".join(dispatch.make_key(key_op, inputs, training=training, rows=1).dtypes)
+        dtypes = ",".join(dispatch.dtype_names(inputs))
         return lambda *args: self(*args, key_op=key_op, training=training, rows=rows, dims=dims, dtypes=dtypes)
 
     # -- the decision -------------------------------------------------------------------------
