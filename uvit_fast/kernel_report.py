@@ -578,7 +578,10 @@ def _launch_attention(s: Shape, dt) -> None:
 def _launch_fused_linear(s: Shape, dt) -> None:
     """The block's linears through kernels/fused_linear.py: qkv (bias), fc1 + GELU (pre-activation
     stored), fc2 + residual (DiT: + per-sample gate), and their backward GEMMs (fc2's input gradient
-    with GELU' in its epilogue)."""
+    with GELU' in its epilogue); in 16-bit dtypes also fc2 with autocast's float32 residual stream
+    (float32 residual and output, a float32 dy into its backward GEMMs)."""
+    import torch
+
     from uvit_fast.kernels import fused_linear as k
 
     B, L, D = s.batch, s.tokens, s.dim
@@ -601,6 +604,11 @@ def _launch_fused_linear(s: Shape, dt) -> None:
     k.fused_linear_backward_input(dz, w1)
     k.fused_linear_backward_weight(dz, x, compute_bias=True)
     k.activation_backward(dz, z, act)
+    if dt in (torch.float16, torch.bfloat16):  # autocast's float32 residual stream: fc2 + it, a float32 dy
+        x32, dy32 = _randn(M, D, dtype=torch.float32), _randn(M, D, dtype=torch.float32)
+        k.fused_linear_forward(h, w2, b2, residual=x32, gate=gate, gate_rows=L)
+        k.fused_linear_backward_input(dy32, w2, gate=gate, gate_rows=L, act_input=act, preact_input=z)
+        k.fused_linear_backward_weight(dy32, h, gate=gate, gate_rows=L, compute_bias=True)
 
 
 _LAUNCHERS: Dict[str, Callable] = {
