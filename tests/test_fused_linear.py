@@ -584,6 +584,47 @@ def test_torch_compile_fullgraph(which, device):
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["forced", "measured"])
+def test_compile_float32_residual_stream(mode, fresh, monkeypatch, device):
+    """torch.compile(fullgraph=True) of the MLP with fp16 weights, a float32 residual and an fp16
+    gate: forced onto the kernels, and through the run-time dispatch op with the Triton side timed
+    fastest (the composite uvit_fast::fused_mlp): the float32 output and every gradient in eager's
+    dtypes, equal to the eager Triton call's."""
+    import torch._dynamo
+
+    if mode == "measured":
+        times = iter([3.0, 1.0])  # torch, triton
+        monkeypatch.setattr(dispatch, "default_timer", lambda device_type: (lambda fn: (fn(), next(times))[1]))
+    x, w1, b1, w2, b2, _, g = _mlp_inputs((2, 9), 72, 96, 40, torch.float16, device, gate="sample")
+    r = torch.randn(2, 9, 40, device=device)
+    backend = "triton" if mode == "forced" else "auto"
+
+    def f(*t):
+        return fused_mlp(*t[:5], activation="gelu_tanh", residual=t[5], gate=t[6], backend=backend)
+
+    codes = []
+
+    def keep(gm, example_inputs):
+        codes.append(gm.code)
+        return gm.forward
+
+    torch._dynamo.reset()
+    leaves = [_leaf(t) for t in (x, w1, b1, w2, b2, r, g)]
+    out = torch.compile(f, fullgraph=True, backend=keep)(*leaves)
+    out.backward(torch.ones_like(out))
+    eager = [_leaf(t) for t in (x, w1, b1, w2, b2, r, g)]
+    want = fused_mlp(*eager[:5], activation="gelu_tanh", residual=eager[5], gate=eager[6], backend="triton")
+    want.backward(torch.ones_like(want))
+    assert out.dtype == want.dtype == torch.float32
+    assert ("uvit_fast.fused_mlp_dispatch" if mode == "measured" else "uvit_fast.fused_mlp_fc2") in codes[0]
+    if mode == "measured":
+        assert [d.choice for d in fresh.decisions().values()] == ["triton"]
+    torch.testing.assert_close(out, want, rtol=1e-3, atol=1e-3)
+    for a, b in zip(leaves, eager):
+        assert a.grad.dtype == b.grad.dtype == a.dtype
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-3)
+
+
 def test_flop_counter_counts_the_custom_ops(device):
     from torch.utils.flop_counter import FlopCounterMode
 
