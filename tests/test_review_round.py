@@ -70,3 +70,29 @@ def test_a_cache_file_that_is_not_utf8_is_ignored_with_a_warning_and_rewritten(t
         decision = disp.decide(key, {"torch": lambda: None, "triton": lambda: None}, lambda fn: 1.0)
     assert decision.choice == "torch"
     assert set(TuneCache(path).load()) == {str(key)}  # rewritten as a valid file
+
+
+def test_measuring_inside_a_non_reentrant_checkpoint_trains(fresh, monkeypatch):
+    """U-ViT's use_checkpoint (torch.utils.checkpoint, use_reentrant=False) with measured dispatch (the
+    default on CUDA): the first step timed the candidates' forward and backward under the
+    checkpoint's saved-tensor hooks, so the checkpoint counted the timing runs' saved tensors and
+    backward raised CheckpointError (a different number of tensors saved in forward and recompute)."""
+    import torch.utils.checkpoint as cp
+
+    def timer_factory(device_type):
+        return lambda fn: (fn(), 1.0)[1]  # each candidate runs once; a tie keeps PyTorch
+
+    monkeypatch.setattr(dispatch, "default_timer", timer_factory)
+    torch.manual_seed(0)
+    x = torch.randn(1, 7, 8, requires_grad=True)
+    w, b = torch.randn(12, 8, requires_grad=True), torch.randn(12, requires_grad=True)
+
+    def block(x):
+        return ops.fused_linear(x, w, b, activation="gelu")
+
+    out = cp.checkpoint(block, x, use_reentrant=False)
+    got = torch.autograd.grad(out.sum(), (x, w, b))
+    assert len(fresh.decisions()) == 1  # measured inside the checkpointed forward
+    expected = torch.autograd.grad(ops.fused_linear_reference(x, w, b, activation="gelu").sum(), (x, w, b))
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)

@@ -167,6 +167,17 @@ def default_timer(device_type: str) -> Timer:
     return cuda_timer if device_type == "cuda" else cpu_timer
 
 
+def _keep(t: Any) -> Any:
+    return t
+
+
+def _plain_saves() -> Any:
+    """Identity saved-tensor hooks over the caller's (none can be active where hooks are disabled)."""
+    if not torch._C._autograd._saved_tensors_hooks_is_enabled():
+        return contextlib.nullcontext()
+    return torch.autograd.graph.saved_tensors_hooks(_keep, _keep)
+
+
 def choose(key: str, candidates: Mapping[str, Callable[[], Any]], timer: Timer) -> Decision:
     """Time every candidate and keep the fastest. The first candidate is the baseline (the PyTorch
     path): it wins ties, so another candidate must be strictly faster to be kept. A candidate that
@@ -178,7 +189,10 @@ def choose(key: str, candidates: Mapping[str, Callable[[], Any]], timer: Timer) 
     first_error: Optional[BaseException] = None
     for name, fn in candidates.items():
         try:
-            timings[name] = float(timer(fn))
+            # the timing runs save their tensors plainly, never through the caller's saved-tensor
+            # hooks (a non-reentrant checkpoint would count them, save_on_cpu would copy them)
+            with _plain_saves():
+                timings[name] = float(timer(fn))
         except Exception as exc:  # noqa: BLE001 - a candidate that cannot run here loses
             timings[name] = None
             errors[name] = f"{type(exc).__name__}: {exc}".strip()[:500]
