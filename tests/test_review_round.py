@@ -96,3 +96,26 @@ def test_measuring_inside_a_non_reentrant_checkpoint_trains(fresh, monkeypatch):
     expected = torch.autograd.grad(ops.fused_linear_reference(x, w, b, activation="gelu").sum(), (x, w, b))
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e)
+
+
+@pytest.mark.slow
+def test_a_checkpointed_uvit_trains_while_measuring(fresh, monkeypatch):
+    """The user-level form of the test above: create_model(..., use_checkpoint=True), a first training
+    step with measured dispatch (every candidate run once, PyTorch kept): it trains, and every
+    gradient equals the PyTorch path's."""
+    import copy
+
+    import uvit_fast
+    from uvit_fast import create_model
+
+    monkeypatch.setattr(dispatch, "default_timer", lambda device_type: (lambda fn: (fn(), 1.0)[1]))
+    torch.manual_seed(0)
+    model = create_model("cifar10_uvit_small", depth=1, embed_dim=72, num_heads=1, img_size=8, use_checkpoint=True)
+    ref = copy.deepcopy(model)
+    args = model.example_inputs(1)
+    model(*args).square().mean().backward()
+    assert fresh.decisions()  # the step measured
+    with uvit_fast.use_backend("torch"):
+        ref(*args).square().mean().backward()
+    for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
