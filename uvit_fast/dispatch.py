@@ -172,8 +172,10 @@ def _keep(t: Any) -> Any:
 
 
 def _plain_saves() -> Any:
-    """Identity saved-tensor hooks over the caller's (none can be active where hooks are disabled)."""
-    if not torch._C._autograd._saved_tensors_hooks_is_enabled():
+    """Identity saved-tensor hooks over the caller's, only where the caller has some (torch.func, which
+    the run-time dispatch ops time PyTorch backwards with, refuses to run under any)."""
+    hooks = torch._C._autograd
+    if not hooks._saved_tensors_hooks_is_enabled() or hooks._top_saved_tensors_default_hooks(False) is None:
         return contextlib.nullcontext()
     return torch.autograd.graph.saved_tensors_hooks(_keep, _keep)
 
