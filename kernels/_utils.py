@@ -78,3 +78,23 @@ def patch_row_offsets(offs_m, L, Gh, Gw, s_b, s_t, s_h, s_w,
     ww = r % Gw
     return (b.to(tl.int64) * s_b + tg.to(tl.int64) * (PT * s_t)
             + hh.to(tl.int64) * (PH * s_h) + ww.to(tl.int64) * (PW * s_w))
+
+
+# Per-block shared memory, bytes, that a kernel's config may use (the GEMM kernels prune to it)
+SMEM_LIMIT = 232448  # H100/H200 (227 KiB)
+SMEM_LIMIT_SM80 = 166912  # A100 (163 KiB)
+SMEM_LIMIT_OTHER = 101376  # sm_86 / sm_89 / sm_120 (99 KiB)
+
+
+def capability(t: torch.Tensor):
+    """``(major, minor)`` of ``t``'s CUDA GPU, None off CUDA (interpreter)."""
+    return torch.cuda.get_device_capability(t.device) if t.device.type == "cuda" else None
+
+
+def smem_limit(cap) -> int:
+    """Per-block shared memory of a GPU of capability ``cap`` (the H100's when None)."""
+    if cap is None or cap[0] in (9, 10):
+        return SMEM_LIMIT
+    if tuple(cap) in ((8, 0), (8, 7)):
+        return SMEM_LIMIT_SM80
+    return SMEM_LIMIT_OTHER

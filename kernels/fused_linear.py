@@ -45,6 +45,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._precision import tf32_matmul_allowed
 from ._utils import empty, on_inputs_device
+from ._utils import SMEM_LIMIT, SMEM_LIMIT_OTHER, SMEM_LIMIT_SM80  # noqa: F401 - read by tests
+from ._utils import capability as _capability, smem_limit as _smem_limit
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip() == "1"
 
@@ -53,9 +55,6 @@ _ACT_CODE = {None: 0, "gelu": 1, "gelu_tanh": 2, "silu": 3, "quick_gelu": 4}
 
 INTERPRET_PROGRAMS = 3  # persistent programs under the interpreter (an odd count: programs share tiles unevenly)
 
-SMEM_LIMIT = 232448  # bytes of shared memory one block may use on an H100/H200 (227 KiB)
-SMEM_LIMIT_SM80 = 166912  # A100 (163 KiB)
-SMEM_LIMIT_OTHER = 101376  # sm_86 / sm_89 / sm_120 (99 KiB)
 
 
 # --------------------------------------------------------------------------------------------
@@ -127,20 +126,6 @@ _BWD_SHAPES = [
 _FWD_CONFIGS = _make_configs(_FWD_SHAPES, hook=_set_desc_blocks)
 _BWD_INPUT_CONFIGS = _make_configs(_BWD_SHAPES, hook=_set_bwd_input_blocks)
 _BWD_WEIGHT_CONFIGS = _make_configs(_BWD_SHAPES, hook=_set_bwd_weight_blocks)
-
-
-def _capability(t: torch.Tensor):
-    """``(major, minor)`` of ``t``'s CUDA GPU, None off CUDA (interpreter)."""
-    return torch.cuda.get_device_capability(t.device) if t.device.type == "cuda" else None
-
-
-def _smem_limit(cap) -> int:
-    """Per-block shared memory of a GPU of capability ``cap`` (the H100's when None)."""
-    if cap is None or cap[0] in (9, 10):
-        return SMEM_LIMIT
-    if tuple(cap) in ((8, 0), (8, 7)):
-        return SMEM_LIMIT_SM80
-    return SMEM_LIMIT_OTHER
 
 
 def _smem_bytes(config, elem_size: int, tma_epilogue: bool = False, gate_tiles: bool = False, *, b_elem=None,

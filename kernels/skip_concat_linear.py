@@ -34,6 +34,8 @@ import triton
 import triton.language as tl
 
 from ._utils import empty, on_inputs_device
+from ._utils import SMEM_LIMIT, SMEM_LIMIT_OTHER, SMEM_LIMIT_SM80  # noqa: F401 - read by tests
+from ._utils import capability as _capability, smem_limit as _smem_limit
 from ._precision import tf32_matmul_allowed
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip() == "1"
@@ -62,23 +64,6 @@ def _configs():
 
 
 _CONFIGS = _configs()
-SMEM_LIMIT = 232448  # bytes of shared memory one block may use on an H100/H200 (227 KiB)
-SMEM_LIMIT_SM80 = 166912  # A100 (163 KiB)
-SMEM_LIMIT_OTHER = 101376  # sm_86 / sm_89 / sm_120 (99 KiB)
-
-
-def _capability(t: torch.Tensor):
-    """``(major, minor)`` of ``t``'s CUDA GPU, None off CUDA (interpreter)."""
-    return torch.cuda.get_device_capability(t.device) if t.device.type == "cuda" else None
-
-
-def _smem_limit(cap) -> int:
-    """Per-block shared memory of a GPU of capability ``cap`` (the H100's when None)."""
-    if cap is None or cap[0] in (9, 10):
-        return SMEM_LIMIT
-    if tuple(cap) in ((8, 0), (8, 7)):
-        return SMEM_LIMIT_SM80
-    return SMEM_LIMIT_OTHER
 
 
 def _smem_bytes(config, elem_size: int) -> int:
