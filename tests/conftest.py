@@ -61,3 +61,22 @@ def restore_fp32_precision():
     yield
     if old is not None:
         m.fp32_precision = old
+
+
+@pytest.fixture
+def fresh(tmp_path, monkeypatch):
+    """Measured dispatch on (CPU under the interpreter: UVIT_FAST_TUNE=1) with a fresh process-wide
+    decision table on a temporary cache file, a fresh pin table for the compiled dispatch ops and a
+    fresh dynamo cache. Yields the table (a ``uvit_fast.dispatch.Dispatcher``)."""
+    import torch._dynamo
+
+    from uvit_fast import dispatch
+    from uvit_fast.ops import _runtime
+
+    monkeypatch.setenv(dispatch.ENV_TUNE, "1")
+    table = dispatch.Dispatcher(dispatch.TuneCache(tmp_path / "tune.json"))
+    monkeypatch.setattr(dispatch, "_DISPATCHER", table)
+    monkeypatch.setattr(_runtime, "_PINNED", {})
+    torch._dynamo.reset()
+    yield table
+    torch._dynamo.reset()

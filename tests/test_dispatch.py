@@ -216,15 +216,6 @@ class _Ops(TorchDispatchMode):
         return any(n.startswith("uvit_fast.") for n in self.names)
 
 
-@pytest.fixture
-def fresh(tmp_path, monkeypatch):
-    """Timing on (CPU under the interpreter), a fresh process-wide table on a temporary cache file."""
-    monkeypatch.setenv(dispatch.ENV_TUNE, "1")
-    disp = Dispatcher(TuneCache(tmp_path / "tune.json"))
-    monkeypatch.setattr(dispatch, "_DISPATCHER", disp)
-    return disp
-
-
 def _ordered_timer(times):
     """Injected timings by candidate order (torch first); the candidates are not run."""
     it = iter(times)

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import uvit_fast
 from uvit_fast import dispatch
-from uvit_fast.dispatch import Dispatcher, TuneCache
+from uvit_fast.dispatch import TuneCache
 from uvit_fast.ops import fused_linear, fused_linear_reference, fused_mlp, fused_mlp_reference
 from uvit_fast.ops.fused_linear import ACTIVATIONS
 from uvit_fast.testing import CustomOpRecorder, assert_parity
@@ -663,15 +663,6 @@ def test_untimed_auto_is_pytorch_and_triton_is_forced(monkeypatch, device):
         fused_linear(x.double(), w.double(), b.double(), backend="triton")
     with pytest.raises(TypeError, match=r"fused_mlp: backend='triton' supports .* got torch.float64"):
         fused_mlp(x.double(), torch.randn(96, 72).double(), None, torch.randn(40, 96).double(), None, backend="triton")
-
-
-@pytest.fixture
-def fresh(tmp_path, monkeypatch):
-    """Timing on (CPU under the interpreter), a fresh process-wide table on a temporary cache file."""
-    monkeypatch.setenv(dispatch.ENV_TUNE, "1")
-    disp = Dispatcher(TuneCache(tmp_path / "tune.json"))
-    monkeypatch.setattr(dispatch, "_DISPATCHER", disp)
-    return disp
 
 
 @pytest.mark.parametrize("training", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["infer", "train"])
