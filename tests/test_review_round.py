@@ -119,3 +119,30 @@ def test_a_checkpointed_uvit_trains_while_measuring(fresh, monkeypatch):
         ref(*args).square().mean().backward()
     for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
         torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
+@pytest.mark.parametrize("mlp", [False, True], ids=["fused_linear", "fused_mlp"])
+def test_compiled_training_times_the_triton_backward_the_graph_runs(fresh, monkeypatch, mlp):
+    """A gate that needs no gradient (DiT fine-tuned with a frozen adaLN, LoRA-style): the forward
+    stores no pre-activation, and the compiled training key timed every candidate's backward for
+    every floating input, the gate's included, so the Triton candidate always failed its timing
+    ('the backward needs the pre-activation') and could never be chosen."""
+    monkeypatch.setattr(dispatch, "default_timer", lambda device_type: (lambda fn: (fn(), 1.0)[1]))
+    torch.manual_seed(0)
+    x = torch.randn(1, 7, 8, requires_grad=True)
+    w = torch.randn(12, 8, requires_grad=True)
+    gate = torch.randn(1, 8 if mlp else 12)  # frozen conditioning
+
+    def fn(x, w):
+        if mlp:
+            return ops.fused_mlp(x, w, None, w.t(), None, gate=gate, residual=x)
+        return ops.fused_linear(x, w, None, gate=gate)
+
+    out = torch.compile(fn, fullgraph=True, backend="aot_eager")(x, w)
+    got = torch.autograd.grad(out.sum(), (x, w))
+    (decision,) = fresh.decisions().values()
+    assert decision.errors == {} and decision.timings_ms["triton"] is not None
+    ref = (ops.fused_mlp_reference(x, w, None, w.t(), None, gate=gate, residual=x) if mlp
+           else ops.fused_linear_reference(x, w, None, gate=gate))
+    for g, e in zip(got, torch.autograd.grad(ref.sum(), (x, w))):
+        torch.testing.assert_close(g, e)

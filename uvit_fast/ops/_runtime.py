@@ -118,9 +118,10 @@ def _own(outputs: Sequence[Optional[torch.Tensor]], inputs: Sequence[Any]) -> Li
 
 
 def _key_parts(parts: Sequence[Any]) -> Tuple[Any, ...]:
-    """``(key_op, training, rows, dims, dtypes)`` from a dispatch op's key arguments, ``dtypes``
-    defaulting to ``""`` (a direct call without it, as opcheck's: the key takes the op's tensors')."""
-    return tuple(parts) if len(parts) == 5 else (*parts, "")
+    """``(key_op, training, rows, dims, dtypes, grads)`` from a dispatch op's trailing arguments,
+    ``dtypes`` and ``grads`` defaulting to ``""`` (a direct call without them, as opcheck's: the key
+    takes the op's tensors' dtypes, and a training key times the gradient of every floating input)."""
+    return (*parts, *[""] * (6 - len(parts)))
 
 
 class DispatchOp:
@@ -162,7 +163,7 @@ class DispatchOp:
         key_args = "str key_op, bool training, SymInt rows, SymInt[] dims, str dtypes"
         key_defaults = key_args + '=""'  # callers without the dtypes (opcheck) key by the op's tensors
         self.forward_op = torch.library.custom_op(
-            f"uvit_fast::{name}_dispatch", self._forward_body, mutates_args=(), schema=f"({args}, {key_defaults}) -> {returns}"
+            f"uvit_fast::{name}_dispatch", self._forward_body, mutates_args=(), schema=f"({args}, {key_defaults}, str grads=\"\") -> {returns}"
         )
         self.backward_op = torch.library.custom_op(
             f"uvit_fast::{name}_dispatch_backward",
@@ -179,8 +180,10 @@ class DispatchOp:
                  dtypes: str = "") -> Any:
         """Run the op with the Triton op's arguments ``args``; the decision is taken when it runs.
         ``dtypes``: the key's dtypes, comma-separated (the caller's tensors', as an eager call's key
-        has them; empty: those of ``args``)."""
-        return self.forward_op(*args, key_op, bool(training), rows, list(dims), dtypes)
+        has them; empty: those of ``args``). Which ``args`` require grad (known while tracing) is
+        passed too: a training decision times the backward of exactly those, as the graph runs it."""
+        grads = "".join("1" if isinstance(a, torch.Tensor) and a.requires_grad else "0" for a in args)
+        return self.forward_op(*args, key_op, bool(training), rows, list(dims), dtypes, grads)
 
     def bind(self, op: str, inputs: Sequence[Any], *, rows: Any, dims: Sequence[Any], flags: str = "") -> Callable[..., Any]:
         """A stand-in for the Triton op, called while tracing in place of ``measure``: ``op``,
@@ -205,7 +208,7 @@ class DispatchOp:
         return [*self.candidates(*args), "triton"]
 
     def _decide(self, args: Sequence[Any], key_op: str, training: bool, rows: int, dims: Sequence[int],
-                dtypes: str) -> str:
+                dtypes: str, grads: str = "") -> str:
         key = self._key(args, key_op, training, rows, dims, dtypes)
         skey = str(key)
         with _PIN_LOCK:
@@ -214,7 +217,7 @@ class DispatchOp:
             names = self._names(args)
             decision = dispatch.dispatcher().lookup(key)
             if decision is None:
-                bound = {n: self._timed(n, args, training) for n in names}
+                bound = {n: self._timed(n, args, training, grads) for n in names}
                 device = self._device(args)
                 decision = _in_fresh_thread(
                     lambda: dispatch.dispatcher().decide(key, bound, dispatch.default_timer(device.type)), device
@@ -231,12 +234,15 @@ class DispatchOp:
     def _device(self, args: Sequence[Any]) -> torch.device:
         return next(args[i] for i in self.tensor_args if args[i] is not None).device
 
-    def _timed(self, name: str, args: Sequence[Any], training: bool) -> Callable[[], Any]:
+    def _timed(self, name: str, args: Sequence[Any], training: bool, grads_of: str = "") -> Callable[[], Any]:
         """What the timer runs for candidate ``name``: the forward this op runs, and for training
-        also the backward its backward op runs (against a fixed random gradient)."""
-        if not training:
-            return lambda: self._run_forward(name, args)
+        also the backward its backward op runs (against a fixed random gradient), for the inputs
+        marked ``"1"`` in ``grads_of`` (all floating inputs when it is empty)."""
         needs = [i in self.tensor_args and args[i] is not None and args[i].is_floating_point() for i in range(self.n_args)]
+        if grads_of:
+            needs = [n and grads_of[i] == "1" for i, n in enumerate(needs)]
+        if not training or not any(needs):
+            return lambda: self._run_forward(name, args)
         grads: List[torch.Tensor] = []
 
         def run() -> Any:
@@ -267,8 +273,8 @@ class DispatchOp:
         return tuple(out) if self.n_out > 1 else (out,)
 
     def _forward_body(self, *all_args: Any) -> Any:
-        args, (key_op, training, rows, dims, dtypes) = all_args[: self.n_args], _key_parts(all_args[self.n_args:])
-        choice = self._decide(args, key_op, training, rows, dims, dtypes)
+        args, (key_op, training, rows, dims, dtypes, grads) = all_args[: self.n_args], _key_parts(all_args[self.n_args:])
+        choice = self._decide(args, key_op, training, rows, dims, dtypes, grads)
         outputs = tuple(_own(self._run_forward(choice, args), args))
         return outputs if self.n_out > 1 else outputs[0]
 
@@ -338,7 +344,7 @@ class DispatchOp:
         ctx.n_tensors = [args[i] is not None for i in self.tensor_args]
         ctx.save_for_backward(*[args[i] for i in self.tensor_args], *outputs)
         ctx.statics = [None if i in self.tensor_args else args[i] for i in range(self.n_args)]
-        ctx.key = _key_parts(inputs[self.n_args:])
+        ctx.key = _key_parts(inputs[self.n_args:])[:5]
         ctx.n_inputs = len(inputs)
         for o in outputs[self.n_diff:]:
             ctx.mark_non_differentiable(o)
