@@ -166,3 +166,20 @@ def test_part_of_a_name_suggests_the_names_containing_it(part, first):
     assert suggest_models(part)[0] == first
     with pytest.raises(ValueError, match=f"unknown model '{part}'; did you mean '{first}'"):
         create_model(part)
+
+
+@pytest.mark.parametrize("override, exc, match", [
+    ({"patch_size": 0}, ValueError, r"patch_size must be a positive int; got 0"),
+    ({"num_heads": 0}, ValueError, r"num_heads must be a positive int; got 0"),
+    ({"hidden_size": -8}, ValueError, r"hidden_size must be a positive int; got -8"),
+    ({"depth": "abc"}, TypeError, r"depth must be a positive int; got 'abc'"),
+    ({"depth": True}, TypeError, r"depth must be a positive int; got True"),
+    ({"mlp_ratio": 0.0}, ValueError, r"mlp_ratio must be a positive number; got 0.0"),
+])
+def test_create_model_names_a_bad_size(override, exc, match):
+    """A zero or non-integer size is a clear error naming it (it used to end in a ZeroDivisionError or
+    a TypeError deep in a constructor; `uvit-fast tune --set` passes these through)."""
+    from uvit_fast import create_model
+
+    with pytest.raises(exc, match=match):
+        create_model("DiT-S/8", **override)

@@ -159,6 +159,30 @@ def _check_overrides(name: str, cls: Callable[..., nn.Module], overrides: Mappin
         raise TypeError(f"create_model({name!r}): {cls_name} has no argument {key!r}; {hint}")
 
 
+# sizes that must be positive integers (a 0 ends in a ZeroDivisionError deep in a constructor)
+_POSITIVE_INTS = (
+    "clip_dim", "context_length", "depth", "embed_dim", "hidden_size", "img_size", "input_size", "in_chans",
+    "num_clip_token", "num_frames", "num_heads", "patch_size", "temporal_depth", "transformer_heads",
+    "transformer_layers", "transformer_width", "tubelet_size", "vision_layers", "vision_width", "vocab_size",
+)
+
+
+def _check_values(name: str, overrides: Mapping[str, Any]) -> None:
+    """A clear error naming the argument for a size that is not a positive integer, or an mlp_ratio
+    that is not a positive number."""
+    for key, value in overrides.items():
+        if key in _POSITIVE_INTS:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"create_model({name!r}): {key} must be a positive int; got {value!r}")
+            if value <= 0:
+                raise ValueError(f"create_model({name!r}): {key} must be a positive int; got {value}")
+        elif key == "mlp_ratio":
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"create_model({name!r}): mlp_ratio must be a positive number; got {value!r}")
+            if not value > 0:
+                raise ValueError(f"create_model({name!r}): mlp_ratio must be a positive number; got {value}")
+
+
 def create_model(name: str, **overrides: Any) -> nn.Module:
     """Build a preset by name; keyword overrides replace constructor arguments
     (e.g. ``create_model("DiT-XL/2", input_size=64, fused=False)``).
@@ -168,6 +192,7 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
     (DiT's ``input_size`` is U-ViT's ``img_size``)."""
     cfg = model_config(name)
     _check_overrides(name, _REGISTRY[name], overrides)
+    _check_values(name, overrides)
     cfg.update(overrides)
     model = _REGISTRY[name](**cfg)
     model.preset_name = name
