@@ -896,3 +896,24 @@ def test_random_shapes_and_layouts(case):
     if case["transposed_weight"]:
         w = w.t().contiguous().t()
     _check_linear(x, w, b, r, g, case["activation"])
+
+
+@pytest.mark.parametrize("which", ["linear", "mlp"])
+def test_empty_inner_dimension_on_the_kernels(which, device):
+    """K = 0 (x of shape (..., 0)): the output is act(bias) (plus the epilogue), as in PyTorch; the rows
+    were flattened with reshape(-1, 0), which is ambiguous, and raised (found by the review)."""
+    x = torch.randn(2, 3, 0, device=device, requires_grad=True)
+    if which == "linear":
+        w, b = torch.randn(5, 0, device=device, requires_grad=True), torch.randn(5, device=device, requires_grad=True)
+        args, fn, ref = (x, w, b), fused_linear, fused_linear_reference
+        kw = dict(activation="gelu")
+    else:
+        w1, w2 = torch.randn(4, 0, device=device, requires_grad=True), torch.randn(5, 4, device=device, requires_grad=True)
+        args, fn, ref = (x, w1, None, w2, None), fused_mlp, fused_mlp_reference
+        kw = dict(residual=torch.randn(2, 3, 5, device=device))
+    out = fn(*args, **kw, backend="triton")
+    expected = ref(*args, **kw)
+    torch.testing.assert_close(out, expected)
+    wrt = [t for t in args if t is not None]
+    for g, e in zip(torch.autograd.grad(out.sum(), wrt), torch.autograd.grad(expected.sum(), wrt)):
+        torch.testing.assert_close(g, e)

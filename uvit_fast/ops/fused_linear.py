@@ -251,7 +251,7 @@ def _addmm_activation_form(device_type: str) -> str:
 def _addmm_activation_linear(x, weight, bias, activation, cast_to):
     """``act(x @ W.T + b)`` through ``torch._addmm_activation`` (no autograd: inference only)."""
     x, weight, bias = (autocast_cast(t, cast_to) for t in (x, weight, bias))
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = _rows2d(x)
     y = torch._addmm_activation(bias, x2, weight.t(), use_gelu=activation is not None)
     return y.view(*x.shape[:-1], weight.shape[0])
 
@@ -360,8 +360,13 @@ def _out_dtype(dtype: torch.dtype, residual: Optional[torch.Tensor], gate: Optio
     return dtype
 
 
+def _rows2d(x: torch.Tensor) -> torch.Tensor:
+    """``(..., K) -> (M, K)`` with M spelled out: ``reshape(-1, 0)`` is ambiguous for K = 0."""
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+
+
 def _rows(t: Optional[torch.Tensor], N: int) -> Optional[torch.Tensor]:
-    return None if t is None else t.reshape(-1, N)
+    return None if t is None else _rows2d(t)
 
 
 def _gate_rows(x: torch.Tensor, N: int, gate: Optional[torch.Tensor]) -> Tuple[Optional[torch.Tensor], int]:
@@ -369,7 +374,7 @@ def _gate_rows(x: torch.Tensor, N: int, gate: Optional[torch.Tensor]) -> Tuple[O
     if gate is None:
         return None, 1
     if _gate_flag(x, N, gate) == "token":
-        return gate.reshape(-1, N), 1
+        return _rows2d(gate), 1
     return gate, max(1, math.prod(x.shape[1:-1]))
 
 
@@ -383,7 +388,7 @@ def _fused_linear_triton(x, weight, bias, residual, gate, activation, cast_to, c
     store_preact = (activation is not None and _records_grad(x, weight, bias)) or (
         k_gate is not None and _records_grad(k_gate))
     out, _ = (call or torch.ops.uvit_fast.fused_linear)(
-        x.reshape(-1, x.shape[-1]), weight, bias, _rows(k_residual, N), g2, activation, gate_rows, store_preact
+        _rows2d(x), weight, bias, _rows(k_residual, N), g2, activation, gate_rows, store_preact
     )
     out = out.view(*x.shape[:-1], N)
     if gate is not None and k_gate is None:
@@ -479,7 +484,7 @@ def _fused_mlp_triton(x, w1, b1, w2, b2, residual, gate, activation, cast_to, ca
     store_z = _records_grad(x, w1, b1)
     store_preact = k_gate is not None and _records_grad(k_gate)
     out = (call or _mlp_pair)(
-        x.reshape(-1, x.shape[-1]), w1, b1, w2, b2, _rows(k_residual, N), g2, activation, gate_rows, store_z,
+        _rows2d(x), w1, b1, w2, b2, _rows(k_residual, N), g2, activation, gate_rows, store_z,
         store_preact,
     )[0]
     out = out.view(*x.shape[:-1], N)
