@@ -6,19 +6,6 @@ import torch._dynamo
 
 from uvit_fast import dispatch, ops
 from uvit_fast.dispatch import Dispatcher, TuneCache
-from uvit_fast.ops import _runtime
-
-
-@pytest.fixture
-def fresh(tmp_path, monkeypatch):
-    """Timing on (CPU under the interpreter), a fresh decision table, cache file and pin table."""
-    monkeypatch.setenv(dispatch.ENV_TUNE, "1")
-    disp = Dispatcher(TuneCache(tmp_path / "tune.json"))
-    monkeypatch.setattr(dispatch, "_DISPATCHER", disp)
-    monkeypatch.setattr(_runtime, "_PINNED", {})
-    torch._dynamo.reset()
-    yield disp
-    torch._dynamo.reset()
 
 
 def _torch_wins(monkeypatch):
