@@ -796,10 +796,12 @@ def test_bench_rows():
     tiny = [bench._Spec("fused_linear", "fc2+res+gate", "tiny", 5, 72, 40, activation="gelu_tanh", residual=True,
                         gate=True, B=2),
             bench._Spec("fused_mlp", "mlp", "tiny", 5, 72, 40, H=96, activation="gelu", residual=True, B=2)]
-    for spec in tiny:
+    assert any(c.shape.endswith("fp32 residual stream)") for c in cases)  # the autocast-training rows
+    stream = bench._Spec("fused_linear", "fc2+res", "tiny", 5, 72, 40, residual=True, stream32=True, B=2)
+    for spec in tiny + [stream]:
         for provider in ("eager", "uvit_fast", "linear"):
             for pass_ in bench.PASSES:
-                bench._make_fn(spec, provider, pass_, torch.device("cpu"), torch.float32)()
+                bench._make_fn(spec, provider, pass_, torch.device("cpu"), torch.float16 if spec.stream32 else torch.float32)()
         nbytes, flops = bench._cost(spec, torch.float32, "fwd")
         layers = [(72, 96), (96, 40)] if spec.op == "fused_mlp" else [(72, 40)]
         assert flops == sum(2 * 10 * k * n for k, n in layers) and nbytes > 0

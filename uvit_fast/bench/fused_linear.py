@@ -59,6 +59,7 @@ class _Spec:
     activation: Optional[str] = None
     residual: bool = False
     gate: bool = False  # per-sample (DiT's adaLN gate)
+    stream32: bool = False  # the residual stream (residual, output, its gradient) in float32: autocast training
     B: int = BATCH
 
     @property
@@ -68,7 +69,8 @@ class _Spec:
     @property
     def label(self) -> str:
         dims = f"K={self.K}, H={self.H}, N={self.N}" if self.op == "fused_mlp" else f"K={self.K}, N={self.N}"
-        return f"{self.preset} {self.name} B={self.B} L={self.L} (M={self.M}, {dims})"
+        stream = ", fp32 residual stream" if self.stream32 else ""
+        return f"{self.preset} {self.name} B={self.B} L={self.L} (M={self.M}, {dims}{stream})"
 
 
 UVIT, DIT = "U-ViT-H/2", "DiT-XL/2"
@@ -81,6 +83,9 @@ SPECS: List[_Spec] = [
     _Spec("fused_linear", "fc2+res+gate", DIT, 256, HIDDEN, D, residual=True, gate=True),
     _Spec("fused_mlp", "mlp+res", UVIT, 258, D, D, H=HIDDEN, activation="gelu", residual=True),
     _Spec("fused_mlp", "mlp+res+gate", DIT, 256, D, D, H=HIDDEN, activation="gelu_tanh", residual=True, gate=True),
+    # bf16 / fp16 autocast training: the linears in 16 bits, the block's residual stream in float32
+    _Spec("fused_linear", "fc2+res", UVIT, 258, HIDDEN, D, residual=True, stream32=True),
+    _Spec("fused_mlp", "mlp+res", UVIT, 258, D, D, H=HIDDEN, activation="gelu", residual=True, stream32=True),
 ]
 
 _slot: Dict[str, Any] = {}
@@ -104,9 +109,10 @@ def _inputs(spec: _Spec, device: torch.device, dtype: torch.dtype) -> Dict[str, 
                      w2=rnd(spec.N, spec.H, s=spec.H ** -0.5), b2=rnd(spec.N, s=0.02))
         else:
             t.update(w=rnd(spec.N, spec.K, s=spec.K ** -0.5), b=rnd(spec.N, s=0.02))
-        t["residual"] = rnd(B, L, spec.N) if spec.residual else None
+        stream = torch.float32 if spec.stream32 else dtype
+        t["residual"] = rnd(B, L, spec.N).to(stream).detach().requires_grad_(True) if spec.residual else None
         t["gate"] = rnd(B, spec.N) if spec.gate else None
-        grad = torch.randn(B, L, spec.N, generator=g, device=device, dtype=torch.float32).to(dtype)
+        grad = torch.randn(B, L, spec.N, generator=g, device=device, dtype=torch.float32).to(stream)
         _slot.update(key=key, tensors=t, grad=grad)
     return _slot
 
@@ -157,16 +163,17 @@ def _chain(spec: _Spec, provider: str) -> Callable[[Dict[str, Any]], Tuple[torch
 def _cost(spec: _Spec, dtype: torch.dtype, pass_: str) -> Tuple[int, int]:
     """(bytes, flops) of the fused op."""
     e = torch.finfo(dtype).bits // 8
+    s = 4 if spec.stream32 else e  # the residual stream's element size
     M = spec.M
     layers = [(spec.K, spec.H), (spec.H, spec.N)] if spec.op == "fused_mlp" else [(spec.K, spec.N)]
     gemm = sum(2 * M * k * n for k, n in layers)
-    epi = (M * spec.N if spec.residual else 0) + (spec.B * spec.N if spec.gate else 0)
-    fwd = sum(M * k + n * k + n for k, n in layers) * e + M * spec.N * e + epi * e
+    epi = (M * spec.N * s if spec.residual else 0) + (spec.B * spec.N * e if spec.gate else 0)
+    fwd = sum(M * k + n * k + n for k, n in layers) * e + M * spec.N * s + epi
     if spec.op == "fused_mlp":
         fwd += M * spec.H * e  # h written (read back as fc2's input: counted in fc2's M * k)
     # backward: read grad, the saved inputs and weights; write every gradient; the MLP saves z too
     saved = (2 * M * spec.H if spec.op == "fused_mlp" else (M * spec.N if spec.activation or spec.gate else 0)) * e
-    bwd = fwd + saved + M * spec.N * e + epi * e
+    bwd = fwd + saved + M * spec.N * s + epi
     return {"fwd": fwd, "fwd+bwd": fwd + bwd}[pass_], {"fwd": gemm, "fwd+bwd": 3 * gemm}[pass_]
 
 
