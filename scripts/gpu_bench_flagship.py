@@ -17,7 +17,7 @@ import time
 
 import torch
 
-OPS = ("attention", "skip_concat_linear", "patch_embed", "adaln_layer_norm")
+OPS = ("attention", "fused_linear", "skip_concat_linear", "patch_embed", "adaln_layer_norm")
 
 
 def flagship(op: str, case) -> bool:

@@ -78,6 +78,20 @@ def cases():
                         lambda x, br, w, b: ops.residual_adaln_layer_norm(x, br, None, None, None, w, b, backend=BACKEND),
                         lambda x, br, w, b: ops.residual_adaln_layer_norm_reference(x, br, None, None, None, w, b),
                         [x, br, w, b]))
+        if shape in ("uvit-h2", "dit-xl2"):  # the linears (issue 16): qkv bare, the MLP with its (gated) residual
+            act = "gelu_tanh" if shape == "dit-xl2" else "gelu"
+            wq, bq = r(3 * D, D, device=dev) / D ** 0.5, r(3 * D, device=dev)
+            w1, b1 = r(4 * D, D, device=dev) / D ** 0.5, r(4 * D, device=dev)
+            w2m, b2m = r(D, 4 * D, device=dev) / (4 * D) ** 0.5, r(D, device=dev)
+            gate = r(B, D, device=dev) if shape == "dit-xl2" else None
+            out.append((f"{shape}/fused_linear_qkv", lambda x, w, b: ops.fused_linear(x, w, b, backend=BACKEND),
+                        lambda x, w, b: ops.fused_linear_reference(x, w, b), [x, wq, bq]))
+            out.append((f"{shape}/fused_mlp",
+                        lambda x, w1, b1, w2, b2, res, g, a=act: ops.fused_mlp(x, w1, b1, w2, b2, activation=a, residual=res,
+                                                                              gate=g, backend=BACKEND),
+                        lambda x, w1, b1, w2, b2, res, g, a=act: ops.fused_mlp_reference(x, w1, b1, w2, b2, activation=a,
+                                                                                        residual=res, gate=g),
+                        [x, w1, b1, w2m, b2m, br, gate]))
         if shape.startswith("uvit"):
             skip, w2, b2 = r(B, L, D, device=dev), r(D, 2 * D, device=dev) / (2 * D) ** 0.5, r(D, device=dev)
             out.append((f"{shape}/skip_linear", lambda h, s, w, b: ops.skip_concat_linear(h, s, w, b, backend=BACKEND),
