@@ -172,8 +172,9 @@ def test_part_of_a_name_suggests_the_names_containing_it(part, first):
     ({"patch_size": 0}, ValueError, r"patch_size must be a positive int; got 0"),
     ({"num_heads": 0}, ValueError, r"num_heads must be a positive int; got 0"),
     ({"hidden_size": -8}, ValueError, r"hidden_size must be a positive int; got -8"),
-    ({"depth": "abc"}, TypeError, r"depth must be a positive int; got 'abc'"),
-    ({"depth": True}, TypeError, r"depth must be a positive int; got True"),
+    ({"depth": "abc"}, TypeError, r"depth must be an int >= 0; got 'abc'"),
+    ({"depth": True}, TypeError, r"depth must be an int >= 0; got True"),
+    ({"depth": -1}, ValueError, r"depth must be an int >= 0; got -1"),
     ({"mlp_ratio": 0.0}, ValueError, r"mlp_ratio must be a positive number; got 0.0"),
 ])
 def test_create_model_names_a_bad_size(override, exc, match):

@@ -161,21 +161,24 @@ def _check_overrides(name: str, cls: Callable[..., nn.Module], overrides: Mappin
 
 # sizes that must be positive integers (a 0 ends in a ZeroDivisionError deep in a constructor)
 _POSITIVE_INTS = (
-    "clip_dim", "context_length", "depth", "embed_dim", "hidden_size", "img_size", "input_size", "in_chans",
-    "num_clip_token", "num_frames", "num_heads", "patch_size", "temporal_depth", "transformer_heads",
-    "transformer_layers", "transformer_width", "tubelet_size", "vision_layers", "vision_width", "vocab_size",
+    "clip_dim", "context_length", "embed_dim", "hidden_size", "img_size", "input_size", "in_chans",
+    "num_clip_token", "num_frames", "num_heads", "patch_size", "transformer_heads", "transformer_width",
+    "tubelet_size", "vision_width", "vocab_size",
 )
+# block counts: 0 is a model without those blocks (U-ViT keeps its mid block), which is valid
+_COUNTS = ("depth", "temporal_depth", "transformer_layers", "vision_layers")
 
 
 def _check_values(name: str, overrides: Mapping[str, Any]) -> None:
     """A clear error naming the argument for a size that is not a positive integer, or an mlp_ratio
     that is not a positive number."""
     for key, value in overrides.items():
-        if key in _POSITIVE_INTS:
+        if key in _POSITIVE_INTS or key in _COUNTS:
+            what = "a positive int" if key in _POSITIVE_INTS else "an int >= 0"
             if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"create_model({name!r}): {key} must be a positive int; got {value!r}")
-            if value <= 0:
-                raise ValueError(f"create_model({name!r}): {key} must be a positive int; got {value}")
+                raise TypeError(f"create_model({name!r}): {key} must be {what}; got {value!r}")
+            if value < (1 if key in _POSITIVE_INTS else 0):
+                raise ValueError(f"create_model({name!r}): {key} must be {what}; got {value}")
         elif key == "mlp_ratio":
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"create_model({name!r}): mlp_ratio must be a positive number; got {value!r}")
