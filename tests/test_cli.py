@@ -16,7 +16,10 @@ def test_info_reports_versions_and_backends():
     assert data["tune_cache"].endswith("tune.json") and data["auto_measures"] in (True, False)
 
 
-@pytest.mark.parametrize("interpret, listed", [("0", None), ("1", "triton (interpreter)")])
+@pytest.mark.parametrize("interpret, listed", [
+    pytest.param("0", None, marks=pytest.mark.slow),  # a fresh process each (3 s): one in the quick subset
+    ("1", "triton (interpreter)"),
+])
 def test_info_lists_triton_only_where_it_can_run(interpret, listed):
     """Without CUDA the kernels run only under the interpreter (set before triton is imported:
     a fresh process)."""
@@ -32,6 +35,7 @@ def test_info_lists_triton_only_where_it_can_run(interpret, listed):
     assert triton == ([listed] if listed else [])
 
 
+@pytest.mark.slow  # a fresh process (3 s); test_module_entry_and_help keeps one in the quick subset
 def test_console_script_info_json():
     exe = shutil.which("uvit-fast")
     if exe is None:

@@ -92,7 +92,7 @@ def _calls():
     }
 
 
-_FAST = {("skip_concat_linear", "torch"), ("adaln_layer_norm", "triton"), ("fused_mlp", "triton")}
+_FAST = {("skip_concat_linear", "torch"), ("adaln_layer_norm", "triton")}
 _CASES = [
     pytest.param(name, winner, id=f"{name}-{winner}", marks=() if (name, winner) in _FAST else pytest.mark.slow)
     for name in _calls() for winner in ("torch", "triton")

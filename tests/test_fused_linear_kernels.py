@@ -15,6 +15,8 @@ from uvit_fast.testing import assert_parity
 
 ON_CUDA = torch.cuda.is_available()
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]
+# the many-case quick tests keep fp32 in the quick subset; their fp16 repeats run in the full suite
+DTYPES_FP16_SLOW = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16", marks=pytest.mark.slow)]
 ACTS = [pytest.param(a, id=str(a)) for a in k.ACTIVATIONS]
 
 
@@ -83,7 +85,7 @@ def check_forward(x, w, b=None, *, activation=None, residual=None, gate=None, ga
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES_FP16_SLOW)
 @pytest.mark.parametrize("activation", ACTS)
 def test_forward_every_activation_with_bias_gate_residual(activation, dtype, device):
     """M = 77 (CLIP's tokens: a partial row tile), K = 72 (a partial K tile), N = 40; a per-sample
@@ -92,7 +94,7 @@ def test_forward_every_activation_with_bias_gate_residual(activation, dtype, dev
     check_forward(x, w, b, activation=activation, residual=res, gate=gate, gate_rows=11)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES_FP16_SLOW)
 @pytest.mark.parametrize(
     "bias, residual, gate",
     [(False, False, False), (True, False, False), (False, True, False), (False, False, True), (True, True, False)],
@@ -114,7 +116,7 @@ def test_forward_batch_one_and_258_tokens(dtype, device):
     check_forward(x, w, b, activation="gelu_tanh", residual=res, gate=gate, gate_rows=129)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES_FP16_SLOW)
 @pytest.mark.parametrize("activation", [pytest.param(None, id="none"), pytest.param("gelu", id="gelu")])
 def test_forward_tma_path_under_the_interpreter(activation, dtype, device):
     """The descriptor (TMA) code path, forced on: tails of M and N come from the descriptors' zero
@@ -223,7 +225,7 @@ def _input_grad_reference(grad, w, gate, gate_rows, act_input, preact_input, dty
     return dx
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES_FP16_SLOW)
 @pytest.mark.parametrize("act_input", ACTS)
 def test_backward_input_gate_and_activation_derivative(act_input, dtype, device):
     """fc2's input gradient with DiT's gate in the prologue and act'(fc1's pre-activation) in the
@@ -262,7 +264,7 @@ def _weight_grad_reference(grad, x, gate, gate_rows, dtype):
     return g.t() @ x.to(dtype), g.sum(0)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES_FP16_SLOW)
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("gated", [False, True], ids=["plain", "gate"])
 def test_backward_weight_and_bias(gated, splits, dtype, device):
@@ -345,7 +347,7 @@ def test_weight_grad_split_count():
     assert k.weight_grad_splits(1 << 20, 64, 64, 132) == k.MAX_SPLITS
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES_FP16_SLOW)
 @pytest.mark.parametrize("activation", ACTS)
 def test_backward_gate(activation, dtype, device):
     """dgate[g] = sum of grad * act(preact) over g's rows: per sample (2 x 26 rows: a partial row
@@ -362,7 +364,7 @@ def test_backward_gate(activation, dtype, device):
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # sigmoid(-large) = 0 (numpy)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES_FP16_SLOW)
 @pytest.mark.parametrize("activation", ACTS)
 def test_activation_backward(activation, dtype, device):
     M, N = 19, 300
