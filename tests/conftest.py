@@ -80,3 +80,18 @@ def fresh(tmp_path, monkeypatch):
     torch._dynamo.reset()
     yield table
     torch._dynamo.reset()
+
+
+@pytest.fixture
+def no_tf32():
+    """fp32 matmuls exact while the test runs (``F.linear`` with TF32 off is the fp32 baseline, and
+    the kernels follow the same flag); put back afterwards. Only CUDA has TF32."""
+    if DEVICE.type != "cuda":
+        yield
+        return
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old

@@ -48,16 +48,7 @@ DTYPES_FP32_EXTENDED = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    # F.linear in fp32 with TF32 off is the baseline; the kernel follows the same flag
-    if ON_CUDA:
-        old = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False
-        yield
-        torch.backends.cuda.matmul.allow_tf32 = old
-    else:
-        yield
+pytestmark = pytest.mark.usefixtures("no_tf32")  # tests/conftest.py
 
 
 def _leaf(t, dtype=None):

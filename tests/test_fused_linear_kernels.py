@@ -20,15 +20,7 @@ DTYPES_FP16_SLOW = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.f
 ACTS = [pytest.param(a, id=str(a)) for a in k.ACTIVATIONS]
 
 
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    if ON_CUDA:
-        old = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False
-        yield
-        torch.backends.cuda.matmul.allow_tf32 = old
-    else:
-        yield
+pytestmark = pytest.mark.usefixtures("no_tf32")  # tests/conftest.py
 
 
 def act_torch(z, activation):

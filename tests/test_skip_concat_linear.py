@@ -22,16 +22,7 @@ NEEDS_CUDA_BF16 = pytest.mark.skipif(
 DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=NEEDS_CUDA_BF16)]
 
 
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    # F.linear in fp32 with TF32 off is the baseline; the kernel follows the same flag
-    if ON_CUDA:
-        old = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False
-        yield
-        torch.backends.cuda.matmul.allow_tf32 = old
-    else:
-        yield
+pytestmark = pytest.mark.usefixtures("no_tf32")  # tests/conftest.py
 
 
 def _inputs(shape, N, dtype, device, bias=True):
