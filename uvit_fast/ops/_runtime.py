@@ -45,12 +45,14 @@ _PINNED: Dict[str, str] = {}
 _PIN_LOCK = threading.Lock()
 
 
-class _Ctx:
-    """What a custom op's ``setup_context`` / backward formula uses of autograd's ``ctx``."""
+class Ctx:
+    """What a custom op's ``setup_context`` / backward formula uses of autograd's ``ctx``, for calling
+    them outside autograd: ``saved`` and ``attrs`` rebuild a ``ctx`` a formula reads directly."""
 
-    def __init__(self, needs_input_grad: Sequence[bool]):
+    def __init__(self, needs_input_grad: Sequence[bool], saved: Tuple[Any, ...] = (), **attrs: Any):
         self.needs_input_grad = tuple(needs_input_grad)
-        self.saved_tensors: Tuple[Any, ...] = ()
+        self.saved_tensors: Tuple[Any, ...] = tuple(saved)
+        self.__dict__.update(attrs)
 
     def save_for_backward(self, *tensors: Any) -> None:
         self.saved_tensors = tensors
@@ -290,7 +292,7 @@ class DispatchOp:
         grads = list(grads) + [None] * (self.n_out - len(grads))
         grads = [torch.zeros_like(o) if g is None and i < self.n_diff else g for i, (g, o) in enumerate(zip(grads, outputs))]
         if name == "triton":
-            ctx = _Ctx(needs)
+            ctx = Ctx(needs)
             self.setup_context(ctx, tuple(args), tuple(outputs) if self.n_out > 1 else outputs[0])
             result = self.backward(ctx, *grads[: self.n_out])
             result = result if isinstance(result, (tuple, list)) else (result,)
@@ -341,7 +343,6 @@ class DispatchOp:
     def _autograd_setup(self, ctx, inputs, output) -> None:
         args = inputs[: self.n_args]
         outputs = tuple(output) if self.n_out > 1 else (output,)
-        ctx.n_tensors = [args[i] is not None for i in self.tensor_args]
         ctx.save_for_backward(*[args[i] for i in self.tensor_args], *outputs)
         ctx.statics = [None if i in self.tensor_args else args[i] for i in range(self.n_args)]
         ctx.key = _key_parts(inputs[self.n_args:])[:5]

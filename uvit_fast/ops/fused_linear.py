@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from uvit_fast._backend import get_backend, load_kernel, resolve
 from uvit_fast.dispatch import is_training, measure
 from uvit_fast.ops._autocast import autocast_cast, autocast_dtype
-from uvit_fast.ops._runtime import DispatchOp
+from uvit_fast.ops._runtime import Ctx, DispatchOp
 from uvit_fast.ops._checks import check_same_device, check_tensor, shape_str
 
 #: the activations of the epilogue; ``"quick_gelu"`` is OpenAI CLIP's ``x * sigmoid(1.702 x)``
@@ -793,26 +793,19 @@ def _mlp_setup(ctx, inputs, output):
     ctx.res_dtype = None if residual is None else residual.dtype
 
 
-class _SubCtx:
-    """fc1's or fc2's ``ctx``, rebuilt from the pair's, for their backward formulas."""
-
-    def __init__(self, saved, needs, **attrs):
-        self.saved_tensors, self.needs_input_grad = saved, needs
-        self.__dict__.update(attrs)
-
-
 def _mlp_backward(ctx, grad, *_stats):
     x, w1, h, z, w2, gate, preact = ctx.saved_tensors
     need_x, need_w1, need_b1, need_w2, need_b2, need_res, need_gate = ctx.needs_input_grad[:7]
     if grad is None:
         return (None,) * 11
     fc1_needs = (need_x, need_w1, need_b1 and ctx.has_b1)
-    fc2 = _SubCtx((h, z, w2, gate, preact), (False, any(fc1_needs), need_w2, need_b2, need_res, need_gate),
-                  activation=ctx.activation, gate_rows=ctx.gate_rows, has_bias=ctx.has_b2, res_dtype=ctx.res_dtype)
+    # fc2's and fc1's ctx rebuilt from the pair's, for their backward formulas
+    fc2 = Ctx((False, any(fc1_needs), need_w2, need_b2, need_res, need_gate), (h, z, w2, gate, preact),
+              activation=ctx.activation, gate_rows=ctx.gate_rows, has_bias=ctx.has_b2, res_dtype=ctx.res_dtype)
     _, dz, dw2, db2, dres, dgate, *_ = _fc2_backward(fc2, grad, None)
     dx = dw1 = db1 = None
     if any(fc1_needs):
-        fc1 = _SubCtx((x, w1), fc1_needs, has_bias=ctx.has_b1, gate_rows=1)
+        fc1 = Ctx(fc1_needs, (x, w1), has_bias=ctx.has_b1, gate_rows=1)
         dx, dw1, db1, _, _ = _fc1_backward(fc1, None, dz)
     return dx, dw1, db1, dw2, db2, dres, dgate, None, None, None, None
 
