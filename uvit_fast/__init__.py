@@ -31,6 +31,7 @@ _EXPORTS: Dict[str, Tuple[str, Any]] = {
     "OptimizeReport": ("uvit_fast.optimize", "OptimizeReport"),
     "tune": ("uvit_fast.tuning", "tune"),
     "dispatch_report": ("uvit_fast.dispatch", "dispatch_report"),
+    "cuda_graph": ("uvit_fast.cuda_graphs", "cuda_graph"),
 }
 
 __all__ = [*_EXPORTS, "__version__"]
@@ -43,6 +44,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs only
     from uvit_fast.optimize import OptimizeReport, optimize
     from uvit_fast.dispatch import dispatch_report
     from uvit_fast.tuning import tune
+    from uvit_fast.cuda_graphs import cuda_graph
 
 
 def __getattr__(name: str) -> Any:

@@ -7,7 +7,7 @@ FID setups (DiT uses 250 DDPM steps, U-ViT DPM-Solver).
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -59,6 +59,7 @@ def ddim_sample(
     cfg_scale: float = 1.0,
     betas: Optional[torch.Tensor] = None,
     progress: bool = False,
+    cuda_graph: Union[bool, Mapping[str, Any]] = False,
 ) -> torch.Tensor:
     """Deterministic DDIM (eta = 0) from ``noise`` ``(B, C, H, W)``.
 
@@ -68,17 +69,42 @@ def ddim_sample(
         null_cond: the unconditional input for guidance (e.g. ``full((B,), null_label(model))``).
         cfg_scale: guidance scale; ``1`` runs only the conditional branch.
         betas: the training noise schedule (default :func:`linear_betas`).
+        cuda_graph: ``True`` captures the denoiser call with its guidance (the cat of the two
+            branches, the model, the chunk and the combination) as one CUDA graph, with the step's
+            timestep tensor as an input, and replays it at every step (:func:`uvit_fast.cuda_graph`;
+            a mapping passes its options, e.g. ``{"warmup": 1}``). Needs CUDA tensors (CPU is a
+            ValueError); the samples equal the eager sampler's. See docs/cuda_graphs.md.
     """
     if steps < 1:
         raise ValueError(f"ddim_sample: steps must be >= 1; got {steps}")
     if cfg_scale != 1.0 and (cond is None or null_cond is None):
         raise ValueError("ddim_sample: classifier-free guidance needs both cond and null_cond")
+    if not isinstance(cuda_graph, (bool, Mapping)):
+        raise TypeError(f"ddim_sample: cuda_graph must be a bool or a mapping of cuda_graph options; "
+                        f"got {type(cuda_graph).__name__}")
     betas = linear_betas() if betas is None else betas.double()
     abar = torch.cumprod(1 - betas, 0)
     T = len(abar)
     ts = torch.linspace(T - 1, 0, steps).round().long().tolist()
     x = noise
     B, C = x.shape[:2]
+    if cfg_scale == 1.0:
+        null_cond = None  # unused: not an input of the graph
+
+    def denoise(x, tt, cond, null_cond, cfg_scale):
+        if cfg_scale != 1.0:
+            out = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([cond, null_cond]))
+            e_c, e_u = out[:, :C].chunk(2)
+            return e_u + cfg_scale * (e_c - e_u)
+        return (model(x, tt) if cond is None else model(x, tt, cond))[:, :C]
+
+    step = denoise
+    if cuda_graph is not False:
+        from uvit_fast.cuda_graphs import cuda_graph as capture
+
+        options = {} if cuda_graph is True else dict(cuda_graph)
+        step = capture(denoise, x, torch.full((B,), float(ts[0]), device=x.device), cond, null_cond, cfg_scale,
+                       **options)
     iterator = ts
     if progress:
         from tqdm.auto import tqdm
@@ -86,12 +112,7 @@ def ddim_sample(
         iterator = tqdm(ts, desc="ddim", leave=False)
     for i, t in enumerate(iterator):
         tt = torch.full((B,), float(t), device=x.device)
-        if cfg_scale != 1.0:
-            out = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([cond, null_cond]))
-            e_c, e_u = out[:, :C].chunk(2)
-            eps = e_u + cfg_scale * (e_c - e_u)
-        else:
-            eps = (model(x, tt) if cond is None else model(x, tt, cond))[:, :C]
+        eps = step(x, tt, cond, null_cond, cfg_scale)  # a graph's eps is overwritten by the next step
         a_t = abar[t].item()
         a_prev = abar[ts[i + 1]].item() if i + 1 < len(ts) else 1.0
         x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t ** 0.5
