@@ -53,6 +53,17 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_plans():
+    """Every test starts with no stored op plans (uvit_fast.ops._hot): a test's monkeypatched
+    environment or dispatch table is read by its first call of each signature, as in a new process.
+    A test that changes the environment between two op calls calls ``refresh_settings()`` itself."""
+    from uvit_fast._backend import refresh_settings
+
+    refresh_settings()
+    yield
+
+
 @pytest.fixture
 def restore_fp32_precision():
     """Puts ``torch.backends.cuda.matmul.fp32_precision`` back after a test that changes it."""
@@ -71,14 +82,17 @@ def fresh(tmp_path, monkeypatch):
     import torch._dynamo
 
     from uvit_fast import dispatch
+    from uvit_fast._backend import refresh_settings
     from uvit_fast.ops import _runtime
 
     monkeypatch.setenv(dispatch.ENV_TUNE, "1")
     table = dispatch.Dispatcher(dispatch.TuneCache(tmp_path / "tune.json"))
     monkeypatch.setattr(dispatch, "_DISPATCHER", table)
     monkeypatch.setattr(_runtime, "_PINNED", {})
+    refresh_settings()
     torch._dynamo.reset()
     yield table
+    refresh_settings()  # the plans of this table's decisions go with it
     torch._dynamo.reset()
 
 

@@ -68,11 +68,26 @@ def use_backend(name: str) -> Iterator[None]:
     token = object()
     with _lock:
         _overrides.append((token, name))
+    refresh_settings()
     try:
         yield
     finally:
         with _lock:
             _overrides[:] = [entry for entry in _overrides if entry[0] is not token]
+        refresh_settings()
+
+
+def refresh_settings() -> None:
+    """Make the next op calls read the process-wide settings again.
+
+    An op's first call with a new signature resolves its backend (``use_backend``,
+    ``UVIT_FAST_BACKEND``, ``UVIT_FAST_TUNE``, ``TRITON_INTERPRET``) and its measured-dispatch
+    decision, and later calls of that signature reuse the outcome without reading them
+    (:mod:`uvit_fast.ops._hot`). ``use_backend``, ``tune()`` and the decision table refresh by
+    themselves; call this after changing one of those environment variables in a running process."""
+    from uvit_fast.ops import _hot
+
+    _hot.invalidate()
 
 
 def interpreter_enabled() -> bool:
@@ -171,8 +186,15 @@ def compiled_before_interpreter() -> List[str]:
     interpreted kernel that calls a GPU-built one fails deep inside with an InterpreterError."""
     if "triton" not in sys.modules:
         return []
-    names = ("triton.language.standard",) + tuple(sorted(n for n in sys.modules if n.startswith("uvit_fast.kernels.")))
-    return list(_gpu_built(names))
+    return list(_gpu_built(_kernel_modules(len(sys.modules))))
+
+
+@functools.lru_cache(maxsize=8)
+def _kernel_modules(n_modules: int) -> Tuple[str, ...]:
+    """The modules :func:`compiled_before_interpreter` looks at, scanned again only when the number
+    of imported modules changed (the scan of ``sys.modules`` cost ~300 us a call)."""
+    kernels = sorted(n for n in list(sys.modules) if n.startswith("uvit_fast.kernels."))
+    return ("triton.language.standard", *kernels)
 
 
 @functools.lru_cache(maxsize=64)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import tempfile
@@ -81,8 +82,22 @@ def versions() -> Dict[str, str]:
 
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
+        return _cuda_name(device.index if device.index is not None else torch.cuda.current_device())
     return device.type
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def stream_capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph (False where CUDA is not built): then
+    nothing may be timed or synchronised, so a key without a stored decision runs PyTorch."""
+    try:
+        return bool(torch.cuda.is_current_stream_capturing())
+    except (RuntimeError, AssertionError, AttributeError):  # a CPU build: its CUDA stubs raise
+        return False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,8 +178,40 @@ def cuda_timer(fn: Callable[[], Any]) -> float:
     return float(triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median"))
 
 
+def cuda_loop_timer(fn: Callable[[], Any], calls: int = 50) -> float:
+    """What a user's loop sees, in milliseconds per call: ``calls`` back-to-back calls between two
+    synchronisations, timed on the host clock (host and device together: where a call's host work
+    exceeds its kernel time the launches cannot keep the GPU busy, and this sees it; ``do_bench``
+    sees the kernels alone). Best of three runs, after a warm-up run."""
+    best = float("inf")
+    for _ in range(4):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        best = min(best, (time.perf_counter() - start) * 1e3 / calls)
+    return best
+
+
+def host_aware(timer: Timer) -> Timer:
+    """An inference timer on CUDA: the larger of ``timer``'s device time and the back-to-back loop's
+    time per call (:func:`cuda_loop_timer`), so that a candidate whose launch costs more host time
+    than its kernel saves never wins a small, host-bound call."""
+    def timed(fn: Callable[[], Any]) -> float:
+        return max(float(timer(fn)), cuda_loop_timer(fn))
+    return timed
+
+
 def default_timer(device_type: str) -> Timer:
     return cuda_timer if device_type == "cuda" else cpu_timer
+
+
+def decision_timer(device_type: str, training: bool) -> Timer:
+    """The timer a decision uses: :func:`default_timer`, host-aware (:func:`host_aware`) for an
+    inference decision on CUDA. (On CPU tensors the timer is the wall clock already.)"""
+    timer = default_timer(device_type)
+    return host_aware(timer) if device_type == "cuda" and not training else timer
 
 
 def _keep(t: Any) -> Any:
@@ -336,6 +383,7 @@ class Dispatcher:
         with self._lock:
             for k, d in decisions.items():
                 self._decisions[k] = dataclasses.replace(d, source=source)
+        _invalidate_plans()
 
     def decisions(self) -> Dict[str, Decision]:
         with self._lock:
@@ -346,9 +394,17 @@ class Dispatcher:
         with self._lock:
             self._decisions.clear()
             self._loaded = False
+        _invalidate_plans()
 
 
 _DISPATCHER = Dispatcher()
+
+
+def _invalidate_plans() -> None:
+    """The ops' stored plans (:mod:`uvit_fast.ops._hot`) hold decisions: drop them."""
+    from uvit_fast.ops import _hot
+
+    _hot.invalidate()
 
 
 def dispatcher() -> Dispatcher:
@@ -395,12 +451,14 @@ def forced() -> Iterator[List[str]]:
     with _GLOBAL_LOCK:
         _FORCE[0] += 1
         _RECORD.append(keys)
+    _invalidate_plans()  # every call of the block takes the full path: measured, and its key recorded
     try:
         yield keys
     finally:
         with _GLOBAL_LOCK:
             _FORCE[0] -= 1
             _RECORD.remove(keys)
+        _invalidate_plans()
 
 
 _GLOBAL_LOCK = threading.Lock()
@@ -490,8 +548,10 @@ def measure(
     key = make_key(name, present, training=training, rows=rows, dims=dims)
     decision = _DISPATCHER.lookup(key)
     if decision is None:
+        if stream_capturing():  # nothing is timed while a CUDA graph is captured: PyTorch, undecided
+            return next(iter(candidates))
         bound = {cand: _bind(fn, inputs, training) for cand, fn in candidates.items()}
-        decision = _DISPATCHER.decide(key, bound, default_timer(device.type))
+        decision = _DISPATCHER.decide(key, bound, decision_timer(device.type, training))
     record_key(str(key))
     if decision.choice not in candidates:  # a stored decision for a candidate this process lacks
         return next(iter(candidates))

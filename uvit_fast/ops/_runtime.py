@@ -218,13 +218,18 @@ class DispatchOp:
         if pinned is None:
             names = self._names(args)
             decision = dispatch.dispatcher().lookup(key)
-            if decision is None:
-                bound = {n: self._timed(n, args, training, grads) for n in names}
-                device = self._device(args)
-                decision = _in_fresh_thread(
-                    lambda: dispatch.dispatcher().decide(key, bound, dispatch.default_timer(device.type)), device
-                )
-            choice = decision.choice if decision.choice in names else names[0]
+            if decision is None and dispatch.stream_capturing():
+                # nothing is timed while a CUDA graph is captured (torch.compile's cudagraph trees
+                # capture this op's body): PyTorch runs, and the key stays undecided (a training key
+                # is pinned to it, so that its backward runs the same candidate)
+                choice = names[0]
+            else:
+                if decision is None:
+                    bound = {n: self._timed(n, args, training, grads) for n in names}
+                    device = self._device(args)
+                    timer = dispatch.decision_timer(device.type, training)
+                    decision = _in_fresh_thread(lambda: dispatch.dispatcher().decide(key, bound, timer), device)
+                choice = decision.choice if decision.choice in names else names[0]
             if training:
                 with _PIN_LOCK:
                     choice = _PINNED.setdefault(skey, choice)

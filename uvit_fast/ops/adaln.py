@@ -17,6 +17,7 @@ PyTorch reference, with ``backend="triton"`` it is a TypeError.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Tuple
 
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 
 from uvit_fast._backend import load_kernel, resolve
 from uvit_fast.dispatch import measure
+from uvit_fast.ops._hot import Plans
 from uvit_fast.ops._runtime import DispatchOp
 from uvit_fast.ops._checks import check_same_device, check_tensor, shape_str
 
@@ -134,6 +136,14 @@ def adaln_layer_norm(
     Returns:
         Tensor of ``x``'s shape (dtype: see the module docstring).
     """
+    sig, plan = _ADALN_PLANS.lookup((backend, eps, scale_offset), x, shift, scale, weight, bias)
+    if plan is None:  # the first call of this signature (uvit_fast.ops._hot)
+        plan = _ADALN_PLANS.put(sig, _adaln_plan(x, shift, scale, weight, bias, eps, scale_offset, backend))
+    return plan(x, shift, scale, weight, bias, eps, scale_offset)
+
+
+def _adaln_plan(x, shift, scale, weight, bias, eps, scale_offset, backend):
+    """The checks, the backend and the decision of one call signature: the function that runs it."""
     op = "adaln_layer_norm"
     _check_adaln(op, x, shift, scale, weight, bias, eps)
     tensors = (x, shift, scale, weight, bias)
@@ -141,15 +151,15 @@ def adaln_layer_norm(
     if choice == "measure":  # time both paths once per key (uvit_fast.dispatch)
         key = dict(rows=_rows(x), dims=(x.shape[-1],), flags=_flags(tensors[1:], scale_offset))
         if torch.compiler.is_compiling():  # decided inside the graph, when it runs
-            call = _ADALN_DISPATCH.bind(op, tensors, **key)
-            return _adaln_layer_norm_triton(x, shift, scale, weight, bias, eps, scale_offset, call=call)
+            return functools.partial(_adaln_layer_norm_triton, call=_ADALN_DISPATCH.bind(op, tensors, **key))
         choice = measure(op, tensors, {
             "torch": lambda *t: adaln_layer_norm_reference(*t, eps, scale_offset),
             "triton": lambda *t: _adaln_layer_norm_triton(*t, eps, scale_offset),
         }, **key)
-    if choice == "torch":
-        return adaln_layer_norm_reference(x, shift, scale, weight, bias, eps, scale_offset)
-    return _adaln_layer_norm_triton(x, shift, scale, weight, bias, eps, scale_offset)
+    return adaln_layer_norm_reference if choice == "torch" else _adaln_layer_norm_triton
+
+
+_ADALN_PLANS = Plans("adaln_layer_norm")
 
 
 def _adaln_layer_norm_triton(x, shift, scale, weight, bias, eps, scale_offset, call=None):
@@ -211,6 +221,14 @@ def residual_adaln_layer_norm(
     Returns:
         ``(x_new, h)``, both ``(B, L, D)``.
     """
+    sig, plan = _RESIDUAL_PLANS.lookup((backend, eps, scale_offset), x, branch, gate, shift, scale, weight, bias)
+    if plan is None:  # the first call of this signature (uvit_fast.ops._hot)
+        plan = _RESIDUAL_PLANS.put(
+            sig, _residual_plan(x, branch, gate, shift, scale, weight, bias, eps, scale_offset, backend))
+    return plan(x, branch, gate, shift, scale, weight, bias, eps, scale_offset)
+
+
+def _residual_plan(x, branch, gate, shift, scale, weight, bias, eps, scale_offset, backend):
     op = "residual_adaln_layer_norm"
     _check_adaln(op, x, shift, scale, weight, bias, eps)
     _check_residual(op, x, branch, gate)
@@ -219,15 +237,15 @@ def residual_adaln_layer_norm(
     if choice == "measure":  # time both paths once per key (uvit_fast.dispatch)
         key = dict(rows=_rows(x), dims=(x.shape[-1],), flags=_flags(tensors[2:], scale_offset))
         if torch.compiler.is_compiling():  # decided inside the graph, when it runs
-            call = _RESIDUAL_DISPATCH.bind(op, tensors, **key)
-            return _residual_adaln_layer_norm_triton(*tensors, eps, scale_offset, call=call)
+            return functools.partial(_residual_adaln_layer_norm_triton, call=_RESIDUAL_DISPATCH.bind(op, tensors, **key))
         choice = measure(op, tensors, {
             "torch": lambda *t: residual_adaln_layer_norm_reference(*t, eps, scale_offset),
             "triton": lambda *t: _residual_adaln_layer_norm_triton(*t, eps, scale_offset),
         }, **key)
-    if choice == "torch":
-        return residual_adaln_layer_norm_reference(x, branch, gate, shift, scale, weight, bias, eps, scale_offset)
-    return _residual_adaln_layer_norm_triton(x, branch, gate, shift, scale, weight, bias, eps, scale_offset)
+    return residual_adaln_layer_norm_reference if choice == "torch" else _residual_adaln_layer_norm_triton
+
+
+_RESIDUAL_PLANS = Plans("residual_adaln_layer_norm")
 
 
 def _residual_adaln_layer_norm_triton(x, branch, gate, shift, scale, weight, bias, eps, scale_offset, call=None):

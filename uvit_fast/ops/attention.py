@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from uvit_fast._backend import BackendError, check_triton_device, get_backend, measuring
 from uvit_fast.dispatch import measure
+from uvit_fast.ops._hot import Plans
 from uvit_fast.ops._runtime import DispatchOp
 from uvit_fast.kernels._precision import tf32_matmul_allowed
 from uvit_fast.ops._autocast import autocast_cast, autocast_dtype
@@ -427,23 +428,45 @@ def attention(
         ``(B, Lq, H, D)`` in the inputs' dtype (the autocast dtype inside an autocast region);
         contiguous from the Triton kernel.
     """
+    sig, plan = _PLANS.lookup((backend, causal, scale, _tf32_state(q)), q, k, v)
+    if plan is None:  # the first call of this signature (uvit_fast.ops._hot)
+        plan = _PLANS.put(sig, _plan(q, k, v, causal, scale, backend))
+    return plan(q, k, v, causal, scale)
+
+
+def _tf32_state(q) -> bool:
+    """Part of a signature: for float32 CUDA inputs, untimed ``auto`` depends on PyTorch's TF32
+    setting (read only for those: it is a slow property)."""
+    return q.dtype is torch.float32 and q.is_cuda and tf32_matmul_allowed()
+
+
+def _plan(q, k, v, causal, scale, backend):
+    """The checks, the backend and the decision of one call signature: the function that runs it,
+    taking ``(q, k, v, causal, scale)``."""
     if backend not in ATTENTION_BACKENDS:
         raise ValueError(f"attention: backend must be one of {ATTENTION_BACKENDS}; got {backend!r}")
     _check_attention(q, k, v, scale)
     choice = _select(backend, q)
     if choice == "measure" and torch.compiler.is_compiling():  # decided inside the graph, when it runs
-        return _attention_triton(q, k, v, causal, scale, call=_DISPATCH.bind("attention", (q, k, v), **_key((q, k, v), causal)))
+        call = _DISPATCH.bind("attention", (q, k, v), **_key((q, k, v), causal))
+        return lambda q, k, v, causal, scale: _attention_triton(q, k, v, causal, scale, call=call)
     if choice == "measure":
         choice = _measure("attention", (q, k, v), _attention_candidates(q, k, causal, scale), causal)
-    if choice == "sdpa":
-        return _sdpa(q, k, v, causal, scale)
-    if choice == "flash_attn":
-        return _flash_attn(*_autocast(q, k, v), causal, scale)
-    if choice == "xformers":
-        return _xformers(*_autocast(q, k, v), causal, scale)
-    if choice == "torch":
-        return attention_reference(q, k, v, causal=causal, scale=scale)
-    return _attention_triton(q, k, v, causal, scale)
+    return _RUNNERS[choice]
+
+
+def _attention_torch(q, k, v, causal, scale):
+    return attention_reference(q, k, v, causal=causal, scale=scale)
+
+
+_RUNNERS = {
+    "sdpa": _sdpa,
+    "flash_attn": lambda q, k, v, causal, scale: _flash_attn(*_autocast(q, k, v), causal, scale),
+    "xformers": lambda q, k, v, causal, scale: _xformers(*_autocast(q, k, v), causal, scale),
+    "torch": _attention_torch,
+    "triton": _attention_triton,
+}
+_PLANS = Plans("attention")
 
 
 def attention_qkvpacked(
@@ -454,6 +477,14 @@ def attention_qkvpacked(
     With the Triton backend the backward writes one packed ``(B, L, 3, H, D)`` gradient (no
     per-slice zero-fill and sum); with flash-attn it calls ``flash_attn_qkvpacked_func``.
     """
+    sig, plan = _PACKED_PLANS.lookup((backend, causal, scale, _tf32_state(qkv)), qkv)
+    if plan is None:  # the first call of this signature (uvit_fast.ops._hot)
+        plan = _PACKED_PLANS.put(sig, _packed_plan(qkv, causal, scale, backend))
+    return plan(qkv, causal, scale)
+
+
+def _packed_plan(qkv, causal, scale, backend):
+    """The function that runs calls of this signature, taking ``(qkv, causal, scale)``."""
     check_tensor("attention_qkvpacked", "qkv", qkv, 5)
     if qkv.shape[2] != 3:
         raise ValueError(f"attention_qkvpacked: qkv must have shape (B, L, 3, H, D); got {tuple(qkv.shape)}")
@@ -464,26 +495,36 @@ def attention_qkvpacked(
     choice = _select(backend, qkv)
     if choice == "measure" and torch.compiler.is_compiling():  # decided inside the graph, when it runs
         call = _PACKED_DISPATCH.bind("attention_qkvpacked", (qkv,), **_key((qkv,), causal, q))
-        (qkv,) = _autocast(qkv)
-        _check_triton("attention_qkvpacked", qkv)
-        return call(qkv, bool(causal), _resolve_scale(scale, qkv.shape[-1]))[0]
+        return lambda qkv, causal, scale: _packed_triton(qkv, causal, scale, call)
     if choice == "measure":
         candidates = {
             name: (lambda qkv, fn=fn: fn(*qkv.unbind(2))) for name, fn in _attention_candidates(q, k, causal, scale).items()
         }
-        candidates["triton"] = lambda qkv: attention_qkvpacked(qkv, causal=causal, scale=scale, backend="triton")
+        candidates["triton"] = lambda qkv: _packed_triton(qkv, causal, scale)
         choice = _measure("attention_qkvpacked", (qkv,), candidates, causal, q)
     if choice == "triton":
-        (qkv,) = _autocast(qkv)
-        _check_triton("attention_qkvpacked", qkv)
-        out, _ = _attention_packed_fwd_op(qkv, bool(causal), _resolve_scale(scale, qkv.shape[-1]))
-        return out
+        return _packed_triton
     if choice == "flash_attn":
-        (qkv,) = _autocast(qkv)
-        fa = _flash_attn_module()
-        _check_half(qkv)
-        return fa.flash_attn_qkvpacked_func(qkv, softmax_scale=scale, causal=causal)
-    return attention(q, k, v, causal=causal, scale=scale, backend=choice)
+        return _packed_flash_attn
+    runner = _RUNNERS[choice]
+    return lambda qkv, causal, scale: runner(*qkv.unbind(2), causal, scale)
+
+
+def _packed_triton(qkv, causal, scale, call=None):
+    (qkv,) = _autocast(qkv)
+    _check_triton("attention_qkvpacked", qkv)
+    out = (call or _attention_packed_fwd_op)(qkv, bool(causal), _resolve_scale(scale, qkv.shape[-1]))
+    return out[0]
+
+
+def _packed_flash_attn(qkv, causal, scale):
+    (qkv,) = _autocast(qkv)
+    fa = _flash_attn_module()
+    _check_half(qkv)
+    return fa.flash_attn_qkvpacked_func(qkv, softmax_scale=scale, causal=causal)
+
+
+_PACKED_PLANS = Plans("attention_qkvpacked")
 
 
 # ---------------------------------------------------------------------------------------------

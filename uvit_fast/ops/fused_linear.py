@@ -63,6 +63,7 @@ import torch.nn.functional as F
 from uvit_fast._backend import get_backend, load_kernel, resolve
 from uvit_fast.dispatch import is_training, measure
 from uvit_fast.ops._autocast import autocast_cast, autocast_dtype
+from uvit_fast.ops._hot import Plans
 from uvit_fast.ops._runtime import Ctx, DispatchOp
 from uvit_fast.ops._checks import check_same_device, check_tensor, shape_str
 
@@ -292,6 +293,15 @@ def fused_linear(
     Returns:
         ``(..., N)`` of dtype ``promote(linear dtype, gate, residual)`` (module docstring).
     """
+    sig, plan = _LINEAR_PLANS.lookup((backend, activation), x, weight, bias, residual, gate)
+    if plan is None:  # the first call of this signature (uvit_fast.ops._hot)
+        plan = _LINEAR_PLANS.put(sig, _linear_plan(x, weight, bias, residual, gate, activation, backend))
+    return plan(x, weight, bias, residual, gate, activation)
+
+
+def _linear_plan(x, weight, bias, residual, gate, activation, backend):
+    """The checks, the backend and the decision of one call signature: the function that runs it,
+    taking ``(x, weight, bias, residual, gate, activation)``."""
     op = "fused_linear"
     _check_fused_linear(x, weight, bias, activation, residual, gate)
     cast_to = autocast_dtype(x.device)
@@ -302,15 +312,22 @@ def fused_linear(
     if choice == "measure" and torch.compiler.is_compiling():  # decided inside the graph, when it runs
         key = _linear_key(x, weight, bias, residual, gate, activation)
         call = _LINEAR_DISPATCH.bind(op, (x, weight, bias, residual, gate), **key)
-        return _fused_linear_triton(x, weight, bias, residual, gate, activation, cast_to, call=call)
+        return lambda *a: _fused_linear_triton(*a, cast_to, call=call)
     if choice == "measure":
         choice = _measure_linear(x, weight, bias, residual, gate, activation, cast_to)
     if choice == "torch":
-        return fused_linear_reference(x, weight, bias, activation=activation, residual=residual, gate=gate)
+        return _linear_reference
     if choice == "addmm_activation":
-        y = _addmm_activation_linear(x, weight, bias, activation, cast_to)
-        return _epilogue_reference(y, residual, gate)
-    return _fused_linear_triton(x, weight, bias, residual, gate, activation, cast_to)
+        return lambda x, w, b, residual, gate, act: _epilogue_reference(
+            _addmm_activation_linear(x, w, b, act, cast_to), residual, gate)
+    return lambda *a: _fused_linear_triton(*a, cast_to)
+
+
+def _linear_reference(x, weight, bias, residual, gate, activation):
+    return fused_linear_reference(x, weight, bias, activation=activation, residual=residual, gate=gate)
+
+
+_LINEAR_PLANS = Plans("fused_linear")
 
 
 def _measure_linear(x, weight, bias, residual, gate, activation, cast_to) -> str:
@@ -427,6 +444,14 @@ def fused_mlp(
     fc1's GEMM, and the activation's derivative runs in the epilogue of fc2's input-gradient GEMM
     (module docstring).
     """
+    sig, plan = _MLP_PLANS.lookup((backend, activation), x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, gate)
+    if plan is None:  # the first call of this signature (uvit_fast.ops._hot)
+        plan = _MLP_PLANS.put(sig, _mlp_plan(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, gate, activation, backend))
+    return plan(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, gate, activation)
+
+
+def _mlp_plan(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, gate, activation, backend):
+    """The function that runs calls of this signature, taking ``(x, w1, b1, w2, b2, residual, gate, activation)``."""
     op = "fused_mlp"
     _check_fused_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, residual, gate)
     cast_to = autocast_dtype(x.device)
@@ -437,14 +462,17 @@ def fused_mlp(
     choice = _choose(op, backend, dtype, tensors)
     if choice == "measure" and torch.compiler.is_compiling():  # decided inside the graph, when it runs
         call = _MLP_DISPATCH.bind(op, tensors, **_mlp_key(*tensors, activation))
-        return _fused_mlp_triton(*tensors, activation, cast_to, call=call)
+        return lambda *a: _fused_mlp_triton(*a, cast_to, call=call)
     if choice == "measure":
         choice = _measure_mlp(*tensors, activation, cast_to)
     if choice == "torch":
-        return _mlp_reference(*tensors, activation)
+        return _mlp_reference
     if choice == "addmm_activation":
-        return _mlp_addmm_activation(*tensors, activation, cast_to)
-    return _fused_mlp_triton(*tensors, activation, cast_to)
+        return lambda *a: _mlp_addmm_activation(*a, cast_to)
+    return lambda *a: _fused_mlp_triton(*a, cast_to)
+
+
+_MLP_PLANS = Plans("fused_mlp")
 
 
 def _mlp_reference(x, w1, b1, w2, b2, residual, gate, activation):

@@ -6,6 +6,7 @@ Token layout everywhere is upstream U-ViT / DiT's: patches in row-major grid ord
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 
 from uvit_fast._backend import load_kernel, resolve
 from uvit_fast.dispatch import measure
+from uvit_fast.ops._hot import Plans
 from uvit_fast.ops._runtime import DispatchOp
 from uvit_fast.ops._autocast import autocast_cast, autocast_dtype
 from uvit_fast.ops._checks import as_tuple, check_same_device, check_tensor, shape_str
@@ -211,6 +213,15 @@ def patchify_embed(
     bfloat16 or float32 with fp32 accumulation; under ``"auto"`` other dtypes (float64) use
     the PyTorch reference.
     """
+    sig, plan = _EMBED_PLANS.lookup(backend, x, weight, bias, prefix, pos_embed)
+    if plan is None:  # the first call of this signature (uvit_fast.ops._hot)
+        plan = _EMBED_PLANS.put(sig, _embed_plan(x, weight, bias, prefix, pos_embed, backend))
+    return plan(x, weight, bias, prefix, pos_embed)
+
+
+def _embed_plan(x, weight, bias, prefix, pos_embed, backend):
+    """The checks, the backend and the decision of one call signature: the function that runs it,
+    taking ``(x, weight, bias, prefix, pos_embed)``."""
     _check_patchify_embed(x, weight, bias, prefix, pos_embed)
     choice = resolve(backend, "patchify_embed", x, weight, bias, prefix, pos_embed)
     if choice in ("triton", "measure") and backend != "triton" and not _embed_dtypes_ok(x, prefix, pos_embed):
@@ -224,14 +235,16 @@ def patchify_embed(
             flags=",".join(f"{n}={int(t is not None)}" for n, t in (("bias", bias), ("prefix", prefix), ("pos", pos_embed))),
         )
         if torch.compiler.is_compiling():  # decided inside the graph, when it runs
-            return _patchify_embed_triton(*tensors, call=_EMBED_DISPATCH.bind("patchify_embed", tensors, **key))
-        choice = measure("patchify_embed", tensors, {
-            "torch": lambda x, w, b, pre, pos: patchify_embed_reference(x, w, b, prefix=pre, pos_embed=pos),
-            "triton": _patchify_embed_triton,
-        }, **key)
-    if choice == "torch":
-        return patchify_embed_reference(x, weight, bias, prefix=prefix, pos_embed=pos_embed)
-    return _patchify_embed_triton(x, weight, bias, prefix, pos_embed)
+            return functools.partial(_patchify_embed_triton, call=_EMBED_DISPATCH.bind("patchify_embed", tensors, **key))
+        choice = measure("patchify_embed", tensors, {"torch": _embed_reference, "triton": _patchify_embed_triton}, **key)
+    return _embed_reference if choice == "torch" else _patchify_embed_triton
+
+
+def _embed_reference(x, weight, bias, prefix, pos_embed):
+    return patchify_embed_reference(x, weight, bias, prefix=prefix, pos_embed=pos_embed)
+
+
+_EMBED_PLANS = Plans("patchify_embed")
 
 
 def _embed_dtypes_ok(x, prefix, pos_embed) -> bool:
@@ -421,6 +434,15 @@ def decoder_unpatchify(
         ``torch.autocast`` (tokens, weight and bias are cast like autocast casts a linear's
         arguments). tokens, weight and bias must share one dtype (after autocast).
     """
+    sig, plan = _DECODER_PLANS.lookup((backend, patch_size, grid, extras), tokens, weight, bias)
+    if plan is None:  # the first call of this signature (uvit_fast.ops._hot)
+        plan = _DECODER_PLANS.put(sig, _decoder_plan(tokens, weight, bias, patch_size, grid, extras, backend))
+    return plan(tokens, weight, bias)
+
+
+def _decoder_plan(tokens, weight, bias, patch_size, grid, extras, backend):
+    """The checks, the backend and the decision of one call signature: the function that runs it,
+    taking ``(tokens, weight, bias)`` (the patch, grid and extras are the signature's)."""
     patch, g, channels = _check_decoder_unpatchify(tokens, weight, bias, patch_size, grid, extras)
     choice = resolve(backend, "decoder_unpatchify", tokens, weight, bias)
     if choice in ("triton", "measure") and backend != "triton" and not _decoder_dtypes_ok(tokens):
@@ -430,14 +452,17 @@ def decoder_unpatchify(
                    flags=f"bias={int(bias is not None)}")
         if torch.compiler.is_compiling():  # decided inside the graph, when it runs
             call = _DECODER_DISPATCH.bind("decoder_unpatchify", (tokens, weight, bias), **key)
-            return _decoder_unpatchify_triton(tokens, weight, bias, patch, g, extras, call=call)
+            return lambda t, w, b: _decoder_unpatchify_triton(t, w, b, patch, g, extras, call=call)
         choice = measure("decoder_unpatchify", (tokens, weight, bias), {
             "torch": lambda t, w, b: decoder_unpatchify_reference(t, w, b, patch_size=patch, grid=g, extras=extras),
             "triton": lambda t, w, b: _decoder_unpatchify_triton(t, w, b, patch, g, extras),
         }, **key)
     if choice == "torch":
-        return decoder_unpatchify_reference(tokens, weight, bias, patch_size=patch, grid=g, extras=extras)
-    return _decoder_unpatchify_triton(tokens, weight, bias, patch, g, extras)
+        return lambda t, w, b: decoder_unpatchify_reference(t, w, b, patch_size=patch, grid=g, extras=extras)
+    return lambda t, w, b: _decoder_unpatchify_triton(t, w, b, patch, g, extras)
+
+
+_DECODER_PLANS = Plans("decoder_unpatchify")
 
 
 def _decoder_dtypes_ok(tokens) -> bool:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from uvit_fast._backend import get_backend, load_kernel, resolve
 from uvit_fast.dispatch import measure
+from uvit_fast.ops._hot import Plans
 from uvit_fast.ops._runtime import DispatchOp
 from uvit_fast.ops._autocast import autocast_cast, autocast_dtype
 from uvit_fast.ops._checks import check_same_device, check_tensor, shape_str
@@ -108,6 +109,14 @@ def skip_concat_linear(
     process-wide backend set, other dtypes (float64) fall back to PyTorch; with ``"triton"`` they
     raise a TypeError.
     """
+    sig, plan = _PLANS.lookup(backend, h, skip, weight, bias)
+    if plan is None:  # the first call of this signature (uvit_fast.ops._hot)
+        plan = _PLANS.put(sig, _plan(h, skip, weight, bias, backend))
+    return plan(h, skip, weight, bias)
+
+
+def _plan(h, skip, weight, bias, backend):
+    """The checks, the backend and the decision of one call signature: the function that runs it."""
     op = "skip_concat_linear"
     _check_skip_concat_linear(h, skip, weight, bias)
     cast_to = autocast_dtype(h.device)
@@ -116,7 +125,7 @@ def skip_concat_linear(
     choice = resolve(backend, op, h, skip, weight, bias)
     if choice == "measure":  # time both paths once per key (uvit_fast.dispatch)
         choice = _measure(op, h, skip, weight, bias, cast_to)
-        if isinstance(choice, torch.Tensor):
+        if callable(choice):
             return choice
     if choice == "triton":
         h, skip, weight, bias = _linear_operands(h, skip, weight, bias, cast_to)
@@ -130,18 +139,21 @@ def skip_concat_linear(
                 f"(use backend='torch')"
             )
     if choice == "torch":
-        return skip_concat_linear_reference(h, skip, weight, bias)
-    return _skip_concat_linear_triton(h, skip, weight, bias)
+        return skip_concat_linear_reference
+    return lambda *t: _skip_concat_linear_triton(*_linear_operands(*t, cast_to))
+
+
+_PLANS = Plans("skip_concat_linear")
 
 
 def _measure(op, h, skip, weight, bias, cast_to):
-    """The measured choice, or under torch.compile the output of the run-time dispatch op."""
+    """The measured choice, or under torch.compile the function calling the run-time dispatch op."""
     if _linear_operands(h, skip, weight, bias, cast_to)[0].dtype not in _TRITON_DTYPES:
         return "torch"  # as "auto" without timing: the kernel does not compute in this dtype
     key = dict(rows=h.numel() // max(h.shape[-1], 1), dims=(h.shape[-1], weight.shape[0]), flags=f"bias={int(bias is not None)}")
     if torch.compiler.is_compiling():  # decided inside the graph, when it runs
         call = _DISPATCH.bind(op, (h, skip, weight, bias), **key)
-        return _skip_concat_linear_triton(*_linear_operands(h, skip, weight, bias, cast_to), call=call)
+        return lambda *t: _skip_concat_linear_triton(*_linear_operands(*t, cast_to), call=call)
     return measure(op, (h, skip, weight, bias), {
         "torch": skip_concat_linear_reference,
         "triton": lambda *t: _skip_concat_linear_triton(*_linear_operands(*t, cast_to)),
