@@ -168,6 +168,19 @@ def test_cli_json(name, capsys):
     assert row["gmacs"] == pytest.approx(macs / 1e9, rel=1e-12)
     assert row["gflops"] == pytest.approx(2 * macs / 1e9, rel=1e-12)
     assert {"img_size", "patch_size", "params", "attn_share"} <= set(row)
+    # kernel launches per forward, fused and plain (tests/test_launch_count.py proves the counts)
+    launches = profiler.count_launches(name, fused=True)
+    assert row["launches_fused"] == launches["launches"] and row["launches_fused_triton"] == launches["triton"]
+    assert row["launches_plain"] == profiler.count_launches(name, fused=False)["launches"]
+
+
+def test_table_has_launch_columns(capsys):
+    assert main(["profile", "--model", "DiT-S/8", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "launches fused (Triton)" in out and "launches plain" in out
+    row = profiler.profile([profiler.Plan("DiT-S/8")], progress=False)[0]
+    line = next(line for line in out.splitlines() if line.startswith("DiT-S/8"))
+    assert f"{row['launches_fused']} ({row['launches_fused_triton']})" in line and str(row["launches_plain"]) in line
 
 
 def test_cli_patch_sweep_and_several_models(capsys):

@@ -3,8 +3,10 @@
 FLOPs are counted with :class:`torch.utils.flop_counter.FlopCounterMode` on models built on
 the ``meta`` device (no memory, no arithmetic), so even U-ViT-H at patch size 1 counts in a
 fraction of a second on a CPU. Counting uses the plain PyTorch path of the models
-(``fused=False``): it does the same multiply-adds as the fused path, and every op in it has a
-FLOP formula in torch (on ``meta``, scaled-dot-product attention runs as two ``bmm``).
+(``fused=False``) in bf16, with ``F.scaled_dot_product_attention`` dispatched to the flash /
+memory-efficient op a GPU runs (:func:`launch_path`): it does the same multiply-adds as the fused
+path, and every op in it has a FLOP formula in torch. The same pass counts the plain path's kernel
+launches (``launches_plain``); a second, fused pass counts ``launches_fused`` (:func:`count_launches`).
 
 Conventions (each row says both, named so they cannot be confused):
 
@@ -29,16 +31,19 @@ measured AMP training step (peak memory, time) sits beside the model.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import math
 import re
 import sys
+import threading
 import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # the command-line arguments are defined in the torch-free uvit_fast.cli_args (so --help is instant)
 from uvit_fast.cli_args import PROFILE_CPU_MAX_GFLOPS
@@ -115,11 +120,15 @@ def count_flops(
     overrides["fused"] = False
     with torch.device("meta"):
         model, size, patch = build_model(name, img_size, patch_size, **overrides)
-        inputs = model.example_inputs(1, device="meta")
-    model.eval()
+    # bf16 and SDPA as a GPU dispatches it: the same multiply-adds as float32 and meta's SDPA math
+    # (checked for every preset), and the same pass counts the plain path's kernel launches
+    model = model.to(torch.bfloat16).eval()
+    inputs = model.example_inputs(1, device="meta", dtype=torch.bfloat16)
     counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
+    launches = LaunchCounter()
+    with launch_path(False), counter, launches, torch.no_grad():
         model(*inputs)
+    _count_range_checks(launches, inputs)
     total = counter.get_total_flops()
     per_op = counter.get_flop_counts().get("Global", {})
     attn = sum(n for op, n in per_op.items() if _is_attention_op(op))
@@ -136,8 +145,288 @@ def count_flops(
         "gmacs": total / 2e9,
         "gflops": total / 1e9,
         "attn_share": attn / total if total else 0.0,
+        "launches_plain": launches.total,
         "flops_by_op": {str(op): int(n) for op, n in per_op.items()},
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# kernel launches per forward (counted on meta)
+
+#: ATen ops that launch no kernel although their schema does not say so (``_unsafe_view`` has no
+#: alias annotation); views, allocations and metadata. Every op whose tensor outputs all alias an
+#: input per its schema (``Tensor(a)`` without ``!``: view, t, transpose, permute, expand, squeeze,
+#: unsqueeze, slice, select, split, chunk, unbind, as_strided, detach, alias, lift_fresh, ...) and
+#: every op with no tensor output (``promote_types``, ``_fused_sdp_choice``, ``sym_size``,
+#: ``_local_scalar_dense``) launches nothing too; see :func:`aten_launches_nothing`.
+NO_LAUNCH_ATEN = frozenset({
+    "view", "_unsafe_view", "_reshape_alias", "t", "transpose", "permute", "expand", "unsqueeze", "squeeze",
+    "slice", "select", "split", "split_with_sizes", "chunk", "unbind", "as_strided", "detach", "alias",
+    "lift_fresh", "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "unfold",
+    "view_as_real", "view_as_complex", "_nested_tensor_from_mask_left_aligned", "set_",
+})
+
+#: Triton kernels the launcher of each ``uvit_fast::`` forward op launches (``kernels/*.py``):
+#: every forward launcher is one kernel (``_adaln_fwd_kernel``, ``_attn_fwd``,
+#: ``_fused_linear_fwd_kernel``, ``_skip_concat_linear_fwd_kernel``, ``_patchify_embed_fwd_kernel``,
+#: ``_decoder_unpatchify_fwd_kernel``), none when its output is empty; ``fused_mlp`` is the
+#: composite of ``fused_mlp_fc1`` and ``fused_mlp_fc2`` (two). Backward ops are not listed: a
+#: forward does not run them. ``tests/test_launch_count.py`` checks these numbers against the
+#: launches counted while the kernels really run (Triton interpreter).
+TRITON_FORWARD_KERNELS: Dict[str, int] = {
+    "adaln_layer_norm": 1,
+    "residual_adaln_layer_norm": 1,
+    "attention_fwd": 1,
+    "attention_qkvpacked_fwd": 1,
+    "fused_linear": 1,
+    "fused_mlp_fc1": 1,
+    "fused_mlp_fc2": 1,
+    "fused_mlp": 2,
+    "skip_concat_linear": 1,
+    "patchify_embed": 1,
+    "decoder_unpatchify": 1,
+}
+
+
+def _is_tensor_type(t: Any) -> bool:
+    if isinstance(t, torch.TensorType):
+        return True
+    if isinstance(t, (torch.ListType, torch.OptionalType)):
+        return _is_tensor_type(t.getElementType())
+    return False
+
+
+@functools.lru_cache(maxsize=None)
+def _aten_launches_nothing(func: Any) -> bool:
+    if func.overloadpacket.__name__ in NO_LAUNCH_ATEN:
+        return True
+    returns = [r for r in func._schema.returns if _is_tensor_type(r.type)]
+    if not returns:
+        return True  # metadata: promote_types, _fused_sdp_choice, sym_size, _local_scalar_dense
+    return all(r.alias_info is not None and not r.alias_info.is_write for r in returns)
+
+
+def aten_launches_nothing(func: Any) -> bool:
+    """The rule for ATen ops: launches nothing iff it is in :data:`NO_LAUNCH_ATEN`, has no tensor
+    output, or every tensor output aliases an input per its schema without writing it (views).
+    Everything else (``clone``, ``_to_copy``, ``copy_``, in-place ops, ``fill_``, ``arange``,
+    ``cat``, matmuls, ...) is one launch."""
+    return _aten_launches_nothing(func)
+
+
+def _numel0(out: Any) -> bool:
+    first = out[0] if isinstance(out, (tuple, list)) and out else out
+    return isinstance(first, torch.Tensor) and first.numel() == 0
+
+
+class _State(threading.local):
+    in_triton = 0  # > 0 while a Triton launch runs (its interpreter's own torch calls are not the model's)
+
+
+_STATE = _State()
+
+
+class LaunchCounter(TorchDispatchMode):
+    """Counts the kernel launches of what runs under it (a :class:`TorchDispatchMode`).
+
+    * an ATen op is one launch unless :func:`aten_launches_nothing`;
+    * a ``uvit_fast::<op>`` custom op is :data:`TRITON_FORWARD_KERNELS` ``[op]`` Triton launches
+      (0 when its output is empty); an op missing from the table counts 1 and is listed in
+      ``unknown``. On meta its fake runs; this is how :func:`count_launches` counts.
+
+    ``inner=True`` (real tensors) also counts the ATen launches a custom op's own code makes
+    around its Triton kernels (copies, fills: ``aten_in_custom``), which a meta count cannot see;
+    the Triton interpreter's own torch calls are not counted."""
+
+    def __init__(self, inner: bool = False):
+        super().__init__()
+        self.inner = inner
+        self.aten = 0
+        self.triton = 0
+        self.aten_in_custom = 0
+        self.by_op: Dict[str, int] = {}
+        self.unknown: Dict[str, int] = {}
+
+    def _add(self, name: str, n: int) -> None:
+        if n:
+            self.by_op[name] = self.by_op.get(name, 0) + n
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        ns = func.namespace
+        if ns == "uvit_fast":
+            name = func.overloadpacket.__name__
+            if self.inner:
+                inner = _InnerAten()
+                with inner:
+                    out = func(*args, **kwargs)
+                self.aten_in_custom += inner.n
+            else:
+                out = func(*args, **kwargs)
+            if name not in TRITON_FORWARD_KERNELS:
+                self.unknown[name] = self.unknown.get(name, 0) + 1
+            n = 0 if _numel0(out) else TRITON_FORWARD_KERNELS.get(name, 1)
+            self.triton += n
+            self._add(f"uvit_fast::{name}", n)
+            return out
+        out = func(*args, **kwargs)
+        if not _aten_launches_nothing(func):
+            self.aten += 1
+            self._add(str(func.overloadpacket), 1)
+        return out
+
+    @property
+    def total(self) -> int:
+        return self.aten + self.triton
+
+
+class _InnerAten(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not _STATE.in_triton and func.namespace != "uvit_fast" and not _aten_launches_nothing(func):
+            self.n += 1
+        return out
+
+
+class TritonLaunches:
+    """Counts real Triton launches (``kernel[grid](...)``, the launchers' one call per kernel; an
+    autotuner's benchmarking runs are not launches of the model) while the block runs: patches
+    ``__getitem__`` of triton's ``KernelInterface`` (JIT functions, autotuners, heuristics) and of
+    the interpreter's ``InterpretedFunction``. ``n`` is the count; ``names`` the kernels."""
+
+    def __init__(self):
+        self.n = 0
+        self.names: Dict[str, int] = {}
+        self._saved: List[Tuple[Any, Any]] = []
+
+    def __enter__(self) -> "TritonLaunches":
+        from triton.runtime.jit import KernelInterface
+
+        classes = [KernelInterface]
+        try:
+            from triton.runtime.interpreter import InterpretedFunction
+
+            classes.append(InterpretedFunction)
+        except ImportError:  # pragma: no cover - triton without the interpreter module
+            pass
+        counter = self
+        for cls in classes:
+            original = cls.__dict__.get("__getitem__")
+            if original is None:
+                continue
+            self._saved.append((cls, original))
+
+            def getitem(kernel, grid, _original=original):
+                launch = _original(kernel, grid)
+
+                def run(*args, **kwargs):
+                    if _STATE.in_triton:  # a launch inside a launch is not the launcher's
+                        return launch(*args, **kwargs)
+                    counter.n += 1
+                    name = _kernel_name(kernel)
+                    counter.names[name] = counter.names.get(name, 0) + 1
+                    _STATE.in_triton += 1
+                    try:
+                        return launch(*args, **kwargs)
+                    finally:
+                        _STATE.in_triton -= 1
+
+                return run
+
+            cls.__getitem__ = getitem
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for cls, original in reversed(self._saved):
+            cls.__getitem__ = original
+        self._saved.clear()
+
+
+def _kernel_name(kernel: Any) -> str:
+    fn = kernel
+    for _ in range(4):  # Autotuner -> Heuristics -> JITFunction / InterpretedFunction
+        inner = getattr(fn, "fn", None)
+        if inner is None or inner is fn:
+            break
+        fn = inner
+    return getattr(fn, "__name__", None) or type(fn).__name__
+
+
+@contextlib.contextmanager
+def launch_path(fused: bool) -> Iterator[None]:
+    """What a CUDA device runs: fused -> ``use_backend("triton")`` (every fused op on its Triton
+    kernel); plain -> SDPA dispatched as on an sm80+ GPU (one flash / memory-efficient kernel,
+    not meta's math decomposition; :class:`uvit_fast.memory._GpuSdpa`)."""
+    from uvit_fast import use_backend
+
+    if fused:
+        with use_backend("triton"):
+            yield
+    else:
+        from uvit_fast.memory import _GpuSdpa
+
+        with _GpuSdpa():
+            yield
+
+
+def count_launches(
+    name: str,
+    img_size: Optional[int] = None,
+    patch_size: Optional[int] = None,
+    *,
+    fused: bool,
+    dtype: torch.dtype = torch.bfloat16,
+    batch: int = 1,
+    **overrides: Any,
+) -> Dict[str, Any]:
+    """Kernel launches of one inference forward (``torch.no_grad``), counted on the meta device
+    with :class:`LaunchCounter`: ``{"launches", "aten", "triton", "by_op", "unknown"}``. ``fused``
+    picks the path (:func:`launch_path`); the weights and inputs are cast to ``dtype`` (bf16 by
+    default: what a GPU runs; U-ViT's plain attention then adds its fp32 casts)."""
+    if not isinstance(fused, bool):
+        raise TypeError(f"count_launches: fused must be True or False; got {fused!r}")
+    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+        raise ValueError(f"count_launches: batch must be a positive integer; got {batch!r}")
+    with torch.device("meta"):
+        model, _, _ = build_model(name, img_size, patch_size, fused=fused, **overrides)
+    model = model.to(dtype).eval()
+    inputs = model.example_inputs(batch, device="meta", dtype=dtype)
+    counter = LaunchCounter()
+    with launch_path(fused), torch.no_grad(), counter:
+        model(*inputs)
+    _count_range_checks(counter, inputs)
+    return {"launches": counter.total, "aten": counter.aten, "triton": counter.triton,
+            "by_op": dict(counter.by_op), "unknown": dict(counter.unknown)}
+
+
+def _count_range_checks(counter: "LaunchCounter", inputs: Sequence[Any]) -> None:
+    """The models check the range of integer inputs (class labels, CLIP's text tokens) with a min
+    and a max on real tensors, skipped on meta (``uvit_fast.models.common``): two launches each."""
+    for t in inputs:
+        if isinstance(t, torch.Tensor) and not t.is_floating_point() and t.numel():
+            for op in ("aten.min", "aten.max"):
+                counter.aten += 1
+                counter._add(op, 1)
+
+
+def fused_launch_fields(name: str, img_size: Optional[int] = None, patch_size: Optional[int] = None) -> Dict[str, Any]:
+    """``launches_fused`` and ``launches_fused_triton`` (``launches_plain`` comes with :func:`count_flops`)."""
+    fused = count_launches(name, img_size, patch_size, fused=True)
+    out = {"launches_fused": fused["launches"], "launches_fused_triton": fused["triton"]}
+    if fused["unknown"]:
+        out["launches_unknown_ops"] = sorted(fused["unknown"])
+    return out
+
+
+def launch_fields(name: str, img_size: Optional[int] = None, patch_size: Optional[int] = None) -> Dict[str, Any]:
+    """The profile row's launch fields: ``launches_fused`` (ATen + Triton), ``launches_fused_triton``,
+    ``launches_plain`` (ATen only) per inference forward, bf16, counted on meta."""
+    plain = count_launches(name, img_size, patch_size, fused=False)
+    return {**fused_launch_fields(name, img_size, patch_size), "launches_plain": plain["launches"]}
 
 
 def _tokens(model) -> int:
@@ -326,6 +615,7 @@ def profile(
     for item in bar:
         bar.set_postfix_str(f"{item.model} p={item.patch_size or 'own'}")
         row = count_flops(item.model, item.img_size, item.patch_size)
+        row.update(fused_launch_fields(item.model, item.img_size, item.patch_size))
         if batch is not None:
             row.update(time_forward(row, batch, device, dtype, fused=fused, force=force))
         if memory:
@@ -354,6 +644,9 @@ def _fmt_params(n: int) -> str:
 def format_table(rows: Sequence[Dict[str, Any]]) -> str:
     """A fixed-width table of the rows (``GMACs`` = the papers' "GFLOPs")."""
     headers = ["model", "img", "patch", "tokens", "params", "GMACs", "GFLOPs", "attn %"]
+    launches = all("launches_fused" in r for r in rows)
+    if launches:
+        headers += ["launches fused (Triton)", "launches plain"]
     timed = any("batch" in r for r in rows)
     if timed:
         headers += ["device", "batch", "ms", "samples/s", "TFLOP/s"]
@@ -363,6 +656,8 @@ def format_table(rows: Sequence[Dict[str, Any]]) -> str:
             r["model"], str(r["img_size"]), str(r["patch_size"]), str(r["tokens"]), _fmt_params(r["params"]),
             f"{r['gmacs']:.2f}", f"{r['gflops']:.2f}", f"{100 * r['attn_share']:.1f}",
         ]
+        if launches:
+            cells += [f"{r['launches_fused']} ({r['launches_fused_triton']})", str(r["launches_plain"])]
         if timed:
             if "ms" in r:
                 cells += [r["device"], str(r["batch"]), f"{r['ms']:.2f}", f"{r['samples_per_s']:.1f}", _fmt_rate(r["tflops"])]
@@ -370,7 +665,7 @@ def format_table(rows: Sequence[Dict[str, Any]]) -> str:
                 cells += [r.get("device", ""), str(r.get("batch", "")), "skipped", "", ""]
         body.append(cells)
     widths = [max(len(h), *(len(c[i]) for c in body)) if body else len(h) for i, h in enumerate(headers)]
-    left = {0, 8}
+    left = {0, headers.index("device")} if timed else {0}
 
     def line(cells):
         return "  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
@@ -666,6 +961,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"Forward FLOPs per sample, counted on the meta device{where}.")
         print("GMACs = multiply-adds x 1e-9 (the papers' \"GFLOPs\"); GFLOPs = 2 x GMACs; "
               "attn % = share of the FLOPs in the attention matmuls.")
+        print("launches = kernel launches per inference forward as a CUDA device runs it (bf16), counted on "
+              "meta: fused = ATen + Triton (the Triton ones in brackets), plain = ATen with SDPA as one kernel; "
+              "views and metadata ops launch nothing.")
         print(format_table(rows))
         for r in rows:
             if "timing_skipped" in r:
