@@ -23,6 +23,7 @@ _EXPORTS: Dict[str, Tuple[str, Any]] = {
     "use_backend": ("uvit_fast._backend", "use_backend"),
     "get_backend": ("uvit_fast._backend", "get_backend"),
     "BackendError": ("uvit_fast._backend", "BackendError"),
+    "refresh_settings": ("uvit_fast._backend", "refresh_settings"),
     "create_model": ("uvit_fast.models", "create_model"),
     "list_models": ("uvit_fast.models", "list_models"),
     "load_upstream_checkpoint": ("uvit_fast.models", "load_upstream_checkpoint"),
@@ -39,7 +40,7 @@ __all__ = [*_EXPORTS, "__version__"]
 if TYPE_CHECKING:  # for type checkers and IDEs only
     from uvit_fast import ops
     from uvit_fast.ops import fused_linear, fused_mlp
-    from uvit_fast._backend import BackendError, get_backend, use_backend
+    from uvit_fast._backend import BackendError, get_backend, refresh_settings, use_backend
     from uvit_fast.models import create_model, list_models, load_upstream_checkpoint, text_to_image_context
     from uvit_fast.optimize import OptimizeReport, optimize
     from uvit_fast.dispatch import dispatch_report

@@ -128,3 +128,38 @@ def _capturing() -> bool:
     from uvit_fast.dispatch import stream_capturing
 
     return stream_capturing()
+
+
+_dispatch_depth = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 1)
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
+_profiling = torch.autograd._profiler_enabled
+
+
+class Direct:
+    """An inference call of a Triton custom op without the dispatcher: the op's own Python body
+    (the kernel launcher) called directly.
+
+    Calling a ``torch.library.custom_op`` with an autograd formula costs tens of microseconds of
+    host time before its body runs (the dispatcher, the Python autograd wrapper, the fake-tensor
+    bookkeeping): as much as the kernel itself at sampling shapes. Where nothing needs the op as an
+    op, the body computes the same: plans use this for their inference signatures only (no tensor
+    requiring grad under grad mode), and each call still goes through the op whenever something
+    watches the dispatcher (a ``TorchDispatchMode`` such as ``FlopCounterMode`` or fake tensors, a
+    functorch transform, the autograd profiler, whose trace then names the op)."""
+
+    __slots__ = ("op", "body")
+
+    def __init__(self, op: Any, body: Optional[Callable[..., Any]] = None):
+        self.op = op
+        self.body = body if body is not None else op._init_fn
+
+    def __call__(self, *args: Any) -> Any:
+        if _dispatch_depth() or _functorch_active() or _profiling():
+            return self.op(*args)
+        return self.body(*args)
+
+
+def inference(tensors) -> bool:
+    """A call whose outputs need no autograd: grad mode off, or no floating tensor requiring grad."""
+    return not (_is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad and t.is_floating_point() for t in tensors))

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from uvit_fast._backend import load_kernel, resolve
 from uvit_fast.dispatch import measure
-from uvit_fast.ops._hot import Plans
+from uvit_fast.ops._hot import Direct, Plans, inference
 from uvit_fast.ops._runtime import DispatchOp
 from uvit_fast.ops._checks import check_same_device, check_tensor, shape_str
 
@@ -154,9 +154,16 @@ def _adaln_plan(x, shift, scale, weight, bias, eps, scale_offset, backend):
             return functools.partial(_adaln_layer_norm_triton, call=_ADALN_DISPATCH.bind(op, tensors, **key))
         choice = measure(op, tensors, {
             "torch": lambda *t: adaln_layer_norm_reference(*t, eps, scale_offset),
-            "triton": lambda *t: _adaln_layer_norm_triton(*t, eps, scale_offset),
+            "triton": lambda *t: _adaln_layer_norm_triton(*t, eps, scale_offset, call=_call(_ADALN_DIRECT, tensors)),
         }, **key)
-    return adaln_layer_norm_reference if choice == "torch" else _adaln_layer_norm_triton
+    if choice == "torch":
+        return adaln_layer_norm_reference
+    return functools.partial(_adaln_layer_norm_triton, call=_call(_ADALN_DIRECT, tensors))
+
+
+def _call(direct: Direct, tensors) -> Optional[Direct]:
+    """How a Triton plan calls its op: directly for inference signatures (:class:`Direct`)."""
+    return direct if inference(tensors) else None
 
 
 _ADALN_PLANS = Plans("adaln_layer_norm")
@@ -240,9 +247,11 @@ def _residual_plan(x, branch, gate, shift, scale, weight, bias, eps, scale_offse
             return functools.partial(_residual_adaln_layer_norm_triton, call=_RESIDUAL_DISPATCH.bind(op, tensors, **key))
         choice = measure(op, tensors, {
             "torch": lambda *t: residual_adaln_layer_norm_reference(*t, eps, scale_offset),
-            "triton": lambda *t: _residual_adaln_layer_norm_triton(*t, eps, scale_offset),
+            "triton": lambda *t: _residual_adaln_layer_norm_triton(*t, eps, scale_offset, call=_call(_RESIDUAL_DIRECT, tensors)),
         }, **key)
-    return residual_adaln_layer_norm_reference if choice == "torch" else _residual_adaln_layer_norm_triton
+    if choice == "torch":
+        return residual_adaln_layer_norm_reference
+    return functools.partial(_residual_adaln_layer_norm_triton, call=_call(_RESIDUAL_DIRECT, tensors))
 
 
 _RESIDUAL_PLANS = Plans("residual_adaln_layer_norm")
@@ -386,6 +395,7 @@ def _adaln_backward(ctx, dy, dmean, drstd):
 
 
 _adaln_op.register_autograd(_adaln_backward, setup_context=_adaln_setup_context)
+_ADALN_DIRECT = Direct(_adaln_op)
 
 
 @torch.library.custom_op("uvit_fast::residual_adaln_layer_norm", mutates_args=())
@@ -493,6 +503,7 @@ def _residual_backward(ctx, dx_new, dh, dmean, drstd):
 
 
 _residual_adaln_op.register_autograd(_residual_backward, setup_context=_residual_setup_context)
+_RESIDUAL_DIRECT = Direct(_residual_adaln_op)
 
 
 # ----------------------------------------------------------------------------------------------

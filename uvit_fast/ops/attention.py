@@ -12,6 +12,7 @@ reference's matmuls; the custom ops are not autocast-aware, so the wrapper casts
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 from typing import Optional, Tuple
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 
 from uvit_fast._backend import BackendError, check_triton_device, get_backend, measuring
 from uvit_fast.dispatch import measure
-from uvit_fast.ops._hot import Plans
+from uvit_fast.ops._hot import Direct, Plans, inference
 from uvit_fast.ops._runtime import DispatchOp
 from uvit_fast.kernels._precision import tf32_matmul_allowed
 from uvit_fast.ops._autocast import autocast_cast, autocast_dtype
@@ -314,6 +315,9 @@ def _packed_backward(ctx, dout, _dstats):
 
 
 _attention_packed_fwd_op.register_autograd(_packed_backward, setup_context=_packed_setup)
+# inference plans call the forward ops' bodies without the dispatcher (uvit_fast.ops._hot.Direct)
+_ATTENTION_DIRECT = Direct(_attention_fwd_op)
+_PACKED_DIRECT = Direct(_attention_packed_fwd_op)
 
 
 # FLOP formulas, in torch's SDPA convention (torch/utils/flop_counter.py): forward = the two
@@ -452,6 +456,8 @@ def _plan(q, k, v, causal, scale, backend):
         return lambda q, k, v, causal, scale: _attention_triton(q, k, v, causal, scale, call=call)
     if choice == "measure":
         choice = _measure("attention", (q, k, v), _attention_candidates(q, k, causal, scale), causal)
+    if choice == "triton" and inference((q, k, v)):
+        return functools.partial(_attention_triton, call=_ATTENTION_DIRECT)
     return _RUNNERS[choice]
 
 
@@ -500,10 +506,11 @@ def _packed_plan(qkv, causal, scale, backend):
         candidates = {
             name: (lambda qkv, fn=fn: fn(*qkv.unbind(2))) for name, fn in _attention_candidates(q, k, causal, scale).items()
         }
-        candidates["triton"] = lambda qkv: _packed_triton(qkv, causal, scale)
+        direct = _PACKED_DIRECT if inference((qkv,)) else None
+        candidates["triton"] = lambda qkv: _packed_triton(qkv, causal, scale, direct)
         choice = _measure("attention_qkvpacked", (qkv,), candidates, causal, q)
     if choice == "triton":
-        return _packed_triton
+        return functools.partial(_packed_triton, call=_PACKED_DIRECT) if inference((qkv,)) else _packed_triton
     if choice == "flash_attn":
         return _packed_flash_attn
     runner = _RUNNERS[choice]

@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from uvit_fast._backend import get_backend, load_kernel, resolve
 from uvit_fast.dispatch import is_training, measure
 from uvit_fast.ops._autocast import autocast_cast, autocast_dtype
-from uvit_fast.ops._hot import Plans
+from uvit_fast.ops._hot import Direct, Plans, inference
 from uvit_fast.ops._runtime import Ctx, DispatchOp
 from uvit_fast.ops._checks import check_same_device, check_tensor, shape_str
 
@@ -320,7 +320,8 @@ def _linear_plan(x, weight, bias, residual, gate, activation, backend):
     if choice == "addmm_activation":
         return lambda x, w, b, residual, gate, act: _epilogue_reference(
             _addmm_activation_linear(x, w, b, act, cast_to), residual, gate)
-    return lambda *a: _fused_linear_triton(*a, cast_to)
+    call = _LINEAR_DIRECT if inference((x, weight, bias, residual, gate)) else None
+    return lambda *a: _fused_linear_triton(*a, cast_to, call=call)
 
 
 def _linear_reference(x, weight, bias, residual, gate, activation):
@@ -339,7 +340,8 @@ def _measure_linear(x, weight, bias, residual, gate, activation, cast_to) -> str
         candidates["addmm_activation"] = lambda *t: _epilogue_reference(
             _addmm_activation_linear(*t[:3], activation, cast_to), t[3], t[4]
         )
-    candidates["triton"] = lambda *t: _fused_linear_triton(*t, activation, cast_to)
+    call = _LINEAR_DIRECT if inference(inputs) else None
+    candidates["triton"] = lambda *t: _fused_linear_triton(*t, activation, cast_to, call=call)
     return measure("fused_linear", inputs, candidates, **_linear_key(x, weight, bias, residual, gate, activation))
 
 
@@ -469,7 +471,8 @@ def _mlp_plan(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, gate, act
         return _mlp_reference
     if choice == "addmm_activation":
         return lambda *a: _mlp_addmm_activation(*a, cast_to)
-    return lambda *a: _fused_mlp_triton(*a, cast_to)
+    call = _MLP_DIRECT if inference(tensors) else None
+    return lambda *a: _fused_mlp_triton(*a, cast_to, call=call)
 
 
 _MLP_PLANS = Plans("fused_mlp")
@@ -489,7 +492,8 @@ def _measure_mlp(x, w1, b1, w2, b2, residual, gate, activation, cast_to) -> str:
     candidates: Dict[str, Callable] = {"torch": lambda *t: _mlp_reference(*t, activation)}
     if _addmm_activation_ok(activation, b1, x.device.type, inputs):
         candidates["addmm_activation"] = lambda *t: _mlp_addmm_activation(*t, activation, cast_to)
-    candidates["triton"] = lambda *t: _fused_mlp_triton(*t, activation, cast_to)
+    call = _MLP_DIRECT if inference(inputs) else None
+    candidates["triton"] = lambda *t: _fused_mlp_triton(*t, activation, cast_to, call=call)
     return measure("fused_mlp", inputs, candidates, **_mlp_key(*inputs, activation))
 
 
@@ -774,10 +778,13 @@ def _fc2_backward(ctx, grad, _grad_preact):
 _fused_mlp_fc2_op.register_autograd(_fc2_backward, setup_context=_fc2_setup)
 
 
-def _mlp_pair(x, w1, b1, w2, b2, residual, gate, activation, gate_rows, store_z, store_preact):
-    """fc1 then fc2 on rows: ``(out, h, z, fc2's pre-gate output)`` (z and the last empty when not stored)."""
-    h, z = torch.ops.uvit_fast.fused_mlp_fc1(x, w1, b1, activation, store_z)
-    out, preact = torch.ops.uvit_fast.fused_mlp_fc2(h, z, w2, b2, residual, gate, activation, gate_rows, store_preact)
+def _mlp_pair(x, w1, b1, w2, b2, residual, gate, activation, gate_rows, store_z, store_preact, direct=False):
+    """fc1 then fc2 on rows: ``(out, h, z, fc2's pre-gate output)`` (z and the last empty when not stored).
+    ``direct``: the two ops' bodies, without the dispatcher (an inference plan's :class:`Direct`)."""
+    fc1 = _fused_mlp_fc1_op._init_fn if direct else torch.ops.uvit_fast.fused_mlp_fc1
+    fc2 = _fused_mlp_fc2_op._init_fn if direct else torch.ops.uvit_fast.fused_mlp_fc2
+    h, z = fc1(x, w1, b1, activation, store_z)
+    out, preact = fc2(h, z, w2, b2, residual, gate, activation, gate_rows, store_preact)
     return out, h, z, preact
 
 
@@ -839,6 +846,11 @@ def _mlp_backward(ctx, grad, *_stats):
 
 
 _fused_mlp_op.register_autograd(_mlp_backward, setup_context=_mlp_setup)
+
+# inference plans call the ops' bodies without the dispatcher (uvit_fast.ops._hot.Direct); the MLP's
+# op, where something watches the dispatcher, is the fc1 / fc2 pair, as in a training call
+_LINEAR_DIRECT = Direct(_fused_linear_op)
+_MLP_DIRECT = Direct(_mlp_pair, body=lambda *args: _mlp_pair(*args, direct=True))
 
 
 def _rows_epilogue(y, residual, gate, gate_rows):

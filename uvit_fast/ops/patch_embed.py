@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from uvit_fast._backend import load_kernel, resolve
 from uvit_fast.dispatch import measure
-from uvit_fast.ops._hot import Plans
+from uvit_fast.ops._hot import Direct, Plans, inference
 from uvit_fast.ops._runtime import DispatchOp
 from uvit_fast.ops._autocast import autocast_cast, autocast_dtype
 from uvit_fast.ops._checks import as_tuple, check_same_device, check_tensor, shape_str
@@ -236,8 +236,11 @@ def _embed_plan(x, weight, bias, prefix, pos_embed, backend):
         )
         if torch.compiler.is_compiling():  # decided inside the graph, when it runs
             return functools.partial(_patchify_embed_triton, call=_EMBED_DISPATCH.bind("patchify_embed", tensors, **key))
-        choice = measure("patchify_embed", tensors, {"torch": _embed_reference, "triton": _patchify_embed_triton}, **key)
-    return _embed_reference if choice == "torch" else _patchify_embed_triton
+        triton = functools.partial(_patchify_embed_triton, call=_EMBED_DIRECT if inference(tensors) else None)
+        choice = measure("patchify_embed", tensors, {"torch": _embed_reference, "triton": triton}, **key)
+    if choice == "torch":
+        return _embed_reference
+    return functools.partial(_patchify_embed_triton, call=_EMBED_DIRECT if inference((x, weight, bias, prefix, pos_embed)) else None)
 
 
 def _embed_reference(x, weight, bias, prefix, pos_embed):
@@ -359,6 +362,7 @@ def _patchify_embed_backward(ctx, grad):
 
 
 _patchify_embed_op.register_autograd(_patchify_embed_backward, setup_context=_patchify_embed_setup_context)
+_EMBED_DIRECT = Direct(_patchify_embed_op)  # inference plans: the body without the dispatcher (ops._hot)
 
 
 # --------------------------------------------------------------------------- decoder + unpatchify
@@ -447,6 +451,7 @@ def _decoder_plan(tokens, weight, bias, patch_size, grid, extras, backend):
     choice = resolve(backend, "decoder_unpatchify", tokens, weight, bias)
     if choice in ("triton", "measure") and backend != "triton" and not _decoder_dtypes_ok(tokens):
         choice = "torch"  # "auto": dtypes the kernel does not compute in (e.g. float64)
+    direct = _DECODER_DIRECT if inference((tokens, weight, bias)) else None
     if choice == "measure":  # time both paths once per key (uvit_fast.dispatch)
         key = dict(rows=tokens.shape[0] * math.prod(g), dims=(*patch, *g, extras, *weight.shape),
                    flags=f"bias={int(bias is not None)}")
@@ -455,11 +460,14 @@ def _decoder_plan(tokens, weight, bias, patch_size, grid, extras, backend):
             return lambda t, w, b: _decoder_unpatchify_triton(t, w, b, patch, g, extras, call=call)
         choice = measure("decoder_unpatchify", (tokens, weight, bias), {
             "torch": lambda t, w, b: decoder_unpatchify_reference(t, w, b, patch_size=patch, grid=g, extras=extras),
-            "triton": lambda t, w, b: _decoder_unpatchify_triton(t, w, b, patch, g, extras),
+            "triton": lambda t, w, b: _decoder_unpatchify_triton(t, w, b, patch, g, extras, call=direct),
         }, **key)
-    if choice == "torch":
-        return lambda t, w, b: decoder_unpatchify_reference(t, w, b, patch_size=patch, grid=g, extras=extras)
-    return lambda t, w, b: _decoder_unpatchify_triton(t, w, b, patch, g, extras)
+    if choice == "torch":  # the reference's math, its rearrange's shapes fixed by the signature
+        B, n = tokens.shape[0], len(patch)
+        perm = [0, 2 * n + 1] + [d for i in range(n) for d in (1 + i, 1 + n + i)]
+        split, image = [B, *g, *patch, channels], [B, channels, *(gi * pi for gi, pi in zip(g, patch))]
+        return lambda t, w, b: F.linear(t[:, extras:], w, b).reshape(split).permute(perm).reshape(image)
+    return lambda t, w, b: _decoder_unpatchify_triton(t, w, b, patch, g, extras, call=direct)
 
 
 _DECODER_PLANS = Plans("decoder_unpatchify")
@@ -555,6 +563,7 @@ def _decoder_unpatchify_backward(ctx, grad):
 _decoder_unpatchify_op.register_autograd(
     _decoder_unpatchify_backward, setup_context=_decoder_unpatchify_setup_context
 )
+_DECODER_DIRECT = Direct(_decoder_unpatchify_op)  # inference plans: the body without the dispatcher (ops._hot)
 
 
 # Under torch.compile with measured dispatch: the decision inside the graph (uvit_fast.ops._runtime).

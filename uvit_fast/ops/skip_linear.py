@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from uvit_fast._backend import get_backend, load_kernel, resolve
 from uvit_fast.dispatch import measure
-from uvit_fast.ops._hot import Plans
+from uvit_fast.ops._hot import Direct, Plans, inference
 from uvit_fast.ops._runtime import DispatchOp
 from uvit_fast.ops._autocast import autocast_cast, autocast_dtype
 from uvit_fast.ops._checks import check_same_device, check_tensor, shape_str
@@ -140,7 +140,8 @@ def _plan(h, skip, weight, bias, backend):
             )
     if choice == "torch":
         return skip_concat_linear_reference
-    return lambda *t: _skip_concat_linear_triton(*_linear_operands(*t, cast_to))
+    call = _DIRECT if inference((h, skip, weight, bias)) else None
+    return lambda *t: _skip_concat_linear_triton(*_linear_operands(*t, cast_to), call=call)
 
 
 _PLANS = Plans("skip_concat_linear")
@@ -154,9 +155,10 @@ def _measure(op, h, skip, weight, bias, cast_to):
     if torch.compiler.is_compiling():  # decided inside the graph, when it runs
         call = _DISPATCH.bind(op, (h, skip, weight, bias), **key)
         return lambda *t: _skip_concat_linear_triton(*_linear_operands(*t, cast_to), call=call)
+    direct = _DIRECT if inference((h, skip, weight, bias)) else None
     return measure(op, (h, skip, weight, bias), {
         "torch": skip_concat_linear_reference,
-        "triton": lambda *t: _skip_concat_linear_triton(*_linear_operands(*t, cast_to)),
+        "triton": lambda *t: _skip_concat_linear_triton(*_linear_operands(*t, cast_to), call=direct),
     }, **key)
 
 
@@ -235,6 +237,7 @@ def _backward(ctx, grad_out):
 
 
 _skip_concat_linear_op.register_autograd(_backward, setup_context=_setup_context)
+_DIRECT = Direct(_skip_concat_linear_op)  # inference plans: the body without the dispatcher (ops._hot)
 
 # under torch.compile with measured dispatch: the decision inside the graph (uvit_fast.ops._runtime)
 _DISPATCH = DispatchOp(

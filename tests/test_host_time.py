@@ -1,0 +1,276 @@
+"""The per-call hot path (uvit_fast.ops._hot): a plan per call signature, taken once, then looked up.
+
+What a decided call runs is checked by tracing its Python calls (sys.setprofile), not by timing:
+the host figures themselves are the benchmark's (`uvit-fast bench --suite sampling`, docs/profiling.md).
+"""
+import importlib
+import sys
+
+import pytest
+import torch
+
+import uvit_fast
+from uvit_fast import dispatch, ops
+from uvit_fast.ops import _hot, adaln
+
+attn_mod = importlib.import_module("uvit_fast.ops.attention")  # `uvit_fast.ops.attention` is also the function
+fl_mod = importlib.import_module("uvit_fast.ops.fused_linear")
+from uvit_fast.testing import CustomOpRecorder
+
+
+def _adaln_args(dtype=torch.float32, B=1, L=7, D=72):
+    x = torch.randn(B, L, D, dtype=dtype)
+    return x, torch.randn(B, D, dtype=dtype), torch.randn(B, D, dtype=dtype), torch.randn(D, dtype=dtype), torch.randn(D, dtype=dtype)
+
+
+def _calls(fn):
+    """The (file, function) of every Python frame entered while ``fn()`` runs, and the builtins called."""
+    seen = []
+
+    def prof(frame, event, arg):
+        if event == "call":
+            seen.append((frame.f_code.co_filename, frame.f_code.co_name))
+        elif event == "c_call":
+            seen.append(("<builtin>", getattr(arg, "__qualname__", getattr(arg, "__name__", str(arg)))))
+
+    sys.setprofile(prof)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return seen
+
+
+_OPS = {
+    "adaln_layer_norm": lambda a: ops.adaln_layer_norm(*a, 1e-6, 1.0),
+    "residual_adaln_layer_norm": lambda a: ops.residual_adaln_layer_norm(a[0], a[0] * 2, a[1], a[1], a[2], a[3], a[4], 1e-6, 1.0),
+    "fused_linear": lambda a: ops.fused_linear(a[0], torch.ones(40, 72), torch.ones(40), activation="gelu"),
+    "fused_mlp": lambda a: ops.fused_mlp(a[0], torch.ones(96, 72), None, torch.ones(72, 96), None, residual=a[0]),
+    "attention": lambda a: ops.attention(*(a[0].view(1, 7, 2, 36),) * 3),
+    "attention_qkvpacked": lambda a: ops.attention_qkvpacked(torch.cat([a[0]] * 3, -1).view(1, 7, 3, 2, 36)),
+    "skip_concat_linear": lambda a: ops.skip_concat_linear(a[0], a[0], torch.ones(72, 144), a[3]),
+    "patchify_embed": lambda a: ops.patchify_embed(a[0].view(1, 2, 14, 18), torch.ones(8, 2, 2, 2), None),
+    "decoder_unpatchify": lambda a: ops.decoder_unpatchify(a[0].view(1, 6, 84)[:, :4], torch.ones(8, 84), None, patch_size=2, grid=(2, 2)),
+}
+
+
+@pytest.mark.parametrize("name", list(_OPS))
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_a_decided_call_runs_no_checks_no_key_and_reads_no_environment(fresh, name, backend):
+    """UVIT_FAST_TUNE=1 under the interpreter: the first call measures (the interpreter loses); a
+    second call of the same signature enters only the op, the plan lookup and the chosen candidate."""
+    args = _adaln_args()
+    call = _OPS[name]
+    with torch.no_grad(), uvit_fast.use_backend(backend):
+        first = call(args)
+        seen = _calls(lambda: call(args))
+        again = call(args)
+    for a, e in zip(first if isinstance(first, tuple) else (first,), again if isinstance(again, tuple) else (again,)):
+        assert torch.equal(a, e)
+    files = {f for f, _ in seen}
+    funcs = {fn for _, fn in seen}
+    for module in ("dispatch.py", "_backend.py", "_checks.py", "_runtime.py"):
+        assert not any(f.endswith(module) for f in files), (module, sorted(funcs))
+    assert not any("importlib" in f or f.endswith("os.py") or f == "<frozen os>" for f in files), sorted(files)
+    assert not {"getenv", "get_device_name", "format", "measure", "make_key", "resolve", "autocast_dtype"} & funcs, sorted(funcs)
+    if backend == "auto" and name not in ("attention", "attention_qkvpacked"):
+        assert dispatch.dispatcher().decisions(), "the first call measured"
+
+
+def test_a_plan_is_made_once_per_signature_and_again_for_a_new_one(fresh, monkeypatch):
+    made = []
+    real = adaln._adaln_plan
+    monkeypatch.setattr(adaln, "_adaln_plan", lambda *a: made.append(a[0].shape) or real(*a))
+    x, sh, sc, w, b = _adaln_args()
+    with torch.no_grad():
+        for _ in range(3):
+            ops.adaln_layer_norm(x, sh, sc, w, b)
+        assert len(made) == 1
+        ops.adaln_layer_norm(x[:, :5], sh, sc, w, b)  # another shape
+        ops.adaln_layer_norm(x.double(), sh.double(), sc.double(), w.double(), b.double())  # another dtype
+        ops.adaln_layer_norm(x, sh, sc, w, b, eps=1e-3)  # another static argument
+        ops.adaln_layer_norm(x, sh, sc, w, b, backend="torch")
+        ops.adaln_layer_norm(x, None, None, w, b)  # absent modulation
+    assert len(made) == 6
+    ops.adaln_layer_norm(x, sh, sc, w.requires_grad_(), b)  # grad mode and an input requiring grad: training
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        ops.adaln_layer_norm(x, sh, sc, w, b)
+    assert len(made) == 8
+    ops.adaln_layer_norm(x, sh, sc, w, b)
+    assert len(made) == 8
+
+
+def test_process_wide_changes_drop_the_plans(fresh):
+    """use_backend, tune()'s forced measuring and the decision table clearing all refresh."""
+    x, sh, sc, w, b = _adaln_args()
+    with torch.no_grad():
+        ops.adaln_layer_norm(x, sh, sc, w, b)  # measured (timing both candidates): the interpreter loses
+        with CustomOpRecorder() as rec:
+            ops.adaln_layer_norm(x, sh, sc, w, b)
+        assert not rec.ops
+        with uvit_fast.use_backend("triton"), CustomOpRecorder() as rec:
+            ops.adaln_layer_norm(x, sh, sc, w, b)
+        assert rec.ops == {"uvit_fast.adaln_layer_norm.default"}
+        with CustomOpRecorder() as rec:
+            ops.adaln_layer_norm(x, sh, sc, w, b)
+        assert not rec.ops
+        # a decision installed from elsewhere (a tune() broadcast) reaches the next call
+        key = next(iter(fresh.decisions()))
+        decision = fresh.decisions()[key]
+        fresh.install({key: dispatch.Decision(key, "triton", decision.timings_ms)})
+        with CustomOpRecorder() as rec:
+            ops.adaln_layer_norm(x, sh, sc, w, b)
+        assert rec.ops == {"uvit_fast.adaln_layer_norm.default"}
+        fresh.clear()
+        with dispatch.forced() as keys:
+            ops.adaln_layer_norm(x, sh, sc, w, b)
+        assert keys == [key]
+
+
+def test_refresh_settings_reads_the_environment_again(monkeypatch):
+    x, sh, sc, w, b = _adaln_args()
+    monkeypatch.setenv("UVIT_FAST_BACKEND", "torch")
+    uvit_fast.refresh_settings()
+    with torch.no_grad(), CustomOpRecorder() as rec:
+        ops.adaln_layer_norm(x, sh, sc, w, b)
+        monkeypatch.setenv("UVIT_FAST_BACKEND", "triton")
+        ops.adaln_layer_norm(x, sh, sc, w, b)
+        assert not rec.ops  # the plan stands until the settings are refreshed
+        uvit_fast.refresh_settings()
+        ops.adaln_layer_norm(x, sh, sc, w, b)
+    assert rec.ops == {"uvit_fast.adaln_layer_norm.default"}
+
+
+def test_bad_input_after_a_good_plan_still_gets_its_error():
+    x, sh, sc, w, b = _adaln_args()
+    ops.adaln_layer_norm(x, sh, sc, w, b)
+    with pytest.raises(ValueError, match=r"adaln_layer_norm: shift must have shape \(1, 72\)"):
+        ops.adaln_layer_norm(x, sh[:, :5], sc, w, b)
+    with pytest.raises(ValueError, match="eps must be a non-negative number"):
+        ops.adaln_layer_norm(x, sh, sc, w, b, eps=[1e-5])  # unhashable: no signature, full checks
+    with pytest.raises(TypeError, match="x must be a torch.Tensor; got list"):
+        ops.adaln_layer_norm([[1.0]], sh, sc, w, b)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ops.attention(*(x.view(1, 7, 2, 36),) * 3, backend="cuda")
+
+
+def test_plans_are_bounded():
+    plans = _hot.Plans("t", maxsize=3)
+    x = torch.randn(2)
+    for n in range(5):
+        sig, plan = plans.lookup(n, x)
+        assert plan is None
+        plans.put(sig, len)
+    assert len(plans) <= 3
+    assert plans.lookup(4, x)[1] is len
+
+
+def test_inference_plans_call_the_kernel_without_the_dispatcher_unless_watched(monkeypatch):
+    """An inference call of the Triton path runs the op's body (the launcher) directly; with a
+    TorchDispatchMode active (FlopCounterMode, fake tensors, CustomOpRecorder) it goes through the op."""
+    x, sh, sc, w, b = _adaln_args()
+    direct = adaln._ADALN_DIRECT
+    bodies = []
+    monkeypatch.setattr(direct, "body", lambda *a: bodies.append(1) or adaln._adaln_op._init_fn(*a))
+    ref = ops.adaln_layer_norm_reference(x, sh, sc, w, b)
+    with torch.no_grad(), uvit_fast.use_backend("triton"):
+        with CustomOpRecorder() as rec:
+            y1 = ops.adaln_layer_norm(x, sh, sc, w, b)
+        assert rec.ops == {"uvit_fast.adaln_layer_norm.default"} and not bodies
+        y2 = ops.adaln_layer_norm(x, sh, sc, w, b)
+        assert bodies == [1]
+    torch.testing.assert_close(y1, ref)
+    assert torch.equal(y1, y2)
+
+
+def test_training_plans_keep_the_op_and_its_backward():
+    x, sh, sc, w, b = (t.requires_grad_() for t in _adaln_args())
+    with uvit_fast.use_backend("triton"):
+        y = ops.adaln_layer_norm(x, sh, sc, w, b)
+        y2 = ops.adaln_layer_norm(x, sh, sc, w, b)  # the stored plan
+    ref = ops.adaln_layer_norm_reference(x, sh, sc, w, b)
+    g = torch.randn_like(ref)
+    got = torch.autograd.grad(y2, (x, sh, sc, w, b), g)
+    want = torch.autograd.grad(ref, (x, sh, sc, w, b), g)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
+    assert y.grad_fn is not None
+
+
+def test_nothing_is_timed_or_stored_while_a_stream_is_capturing(fresh, monkeypatch):
+    """A key first seen while torch.cuda.is_current_stream_capturing() says True runs PyTorch,
+    untimed and undecided, and stores no plan: after the capture, the next call measures."""
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    monkeypatch.setattr(dispatch, "default_timer", lambda device_type: pytest.fail("timed while capturing"))
+    x, sh, sc, w, b = _adaln_args()
+    with torch.no_grad():
+        y = ops.adaln_layer_norm(x, sh, sc, w, b)
+        ops.adaln_layer_norm(x, sh, sc, w, b)
+    torch.testing.assert_close(y, ops.adaln_layer_norm_reference(x, sh, sc, w, b))
+    assert fresh.decisions() == {} and len(adaln._ADALN_PLANS) == 0
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(dispatch, "default_timer", lambda device_type: lambda fn: (fn(), 1.0)[1])
+    with torch.no_grad():
+        ops.adaln_layer_norm(x, sh, sc, w, b)
+    assert len(fresh.decisions()) == 1 and len(adaln._ADALN_PLANS) == 1
+
+
+def test_a_stored_decision_still_runs_while_capturing(fresh, monkeypatch):
+    x, sh, sc, w, b = _adaln_args()
+    monkeypatch.setattr(dispatch, "default_timer", lambda device_type: lambda fn: (fn(), 1.0)[1])
+    with torch.no_grad():
+        ops.fused_linear(x, torch.ones(40, 72), torch.ones(40), activation="gelu")  # decided: torch wins the tie
+        uvit_fast.refresh_settings()
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+        monkeypatch.setattr(dispatch, "default_timer", lambda device_type: pytest.fail("timed while capturing"))
+        key = next(iter(fresh.decisions()))
+        fresh.install({key: dispatch.Decision(key, "triton", fresh.decisions()[key].timings_ms)})
+        with CustomOpRecorder() as rec:
+            ops.fused_linear(x, torch.ones(40, 72), torch.ones(40), activation="gelu")
+    assert rec.ops == {"uvit_fast.fused_linear.default"}
+
+
+def test_compiled_dispatch_op_does_not_time_while_capturing(fresh, monkeypatch):
+    """The run-time dispatch op (what torch.compile's cudagraph trees capture) obeys the same rule."""
+    from uvit_fast.ops._runtime import _PINNED
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    monkeypatch.setattr(dispatch, "default_timer", lambda device_type: pytest.fail("timed while capturing"))
+    x, sh, sc, w, b = _adaln_args()
+    args = (x, sh, sc, w, b, 1e-6, 1.0, torch.float32)
+    out = adaln._ADALN_DISPATCH(*args, key_op="adaln_layer_norm[t]", training=False, rows=7, dims=[72])
+    torch.testing.assert_close(out[0], ops.adaln_layer_norm_reference(x, sh, sc, w, b, 1e-6, 1.0))
+    assert fresh.decisions() == {} and not _PINNED
+
+
+def test_host_aware_timer_takes_the_slower_of_device_and_loop(monkeypatch):
+    monkeypatch.setattr(dispatch, "cuda_loop_timer", lambda fn: 0.5)
+    monkeypatch.setattr(dispatch, "cuda_timer", lambda fn: 0.2)
+    assert dispatch.decision_timer("cuda", training=False)(lambda: None) == 0.5
+    assert dispatch.decision_timer("cuda", training=True)(lambda: None) == 0.2
+    monkeypatch.setattr(dispatch, "cuda_timer", lambda fn: 0.9)
+    assert dispatch.decision_timer("cuda", training=False)(lambda: None) == 0.9
+    assert dispatch.decision_timer("cpu", training=False) is dispatch.cpu_timer
+
+
+def test_attention_plan_follows_the_tf32_setting_on_cuda(monkeypatch):
+    """Untimed auto picks SDPA or the kernel for fp32 CUDA inputs by the TF32 setting: part of the signature."""
+    class FakeCuda:
+        dtype = torch.float32
+        is_cuda = True
+
+    monkeypatch.setattr(attn_mod, "tf32_matmul_allowed", lambda: True)
+    assert attn_mod._tf32_state(FakeCuda()) is True
+    monkeypatch.setattr(attn_mod, "tf32_matmul_allowed", lambda: False)
+    assert attn_mod._tf32_state(FakeCuda()) is False
+    assert attn_mod._tf32_state(torch.randn(1)) is False  # CPU: no TF32, nothing read
+
+
+def test_fused_linear_plans_key_the_activation(fresh):
+    x = torch.randn(1, 7, 72)
+    w, b = torch.randn(40, 72), torch.randn(40)
+    with torch.no_grad():
+        y_gelu = ops.fused_linear(x, w, b, activation="gelu")
+        y_silu = ops.fused_linear(x, w, b, activation="silu")
+    torch.testing.assert_close(y_gelu, fl_mod.fused_linear_reference(x, w, b, activation="gelu"))
+    torch.testing.assert_close(y_silu, fl_mod.fused_linear_reference(x, w, b, activation="silu"))
