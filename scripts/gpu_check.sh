@@ -8,9 +8,15 @@
 #   bench-ops.txt         table
 #   bench-models.json  3. model rows: `uvit-fast bench --suite models` (its markdown table is
 #   bench-models.md       written next to it)
-#   pytest.txt         4. the rest of the test suite on the GPU, quick tests first, then the slow ones, for
-#                         the time that is left (the log
-#                         of step 3 goes here too)
+#                      4. `uvit-fast bench --suite sampling --quick`: ms per guided DDIM step of U-ViT-H/2
+#                         and DiT-XL/2 at batch 1 and 8 (plain eager, fused eager, fused + CUDA graph; the
+#                         torch.compile rows are listed as not selected: compiling U-ViT-H takes minutes),
+#                         then host us per op call and per forward. To stay at 8 files its markdown table
+#                         is appended to bench-models.md and its JSON (one line, after a
+#                         "### bench-sampling JSON" line) to pytest.txt
+#   pytest.txt         5. the rest of the test suite on the GPU, quick tests first, then the slow ones, for
+#                         the time that is left (the logs
+#                         of steps 3 and 4 go here too)
 #   kernels.txt        `uvit-fast kernels --arch sm_XX` for this device's architecture, compiled
 #                      on the CPU cores in the background while the GPU steps run
 #
@@ -119,7 +125,18 @@ step bench-ops 150 "$out_dir/bench-ops.txt" "$PY" scripts/gpu_bench_flagship.py 
 # --- 3. model rows
 step bench-models 100 "$out_dir/pytest.txt" "${UVF[@]}" bench --suite models --out "$out_dir/bench-models.json" \
   --time-budget 80 --no-progress
-# --- 4. the rest of the test suite, for the time that is left
+# --- 4. sampling: time per guided DDIM step (eager, fused, fused + CUDA graph; batch 1 and 8), host time
+sampling_tmp=$(mktemp -d)
+step bench-sampling 90 "$out_dir/pytest.txt" "${UVF[@]}" bench --suite sampling --quick --time-budget 45 \
+  --provider eager --provider uvit_fast --provider uvit_fast_cuda_graph \
+  --out "$sampling_tmp/sampling.json" --no-progress
+if [ -f "$sampling_tmp/sampling.json" ]; then
+  { echo; cat "$sampling_tmp/sampling.md"; } >>"$out_dir/bench-models.md"
+  { echo "### bench-sampling JSON"; "$PY" -c "import json, sys; print(json.dumps(json.load(open(sys.argv[1]))))" \
+      "$sampling_tmp/sampling.json"; } >>"$out_dir/pytest.txt"
+fi
+rm -rf "$sampling_tmp"
+# --- 5. the rest of the test suite, for the time that is left
 step pytest 600 "$out_dir/pytest.txt" "$PY" -m pytest -q -rs -p no:cacheprovider -m "not slow" --durations=15 tests \
   --ignore=tests/test_compiled_facts.py
 step pytest-slow 600 "$out_dir/pytest.txt" "$PY" -m pytest -q -rs -p no:cacheprovider -m slow --durations=15 tests \

@@ -71,6 +71,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer; got {text!r}")
+    return value
+
+
 def parse_patch_sizes(text: str) -> List[int]:
     try:
         sizes = [int(s) for s in text.replace(" ", "").split(",") if s]
@@ -131,7 +141,9 @@ def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--suite", choices=("ops", "models", "all"), default="all", help="what to run (default all)")
+    parser.add_argument("--suite", choices=("ops", "models", "sampling", "all"), default="all", help=(
+        "what to run (default all = ops + models; sampling: time per guided DDIM step on CUDA and host time per "
+        "op call and per forward, run on its own)"))
     parser.add_argument("--out", metavar="FILE.json", help=(
         "JSON results file; the markdown table goes next to it with .md (default: "
         f"{BENCH_RESULTS_DIR}/uvit-fast-bench-SUITE-DEVICE-DATE.json, in the source checkout when run from one, "
@@ -148,8 +160,13 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run only the first N shapes of each op (default: 1 on CPU, all on CUDA)")
     parser.add_argument("--time-budget", type=float, metavar="S", help=(
         f"seconds per op before its remaining rows are skipped (default: {BENCH_CPU_BUDGET[0]:.0f} on CPU, "
-        f"{BENCH_CPU_BUDGET_QUICK[0]:.0f} with --quick; no limit on CUDA)"))
+        f"{BENCH_CPU_BUDGET_QUICK[0]:.0f} with --quick; no limit on CUDA). --suite sampling on CUDA: seconds for "
+        "all its DDIM-step rows"))
     parser.add_argument("--cpu-compile", action="store_true", help="on CPU, also run the torch.compile rows")
+    parser.add_argument("--depth", type=nonnegative_int, metavar="N", help=(
+        "--suite sampling: build the presets with N blocks instead of their own depth (tests; default: the preset's)"))
+    parser.add_argument("--width", type=positive_int, metavar="D", help=(
+        "--suite sampling: width of the host-time forwards (2 heads; default 64)"))
     parser.add_argument("--strict", action="store_true", help="exit 1 when a row raised or a case module was skipped")
     parser.add_argument("--show-skipped", action="store_true", help="list skipped rows in the printed table too")
     parser.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=None,

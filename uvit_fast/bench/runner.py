@@ -47,8 +47,9 @@ from uvit_fast.bench.core import Case, raise_recompile_limits, time_fn
 from uvit_fast.cli_args import BENCH_CPU_BUDGET, BENCH_CPU_BUDGET_QUICK, BENCH_QUICK_ENV, BENCH_RESULTS_DIR
 from uvit_fast.cli_args import add_bench_arguments as add_arguments  # noqa: F401
 
+SUITES: Tuple[str, ...] = ("ops", "models", "sampling", "all")  # "all" = ops + models (sampling is its own run)
 OP_MODULES: Tuple[str, ...] = ("adaln_layer_norm", "patch_embed", "skip_concat_linear", "attention", "fused_linear")
-NOT_OP_MODULES = {"core", "runner", "models"}
+NOT_OP_MODULES = {"core", "runner", "models", "sampling", "host"}
 # the command-line arguments and their defaults are in the torch-free uvit_fast.cli_args
 QUICK_ENV = BENCH_QUICK_ENV
 # CPU defaults: (seconds per op, seconds per case) normal / quick
@@ -97,8 +98,13 @@ def load_cases(module: str, device: torch.device, dtype: torch.dtype) -> Tuple[L
 
 def select_modules(suite: str, ops: Optional[Sequence[str]] = None) -> List[str]:
     """The case modules of ``suite``, narrowed to ``ops``; unknown names are a ValueError listing the valid ones."""
-    if suite not in ("ops", "models", "all"):
-        raise ValueError(f"bench: suite must be 'ops', 'models' or 'all'; got {suite!r}")
+    if suite not in SUITES:
+        raise ValueError(f"bench: suite must be 'ops', 'models', 'sampling' or 'all'; got {suite!r}")
+    if suite == "sampling":
+        from uvit_fast.bench import sampling
+
+        sampling.check_selection(ops)
+        return ["sampling"]
     modules: List[str] = []
     if suite in ("ops", "all"):
         modules += discover_op_modules()
@@ -322,8 +328,9 @@ def run_suite(
     *,
     ops: Optional[Sequence[str]] = None,
     progress: Optional[bool] = None,
+    sampling: Optional[Dict[str, Any]] = None,
 ) -> Dict[str, Any]:
-    """Run ``suite`` ("ops", "models" or "all"); returns ``{"meta", "ceilings", "rows", "skipped_modules"}``.
+    """Run ``suite`` ("ops", "models", "sampling" or "all" = ops + models); returns ``{"meta", "ceilings", "rows", "skipped_modules"}``.
 
     An unknown name in ``ops`` or ``policy.providers`` is a ValueError listing the valid names,
     raised before anything is measured. ``ceilings`` is empty on a CPU (see :func:`measure_ceilings`)."""
@@ -331,6 +338,9 @@ def run_suite(
 
     started = time.perf_counter()
     modules = select_modules(suite, ops)
+    if suite == "sampling":
+        return _run_sampling(device, dtype, policy, ops=ops, progress=progress, started=started,
+                             **(sampling or {}))
     loaded = [(module, *load_cases(module, device, dtype)) for module in modules]
     if policy.providers is not None:
         check_providers(policy.providers, [c for _, cases, _ in loaded for c in cases])
@@ -381,6 +391,29 @@ def run_suite(
     add_speedups(rows)
     meta["seconds"] = time.perf_counter() - started
     return {"meta": meta, "ceilings": ceilings, "rows": rows, "skipped_modules": skipped_modules}
+
+
+def _run_sampling(device: torch.device, dtype: torch.dtype, policy: Policy, *, ops: Optional[Sequence[str]],
+                  progress: Optional[bool], started: float, depth: Optional[int] = None, width: int = 64,
+                  host_calls: Optional[Tuple[int, int]] = None, host_models: Optional[Sequence[str]] = None
+                  ) -> Dict[str, Any]:
+    """``--suite sampling`` (:mod:`uvit_fast.bench.sampling`): DDIM steps on CUDA, host time everywhere.
+    On CUDA ``--time-budget`` bounds the DDIM rows (on a CPU they are skipped rows anyway)."""
+    from uvit_fast.bench import sampling
+
+    raise_recompile_limits()
+    meta = environment(device, dtype)
+    meta.update(suite="sampling", quick=policy.quick)
+    budget = policy.op_budget if device.type == "cuda" else None
+    rows, host_env = sampling.run(device, torch.bfloat16 if device.type == "cuda" else dtype, quick=policy.quick,
+                                  ops=ops, depth=depth, width=width, budget_s=budget, progress=progress,
+                                  host_calls=host_calls,
+                                  providers=sorted(policy.providers) if policy.providers is not None else None,
+                                  **({"host_models": tuple(host_models)} if host_models is not None else {}))
+    add_speedups(rows)
+    meta["host"] = host_env
+    meta["seconds"] = time.perf_counter() - started
+    return {"meta": meta, "ceilings": {}, "rows": rows, "skipped_modules": []}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -457,9 +490,32 @@ _COLUMNS = ["suite", "op", "shape", "pass", "provider", "median ms", "p20-p80 ms
             "vs eager", "samples/s", "peak GB"]
 
 
+_HOST_COLUMNS = ["host us", "ratio"]
+
+
 def _columns(result: Dict[str, Any]) -> List[str]:
-    """The table's columns: no "% ceiling" without measured ceilings (a CPU run)."""
-    return [c for c in _COLUMNS if c != "% ceiling" or result["ceilings"]]
+    """The table's columns: no "% ceiling" without measured ceilings (a CPU run); "host us" and
+    "ratio" when a row has host time (``--suite sampling``)."""
+    cols = [c for c in _COLUMNS if c != "% ceiling" or result["ceilings"]]
+    if any("us" in r for r in result["rows"]):
+        cols += _HOST_COLUMNS
+    return cols
+
+
+def _host_cells(r: Dict[str, Any]) -> List[str]:
+    if r.get("status") != "ok" or "us" not in r:
+        return ["", ""]
+    ratio = ""
+    if r.get("ratio") is not None:
+        ratio = f"{r['ratio']:.2f}x"
+        if r.get("extra_us") is not None:
+            ratio += f" ({r['extra_us']:+.1f} us)"
+    return [f"{r['us']:.1f}", ratio]
+
+
+def _all_cells(r: Dict[str, Any], columns: List[str]) -> List[str]:
+    cells = _cells(r, "% ceiling" in columns)
+    return cells + (_host_cells(r) if columns[-len(_HOST_COLUMNS):] == _HOST_COLUMNS else [])
 
 
 def _cells(r: Dict[str, Any], with_ceiling: bool = True) -> List[str]:
@@ -485,9 +541,19 @@ def _header_lines(result: Dict[str, Any]) -> List[str]:
     commit = (m.get("git_commit") or "unknown")[:12] + (" (dirty)" if m.get("git_dirty") else "")
     first = (f"device: {m['device']}   dtype: {m['dtype']}   torch {m['torch']}   triton {m['triton']}   "
              f"commit {commit}   {m['date']}" + ("   (quick)" if m.get("quick") else ""))
+    host = []
+    if m.get("suite") == "sampling":
+        h = m.get("host") or {}
+        load = h.get("load_average")
+        host = [f"host rows: {h.get('device', '?')} (torch threads: {h.get('threads', '?')}), {h.get('dtype', '?')}"
+                + (f", load average {load[0]:.1f} at the start of {h.get('cpu_count')} CPUs" if load else "")
+                + "; ratio: fused / plain (forward), backend='torch' / reference, auto / chosen candidate "
+                  "(with the difference in us)"]
     if not c:
         return [first, "CPU timings (wall clock). No '% of ceiling' column on a CPU: its GEMM rate depends on the "
-                       "shape and the threads, so no one ceiling bounds the rows; GB/s and TFLOP/s are as measured."]
+                       "shape and the threads, so no one ceiling bounds the rows; GB/s and TFLOP/s are as measured."] + host
+    if m.get("suite") == "sampling":
+        return [first] + host
     return [
         first,
         f"ceilings (measured in this run): copy {c['copy_gbps']:.1f} GB/s [{c['copy_desc']}]; "
@@ -498,7 +564,7 @@ def _header_lines(result: Dict[str, Any]) -> List[str]:
 def format_text(result: Dict[str, Any], *, show_skipped: bool = False) -> str:
     rows = [r for r in result["rows"] if show_skipped or r.get("status") != "skipped"]
     columns = _columns(result)
-    body = [_cells(r, len(columns) == len(_COLUMNS)) for r in rows]
+    body = [_all_cells(r, columns) for r in rows]
     widths = [max([len(h)] + [len(b[i]) for b in body]) for i, h in enumerate(columns)]
     widths = [min(w, 60) for w in widths]
 
@@ -543,7 +609,7 @@ def format_markdown(result: Dict[str, Any]) -> str:
     for r in result["rows"]:
         if r.get("status") == "skipped":
             continue
-        lines.append("| " + " | ".join(esc(c) for c in _cells(r, len(columns) == len(_COLUMNS))) + " |")
+        lines.append("| " + " | ".join(esc(c) for c in _all_cells(r, columns)) + " |")
     summary = _skip_summary(result)
     if summary:
         lines += ["", "```"] + [s for s in summary if s] + ["```"]
@@ -622,7 +688,12 @@ def run(args: argparse.Namespace) -> int:
         print("uvit-fast bench: no CUDA device: running the CPU rows only (GPU rows are reported as skipped)",
               file=sys.stderr)
     try:
-        result = run_suite(args.suite, device, dtype, policy, ops=args.op, progress=args.progress)
+        sampling = None
+        if args.suite == "sampling":
+            sampling = {"depth": getattr(args, "depth", None), "width": getattr(args, "width", None) or 64}
+        elif getattr(args, "depth", None) is not None or getattr(args, "width", None) is not None:
+            raise ValueError("bench: --depth and --width apply only to --suite sampling")
+        result = run_suite(args.suite, device, dtype, policy, ops=args.op, progress=args.progress, sampling=sampling)
     except ValueError as exc:
         print(f"uvit-fast {exc}", file=sys.stderr)
         return 2
