@@ -328,8 +328,19 @@ def test_bad_call_arguments():
         runner(torch.randn(2), [1, 2])
     with pytest.raises(TypeError, match=r"argument 'c' is a tuple holding tensors; pass tensors as top-level"):
         runner(torch.randn(2), c=(torch.randn(2),))
-    with pytest.raises(ValueError, match=r"need CPU tensors; got argument 0 \(tensor \(2,\) float32 on meta\)"):
+    with pytest.raises(ValueError, match=r"this runner's graphs are on cpu; got argument 0 \(tensor \(2,\) float32 on "
+                                         r"meta\); call the model directly, or make one runner per device"):
         runner(torch.randn(2, device="meta"))
+
+
+def test_a_host_sync_during_capture_is_explained():
+    class Syncing(SimBackend):
+        def capture(self, graph, fn, pool):
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+    with pytest.raises(RuntimeError, match=r"cuda_graph: capturing the model failed .*A host sync inside the "
+                                           r"forward \(\.item\(\), int\(tensor\)"):
+        cuda_graph(Counting(), torch.randn(2, 4), backend=Syncing())
 
 
 # ------------------------------------------------------------------------------------------------

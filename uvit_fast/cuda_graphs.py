@@ -1,10 +1,10 @@
 """``uvit_fast.cuda_graph``: capture a model's forward as CUDA graphs and replay them.
 
-Diffusion sampling calls the denoiser 25-250 times at small batches, where launching the kernels
-(host time) costs more than running them. A CUDA graph records every launch of one forward once
+Diffusion sampling calls the denoiser 25-250 times at small batches, where the host's time to
+launch the kernels can be as large as the GPU's time to run them. A CUDA graph records every launch of one forward once
 and replays them with one call. The policy, in short (docs/cuda_graphs.md has the whole of it):
 
-- a *signature* is what a graph is valid for: each tensor argument's shape, dtype and device, each
+- a *signature* is what a graph is valid for: each tensor argument's shape and dtype, each
   non-tensor argument's value, and the autocast state. The first call of a signature runs
   ``warmup`` eager calls on a side stream (so that every measured-dispatch key is decided, timed,
   before capture: nothing may be timed while a stream captures), then captures one forward;
@@ -13,7 +13,8 @@ and replays them with one call. The policy, in short (docs/cuda_graphs.md has th
   overwrites them (``clone_outputs=True`` returns copies instead).
 - inference only: warm-up, capture and the eager fallback run under ``torch.no_grad()``.
 - past ``max_graphs`` signatures, a new signature runs eagerly (one warning).
-- CPU tensors are a ValueError (``on_cpu="eager"``: run eagerly, with a warning).
+- CPU tensors are a ValueError (``on_cpu="eager"``: run eagerly, with a warning); a runner belongs
+  to the device of its example inputs.
 
 The CUDA calls go through a small backend object (:class:`CudaBackend`) so that the state
 machine can be tested on CPU with a simulated one (``tests/test_cuda_graph.py``).
@@ -79,9 +80,10 @@ class CudaGraphRunner:
     """What :func:`cuda_graph` returns: call it like the model. ``graphs`` maps each captured
     signature to its graph; ``eager_calls`` counts the calls that ran eagerly."""
 
-    def __init__(self, model: Callable[..., Any], *, warmup: int, max_graphs: int, clone_outputs: bool,
-                 eager: bool, backend: Any):
+    def __init__(self, model: Callable[..., Any], *, device: torch.device, warmup: int, max_graphs: int,
+                 clone_outputs: bool, eager: bool, backend: Any):
         self.model = model
+        self.device = device
         self.warmup = warmup
         self.max_graphs = max_graphs
         self.clone_outputs = clone_outputs
@@ -92,17 +94,17 @@ class CudaGraphRunner:
         self._pool: Any = None
         self._warned = False
 
-    # a signature: per argument, ("tensor", shape, dtype, device) or ("const", type, value); the
-    # keyword names; the autocast state of the tensors' device type
+    # a signature: per argument, (where, "tensor", shape, dtype, device) or (where, "const", type,
+    # value), keyword arguments by name; the autocast state of the backend's device type
     def _signature(self, args: Tuple, kwargs: Dict[str, Any]) -> Tuple[Tuple, List[torch.Tensor]]:
         parts, tensors = [], []
         for where, value in [*enumerate(args), *sorted(kwargs.items())]:
             name = f"argument {where}" if isinstance(where, int) else f"argument {where!r}"
             if isinstance(value, torch.Tensor):
-                if value.device.type != self.backend.device_type and not self.eager:
+                if value.device != self.device:
                     raise ValueError(
-                        f"cuda_graph: CUDA graphs need {self.backend.device_type.upper()} tensors; got {name} "
-                        f"({_describe(value)}); call the model directly on {value.device.type.upper()}")
+                        f"cuda_graph: this runner's graphs are on {self.device}; got {name} ({_describe(value)}); "
+                        f"call the model directly, or make one runner per device")
                 parts.append((where, "tensor", tuple(value.shape), value.dtype, value.device))
                 tensors.append(value)
                 continue
@@ -137,7 +139,7 @@ class CudaGraphRunner:
 
         s_args = tuple(static(a) for a in args)
         s_kwargs = {k: static(v) for k, v in sorted(kwargs.items())}  # the signature's order
-        device = statics[0].device if statics else torch.device(self.backend.device_type)
+        device = self.device
         cache = torch.is_autocast_cache_enabled()
         try:
             # casts of weights cached by autocast outside the graph would be read by the replays
@@ -248,7 +250,7 @@ def cuda_graph(
             raise ValueError(
                 f"cuda_graph: CUDA graphs need {kind} tensors; got example input {where} on {value.device}; "
                 f"call the model directly on {value.device.type.upper()}")
-    runner = CudaGraphRunner(model, warmup=warmup, max_graphs=max_graphs, clone_outputs=clone_outputs,
+    runner = CudaGraphRunner(model, device=tensors[0][1].device, warmup=warmup, max_graphs=max_graphs, clone_outputs=clone_outputs,
                              eager=eager, backend=backend)
     if not eager:
         signature, _ = runner._signature(example_inputs, example_kwargs)
