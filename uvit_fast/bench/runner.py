@@ -405,7 +405,7 @@ def _run_sampling(device: torch.device, dtype: torch.dtype, policy: Policy, *, o
     meta = environment(device, dtype)
     meta.update(suite="sampling", quick=policy.quick)
     budget = policy.op_budget if device.type == "cuda" else None
-    rows, host_env = sampling.run(device, torch.bfloat16 if device.type == "cuda" else dtype, quick=policy.quick,
+    rows, host_env = sampling.run(device, dtype, quick=policy.quick,
                                   ops=ops, depth=depth, width=width, budget_s=budget, progress=progress,
                                   host_calls=host_calls,
                                   providers=sorted(policy.providers) if policy.providers is not None else None,

@@ -205,14 +205,15 @@ def ddim_rows(device: torch.device, dtype: torch.dtype, *, quick: bool, models: 
     bar = tqdm(plan, desc="bench sampling", unit="row", leave=False,
                disable=(not progress) if progress is not None else None)
     for batch, name, provider in bar:
+        dt = str(dtype).replace("torch.", "")
         row = _row(f"ddim step {name}{label_over}", f"B={batch} 256px cfg={CFG_SCALE:g}", "step", provider,
-                   extra={"batch": batch, "model": name, "precision": "bf16 weights and inputs (.to(bfloat16))",
+                   extra={"batch": batch, "model": name, "precision": f"{dt} weights and inputs (.to({dt}))",
                           "timing": "slope of ddim_sample wall time between a short and a long run"})
         reason = None
         if providers is not None and provider not in providers:
             reason = f"provider {provider!r} not selected (--provider)"
         elif not cuda:
-            reason = "needs CUDA: a GPU-sized sampling row (U-ViT-H/2 / DiT-XL/2 at 256 px, bf16)"
+            reason = "needs CUDA: a GPU-sized sampling row (U-ViT-H/2 / DiT-XL/2 at 256 px)"
         elif provider == "uvit_fast_cuda_graph" and no_graph:
             reason = no_graph
         elif deadline is not None and rows and time.perf_counter() > deadline:
