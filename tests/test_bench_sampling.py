@@ -98,6 +98,8 @@ def test_bad_arguments(capsys):
         sampling.run(CPU, torch.float32, quick=True, ops=["ddim"], providers=["fast"])
     with pytest.raises(ValueError, match="calls must be a positive integer"):
         host.time_calls(lambda: None, 0)
+    with pytest.raises(ValueError, match="time_interleaved: calls must be a positive integer"):
+        host.time_interleaved({"a": lambda: None}, -1)
     with pytest.raises(ValueError, match="host: unknown op nope"):
         host.measure_ops(CPU, torch.float32, 1, ["nope"])
     assert main(["bench", "--suite", "ops", "--depth", "2", "--no-progress"]) == 2
@@ -144,3 +146,11 @@ def test_ddim_row_code_path_on_cpu(provider):
     else:
         assert row["samples_per_s"] is None and "not positive" in row["extra"]["slope_note"]
     assert set(slot.cache) == {"eager": {"plain"}, "uvit_fast": {"fused"}}[provider]
+
+
+def test_time_interleaved_calls_each_function_in_rounds():
+    order = []
+    t = host.time_interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, 40)
+    warm = max(3, 40 // 20)
+    assert order == ["a", "b"] * (warm + 40)  # one call of each per round, warm-up rounds first
+    assert set(t) == {"a", "b"} and all(v["us_min"] <= v["us"] <= v["us_p80"] for v in t.values())

@@ -7,11 +7,12 @@ decides whether the fused path pays off at the small batches of diffusion sampli
   ``*_reference`` twin directly, ``backend="torch"`` and ``backend="auto"`` with the op's
   measured-dispatch key decided by a first (untimed) call; the median of ``calls`` calls each.
   Ratios: ``torch / reference`` and ``auto / the candidate auto chose`` (plus the difference in
-  microseconds).
+  microseconds). The ways of one op are timed in rounds (:func:`time_interleaved`), so that the
+  load of a shared machine weighs on them alike.
 * **per forward** (:func:`measure_forwards`): a preset with its depth kept (U-ViT-H/2: 29 blocks,
   DiT-XL/2: 28) and its width shrunk (64, 2 heads, a 4x4 latent), batch 1, plain
-  (``fused=False``) against fused (``fused=True``, ``auto`` decided by a first call); the ratio
-  fused / plain.
+  (``fused=False``) against fused (``fused=True``, ``auto`` decided by a first call), timed in
+  rounds like the ops; the ratio fused / plain.
 
 It runs in a process of its own (``python -m uvit_fast.bench.host``; :func:`run_subprocess`)
 with the environment set before anything is imported: ``UVIT_FAST_TUNE=1`` (measured dispatch on,
@@ -52,17 +53,29 @@ def time_calls(fn: Callable[[], Any], calls: int, sync: Callable[[], None] = lam
     ``time.perf_counter_ns``), after ``max(3, calls // 20)`` untimed ones."""
     if not isinstance(calls, int) or isinstance(calls, bool) or calls < 1:
         raise ValueError(f"time_calls: calls must be a positive integer; got {calls!r}")
+    return time_interleaved({"fn": fn}, calls, sync)["fn"]
+
+
+def time_interleaved(fns: Dict[str, Callable[[], Any]], calls: int,
+                     sync: Callable[[], None] = lambda: None) -> Dict[str, Dict[str, float]]:
+    """:func:`time_calls` of several functions in rounds (one call of each per round, each timed
+    alone), so that a shared machine's load changes weigh on all of them alike and their ratios
+    hold; name -> median / p20 / p80 / min microseconds."""
+    if not isinstance(calls, int) or isinstance(calls, bool) or calls < 1:
+        raise ValueError(f"time_interleaved: calls must be a positive integer; got {calls!r}")
     for _ in range(max(3, calls // 20)):
-        fn()
+        for fn in fns.values():
+            fn()
     sync()
-    times = []
+    times: Dict[str, List[float]] = {name: [] for name in fns}
     clock = time.perf_counter_ns
     for _ in range(calls):
-        t0 = clock()
-        fn()
-        times.append((clock() - t0) / 1e3)
+        for name, fn in fns.items():
+            t0 = clock()
+            fn()
+            times[name].append((clock() - t0) / 1e3)
     sync()
-    return _percentiles(times)
+    return {name: _percentiles(t) for name, t in times.items()}
 
 
 def op_cases(device: Any, dtype: Any) -> Dict[str, Tuple[Callable[..., Any], Callable[..., Any], tuple, dict, str]]:
@@ -133,13 +146,14 @@ def measure_ops(device: Any, dtype: Any, calls: int, ops_: Optional[Sequence[str
             sync()
             new = {k: v for k, v in _decisions().items() if before.get(k) != v}
             chosen = sorted(set(new.values()))
-            t_ref = time_calls(lambda: ref(*args, **kwargs), calls, sync)
-            t_torch = time_calls(lambda: op(*args, **kwargs, backend="torch"), calls, sync)
-            t_auto = time_calls(lambda: op(*args, **kwargs), calls, sync)
-            extra_ways = {}
+            fns = {"reference": lambda: ref(*args, **kwargs), "torch": lambda: op(*args, **kwargs, backend="torch"),
+                   "auto": lambda: op(*args, **kwargs)}
             for c in chosen:
                 if c != "torch" and _accepts_backend(op, c, args, kwargs):
-                    extra_ways[c] = time_calls(lambda: op(*args, **kwargs, backend=c), calls, sync)
+                    fns[c] = lambda c=c: op(*args, **kwargs, backend=c)
+            timed = time_interleaved(fns, calls, sync)
+            t_ref, t_torch, t_auto = timed.pop("reference"), timed.pop("torch"), timed.pop("auto")
+            extra_ways = timed
         base = {"op": name, "shape": shape, "calls": calls}
         rows.append({**base, "way": "reference", **t_ref})
         rows.append({**base, "way": "torch", **t_torch, "ratio": t_torch["us"] / t_ref["us"],
@@ -203,7 +217,7 @@ def measure_forwards(device: Any, dtype: Any, calls: int, models: Sequence[str] 
     sync = (lambda: torch.cuda.synchronize(device)) if torch.device(device).type == "cuda" else (lambda: None)
     rows: List[Dict[str, Any]] = []
     for name in models:
-        times = {}
+        fns, first = {}, {}
         for path in ("plain", "fused"):
             model = forward_model(name, path == "fused", depth=depth, width=width, heads=heads, device=device,
                                   dtype=dtype)
@@ -212,10 +226,13 @@ def measure_forwards(device: Any, dtype: Any, calls: int, models: Sequence[str] 
                 t0 = time.perf_counter()
                 model(*inputs)  # decides every measured-dispatch key (fused)
                 sync()
-                first = time.perf_counter() - t0
-                times[path] = time_calls(lambda: model(*inputs), calls, sync)
-            times[path]["first_call_s"] = first
+                first[path] = time.perf_counter() - t0
+            fns[path] = lambda model=model, inputs=inputs: model(*inputs)
             blocks = depth if depth is not None else _depth(model)
+        with torch.no_grad():
+            times = time_interleaved(fns, calls, sync)
+        for path in times:
+            times[path]["first_call_s"] = first[path]
         shape = f"depth={blocks} width={width} heads={heads} 4x4 latent p=2 B=1"
         rows.append({"op": name, "shape": shape, "way": "plain", "calls": calls, **times["plain"]})
         rows.append({"op": name, "shape": shape, "way": "fused", "calls": calls, **times["fused"],
