@@ -17,6 +17,7 @@ import uvit_fast
 from uvit_fast import create_model, dispatch
 from uvit_fast.cuda_graphs import CudaGraphRunner, cuda_graph
 from uvit_fast.sampling import ddim_sample, null_label
+from uvit_fast.testing import randomize_
 
 CUDA = torch.cuda.is_available()
 
@@ -252,7 +253,7 @@ def tuned(fresh, monkeypatch):
 
 def _tiny_dit():
     torch.manual_seed(0)
-    return create_model("DiT-S/8", input_size=16, depth=1, hidden_size=32, num_heads=1).eval()
+    return randomize_(create_model("DiT-S/8", input_size=16, depth=1, hidden_size=32, num_heads=1)).eval()
 
 
 @pytest.mark.parametrize("warmup", [1, pytest.param(0, marks=pytest.mark.slow)])
@@ -355,7 +356,8 @@ def _sample(model, noise, sim, **kw):
 
 def test_ddim_graph_path_equals_eager_with_guidance_bit_for_bit():
     torch.manual_seed(0)
-    model = create_model("DiT-S/8", input_size=16, depth=2, hidden_size=64, num_heads=2).eval()
+    # random weights: DiT's zero-initialised gates and final layer would make eps zero
+    model = randomize_(create_model("DiT-S/8", input_size=16, depth=2, hidden_size=64, num_heads=2)).eval()
     calls = []
     hook = model.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
     noise = torch.randn(2, 4, 16, 16)
@@ -365,6 +367,7 @@ def test_ddim_graph_path_equals_eager_with_guidance_bit_for_bit():
                              cfg_scale=4.0)
     hook.remove()
     assert torch.equal(eager, graphed)
+    assert not torch.equal(eager, ddim_sample(lambda x, t: torch.zeros_like(x), noise, steps=4))  # eps != 0
     # one capture of the guided call (batch 2B: cat inside the graph), then one replay per step
     assert sim.events.count("capture") == 1 and sim.events.count("replay") == 4
     assert calls == [4] * 4 + [4] * (1 + 1 + 4)  # eager 4 steps; warm-up, capture, 4 replays
@@ -372,7 +375,7 @@ def test_ddim_graph_path_equals_eager_with_guidance_bit_for_bit():
 
 def test_ddim_graph_path_unconditional_and_the_timestep_is_an_input():
     torch.manual_seed(0)
-    model = create_model("cifar10_uvit_small", img_size=8, depth=2, embed_dim=32, num_heads=1).eval()
+    model = randomize_(create_model("cifar10_uvit_small", img_size=8, depth=2, embed_dim=32, num_heads=1)).eval()
     seen = []
     hook = model.register_forward_pre_hook(lambda m, args: seen.append(args[1][0].item()))
     noise = torch.randn(1, 3, 8, 8)
@@ -414,7 +417,7 @@ def test_ddim_cuda_graph_on_cpu_raises_and_bad_option_type():
 @pytest.mark.skipif(not CUDA, reason="captures real CUDA graphs: needs a CUDA GPU")
 def test_real_cuda_graph_replays_equal_eager_on_a_fused_model():
     torch.manual_seed(0)
-    model = create_model("cifar10_uvit_small", img_size=16, depth=2, embed_dim=64, num_heads=2).cuda().eval()
+    model = randomize_(create_model("cifar10_uvit_small", img_size=16, depth=2, embed_dim=64, num_heads=2)).cuda().eval()
     x, t = model.example_inputs(2, device="cuda")
     runner = uvit_fast.cuda_graph(model, x, t)
     for _ in range(2):
@@ -429,7 +432,7 @@ def test_real_cuda_graph_replays_equal_eager_on_a_fused_model():
 @pytest.mark.skipif(not CUDA, reason="captures real CUDA graphs: needs a CUDA GPU")
 def test_real_cuda_graph_ddim_with_guidance_equals_eager():
     torch.manual_seed(0)
-    model = create_model("DiT-S/8", input_size=16, depth=2, hidden_size=64, num_heads=2).cuda().eval()
+    model = randomize_(create_model("DiT-S/8", input_size=16, depth=2, hidden_size=64, num_heads=2)).cuda().eval()
     noise = torch.randn(2, 4, 16, 16, device="cuda")
     y = torch.tensor([3, 7], device="cuda")
     kw = dict(steps=5, cond=y, null_cond=torch.full_like(y, null_label(model)), cfg_scale=4.0)

@@ -159,9 +159,8 @@ class CudaGraphRunner:
                         raise
                     raise RuntimeError(
                         f"cuda_graph: capturing the model failed ({exc}). A host sync inside the forward "
-                        "(.item(), int(tensor), .cpu(), a data-dependent check or shape) cannot be captured; "
-                        "run with warmup >= 1 so that measured dispatch decides before capture"
-                    ) from exc
+                        "(.item(), int(tensor), .cpu(), a data-dependent check or shape) cannot be captured "
+                        "(docs/cuda_graphs.md lists the known ones)") from exc
         finally:
             torch.set_autocast_cache_enabled(cache)
         return _Graph(graph, statics, outputs)
