@@ -248,12 +248,15 @@ def test_large_logits_stay_finite(dtype, device):
 # tile shape, the 16- and 32-row steps give the same gradients at every shape checked (L 33, 47,
 # 77, 129, 258; head dims 72, 80, 96; causal or not; scale 1 and 30).
 # The fixture below gives the interpreter such a dot for fp32 operands: each element is the float64
-# sum rounded once to fp32, whatever the tile shape (16-bit operands keep the interpreter's own).
+# sum rounded once to fp32, whatever the tile shape; so for fp16 operands (whose products are exact),
+# where np.matmul's rounding also differed between the tail steps on some machines (dk 1.2e-4 apart,
+# L 77, causal, scale 30). bf16 operands keep the interpreter's own (its bf16 dot is wrong anyway).
 # ------------------------------------------------------------------------------------------------
 
 
 def _shape_independent_fp32_dot():
-    """Patch the interpreter's ``create_dot`` (fp32 operands); returns the function that undoes it."""
+    """Patch the interpreter's ``create_dot`` (fp32 and fp16 operands, fp32 accumulator); returns
+    the function that undoes it."""
     import numpy as np
     from triton.runtime import interpreter
 
@@ -261,7 +264,8 @@ def _shape_independent_fp32_dot():
     plain = builder.create_dot
 
     def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        if a.data.dtype == np.float32 and b.data.dtype == np.float32 and d.data.dtype == np.float32:
+        operands = (np.float32, np.float16)  # fp16 products are exact in float64 too
+        if a.data.dtype in operands and b.data.dtype in operands and d.data.dtype == np.float32:
             exact = np.matmul(a.data.astype(np.float64), b.data.astype(np.float64)) + d.data
             return interpreter.TensorHandle(exact.astype(np.float32), d.dtype.scalar)
         return plain(self, a, b, d, input_precision, max_num_imprecise_acc)
