@@ -286,6 +286,27 @@ def test_dispatch_keys_are_decided_before_capture(tuned, monkeypatch, warmup):
         torch.testing.assert_close(out, model(x2, t, y), rtol=0, atol=0)
 
 
+def test_without_warmup_the_capture_rule_times_nothing_while_capturing(tuned, monkeypatch):
+    """``warmup=0`` with dispatch's rule for capturing streams (``dispatch.stream_capturing``, here
+    told when the simulated capture runs): the captured forward runs PyTorch, undecided."""
+    sim = SimBackend()
+    timed_while = []
+    choose = dispatch.choose
+
+    def watching_choose(key, candidates, timer):
+        timed_while.append("capture" if sim.capturing else "plain")
+        return choose(key, candidates, timer)
+
+    monkeypatch.setattr(dispatch, "choose", watching_choose)
+    monkeypatch.setattr(dispatch, "stream_capturing", lambda: sim.capturing)
+    model = _tiny_dit()
+    x, t, y = model.example_inputs(2)
+    cuda_graph(model, x, t, y, warmup=0, backend=sim)
+    assert sim.events.count("capture") == 1
+    assert timed_while == [] and tuned.decisions() == {}
+    # (a real replay runs no Python; the simulated one would decide the keys, so none is made here)
+
+
 # ------------------------------------------------------------------------------------------------
 # arguments and CPU tensors
 
