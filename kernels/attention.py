@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import empty, on_inputs_device
+from ._utils import empty, launch, on_inputs_device
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -787,7 +787,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
 def _launch(tuned, kernel, step_name: str, step, grid, args, consts):
     """Autotuned launch, or (``step`` given: tests) the plain kernel with that step."""
     if step is None:
-        tuned[grid](*args, **consts)
+        launch(tuned, grid, *args, **consts)
     else:
         kernel[grid](*args, **consts, **{step_name: step}, num_warps=4, num_stages=1 if _INTERPRET else 2)
 

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import empty, patch_row_offsets, on_inputs_device
+from ._utils import empty, launch, patch_row_offsets, on_inputs_device
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
@@ -269,7 +269,7 @@ def decoder_unpatchify_forward(tokens, weight, bias, patch, grid, extras=0):
     def launch_grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(NOUT, BN))
 
-    _decoder_unpatchify_fwd_kernel[launch_grid](
+    launch(_decoder_unpatchify_fwd_kernel, launch_grid,
         tokens, weight, bias if bias is not None else out, out,
         M, L, E, D, NOUT, C, Gh, Gw,
         *tokens.stride(), *weight.stride(), *_as_5d(out),
@@ -311,7 +311,7 @@ def decoder_unpatchify_backward(grad, tokens, weight, patch, grid, extras=0,
                 return (triton.cdiv(M, meta["BLOCK_M"]) + triton.cdiv(B * E, meta["BLOCK_M"]),
                         triton.cdiv(D, meta["BLOCK_X"]))
 
-            _decoder_unpatchify_dtok_kernel[launch_grid](
+            launch(_decoder_unpatchify_dtok_kernel, launch_grid,
                 grad, weight, dt,
                 M, L, E, B * E, D, NOUT, C, Gh, Gw,
                 *sg, *weight.stride(), *dt.stride(),

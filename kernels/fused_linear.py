@@ -44,7 +44,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._precision import tf32_matmul_allowed
-from ._utils import empty, on_inputs_device
+from ._utils import empty, launch, on_inputs_device
 from ._utils import SMEM_LIMIT, SMEM_LIMIT_OTHER, SMEM_LIMIT_SM80  # noqa: F401 - read by tests
 from ._utils import capability as _capability, smem_limit as _smem_limit
 
@@ -891,7 +891,7 @@ def fused_linear_forward(x, weight, bias=None, *, activation=None, residual=None
         tiles = triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
         return (min(tiles, sms * _programs_per_sm(meta, elem)),)
 
-    _fused_linear_fwd_kernel[grid](
+    launch(_fused_linear_fwd_kernel, grid,
         x_arg, w_arg,
         bias if bias is not None else out,
         res_arg,
@@ -967,7 +967,7 @@ def fused_linear_backward_input(grad, weight, *, gate=None, gate_rows=1, act_inp
     tma = _tma_operands(grad, weight) if _use_tma is None else bool(_use_tma)
     grad_arg, w_arg = (_descriptor(grad), _descriptor(weight)) if tma else (grad, weight)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),)  # noqa: E731
-    _fused_linear_bwd_input_kernel[grid](
+    launch(_fused_linear_bwd_input_kernel, grid,
         grad_arg, w_arg, gate if gate is not None else grad, preact_input if code != 0 else grad, dx,
         M, N, K, m_bucket(M), int(gate_rows),
         grad.stride(0), grad.stride(1), weight.stride(0), weight.stride(1),
@@ -1038,7 +1038,7 @@ def fused_linear_backward_weight(grad, x, *, gate=None, gate_rows=1, compute_bia
         dw_out, db_out = dw, (db if compute_bias else dw)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]), splits)  # noqa: E731
     grad_arg, x_arg = (_descriptor(grad), _descriptor(x)) if tma else (grad, x)
-    _fused_linear_bwd_weight_kernel[grid](
+    launch(_fused_linear_bwd_weight_kernel, grid,
         grad_arg, x_arg, gate if gate is not None else grad, dw_out, db_out,
         M, N, K, m_bucket(M), chunk, int(gate_rows),
         grad.stride(0), grad.stride(1), x.stride(0), x.stride(1),

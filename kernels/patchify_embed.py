@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import empty, patch_row_offsets, on_inputs_device
+from ._utils import empty, launch, patch_row_offsets, on_inputs_device
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
@@ -305,7 +305,7 @@ def patchify_embed_forward(x, weight, bias=None, prefix=None, pos_embed=None):
         return (triton.cdiv(M, meta["BLOCK_M"]) + triton.cdiv(B * E, meta["BLOCK_M"]),
                 triton.cdiv(D, meta["BLOCK_N"]))
 
-    _patchify_embed_fwd_kernel[grid](
+    launch(_patchify_embed_fwd_kernel, grid,
         x, weight, bias if bias is not None else dummy,
         prefix if prefix is not None else dummy, pos_embed if pos_embed is not None else dummy, out,
         M, L, E, B * E, D, K, Gh, Gw,
@@ -348,7 +348,7 @@ def patchify_embed_backward(grad, x, weight, extras=0, need_x=True, need_weight=
             def grid(meta):
                 return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(K, BK))
 
-            _patchify_embed_dx_kernel[grid](
+            launch(_patchify_embed_dx_kernel, grid,
                 grad, weight, dx,
                 M, L, E, D, K, Gh, Gw,
                 *sg, weight.stride(0), *_as_5d(weight)[1:], *_as_5d(dx),

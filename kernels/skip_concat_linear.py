@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import empty, on_inputs_device
+from ._utils import empty, launch, on_inputs_device
 from ._utils import SMEM_LIMIT, SMEM_LIMIT_OTHER, SMEM_LIMIT_SM80  # noqa: F401 - read by tests
 from ._utils import capability as _capability, smem_limit as _smem_limit
 from ._precision import tf32_matmul_allowed
@@ -381,7 +381,7 @@ def skip_concat_linear_forward(h, skip, weight, bias=None):
     y = empty(M, N, dtype=h.dtype, device=h.device)
     if M > 0 and N > 0:
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-        _skip_concat_linear_fwd_kernel[grid](
+        launch(_skip_concat_linear_fwd_kernel, grid,
             h2, s2, weight, bias if bias is not None else y, y,
             M, N, D, m_bucket(M),
             h2.stride(0), h2.stride(1), s2.stride(0), s2.stride(1),
@@ -408,7 +408,7 @@ def skip_concat_linear_backward_input(grad_out, weight):
             ds.zero_()
         else:
             grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * 2 * triton.cdiv(D, meta["BLOCK_N"]),)  # noqa: E731
-            _skip_concat_linear_bwd_input_kernel[grid](
+            launch(_skip_concat_linear_bwd_input_kernel, grid,
                 dy, weight, dh, ds,
                 M, N, D, m_bucket(M),
                 dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1),
@@ -483,7 +483,7 @@ def skip_concat_linear_backward_weight(grad_out, h, skip, compute_bias=True, spl
     else:
         dw_out, db_out = dw, (db if compute_bias else dw)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]) * 2 * triton.cdiv(D, meta["BLOCK_N"]), splits)  # noqa: E731
-    _skip_concat_linear_bwd_weight_kernel[grid](
+    launch(_skip_concat_linear_bwd_weight_kernel, grid,
         dy, h2, s2, dw_out, db_out,
         M, N, D, m_bucket(M), chunk,
         dy.stride(0), dy.stride(1), h2.stride(0), h2.stride(1), s2.stride(0), s2.stride(1),

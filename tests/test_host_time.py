@@ -274,3 +274,65 @@ def test_fused_linear_plans_key_the_activation(fresh):
         y_silu = ops.fused_linear(x, w, b, activation="silu")
     torch.testing.assert_close(y_gelu, fl_mod.fused_linear_reference(x, w, b, activation="gelu"))
     torch.testing.assert_close(y_silu, fl_mod.fused_linear_reference(x, w, b, activation="silu"))
+
+
+_TUNED = []
+
+
+def _tuned_kernel(hooks):
+    """A one-config autotuned copy kernel whose config has a pre-hook (as the TMA configs do)."""
+    import triton
+    import triton.language as tl
+
+    if not _TUNED:
+        @triton.autotune(configs=[triton.Config({"BLOCK": 16}, pre_hook=lambda nargs: hooks.append(nargs["n"]))],
+                         key=["n"])
+        @triton.jit
+        def copy(X, Y, n, BLOCK: tl.constexpr):
+            offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+            tl.store(Y + offs, tl.load(X + offs, mask=offs < n) * 2, mask=offs < n)
+
+        _TUNED.append(copy)
+    return _TUNED[0]
+
+
+def test_an_autotuned_launch_resolves_its_config_once_per_signature(monkeypatch):
+    """kernels._utils.launch: the autotuner runs on a signature's first launch only; later launches
+    call the tuned function with the remembered config, still running its pre-hook."""
+    from triton.runtime.autotuner import Autotuner
+
+    from uvit_fast.kernels._utils import launch
+
+    hooks, runs = [], []
+    kernel = _tuned_kernel(hooks)
+    real = Autotuner.run
+    monkeypatch.setattr(Autotuner, "run", lambda self, *a, **k: runs.append(1) or real(self, *a, **k))
+    x = torch.randn(37)
+    outs = []
+    for n in (37, 37, 37, 20):
+        y = torch.full_like(x, float("nan"))
+        launch(kernel, lambda meta: (triton_cdiv(n, meta["BLOCK"]),), x, y, n)
+        outs.append(y)
+    assert len(runs) == 2  # n=37 once, n=20 (another signature) once
+    assert hooks == [37, 37, 37, 20]
+    torch.testing.assert_close(outs[1], x * 2)
+    torch.testing.assert_close(outs[3][:20], x[:20] * 2)
+    assert outs[3][20:].isnan().all()
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
+
+
+def test_fused_linear_launches_skip_the_autotuner_after_the_first(monkeypatch):
+    from triton.runtime.autotuner import Autotuner
+
+    runs = []
+    real = Autotuner.run
+    monkeypatch.setattr(Autotuner, "run", lambda self, *a, **k: runs.append(self.base_fn.__name__) or real(self, *a, **k))
+    x, w, b = torch.randn(1, 7, 72), torch.randn(40, 72), torch.randn(40)
+    with torch.no_grad(), uvit_fast.use_backend("triton"):
+        y1 = ops.fused_linear(x, w, b, activation="gelu")
+        y2 = ops.fused_linear(x, w, b, activation="gelu")
+    assert runs == ["_fused_linear_fwd_kernel"]
+    assert torch.equal(y1, y2)
