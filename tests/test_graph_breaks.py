@@ -60,7 +60,7 @@ def _check(explanation):
 
 
 @pytest.mark.parametrize("family", [
-    pytest.param(f, marks=pytest.mark.slow) if f == "uvit_t2i" else f for f in FAMILIES])
+    pytest.param(f, marks=pytest.mark.slow) if f in ("uvit", "uvit_t2i") else f for f in FAMILIES])
 def test_no_graph_break_on_the_triton_kernels(family):
     fn, inputs = _case(family)
     with uvit_fast.use_backend("triton"):
