@@ -3,7 +3,9 @@
 Every module keeps upstream's parameter names, so ``state_dict`` keys never change, and has a
 ``fused`` attribute: ``False`` runs the plain PyTorch math of the upstream code, ``True``
 routes through :mod:`uvit_fast.ops` with ``backend="auto"`` (Triton on CUDA, PyTorch on CPU,
-overridable with :func:`uvit_fast.use_backend`). On the fused path the blocks' linears (qkv, proj,
+overridable with :func:`uvit_fast.use_backend`). While ``torch.jit.trace`` records, every module runs
+its plain path, so a traced graph holds the upstream math in aten ops (as a scripted one: the
+``__prepare_scriptable__`` twins below). On the fused path the blocks' linears (qkv, proj,
 and the MLP with its residual add and DiT's gate) go through :func:`uvit_fast.ops.fused_linear` /
 :func:`uvit_fast.ops.fused_mlp` where the module computes exactly that (:func:`is_plain_linear`,
 :func:`mlp_parts`); those ops run PyTorch unless measured faster or forced (``use_backend("triton")``).
@@ -43,7 +45,11 @@ class LayerNorm(nn.LayerNorm):
         self.fused = fused
 
     def _fusable(self, x: torch.Tensor) -> bool:
-        return self.fused and len(self.normalized_shape) == 1
+        return self.fused and len(self.normalized_shape) == 1 and not torch.jit.is_tracing()
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """TorchScript runs the upstream math: ``nn.LayerNorm`` (or the patched module's own class)."""
+        return script_twin(self, _upstream_class(self, nn.LayerNorm))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._fusable(x):
@@ -176,7 +182,7 @@ def mlp_parts(mlp: nn.Module) -> Optional[Tuple[nn.Linear, str, nn.Linear]]:
 
 def linear(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``m(x)``, through :func:`uvit_fast.ops.fused_linear` when ``m`` is a plain ``nn.Linear``."""
-    if is_plain_linear(m):
+    if is_plain_linear(m) and not torch.jit.is_tracing():
         return ops.fused_linear(x, m.weight, m.bias)
     return m(x)
 
@@ -185,7 +191,7 @@ def mlp_residual(mlp: nn.Module, x: torch.Tensor, h: torch.Tensor, gate: Optiona
     """``x + mlp(h)`` (``x + gate[:, None] * mlp(h)`` with DiT's per-sample ``(B, D)`` gate), as one
     :func:`uvit_fast.ops.fused_mlp` call when ``mlp`` is a plain fc1-activation-fc2 MLP
     (:func:`mlp_parts`); otherwise exactly that, in PyTorch."""
-    parts = mlp_parts(mlp)
+    parts = None if torch.jit.is_tracing() else mlp_parts(mlp)
     if parts is None:
         y = mlp(h)
         return x + y if gate is None else x + gate.unsqueeze(1) * y
@@ -225,9 +231,13 @@ class Attention(nn.Module):
         self.causal = causal
         self.fused = fused
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        """TorchScript runs the plain path (:class:`ScriptAttention`; a patched module: its own class)."""
+        return script_twin(self, _upstream_class(self, ScriptAttention))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, L, C = x.shape
-        if self.fused:
+        if self.fused and not torch.jit.is_tracing():
             qkv = linear(self.qkv, x).view(B, L, 3, self.num_heads, self.head_dim)
             out = ops.attention_qkvpacked(qkv, causal=self.causal, scale=self.scale)
             return linear(self.proj, out.reshape(B, L, C))
@@ -248,8 +258,12 @@ class SkipLinear(nn.Linear):
         super().__init__(2 * dim, dim)
         self.fused = fused
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        """TorchScript sees the plain ``nn.Linear(2D, D)``; the block twin concatenates its inputs."""
+        return script_twin(self, nn.Linear)
+
     def forward(self, h: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        if self.fused:
+        if self.fused and not torch.jit.is_tracing():
             return ops.skip_concat_linear(h, skip, self.weight, self.bias)
         return F.linear(torch.cat([h, skip], dim=-1), self.weight, self.bias)
 
@@ -269,13 +283,17 @@ class PatchEmbed(nn.Module):
         self.proj = conv(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size, bias=bias)
         self.fused = fused
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        """TorchScript runs the conv + flatten (:class:`ScriptPatchEmbed`; a patched module: its own class)."""
+        return script_twin(self, _upstream_class(self, ScriptPatchEmbed))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.embed(x)
 
     def embed(
         self, x: torch.Tensor, prefix: Optional[torch.Tensor] = None, pos_embed: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
-        if self.fused:
+        if self.fused and not torch.jit.is_tracing():
             return ops.patchify_embed(x, self.proj.weight, self.proj.bias, prefix=prefix, pos_embed=pos_embed)
         # the fused op's argument checks, so both paths give the same clear dtype/device/shape errors
         check_patchify_embed(x, self.proj.weight, self.proj.bias, prefix, pos_embed)
@@ -299,7 +317,7 @@ def decode_tokens(
     """``linear`` on the patch tokens, then unpatchify to ``(B, C, H, W)`` (upstream's
     ``(p1 p2 C)`` order). Upstream applies the linear to every token and then drops the
     ``extras``; the result is the same."""
-    if fused:
+    if fused and not torch.jit.is_tracing():
         return ops.decoder_unpatchify(x, linear.weight, linear.bias, patch_size=patch_size, grid=grid, extras=extras)
     out = linear(x)[:, extras:]
     channels = linear.out_features // (patch_size * patch_size)
@@ -312,6 +330,105 @@ def set_fused(module: nn.Module, fused: bool) -> nn.Module:
         if hasattr(m, "fused"):
             m.fused = fused
     return module
+
+
+# --------------------------------------------------------------------------- TorchScript twins
+# ``torch.jit.script`` cannot compile the fused modules (their forwards choose a path in Python and
+# call the ops through the dispatcher). Each one's ``__prepare_scriptable__`` hands TorchScript a
+# *twin* instead: a module of a plain-PyTorch class computing the upstream math, holding the same
+# Parameter and buffer objects (never copies) under the same names, so the scripted module's
+# state_dict keys are the eager model's. ``torch.jit.script`` stores what ``__prepare_scriptable__``
+# returns in the parent's ``_modules`` dict, in place; every model root and patched module returns a
+# structural copy (:func:`script_twin`), so the eager model it was called on keeps its fused modules.
+def script_twin(module: nn.Module, cls: type, memo: Optional[dict] = None) -> nn.Module:
+    """A structural copy of ``module`` of class ``cls``: a new object with ``module``'s attributes,
+    its own ``_modules`` / ``_parameters`` / ``_buffers`` dicts holding the same Parameter and
+    buffer objects, and as sub-modules the twins of the fused ones (their ``__prepare_scriptable__``)
+    and structural copies of the others, all the way down. Nothing is copied but the module objects
+    and their dicts (``torch.jit.script`` then finds no fused module left to replace, and creates no
+    object that it could free while it still holds its id)."""
+    memo = {} if memo is None else memo
+    if id(module) in memo:
+        return memo[id(module)]
+    new = cls.__new__(cls)
+    memo[id(module)] = new
+    new.__dict__.update(module.__dict__)
+    new.__dict__["_parameters"] = dict(module._parameters)
+    new.__dict__["_buffers"] = dict(module._buffers)
+    children: dict = {}
+    for k, v in module._modules.items():
+        if v is None or id(v) in memo:
+            children[k] = None if v is None else memo[id(v)]
+        elif hasattr(v, "__prepare_scriptable__"):  # a fused child: its own twin
+            children[k] = memo[id(v)] = v.__prepare_scriptable__()
+        else:
+            children[k] = script_twin(v, type(v), memo)
+    new.__dict__["_modules"] = children
+    return new
+
+
+def _upstream_class(module: nn.Module, default: type) -> type:
+    """The class a patched module had before :func:`uvit_fast.optimize` (its upstream class), else ``default``."""
+    return getattr(type(module), "_uvit_fast_base", None) or default
+
+
+class ScriptLayerNormFp32(nn.LayerNorm):
+    """TorchScript twin of :class:`LayerNormFp32`: float32 (float64 stays float64), back to the input dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        w = self.weight.to(dt) if self.weight is not None else None
+        b = self.bias.to(dt) if self.bias is not None else None
+        return F.layer_norm(x.to(dt), self.normalized_shape, w, b, self.eps).to(x.dtype)
+
+
+class ScriptAttention(nn.Module):
+    """TorchScript twin of :class:`Attention`: its plain path (``qkv``, SDPA, ``proj``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, C = x.shape
+        qkv = self.qkv(x).view(B, L, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        if self.upcast and (q.dtype == torch.float16 or q.dtype == torch.bfloat16):
+            q, k, v = q.float(), k.float(), v.float()
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, scale=self.scale)
+        out = out.transpose(1, 2).to(qkv.dtype)
+        return self.proj(out.reshape(B, L, C))
+
+
+class ScriptInProjAttention(nn.Module):
+    """TorchScript twin of :class:`InProjAttention`: ``F.linear``, SDPA, ``out_proj``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, C = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(B, L, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal).transpose(1, 2)
+        return self.out_proj(out.reshape(B, L, C))
+
+
+class ScriptPatchEmbed(nn.Module):
+    """TorchScript twin of :class:`PatchEmbed`: the conv, flatten, prefix tokens, position embedding."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embed(x)
+
+    def embed(
+        self, x: torch.Tensor, prefix: Optional[torch.Tensor] = None, pos_embed: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        out = self.proj(x).flatten(2).transpose(1, 2)
+        if prefix is not None:
+            out = torch.cat([prefix.expand(out.shape[0], -1, -1), out], dim=1)
+        if pos_embed is not None:
+            out = out + pos_embed
+        return out
+
+
+def script_unpatchify(x: torch.Tensor, patch_size: int, grid_h: int, grid_w: int) -> torch.Tensor:
+    """``(B, h w, p p C) -> (B, C, h p, w p)`` (upstream's order), TorchScript-compilable."""
+    B, C = x.shape[0], x.shape[-1] // (patch_size * patch_size)
+    x = x.reshape(B, grid_h, grid_w, patch_size, patch_size, C).permute(0, 5, 1, 3, 2, 4)
+    return x.reshape(B, C, grid_h * patch_size, grid_w * patch_size)
 
 
 # --------------------------------------------------------------------------- CLIP (OpenAI) layers
@@ -330,6 +447,9 @@ class LayerNormFp32(LayerNorm):
     fused path's kernel always computes in float32, and its result is cast back to ``x``'s dtype
     (so the output dtype is ``x``'s under autocast too, as upstream's).
     """
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        return script_twin(self, ScriptLayerNormFp32)
 
     def _kernel_backend(self, name: str, tensors: Tuple[torch.Tensor, ...], plain, kernel) -> Optional[str]:
         """The ``backend`` to run the fused op with, or None for the plain float32 path. The kernel
@@ -413,9 +533,12 @@ class InProjAttention(nn.Module):
         nn.init.zeros_(self.in_proj_bias)
         nn.init.zeros_(self.out_proj.bias)
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        return script_twin(self, ScriptInProjAttention)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, L, C = x.shape
-        if self.fused:
+        if self.fused and not torch.jit.is_tracing():
             qkv = ops.fused_linear(x, self.in_proj_weight, self.in_proj_bias)
             out = ops.attention_qkvpacked(qkv.view(B, L, 3, self.num_heads, self.head_dim), causal=self.causal)
             return linear(self.out_proj, out.reshape(B, L, C))

@@ -35,8 +35,8 @@ import torch.nn as nn
 
 from uvit_fast import layers
 from uvit_fast.models.clip import CLIP
-from uvit_fast.models.dit import DiT, DiTBlock, FinalLayer
-from uvit_fast.models.uvit import Block, UViT, UViTT2I, _UViTBase
+from uvit_fast.models.dit import DiT, DiTBlock, FinalLayer, script_dit_twin
+from uvit_fast.models.uvit import Block, UViT, UViTT2I, _UViTBase, script_uvit_twin
 from uvit_fast.models.vit import ViT
 from uvit_fast.models.vivit import ViViT
 
@@ -289,6 +289,20 @@ def _reduce_generated(self, protocol):
     return _rebuild_generated, (cls._uvit_fast_base, cls._uvit_fast_swap, cls._uvit_fast_key, self.__getstate__())
 
 
+def _script_uvit(self) -> nn.Module:
+    # TorchScript: upstream's forward on the same parameters (uvit_fast.models.uvit.ScriptUViT)
+    return script_uvit_twin(self, type(self)._uvit_fast_key)
+
+
+def _script_dit(self) -> nn.Module:
+    return script_dit_twin(self)
+
+
+def _script_upstream(self) -> nn.Module:
+    # TorchScript: the module's own (upstream) class and code, on the same parameters
+    return layers.script_twin(self, type(self)._uvit_fast_base)
+
+
 def _swap_forward(m: nn.Module, kind: str) -> None:
     """Give ``m`` our fused forward by making its class a subclass of its own class."""
     src = {"uvit": UViT, "uvit_t2i": UViTT2I, "dit": DiT}[kind]
@@ -296,7 +310,8 @@ def _swap_forward(m: nn.Module, kind: str) -> None:
     if key not in _FUSED_CLASSES:
         attrs = {"forward": src.forward, "example_inputs": src.example_inputs, "_uvit_fast_optimized": True,
                  "_uvit_fast_base": type(m), "_uvit_fast_swap": _swap_forward,
-                 "_uvit_fast_key": kind, "__reduce_ex__": _reduce_generated}
+                 "_uvit_fast_key": kind, "__reduce_ex__": _reduce_generated,
+                 "__prepare_scriptable__": _script_dit if kind == "dit" else _script_uvit}
         if kind != "dit":
             attrs.update(_run=_UViTBase._run, _time_token=_UViTBase._time_token, _image_inputs=_UViTBase._image_inputs)
         _FUSED_CLASSES[key] = type(f"Fused{type(m).__name__}", (type(m),), attrs)
@@ -390,6 +405,8 @@ class _TimmBlock(nn.Module):
     """timm pre-norm ``Block``: the residual add fused with ``norm2`` when called without a mask;
     otherwise timm's own forward (on the fused attention and norms, which then run timm's code)."""
 
+    __prepare_scriptable__ = _script_upstream  # TorchScript: timm's own block (and its children's twins)
+
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
         if attn_mask is None and not is_causal and self.fused:
             x, h = self.norm2.residual(x, self.attn(self.norm1(x)))
@@ -426,6 +443,14 @@ class _TimmPatchEmbed(layers.PatchEmbed):
             return out
         B, _, H, W = x.shape
         return out.view(B, H // self.patch_size[0], W // self.patch_size[1], out.shape[-1])  # NHWC
+
+
+class _TimmModel(nn.Module):
+    """timm ``VisionTransformer`` after ``optimize``: its own forward and methods; the class only adds
+    ``__prepare_scriptable__``, so that ``torch.jit.script(model)`` scripts a structural copy (timm's
+    code, the same parameters, the patched modules' twins) and leaves the model's fused modules in place."""
+
+    __prepare_scriptable__ = _script_upstream
 
 
 _MIXED_CLASSES: Dict[Tuple[type, type], type] = {}
@@ -538,6 +563,7 @@ def _optimize_vit(m: nn.Module, path: str, report: OptimizeReport) -> None:
     if not _is_identity(m.norm):
         _fuse_in_place(m.norm, lambda n: _fuse_timm_norm(n, "norm"), f"{p}norm", "LayerNorm -> fused LayerNorm (in place)", report)
     _fuse_in_place(m.patch_embed, _fuse_timm_patch_embed, f"{p}patch_embed", "patch embedding -> fused (in place)", report)
+    _swap_class(m, _TimmModel)
     m._uvit_fast_optimized = True
     report.notes.append("timm ViT keeps its own forward and methods (class token concat and position embedding stay "
                         "in PyTorch); calls with attn_mask or is_causal run timm's own block and attention code")

@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from uvit_fast import ops
-from uvit_fast.layers import InProjAttention, LayerNormFp32, QuickGELU, mlp_residual
+from uvit_fast.layers import InProjAttention, LayerNormFp32, QuickGELU, mlp_residual, script_twin
 from uvit_fast.ops._autocast import matmul_dtype
 from uvit_fast.models.common import check_image
 
@@ -47,6 +47,10 @@ class ResidualAttentionBlock(nn.Module):
         ]))
         self.ln_2 = LayerNormFp32(width, fused=fused)
         self.fused = fused
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """TorchScript runs OpenAI's block math (:class:`ScriptResidualAttentionBlock`)."""
+        return script_twin(self, ScriptResidualAttentionBlock)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
@@ -93,10 +97,13 @@ class VisionTransformer(nn.Module):
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
         self.fused = fused
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        return script_twin(self, ScriptVisionTransformer)
+
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 1 + L, W)``: ``[class, patches] + positional_embedding`` (before ``ln_pre``)."""
         W = self.class_embedding.shape[0]
-        if self.fused:
+        if self.fused and not torch.jit.is_tracing():  # torch.jit.trace records the plain path
             # upstream casts the class and position embeddings to the conv's output dtype (the
             # autocast dtype under autocast), so the residual stream has that dtype: same here
             dt = matmul_dtype(x)
@@ -196,6 +203,10 @@ class CLIP(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.visual.conv1.weight.dtype
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        """TorchScript runs OpenAI's math (:class:`ScriptCLIP`, the same parameters), not the kernels."""
+        return script_twin(self, ScriptCLIP)
+
     # ------------------------------------------------------------------ inputs
     def example_inputs(self, batch_size: int = 1, device=None, dtype=None) -> tuple:
         """Random ``(image, text)``: images ``(B, 3, R, R)`` and ``(B, context_length)`` token
@@ -270,6 +281,52 @@ class CLIP(nn.Module):
         text_features = self.encode_text(text)
         image_features = image_features / image_features.norm(dim=1, keepdim=True)
         text_features = text_features / text_features.norm(dim=1, keepdim=True)
+        logits_per_image = self.logit_scale.exp() * image_features @ text_features.t()
+        return logits_per_image, logits_per_image.t()
+
+
+# --------------------------------------------------------------------------- TorchScript twins
+class ScriptResidualAttentionBlock(nn.Module):
+    """TorchScript twin of :class:`ResidualAttentionBlock`: ``x + attn(ln_1(x))``, ``x + mlp(ln_2(x))``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class ScriptVisionTransformer(nn.Module):
+    """TorchScript twin of CLIP's image tower (:class:`VisionTransformer`): OpenAI's math."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(x).flatten(2).transpose(1, 2)
+        W = self.class_embedding.shape[0]
+        cls = self.class_embedding.to(x.dtype).view(1, 1, W).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
+        x = self.transformer(self.ln_pre(x))
+        return self.ln_post(x[:, 0]) @ self.proj
+
+
+class ScriptCLIP(nn.Module):
+    """TorchScript twin of :class:`CLIP`: ``forward``, ``encode_image`` and ``encode_text`` with OpenAI's math."""
+
+    @torch.jit.export
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        return self.visual(image.to(self.visual.conv1.weight.dtype))
+
+    @torch.jit.export
+    def encode_text(self, text: torch.Tensor) -> torch.Tensor:
+        dt = self.visual.conv1.weight.dtype
+        L = text.shape[1]
+        x = self.token_embedding(text).to(dt) + self.positional_embedding[:L].to(dt)
+        x = self.ln_final(self.transformer(x))
+        rows = torch.arange(x.shape[0], device=x.device)
+        return x[rows, text.argmax(dim=-1)] @ self.text_projection
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        image_features = self.encode_image(image)
+        text_features = self.encode_text(text)
+        image_features = image_features / image_features.norm(2.0, dim=1, keepdim=True)
+        text_features = text_features / text_features.norm(2.0, dim=1, keepdim=True)
         logits_per_image = self.logit_scale.exp() * image_features @ text_features.t()
         return logits_per_image, logits_per_image.t()
 

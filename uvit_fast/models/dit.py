@@ -8,7 +8,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from uvit_fast.layers import Attention, LayerNorm, Mlp, PatchEmbed, decode_tokens, mlp_residual, timestep_embedding
+from uvit_fast.layers import (
+    Attention, LayerNorm, Mlp, PatchEmbed, decode_tokens, mlp_residual, script_twin, script_unpatchify,
+    timestep_embedding,
+)
 from uvit_fast.models.common import check_image, check_labels, check_timesteps
 
 
@@ -82,6 +85,10 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
         self.fused = fused
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        """TorchScript runs upstream's block (:class:`ScriptDiTBlock`)."""
+        return script_twin(self, ScriptDiTBlock)
+
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         attn_out = self.attn(self.norm1.modulated(x, shift_msa, scale_msa))
@@ -99,6 +106,9 @@ class FinalLayer(nn.Module):
         self.norm_final = LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6, fused=fused)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        return script_twin(self, ScriptFinalLayer)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """Modulated norm only; the model applies ``linear`` fused with the unpatchify."""
@@ -173,6 +183,11 @@ class DiT(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        """TorchScript runs upstream's math (:class:`ScriptDiT`, the same parameters):
+        ``torch.jit.script(model)`` gives the PyTorch reference, not the kernels."""
+        return script_dit_twin(self)
+
     def example_inputs(self, batch_size: int = 1, device=None, dtype=None) -> tuple:
         """Random ``(x, t, y)`` of the right shapes, for profiling and benchmarks."""
         device = device or self.pos_embed.device
@@ -216,3 +231,51 @@ class DiT(nn.Module):
         cond, uncond = torch.split(eps, len(eps) // 2, dim=0)
         guided = uncond + cfg_scale * (cond - uncond)
         return torch.cat([torch.cat([guided, guided], dim=0), rest], dim=1)
+
+
+# --------------------------------------------------------------------------- TorchScript twins
+def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class ScriptDiTBlock(nn.Module):
+    """TorchScript twin of :class:`DiTBlock`: upstream's adaLN-Zero block."""
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(_modulate(self.norm1(x), shift_msa, scale_msa))
+        return x + gate_mlp.unsqueeze(1) * self.mlp(_modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+
+class ScriptFinalLayer(nn.Module):
+    """TorchScript twin of :class:`FinalLayer`: the modulated norm (the model twin applies ``linear``)."""
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return _modulate(self.norm_final(x), shift, scale)
+
+
+class ScriptDiT(nn.Module):
+    """TorchScript twin of :class:`DiT` (and of an ``optimize``'d upstream DiT): upstream's forward."""
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if t.dim() == 0 or (t.dim() == 1 and t.shape[0] == 1 and x.shape[0] != 1):
+            t = t.reshape(1).expand(x.shape[0])
+        x = self.x_embedder.embed(x, None, self.pos_embed)
+        c = self.t_embedder(t) + self.y_embedder(y, self.training)
+        for block in self.blocks:
+            x = block(x, c)
+        x = self.final_layer.linear(self.final_layer(x, c))
+        return script_unpatchify(x, self.patch_size, self.grid, self.grid)
+
+
+def script_dit_twin(model: nn.Module) -> nn.Module:
+    """The TorchScript twin of a DiT (ours, or upstream's after ``optimize``): same parameters. The
+    timestep and label embedders become this package's classes (upstream's attribute names and math)."""
+    twin = script_twin(model, ScriptDiT)
+    twin.t_embedder = script_twin(model.t_embedder, TimestepEmbedder)
+    twin.t_embedder.frequency_embedding_size = int(model.t_embedder.mlp[0].in_features)
+    twin.y_embedder = script_twin(model.y_embedder, LabelEmbedder)
+    twin.patch_size = int(model.patch_size)
+    twin.grid = int(model.input_size) // int(model.patch_size)
+    return twin

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import math
 from typing import List, Optional
 
 import torch
@@ -12,7 +13,8 @@ import torch.nn as nn
 import torch.utils.checkpoint
 
 from uvit_fast.layers import (
-    Attention, LayerNorm, Mlp, PatchEmbed, SkipLinear, decode_tokens, mlp_residual, timestep_embedding,
+    Attention, LayerNorm, Mlp, PatchEmbed, SkipLinear, decode_tokens, mlp_residual, script_twin, script_unpatchify,
+    timestep_embedding,
 )
 from uvit_fast.models.common import check_image, check_input_dtype, check_labels, check_timesteps
 
@@ -47,6 +49,10 @@ class Block(nn.Module):
         self.use_checkpoint = use_checkpoint
         self.fused = fused
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        """TorchScript runs upstream's block (:class:`ScriptBlock`)."""
+        return script_twin(self, ScriptBlock)
+
     def forward(self, x: torch.Tensor, skip: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.use_checkpoint and torch.is_grad_enabled():
             return torch.utils.checkpoint.checkpoint(self._forward, x, skip, use_reentrant=False)
@@ -61,6 +67,20 @@ class Block(nn.Module):
             # residual add + norm2 in one pass; the MLP with its residual add in one fused_mlp call
             x, h = self.norm2.residual(x, self.attn(self.norm1(x)))
             return mlp_residual(self.mlp, x, h)
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class ScriptBlock(nn.Module):
+    """TorchScript twin of U-ViT's :class:`Block` (``skip_linear`` a Linear or None):
+    upstream's ``skip_linear(cat([x, skip]))``, ``x + attn(norm1(x))``, ``x + mlp(norm2(x))``.
+    Gradient checkpointing does not apply (it changes memory, not the result)."""
+
+    def forward(self, x: torch.Tensor, skip: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.skip_linear is not None:
+            if skip is None:
+                raise ValueError("U-ViT out-block: skip is required when the block has a skip_linear")
+            x = self.skip_linear(torch.cat([x, skip], dim=-1))
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
 
@@ -138,6 +158,11 @@ class _UViTBase(nn.Module):
     @torch.jit.ignore
     def no_weight_decay(self):
         return {"pos_embed"}
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """TorchScript runs upstream's math (:class:`ScriptUViT` / :class:`ScriptUViTT2I`, the same
+        parameters): ``torch.jit.script(model)`` gives the PyTorch reference, not the kernels."""
+        return script_uvit_twin(self, "uvit_t2i" if hasattr(self, "context_embed") else "uvit")
 
     def _image_inputs(self, batch_size: int, device, dtype) -> tuple:
         x = torch.randn(batch_size, self.in_chans, self.img_size, self.img_size, device=device, dtype=dtype)
@@ -280,3 +305,52 @@ class UViTT2I(_UViTBase):
         check_input_dtype("UViTT2I", "context", context, self.context_embed.weight)
         prefix = torch.cat([self._time_token(timesteps), self.context_embed(context)], dim=1)
         return self._run(x, prefix)
+
+
+# --------------------------------------------------------------------------- TorchScript twins
+class _ScriptUViTBase(nn.Module):
+    def _time_token(self, timesteps: torch.Tensor, batch: int) -> torch.Tensor:
+        if timesteps.dim() == 0 or (timesteps.dim() == 1 and timesteps.shape[0] == 1 and batch != 1):
+            timesteps = timesteps.reshape(1).expand(batch)
+        emb = timestep_embedding(timesteps, self.pos_embed.shape[-1]).to(self.pos_embed.dtype)
+        return self.time_embed(emb).unsqueeze(1)
+
+    def _run(self, x: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed.embed(x, prefix, self.pos_embed)
+        skips: List[torch.Tensor] = []
+        for blk in self.in_blocks:
+            x = blk(x)
+            skips.append(x)
+        x = self.mid_block(x)
+        for blk in self.out_blocks:
+            x = blk(x, skips.pop())
+        x = self.decoder_pred(self.norm(x))[:, self.extras:]
+        return self.final_layer(script_unpatchify(x, self.patch_size, self.grid, self.grid))
+
+
+class ScriptUViT(_ScriptUViTBase):
+    """TorchScript twin of :class:`UViT` (and of an ``optimize``'d upstream U-ViT): upstream's forward."""
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        prefix = self._time_token(timesteps, x.shape[0])
+        if hasattr(self, "label_emb"):
+            if y is None:
+                raise ValueError("UViT: this model is class-conditional; y is required")
+            prefix = torch.cat([self.label_emb(y).unsqueeze(1), prefix], dim=1)
+        return self._run(x, prefix)
+
+
+class ScriptUViTT2I(_ScriptUViTBase):
+    """TorchScript twin of :class:`UViTT2I` (and of an ``optimize``'d upstream U-ViT text-to-image model)."""
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        prefix = torch.cat([self._time_token(timesteps, x.shape[0]), self.context_embed(context)], dim=1)
+        return self._run(x, prefix)
+
+
+def script_uvit_twin(model: nn.Module, kind: str) -> nn.Module:
+    """The TorchScript twin of a U-ViT (ours, or upstream's after ``optimize``): same parameters."""
+    twin = script_twin(model, ScriptUViTT2I if kind == "uvit_t2i" else ScriptUViT)
+    twin.patch_size, twin.extras = int(model.patch_size), int(model.extras)
+    twin.grid = int(model.img_size) // int(model.patch_size)
+    return twin

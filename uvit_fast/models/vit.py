@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from uvit_fast.layers import Attention, LayerNorm, Mlp, PatchEmbed, mlp_residual
+from uvit_fast.layers import Attention, LayerNorm, Mlp, PatchEmbed, mlp_residual, script_twin
 from uvit_fast.models.common import check_image
 
 
@@ -41,6 +41,10 @@ class Block(nn.Module):
         self.norm2 = LayerNorm(dim, eps=eps, fused=fused)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=lambda: nn.GELU(approximate=gelu_approximate))
         self.fused = fused
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """TorchScript runs timm's block math (:class:`ScriptViTBlock`)."""
+        return script_twin(self, ScriptViTBlock)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
@@ -115,6 +119,10 @@ class ViT(nn.Module):
     def no_weight_decay(self):
         return {"pos_embed", "cls_token"}
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        """TorchScript runs timm's math (:class:`ScriptViT`, the same parameters), not the kernels."""
+        return script_twin(self, ScriptViT)
+
     def example_inputs(self, batch_size: int = 1, device=None, dtype=None) -> tuple:
         """Random ``(x,)`` of the right shape, for profiling and benchmarks."""
         device = device or self.pos_embed.device
@@ -142,3 +150,22 @@ class ViT(nn.Module):
             x = blk(x)
         # LayerNorm is per token: normalising only the class token gives the same logits
         return self.head(self.norm(x[:, 0]))
+
+
+class ScriptViTBlock(nn.Module):
+    """TorchScript twin of :class:`Block`: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class ScriptViT(nn.Module):
+    """TorchScript twin of :class:`ViT`: timm's forward (class token first, ``pos_embed``, blocks,
+    ``norm``, ``head`` on the class token)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed.embed(x, self.cls_token, self.pos_embed)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(self.norm(x)[:, 0])

@@ -26,7 +26,7 @@ from typing import Dict, Sequence, Union
 import torch
 import torch.nn as nn
 
-from uvit_fast.layers import LayerNorm, PatchEmbed
+from uvit_fast.layers import LayerNorm, PatchEmbed, script_twin
 from uvit_fast.models.vit import Block, init_vit_weights_
 
 
@@ -149,6 +149,10 @@ class ViViT(nn.Module):
             names |= {"temporal_pos_embed", "temporal_cls_token"}
         return names
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        """TorchScript runs the plain math (:class:`ScriptViViT`, the same parameters), not the kernels."""
+        return script_twin(self, ScriptViViT)
+
     def example_inputs(self, batch_size: int = 1, device=None, dtype=None) -> tuple:
         """Random ``(video,)`` of shape ``(B, C, T, H, W)``, for profiling and benchmarks."""
         device = device or self.pos_embed.device
@@ -246,6 +250,32 @@ def vivit_state_dict_from_vit(
             )
         out[k] = v.to(own[k].dtype)
     return out
+
+
+class ScriptViViT(nn.Module):
+    """TorchScript twin of :class:`ViViT`: the tubelet conv over the whole video, then Model 1's joint
+    transformer or Model 2's spatial and temporal transformers, as the plain path computes them."""
+
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "temporal_blocks"):
+            B = x.shape[0]
+            nt = self.temporal_tokens
+            tok = self.patch_embed.proj(x)  # (B, D, T', h, w)
+            tok = tok.flatten(3).permute(0, 2, 3, 1).reshape(B * nt, self.spatial_tokens, self.embed_dim)
+            s = torch.cat([self.cls_token.expand(B * nt, -1, -1), tok], dim=1) + self.pos_embed
+            for blk in self.blocks:
+                s = blk(s)
+            frames = self.norm(s[:, 0]).reshape(B, nt, self.embed_dim)
+            cls = self.temporal_cls_token.expand(B, -1, -1).to(frames.dtype)
+            z = torch.cat([cls, frames], dim=1) + self.temporal_pos_embed
+            for blk in self.temporal_blocks:
+                z = blk(z)
+            return self.head(self.temporal_norm(z[:, 0]))
+        x = self.patch_embed.embed(x, self.cls_token, self.pos_embed)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(self.norm(x[:, 0]))
 
 
 __all__: Sequence[str] = ("ViViT", "check_video", "inflate_patch_embed", "vivit_state_dict_from_vit")
