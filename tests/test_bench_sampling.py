@@ -71,6 +71,11 @@ def test_output_json_and_markdown(quick_result, tmp_path):
     assert "needs CUDA: a GPU-sized sampling row" in md  # the skipped rows' reason
     text = runner.format_text(quick_result)
     assert "host rows: CPU, 1 thread" in text and "host forward DiT-XL/2" in text
+    assert "CPU timings (wall clock); the DDIM-step rows need CUDA" in text
+    # a CUDA run's header says how its steps were timed, not that they are CPU timings
+    cuda = dict(quick_result, meta=dict(quick_result["meta"], device_type="cuda"))
+    assert "slope between a short and a long run" in runner.format_text(cuda)
+    assert "CPU timings" not in runner.format_markdown(cuda).split("\n| suite")[0]
 
 
 def test_time_ddim_step_on_a_tiny_model():

@@ -549,11 +549,13 @@ def _header_lines(result: Dict[str, Any]) -> List[str]:
                 + (f", load average {load[0]:.1f} at the start of {h.get('cpu_count')} CPUs" if load else "")
                 + "; ratio: fused / plain (forward), backend='torch' / reference, auto / chosen candidate "
                   "(with the difference in us)"]
+    if m.get("suite") == "sampling":
+        where = ("DDIM steps: wall time between torch.cuda.synchronize() calls, per step = slope between a short and "
+                 "a long run" if m.get("device_type") == "cuda" else "CPU timings (wall clock); the DDIM-step rows need CUDA")
+        return [first, where] + host
     if not c:
         return [first, "CPU timings (wall clock). No '% of ceiling' column on a CPU: its GEMM rate depends on the "
-                       "shape and the threads, so no one ceiling bounds the rows; GB/s and TFLOP/s are as measured."] + host
-    if m.get("suite") == "sampling":
-        return [first] + host
+                       "shape and the threads, so no one ceiling bounds the rows; GB/s and TFLOP/s are as measured."]
     return [
         first,
         f"ceilings (measured in this run): copy {c['copy_gbps']:.1f} GB/s [{c['copy_desc']}]; "
