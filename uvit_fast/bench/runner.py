@@ -330,7 +330,8 @@ def run_suite(
     progress: Optional[bool] = None,
     sampling: Optional[Dict[str, Any]] = None,
 ) -> Dict[str, Any]:
-    """Run ``suite`` ("ops", "models", "sampling" or "all" = ops + models); returns ``{"meta", "ceilings", "rows", "skipped_modules"}``.
+    """Run ``suite`` ("ops", "models", "sampling" or "all" = ops + models); returns
+    ``{"meta", "ceilings", "rows", "skipped_modules"}``.
 
     An unknown name in ``ops`` or ``policy.providers`` is a ValueError listing the valid names,
     raised before anything is measured. ``ceilings`` is empty on a CPU (see :func:`measure_ceilings`)."""
@@ -550,8 +551,9 @@ def _header_lines(result: Dict[str, Any]) -> List[str]:
                 + "; ratio: fused / plain (forward), backend='torch' / reference, auto / chosen candidate "
                   "(with the difference in us)"]
     if m.get("suite") == "sampling":
-        where = ("DDIM steps: wall time between torch.cuda.synchronize() calls, per step = slope between a short and "
-                 "a long run" if m.get("device_type") == "cuda" else "CPU timings (wall clock); the DDIM-step rows need CUDA")
+        where = ("DDIM steps: wall time between torch.cuda.synchronize() calls, per step = slope between a short "
+                 "and a long run" if m.get("device_type") == "cuda"
+                 else "CPU timings (wall clock); the DDIM-step rows need CUDA")
         return [first, where] + host
     if not c:
         return [first, "CPU timings (wall clock). No '% of ceiling' column on a CPU: its GEMM rate depends on the "

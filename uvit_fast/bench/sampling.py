@@ -235,7 +235,8 @@ def ddim_rows(device: torch.device, dtype: torch.dtype, *, quick: bool, models: 
 
 def host_rows(device: torch.device, *, quick: bool, ops: Sequence[str] = host.OPS,
               models: Sequence[str] = host.FORWARD_MODELS, depth: Optional[int] = None, width: int = 64,
-              calls: Optional[Tuple[int, int]] = None, timeout: float = 900.0) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
+              calls: Optional[Tuple[int, int]] = None,
+              timeout: float = 900.0) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
     """The host rows (from a :mod:`uvit_fast.bench.host` subprocess) and that run's environment."""
     op_calls, forward_calls = calls or (HOST_CALLS_QUICK if quick else HOST_CALLS)
     cuda = device.type == "cuda"
