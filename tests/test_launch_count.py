@@ -21,6 +21,7 @@ SMALL = {
 def no_poison(monkeypatch):
     # poisoned outputs (the suite's UVIT_FAST_POISON=1) add a fill_ inside every launcher: not the model's
     monkeypatch.setenv("UVIT_FAST_POISON", "0")
+    uvit_fast.refresh_settings()  # the launchers read it once (the next test's refresh reads it back)
 
 
 def _real_count(name, fused):
@@ -122,3 +123,26 @@ def test_count_launches_bad_arguments():
 def test_flop_pass_counts_the_plain_launches(name):
     # count_flops counts the plain path's launches in its own pass (bf16, SDPA as on a GPU)
     assert profiler.count_flops(name)["launches_plain"] == profiler.count_launches(name, fused=False)["launches"]
+
+
+@pytest.mark.parametrize("op_name", ["adaln_layer_norm", "residual_adaln_layer_norm", "fused_linear_gelu", "fused_mlp",
+                                     "attention", "skip_concat_linear", "patchify_embed", "decoder_unpatchify"])
+def test_each_fused_op_meta_count_matches_its_real_launches(op_name, no_poison):
+    from uvit_fast.bench.host import op_cases
+
+    op, _, args, kwargs, _ = op_cases("cpu", torch.float32)[op_name]
+
+    def to_meta(v):
+        return v.to("meta") if isinstance(v, torch.Tensor) else v
+
+    meta_args = [to_meta(a) for a in args]
+    meta_kwargs = {k: to_meta(v) for k, v in kwargs.items()}
+    meta = profiler.LaunchCounter()
+    with torch.no_grad(), meta:
+        op(*meta_args, **meta_kwargs, backend="triton")
+    real = profiler.LaunchCounter(inner=True)
+    with profiler.TritonLaunches() as launches, torch.no_grad(), real:
+        op(*args, **kwargs, backend="triton")
+    assert meta.unknown == {} and meta.triton >= 1
+    assert meta.triton == real.triton == launches.n, (meta.by_op, launches.names)
+    assert meta.by_op == real.by_op and real.aten_in_custom == 0
