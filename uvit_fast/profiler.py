@@ -295,8 +295,9 @@ class _InnerAten(TorchDispatchMode):
 class TritonLaunches:
     """Counts real Triton launches (``kernel[grid](...)``, the launchers' one call per kernel; an
     autotuner's benchmarking runs are not launches of the model) while the block runs: patches
-    ``__getitem__`` of triton's ``KernelInterface`` (JIT functions, autotuners, heuristics) and of
-    the interpreter's ``InterpretedFunction``. ``n`` is the count; ``names`` the kernels."""
+    ``__getitem__`` of triton's ``KernelInterface``, which JIT functions, autotuners, heuristics and
+    the interpreter's ``InterpretedFunction`` share (and of any of them that defines its own).
+    ``n`` is the count; ``names`` the kernels."""
 
     def __init__(self):
         self.n = 0
