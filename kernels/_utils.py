@@ -14,8 +14,17 @@ from triton.runtime.jit import KernelInterface
 
 def poison_enabled() -> bool:
     """``UVIT_FAST_POISON=1`` (set by the test suite) fills every kernel output with NaN
-    before launch, so elements a kernel fails to write show up as failures."""
-    return os.environ.get("UVIT_FAST_POISON", "0") == "1"
+    before launch, so elements a kernel fails to write show up as failures. Read at import and by
+    :func:`refresh_poison` (``uvit_fast.refresh_settings`` calls it), not at every launch."""
+    return _POISON[0]
+
+
+def refresh_poison() -> None:
+    _POISON[0] = os.environ.get("UVIT_FAST_POISON", "0") == "1"
+
+
+_POISON = [False]
+refresh_poison()
 
 
 def empty(*shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -123,8 +132,8 @@ def launch(kernel, grid, *args, **kwargs):
     A launch runs on the host at every denoiser call, so this is host time per kernel. Where launches
     are intercepted (``uvit-fast kernels`` compiles instead of running), every launch goes through
     ``kernel[grid]``."""
-    if not isinstance(kernel, Autotuner) or KernelInterface.__getitem__ is not _GETITEM:
-        return kernel[grid](*args, **kwargs)
+    if not isinstance(kernel, Autotuner) or KernelInterface.__getitem__.__module__ != _TRITON_JIT:
+        return kernel[grid](*args, **kwargs)  # not autotuned, or launches are intercepted
     chosen = kernel.__dict__.setdefault("_uvit_fast_chosen", {})
     sig = (*map(_arg_key, args), *sorted(kwargs.items()))
     hit = chosen.get(sig)
@@ -140,4 +149,6 @@ def launch(kernel, grid, *args, **kwargs):
     return kernel.fn.run(*args, grid=grid, warmup=False, **kwargs, **config_kwargs)
 
 
-_GETITEM = KernelInterface.__getitem__
+#: the module of triton's own ``KernelInterface.__getitem__``: another one means a tool (the kernel
+#: report, the launch counter) intercepts launches, possibly patched before this module was imported
+_TRITON_JIT = "triton.runtime.jit"

@@ -84,10 +84,13 @@ def refresh_settings() -> None:
     ``UVIT_FAST_BACKEND``, ``UVIT_FAST_TUNE``, ``TRITON_INTERPRET``) and its measured-dispatch
     decision, and later calls of that signature reuse the outcome without reading them
     (:mod:`uvit_fast.ops._hot`). ``use_backend``, ``tune()`` and the decision table refresh by
-    themselves; call this after changing one of those environment variables in a running process."""
+    themselves; call this after changing one of those environment variables in a running process
+    (or ``UVIT_FAST_POISON``, which the kernel launchers read)."""
     from uvit_fast.ops import _hot
 
     _hot.invalidate()
+    if "uvit_fast.kernels._utils" in sys.modules:  # imported with the first launch
+        sys.modules["uvit_fast.kernels._utils"].refresh_poison()
 
 
 def interpreter_enabled() -> bool:

@@ -145,7 +145,8 @@ class Direct:
     op, the body computes the same: plans use this for their inference signatures only (no tensor
     requiring grad under grad mode), and each call still goes through the op whenever something
     watches the dispatcher (a ``TorchDispatchMode`` such as ``FlopCounterMode`` or fake tensors, a
-    functorch transform, the autograd profiler, whose trace then names the op)."""
+    functorch transform, the autograd profiler, whose trace then names the op) or traces it
+    (torch.compile, torch.export)."""
 
     __slots__ = ("op", "body")
 
@@ -154,8 +155,8 @@ class Direct:
         self.body = body if body is not None else op._init_fn
 
     def __call__(self, *args: Any) -> Any:
-        if _dispatch_depth() or _functorch_active() or _profiling():
-            return self.op(*args)
+        if _is_compiling() or _dispatch_depth() or _functorch_active() or _profiling():
+            return self.op(*args)  # (a plan made while tracing may hold one: the graph gets the op)
         return self.body(*args)
 
 
