@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from uvit_fast import ops
 from uvit_fast.layers import InProjAttention, LayerNormFp32, QuickGELU, mlp_residual, script_twin
 from uvit_fast.ops._autocast import matmul_dtype
-from uvit_fast.models.common import check_image
+from uvit_fast.models.common import check_image, check_index_range
 
 #: keys in OpenAI's released (JIT) checkpoints that are not parameters; ignored on load
 OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
@@ -239,12 +239,7 @@ class CLIP(nn.Module):
                 f"{op}: text has {text.shape[1]} tokens but the context length is {self.context_length} "
                 f"(text {tuple(text.shape)}); truncate it"
             )
-        if not torch.compiler.is_compiling() and text.numel() > 0 and text.device.type != "meta":
-            lo, hi = int(text.min()), int(text.max())
-            if lo < 0 or hi >= self.vocab_size:
-                raise ValueError(
-                    f"{op}: token ids must lie in [0, {self.vocab_size}) (the vocabulary); got values in [{lo}, {hi}]"
-                )
+        check_index_range(op, "token ids", text, self.vocab_size, " (the vocabulary)")  # no host sync on a GPU
 
     # ------------------------------------------------------------------ towers
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:

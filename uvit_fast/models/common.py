@@ -46,8 +46,7 @@ def check_labels(
     model: str, y: Optional[torch.Tensor], batch: int, num_classes: int, device: Optional[torch.device] = None
 ) -> None:
     """Integer labels ``(B,)`` (int64 or int32, as ``nn.Embedding`` takes) in ``[0, num_classes)``,
-    on ``device`` (x's) when given. The range check reads the labels back (one small sync on a
-    GPU); it is skipped while torch.compile traces and on meta tensors (FLOP counting)."""
+    on ``device`` (x's) when given; the range as :func:`check_index_range` checks it."""
     if y is None:
         raise ValueError(f"{model}: this model is class-conditional (num_classes={num_classes}); y is required")
     if not isinstance(y, torch.Tensor):
@@ -58,10 +57,23 @@ def check_labels(
         raise ValueError(f"{model}: y is on {y.device} but x is on {device}; put them on one device")
     if tuple(y.shape) != (batch,):
         raise ValueError(f"{model}: y must have shape ({batch},); got {tuple(y.shape)}")
-    if not torch.compiler.is_compiling() and batch > 0 and y.device.type != "meta":
-        lo, hi = int(y.min()), int(y.max())
-        if lo < 0 or hi >= num_classes:
-            raise ValueError(f"{model}: labels must lie in [0, {num_classes}); got values in [{lo}, {hi}]")
+    check_index_range(model, "labels", y, num_classes)
+
+
+def check_index_range(model: str, what: str, t: torch.Tensor, n: int, note: str = "") -> None:
+    """Indices ``t`` (labels, token ids) lie in ``[0, n)``. On CPU tensors a ValueError gives the range
+    found. On a GPU reading them back would synchronise the host with the device at every forward
+    (the host could no longer queue the next step's kernels ahead, and a CUDA graph capture would
+    fail), so the check runs on the device instead (``torch._assert_async``): a bad index stops the
+    stream with this message, without a sync. Skipped while torch.compile traces and on meta tensors."""
+    if torch.compiler.is_compiling() or t.numel() == 0 or t.device.type == "meta":
+        return
+    if t.device.type != "cpu":
+        torch._assert_async(((t >= 0) & (t < n)).all(), f"{model}: {what} must lie in [0, {n}){note}")
+        return
+    lo, hi = int(t.min()), int(t.max())
+    if lo < 0 or hi >= n:
+        raise ValueError(f"{model}: {what} must lie in [0, {n}){note}; got values in [{lo}, {hi}]")
 
 
 def check_input_dtype(model: str, name: str, t: torch.Tensor, weight: torch.Tensor) -> None:
