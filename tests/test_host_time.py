@@ -337,3 +337,27 @@ def test_fused_linear_launches_skip_the_autotuner_after_the_first(monkeypatch):
         y2 = ops.fused_linear(x, w, b, activation="gelu")
     assert runs == ["_fused_linear_fwd_kernel"]
     assert torch.equal(y1, y2)
+
+
+def test_mlp_routing_is_cached_per_module_and_follows_changes():
+    """layers.mlp_parts answers from a per-module cache, and sees a hook, a train/eval switch with
+    active dropout, or a replaced child made after its first answer."""
+    from uvit_fast import layers
+
+    mlp = layers.Mlp(16, 32)
+    mlp.drop = torch.nn.Dropout(0.1)  # timm's Mlp child name
+    mlp.eval()
+    parts = layers.mlp_parts(mlp)
+    assert parts is not None and parts[0] is mlp.fc1 and layers.mlp_parts(mlp) == parts
+    mlp.train()  # dropout active: not a plain fc1-act-fc2
+    assert layers.mlp_parts(mlp) is None
+    mlp.eval()
+    assert layers.mlp_parts(mlp) == parts
+    handle = mlp.fc2.register_forward_hook(lambda *a: None)
+    assert layers.mlp_parts(mlp) is None
+    handle.remove()
+    assert layers.mlp_parts(mlp) == parts
+    mlp.fc1 = torch.nn.Linear(16, 32)
+    assert layers.mlp_parts(mlp)[0] is mlp.fc1
+    mlp.act = torch.nn.Tanh()  # an activation the kernels do not compute
+    assert layers.mlp_parts(mlp) is None
