@@ -306,34 +306,35 @@ def test_export_optimized_upstream_model_keeps_the_kernels(kind):
 _RUN_PACKAGE = textwrap.dedent("""
     import sys, torch
     {imports}
-    package, data = sys.argv[1], sys.argv[2]
+    package, data, tol = sys.argv[1], sys.argv[2], float(sys.argv[3])
     d = torch.load(data)
     run = torch._inductor.aoti_load_package(package)
     out = run(*d["inputs"])
     out = out[0] if isinstance(out, (tuple, list)) else out
-    torch.testing.assert_close(out, d["expected"], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(out, d["expected"], rtol=tol, atol=tol)
     print("PACKAGE OK")
 """)
 
 
-def _fresh_process(package, inputs, expected, tmp_path, imports=""):
+def _fresh_process(package, inputs, expected, tmp_path, tol, imports=""):
+    """Run ``package`` on ``inputs`` in a new Python process (importing only torch, and ``imports``)."""
     data = tmp_path / "data.pt"
     torch.save({"inputs": inputs, "expected": expected}, data)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if imports:
         env["TRITON_INTERPRET"] = "1"
-    return subprocess.run([sys.executable, "-c", _RUN_PACKAGE.format(imports=imports), str(package), str(data)],
-                          capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run([sys.executable, "-c", _RUN_PACKAGE.format(imports=imports), str(package), str(data),
+                           str(tol)], capture_output=True, text=True, env=env, timeout=300)
 
 
-def _aoti_torch_path(model, inputs, tmp_path):
+def _aoti_torch_path(model, inputs, tmp_path, tol=1e-9):
     with uvit_fast.use_backend("torch"):
         ep = torch.export.export(model, inputs)
     assert not [n for n in ep.graph.nodes if str(n.target).startswith("uvit_fast.")]
     package = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "model.pt2"))
     with torch.no_grad():
         expected = _first(model(*inputs))
-    proc = _fresh_process(package, inputs, expected, tmp_path)
+    proc = _fresh_process(package, inputs, expected, tmp_path, tol)
     assert proc.returncode == 0 and "PACKAGE OK" in proc.stdout, proc.stderr[-3000:]
 
 
@@ -348,8 +349,10 @@ def test_aoti_package_of_the_pytorch_path_runs_in_a_fresh_process(tmp_path):
 @pytest.mark.extended
 @pytest.mark.parametrize("family", ["uvit", "uvit_t2i", "dit", "clip"])
 def test_aoti_package_of_the_pytorch_path_every_family(family, tmp_path):
+    """As above; the diffusion models compute the timestep sinusoid in float32 (as upstream), where
+    Inductor's sin / cos round differently from ATen's (measured: 6e-6 on DiT), hence 1e-5 there."""
     model = _fused(family)
-    _aoti_torch_path(model, _inputs(model), tmp_path)
+    _aoti_torch_path(model, _inputs(model), tmp_path, tol=1e-9 if family == "clip" else 1e-5)
 
 
 @pytest.mark.extended
@@ -365,11 +368,8 @@ def test_aoti_package_with_the_kernels_needs_uvit_fast_where_it_runs(tmp_path):
         package = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "kernels.pt2"))
         with torch.no_grad():
             expected = model(*inputs)
-    proc = _fresh_process(package, inputs, expected, tmp_path)
+    proc = _fresh_process(package, inputs, expected, tmp_path, 1e-4)
     assert proc.returncode != 0 and "Could not find schema for uvit_fast::" in proc.stderr, proc.stderr[-3000:]
-    script = _RUN_PACKAGE.replace("rtol=1e-9, atol=1e-9", "rtol=1e-4, atol=1e-4")
-    data = tmp_path / "data.pt"
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-c", script.format(imports="import uvit_fast"), str(package), str(data)],
-                          capture_output=True, text=True, env=env, timeout=300)
+    # `import uvit_fast` alone imports the ops lazily: uvit_fast.ops registers them
+    proc = _fresh_process(package, inputs, expected, tmp_path, 1e-4, imports="import uvit_fast.ops")
     assert proc.returncode == 0 and "PACKAGE OK" in proc.stdout, proc.stderr[-3000:]
