@@ -41,7 +41,7 @@ def _real_count(name, fused):
 
 @pytest.mark.parametrize("name", sorted(SMALL))
 def test_fused_count_matches_real_triton_launches(name, no_poison):
-    meta = profiler.count_launches(name, fused=True, dtype=torch.float32, **SMALL[name])
+    meta = profiler.count_launches(name, fused=True, dtype=torch.float32, device_type="cpu", **SMALL[name])
     counter, launches = _real_count(name, fused=True)
     assert meta["unknown"] == {} and counter.unknown == {}
     assert launches.n > 0
@@ -63,7 +63,7 @@ def _sdpa_as_one(by_op):
 
 @pytest.mark.parametrize("name", sorted(SMALL))
 def test_plain_count_matches_real_cpu_forward(name):
-    meta = profiler.count_launches(name, fused=False, dtype=torch.float32, **SMALL[name])
+    meta = profiler.count_launches(name, fused=False, dtype=torch.float32, device_type="cpu", **SMALL[name])
     counter, launches = _real_count(name, fused=False)
     assert launches.n == 0 and meta["triton"] == 0
     # SDPA is one kernel either way: the GPU's flash / memory-efficient op on meta, the CPU's flash op here
@@ -115,6 +115,8 @@ def test_count_launches_bad_arguments():
         profiler.count_launches("DiT-S/8", fused="yes")
     with pytest.raises(ValueError, match="batch must be a positive integer"):
         profiler.count_launches("DiT-S/8", fused=True, batch=0)
+    with pytest.raises(ValueError, match="device_type must be 'cuda' or 'cpu'"):
+        profiler.count_launches("DiT-S/8", fused=True, device_type="mps")
     with pytest.raises(ValueError, match="unknown model|not a known|Unknown"):
         profiler.count_launches("nope", fused=True)
 
@@ -146,3 +148,15 @@ def test_each_fused_op_meta_count_matches_its_real_launches(op_name, no_poison):
     assert meta.unknown == {} and meta.triton >= 1
     assert meta.triton == real.triton == launches.n, (meta.by_op, launches.names)
     assert meta.by_op == real.by_op and real.aten_in_custom == 0
+
+
+def test_label_range_check_counts_as_each_device_runs_it():
+    # uvit_fast.models.common.check_index_range: on a GPU (t >= 0) & (t < n), .all(), _assert_async;
+    # on a CPU a min and a max read back. DiT-S/8 has one integer input (its labels)
+    gpu = profiler.count_launches("DiT-S/8", fused=True)
+    cpu = profiler.count_launches("DiT-S/8", fused=True, device_type="cpu")
+    assert gpu["launches"] - cpu["launches"] == 5 - 2
+    assert {op: gpu["by_op"][op] for op in ("aten.ge", "aten.lt", "aten.bitwise_and", "aten.all",
+                                              "aten._assert_async")} == dict.fromkeys(
+        ("aten.ge", "aten.lt", "aten.bitwise_and", "aten.all", "aten._assert_async"), 1)
+    assert "aten.min" not in gpu["by_op"] and cpu["by_op"]["aten.min"] == cpu["by_op"]["aten.max"] == 1

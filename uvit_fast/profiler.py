@@ -382,16 +382,20 @@ def count_launches(
     fused: bool,
     dtype: torch.dtype = torch.bfloat16,
     batch: int = 1,
+    device_type: str = "cuda",
     **overrides: Any,
 ) -> Dict[str, Any]:
     """Kernel launches of one inference forward (``torch.no_grad``), counted on the meta device
     with :class:`LaunchCounter`: ``{"launches", "aten", "triton", "by_op", "unknown"}``. ``fused``
     picks the path (:func:`launch_path`); the weights and inputs are cast to ``dtype`` (bf16 by
-    default: what a GPU runs; U-ViT's plain attention then adds its fp32 casts)."""
+    default: what a GPU runs; U-ViT's plain attention then adds its fp32 casts). ``device_type``
+    ``"cpu"`` counts the models' label range check as a CPU runs it (the tests compare with CPU runs)."""
     if not isinstance(fused, bool):
         raise TypeError(f"count_launches: fused must be True or False; got {fused!r}")
     if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
         raise ValueError(f"count_launches: batch must be a positive integer; got {batch!r}")
+    if device_type not in ("cuda", "cpu"):
+        raise ValueError(f"count_launches: device_type must be 'cuda' or 'cpu'; got {device_type!r}")
     with torch.device("meta"):
         model, _, _ = build_model(name, img_size, patch_size, fused=fused, **overrides)
     model = model.to(dtype).eval()
@@ -399,19 +403,29 @@ def count_launches(
     counter = LaunchCounter()
     with launch_path(fused), torch.no_grad(), counter:
         model(*inputs)
-    _count_range_checks(counter, inputs)
+    _count_range_checks(counter, inputs, device_type)
     return {"launches": counter.total, "aten": counter.aten, "triton": counter.triton,
             "by_op": dict(counter.by_op), "unknown": dict(counter.unknown)}
 
 
-def _count_range_checks(counter: "LaunchCounter", inputs: Sequence[Any]) -> None:
-    """The models check the range of integer inputs (class labels, CLIP's text tokens) with a min
-    and a max on real tensors, skipped on meta (``uvit_fast.models.common``): two launches each."""
+def _count_range_checks(counter: "LaunchCounter", inputs: Sequence[Any], device_type: str = "cuda") -> None:
+    """The models check the range of integer inputs (class labels, CLIP's text tokens) on real
+    tensors and skip it on meta (``uvit_fast.models.common.check_index_range``): on a GPU on the
+    device, ``torch._assert_async(((t >= 0) & (t < n)).all())`` (5 launches: the four ops run here on
+    the meta tensor, plus the assert, which meta does not dispatch); on a CPU a ``min`` and a ``max``
+    read back (2)."""
     for t in inputs:
-        if isinstance(t, torch.Tensor) and not t.is_floating_point() and t.numel():
+        if not (isinstance(t, torch.Tensor) and not t.is_floating_point() and t.numel()):
+            continue
+        if device_type == "cpu":
             for op in ("aten.min", "aten.max"):
                 counter.aten += 1
                 counter._add(op, 1)
+            continue
+        with counter:
+            ((t >= 0) & (t < 1)).all()
+        counter.aten += 1
+        counter._add("aten._assert_async", 1)
 
 
 def fused_launch_fields(name: str, img_size: Optional[int] = None, patch_size: Optional[int] = None) -> Dict[str, Any]:
