@@ -3,10 +3,13 @@ counted on meta by :func:`uvit_fast.profiler.count_launches`, checked against re
 model forward on CPU tensors with every fused op on its Triton kernel (the interpreter), counting
 each real ``kernel[grid](...)`` launch, and the plain model forward counted by the same dispatch
 mode. Shrunk models (width 64, 2 heads, depth 2, few tokens) so that the interpreter is quick."""
+import os
+
 import pytest
 import torch
 
 import uvit_fast
+import uvit_fast._backend
 from uvit_fast import profiler
 from uvit_fast.models import create_model
 
@@ -17,10 +20,25 @@ SMALL = {
 }
 
 
+def _refresh():
+    refresh = getattr(uvit_fast._backend, "refresh_settings", None)  # rereads UVIT_FAST_POISON
+    if refresh is not None:
+        refresh()
+
+
 @pytest.fixture
-def no_poison(monkeypatch):
-    # poisoned outputs (the suite's UVIT_FAST_POISON=1) add a fill_ inside every launcher: not the model's
-    monkeypatch.setenv("UVIT_FAST_POISON", "0")
+def no_poison():
+    # poisoned outputs (the suite's UVIT_FAST_POISON=1) add a fill_ inside every launcher: not the
+    # model's. The launchers read the variable once: refresh on the way in and on the way out
+    old = os.environ.get("UVIT_FAST_POISON")
+    os.environ["UVIT_FAST_POISON"] = "0"
+    _refresh()
+    yield
+    if old is None:
+        os.environ.pop("UVIT_FAST_POISON", None)
+    else:
+        os.environ["UVIT_FAST_POISON"] = old
+    _refresh()
     uvit_fast.refresh_settings()  # the launchers read it once (the next test's refresh reads it back)
 
 
