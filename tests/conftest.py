@@ -43,6 +43,48 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def _shape_independent_dot():
+    """The interpreter's ``tl.dot`` for fp32 and fp16 operands with an fp32 accumulator: each element
+    the float64 sum rounded once to fp32, whatever the tile shape or the machine. The interpreter
+    computes a dot with ``np.matmul`` on float32 (the BLAS sgemm), whose rounding depends on the
+    operand shapes and on the BLAS kernel the CPU gets: the same kernel gave 16- and 32-row tile
+    steps that disagreed (tests/test_attention.py), and a parity test that passed on one machine
+    failed on another (DiT at head dim 72, fp32: 1.98e-4 against a 1.7e-4 limit). A GPU's dot is an
+    FMA chain in one order for every tile shape. The kernels still accumulate across their K tiles
+    in fp32. bf16 operands keep the interpreter's own dot (its bf16 dot is wrong anyway). Returns
+    the function that undoes the patch."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    plain = builder.create_dot
+    operands = (np.float32, np.float16)
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if a.data.dtype in operands and b.data.dtype in operands and d.data.dtype == np.float32:
+            exact = np.matmul(a.data.astype(np.float64), b.data.astype(np.float64)) + d.data
+            return interpreter.TensorHandle(exact.astype(np.float32), d.dtype.scalar)
+        return plain(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    builder.create_dot = create_dot
+
+    def undo():
+        builder.create_dot = plain
+    return undo
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _interpreter_dot_independent_of_shape_and_machine():
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        yield  # compiled kernels: the GPU's own dot
+        return
+    undo = _shape_independent_dot()
+    try:
+        yield
+    finally:
+        undo()
+
+
 @pytest.fixture
 def device():
     return DEVICE

@@ -247,49 +247,11 @@ def test_large_logits_stay_finite(dtype, device):
 # which got the 32-row tail reverted (cd58791). With a dot whose result does not depend on the
 # tile shape, the 16- and 32-row steps give the same gradients at every shape checked (L 33, 47,
 # 77, 129, 258; head dims 72, 80, 96; causal or not; scale 1 and 30).
-# The fixture below gives the interpreter such a dot for fp32 operands: each element is the float64
-# sum rounded once to fp32, whatever the tile shape; so for fp16 operands (whose products are exact),
-# where np.matmul's rounding also differed between the tail steps on some machines (dk 1.2e-4 apart,
-# L 77, causal, scale 30). bf16 operands keep the interpreter's own (its bf16 dot is wrong anyway).
+# tests/conftest.py gives the interpreter such a dot for the whole session (fp32 and fp16 operands:
+# each element the float64 sum rounded once to fp32, whatever the tile shape; fp16 too, since
+# np.matmul's rounding also made the tail steps differ on some machines: dk 1.2e-4 apart at L 77,
+# causal, scale 30). bf16 operands keep the interpreter's own (its bf16 dot is wrong anyway).
 # ------------------------------------------------------------------------------------------------
-
-
-def _shape_independent_fp32_dot():
-    """Patch the interpreter's ``create_dot`` (fp32 and fp16 operands, fp32 accumulator); returns
-    the function that undoes it."""
-    import numpy as np
-    from triton.runtime import interpreter
-
-    builder = interpreter.InterpreterBuilder
-    plain = builder.create_dot
-
-    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        operands = (np.float32, np.float16)  # fp16 products are exact in float64 too
-        if a.data.dtype in operands and b.data.dtype in operands and d.data.dtype == np.float32:
-            exact = np.matmul(a.data.astype(np.float64), b.data.astype(np.float64)) + d.data
-            return interpreter.TensorHandle(exact.astype(np.float32), d.dtype.scalar)
-        return plain(self, a, b, d, input_precision, max_num_imprecise_acc)
-
-    builder.create_dot = create_dot
-
-    def undo():
-        builder.create_dot = plain
-    return undo
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _fp32_dot_independent_of_the_tile_shape():
-    """Every test of this module runs the interpreter's fp32 dots shape-independent (see above)."""
-    import os
-
-    if os.environ.get("TRITON_INTERPRET", "0") != "1":
-        yield  # compiled kernels: the GPU's own dot
-        return
-    undo = _shape_independent_fp32_dot()
-    try:
-        yield
-    finally:
-        undo()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the interpreter's dot (CPU only)")
