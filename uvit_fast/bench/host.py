@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -60,7 +61,10 @@ def time_interleaved(fns: Dict[str, Callable[[], Any]], calls: int,
                      sync: Callable[[], None] = lambda: None) -> Dict[str, Dict[str, float]]:
     """:func:`time_calls` of several functions in rounds (one call of each per round, each timed
     alone), so that a shared machine's load changes weigh on all of them alike and their ratios
-    hold; name -> median / p20 / p80 / min microseconds."""
+    hold; name -> median / p20 / p80 / min microseconds. The order is shuffled every round (seeded):
+    a call right after a heavier one runs with its caches and allocator state disturbed (an SDPA call
+    after the math attention measured 12-19 us slower than the same call after itself), and a fixed
+    (or rotated) order put that cost on whichever way followed the heavy one."""
     if not isinstance(calls, int) or isinstance(calls, bool) or calls < 1:
         raise ValueError(f"time_interleaved: calls must be a positive integer; got {calls!r}")
     for _ in range(max(3, calls // 20)):
@@ -69,8 +73,11 @@ def time_interleaved(fns: Dict[str, Callable[[], Any]], calls: int,
     sync()
     times: Dict[str, List[float]] = {name: [] for name in fns}
     clock = time.perf_counter_ns
+    order = list(fns.items())
+    shuffle = random.Random(0).shuffle
     for _ in range(calls):
-        for name, fn in fns.items():
+        shuffle(order)
+        for name, fn in order:
             t0 = clock()
             fn()
             times[name].append((clock() - t0) / 1e3)
