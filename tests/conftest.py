@@ -48,9 +48,8 @@ def _shape_independent_dot():
     the float64 sum rounded once to fp32, whatever the tile shape or the machine. The interpreter
     computes a dot with ``np.matmul`` on float32 (the BLAS sgemm), whose rounding depends on the
     operand shapes and on the BLAS kernel the CPU gets: the same kernel gave 16- and 32-row tile
-    steps that disagreed (tests/test_attention.py), and a parity test that passed on one machine
-    failed on another (DiT at head dim 72, fp32: 1.98e-4 against a 1.7e-4 limit). A GPU's dot is an
-    FMA chain in one order for every tile shape. The kernels still accumulate across their K tiles
+    steps that disagreed (tests/test_attention.py). A GPU's dot is an FMA chain in one order for
+    every tile shape. The kernels still accumulate across their K tiles
     in fp32. bf16 operands keep the interpreter's own dot (its bf16 dot is wrong anyway). Returns
     the function that undoes the patch."""
     import numpy as np
@@ -73,8 +72,11 @@ def _shape_independent_dot():
     return undo
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _interpreter_dot_independent_of_shape_and_machine():
+@pytest.fixture(scope="module")
+def shape_independent_dot():
+    """:func:`_shape_independent_dot` for a whole test module (``pytestmark`` or an autouse fixture
+    there); not session-wide: the float64 dot costs up to 3x the interpreter's own on fp32 GEMM
+    tiles, and the suite has minutes of interpreter GEMMs."""
     if os.environ.get("TRITON_INTERPRET", "0") != "1":
         yield  # compiled kernels: the GPU's own dot
         return

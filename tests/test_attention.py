@@ -247,11 +247,17 @@ def test_large_logits_stay_finite(dtype, device):
 # which got the 32-row tail reverted (cd58791). With a dot whose result does not depend on the
 # tile shape, the 16- and 32-row steps give the same gradients at every shape checked (L 33, 47,
 # 77, 129, 258; head dims 72, 80, 96; causal or not; scale 1 and 30).
-# tests/conftest.py gives the interpreter such a dot for the whole session (fp32 and fp16 operands:
+# tests/conftest.py's shape_independent_dot fixture gives the interpreter such a dot for every test
+# of this module (fp32 and fp16 operands:
 # each element the float64 sum rounded once to fp32, whatever the tile shape; fp16 too, since
 # np.matmul's rounding also made the tail steps differ on some machines: dk 1.2e-4 apart at L 77,
 # causal, scale 30). bf16 operands keep the interpreter's own (its bf16 dot is wrong anyway).
 # ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _dot(shape_independent_dot):
+    yield
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the interpreter's dot (CPU only)")
