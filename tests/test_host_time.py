@@ -361,3 +361,38 @@ def test_mlp_routing_is_cached_per_module_and_follows_changes():
     assert layers.mlp_parts(mlp)[0] is mlp.fc1
     mlp.act = torch.nn.Tanh()  # an activation the kernels do not compute
     assert layers.mlp_parts(mlp) is None
+
+
+def test_a_tensor_subclass_goes_through_the_op_not_the_direct_launch():
+    """A subclass with its own __torch_dispatch__ (TwoTensor here; DTensor, torchao's) meets a stored
+    inference plan of plain tensors with the same metadata: the Triton call must dispatch through the
+    op, not hand the subclass to the launcher (found by review: a data-pointer error)."""
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    x = torch.randn(1, 4, 16)
+    with torch.no_grad(), uvit_fast.use_backend("triton"):
+        plain = ops.adaln_layer_norm(x)
+        both = ops.adaln_layer_norm(TwoTensor(x, x * 2))
+    assert isinstance(both, TwoTensor)
+    torch.testing.assert_close(both.a, plain)
+    torch.testing.assert_close(both.b, ops.adaln_layer_norm_reference(x * 2), rtol=1e-5, atol=1e-5)
+
+
+def test_a_plan_made_across_an_invalidation_is_not_stored():
+    """A plan built while another thread refreshes the settings (leaving a use_backend block) keeps
+    the generation it was looked up under: it is not stored for the calls after the refresh."""
+    x = torch.randn(1, 4, 16)
+    sig, plan = adaln._ADALN_PLANS.lookup(("auto", 1e-5, 1.0), x, None, None, None, None)
+    assert plan is None
+    uvit_fast.refresh_settings()  # meanwhile, elsewhere
+    adaln._ADALN_PLANS.put(sig, lambda *a: pytest.fail("a stale plan ran"))
+    assert len(adaln._ADALN_PLANS) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(ops.adaln_layer_norm(x), ops.adaln_layer_norm_reference(x))
+
+
+def test_a_float_patch_size_is_checked_even_after_an_int_one():
+    t, w = torch.randn(1, 4, 16), torch.randn(16, 16)
+    ops.decoder_unpatchify(t, w, None, patch_size=2, grid=(2, 2))
+    with pytest.raises(TypeError, match="decoder_unpatchify: patch_size must be an int or a sequence of 2 ints; got 2.0"):
+        ops.decoder_unpatchify(t, w, None, patch_size=2.0, grid=(2, 2))

@@ -296,6 +296,17 @@ class SkipLinear(nn.Linear):
         return F.linear(torch.cat([h, skip], dim=-1), self.weight, self.bias)
 
 
+def patch_tokens(out: torch.Tensor, prefix: Optional[torch.Tensor], pos_embed: Optional[torch.Tensor]) -> torch.Tensor:
+    """The conv's ``(B, D, h, w)`` output as ``[prefix, patches] + pos_embed`` tokens ``(B, E + L, D)``:
+    the plain path of :meth:`PatchEmbed.embed` (scriptable: its TorchScript twin calls it too)."""
+    out = out.flatten(2).transpose(1, 2)
+    if prefix is not None:
+        out = torch.cat([prefix.expand(out.shape[0], -1, -1), out], dim=1)
+    if pos_embed is not None:
+        out = out + pos_embed
+    return out
+
+
 class PatchEmbed(nn.Module):
     """Conv patch projection (``proj``, kernel = stride = patch) with the upstream key layout.
 
@@ -325,12 +336,7 @@ class PatchEmbed(nn.Module):
             return ops.patchify_embed(x, self.proj.weight, self.proj.bias, prefix=prefix, pos_embed=pos_embed)
         # the fused op's argument checks, so both paths give the same clear dtype/device/shape errors
         check_patchify_embed(x, self.proj.weight, self.proj.bias, prefix, pos_embed)
-        out = self.proj(x).flatten(2).transpose(1, 2)
-        if prefix is not None:
-            out = torch.cat([prefix.expand(out.shape[0], -1, -1), out], dim=1)
-        if pos_embed is not None:
-            out = out + pos_embed
-        return out
+        return patch_tokens(self.proj(x), prefix, pos_embed)
 
 
 def decode_tokens(
@@ -444,12 +450,7 @@ class ScriptPatchEmbed(nn.Module):
     def embed(
         self, x: torch.Tensor, prefix: Optional[torch.Tensor] = None, pos_embed: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
-        out = self.proj(x).flatten(2).transpose(1, 2)
-        if prefix is not None:
-            out = torch.cat([prefix.expand(out.shape[0], -1, -1), out], dim=1)
-        if pos_embed is not None:
-            out = out + pos_embed
-        return out
+        return patch_tokens(self.proj(x), prefix, pos_embed)
 
 
 def script_unpatchify(x: torch.Tensor, patch_size: int, grid_h: int, grid_w: int) -> torch.Tensor:

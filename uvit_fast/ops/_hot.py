@@ -80,7 +80,9 @@ class Plans:
             return None, None
         try:
             grad = _is_grad_enabled()
-            sig = [statics, grad, _any_autocast() and _autocast_state()]
+            # the generation first: a plan made across an invalidate() (another thread leaving a
+            # use_backend block meanwhile) is stored under its old generation, which no lookup matches
+            sig = [_GENERATION[0], statics, grad, _any_autocast() and _autocast_state()]
             append = sig.append
             if grad:
                 for t in tensors:
@@ -107,7 +109,7 @@ class Plans:
     def put(self, sig: Optional[Tuple[Any, ...]], plan: Callable[..., Any]) -> Callable[..., Any]:
         """Store ``plan`` under ``sig`` (not for ``sig=None``, nor while a stream is capturing: see
         the module docstring); returns it."""
-        if sig is None or _capturing():
+        if sig is None or sig[0] != _GENERATION[0] or _capturing():
             return plan
         if self._generation != _GENERATION[0]:
             self._table = {}
@@ -135,6 +137,9 @@ _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda
 _profiling = torch.autograd._profiler_enabled
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter, type(None), int, float, bool, str)
+
+
 class Direct:
     """An inference call of a Triton custom op without the dispatcher: the op's own Python body
     (the kernel launcher) called directly.
@@ -145,8 +150,8 @@ class Direct:
     op, the body computes the same: plans use this for their inference signatures only (no tensor
     requiring grad under grad mode), and each call still goes through the op whenever something
     watches the dispatcher (a ``TorchDispatchMode`` such as ``FlopCounterMode`` or fake tensors, a
-    functorch transform, the autograd profiler, whose trace then names the op) or traces it
-    (torch.compile, torch.export)."""
+    functorch transform, the autograd profiler, whose trace then names the op), traces it
+    (torch.compile, torch.export), or gets a tensor subclass with a dispatch of its own."""
 
     __slots__ = ("op", "body")
 
@@ -157,6 +162,9 @@ class Direct:
     def __call__(self, *args: Any) -> Any:
         if _is_compiling() or _dispatch_depth() or _functorch_active() or _profiling():
             return self.op(*args)  # (a plan made while tracing may hold one: the graph gets the op)
+        for a in args:  # a tensor subclass (DTensor, torchao's) dispatches through the op
+            if type(a) not in _PLAIN and isinstance(a, torch.Tensor):
+                return self.op(*args)
         return self.body(*args)
 
 

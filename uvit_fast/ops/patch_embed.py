@@ -92,6 +92,15 @@ def patchify(x: torch.Tensor, patch_size: PatchSize) -> torch.Tensor:
     return y.permute(perm).reshape(B, math.prod(grid), math.prod(patch) * C)
 
 
+def _patch_dims(value) -> int:
+    """3 for a sequence of three (a 3-D tubelet or video grid), else 2; never raises (a bad value
+    meets ``as_tuple``'s clear error afterwards)."""
+    try:
+        return 3 if not isinstance(value, (int, float)) and len(value) == 3 else 2
+    except TypeError:
+        return 2
+
+
 def unpatchify(
     tokens: torch.Tensor, patch_size: PatchSize, channels: int, grid: Optional[Sequence[int]] = None
 ) -> torch.Tensor:
@@ -102,8 +111,8 @@ def unpatchify(
     """
     op = "unpatchify"
     check_tensor(op, "tokens", tokens, 3, floating=False)
-    n = 3 if (not isinstance(patch_size, int) and len(tuple(patch_size)) == 3) else 2
-    if grid is not None and not isinstance(grid, int) and len(tuple(grid)) == 3:
+    n = _patch_dims(patch_size)
+    if grid is not None and _patch_dims(grid) == 3:
         n = 3
     patch = as_tuple(op, "patch_size", patch_size, n)
     B, L, K = tokens.shape
@@ -374,7 +383,7 @@ def _check_decoder_unpatchify(tokens, weight, bias, patch_size, grid, extras):
     check_same_device(op, tokens=tokens, weight=weight, bias=bias)
     _check_gemm_dtypes(op, ("tokens", "weight", "bias"), (tokens, weight, bias), tokens.device)
     n = 2
-    if not isinstance(patch_size, int) and len(tuple(patch_size)) == 3:
+    if _patch_dims(patch_size) == 3:
         n = 3
     patch = as_tuple(op, "patch_size", patch_size, n)
     if not isinstance(extras, int) or isinstance(extras, bool) or extras < 0:
@@ -404,7 +413,7 @@ def decoder_unpatchify_reference(
     extras: int = 0,
 ) -> torch.Tensor:
     """Plain PyTorch specification of :func:`decoder_unpatchify`."""
-    n = 3 if (not isinstance(patch_size, int) and len(tuple(patch_size)) == 3) else 2
+    n = _patch_dims(patch_size)
     patch = as_tuple("decoder_unpatchify", "patch_size", patch_size, n)
     channels = weight.shape[0] // math.prod(patch)
     out = F.linear(tokens[:, extras:], weight, bias)
@@ -438,7 +447,8 @@ def decoder_unpatchify(
         ``torch.autocast`` (tokens, weight and bias are cast like autocast casts a linear's
         arguments). tokens, weight and bias must share one dtype (after autocast).
     """
-    sig, plan = _DECODER_PLANS.lookup((backend, patch_size, grid, extras), tokens, weight, bias)
+    # (the types too: patch_size=2.0 hashes as 2 and must meet the checks)
+    sig, plan = _DECODER_PLANS.lookup((backend, patch_size, type(patch_size), grid, extras), tokens, weight, bias)
     if plan is None:  # the first call of this signature (uvit_fast.ops._hot)
         plan = _DECODER_PLANS.put(sig, _decoder_plan(tokens, weight, bias, patch_size, grid, extras, backend))
     return plan(tokens, weight, bias)
