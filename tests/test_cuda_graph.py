@@ -329,6 +329,10 @@ def test_cpu_tensors_run_eagerly_with_on_cpu_eager():
     (lambda: cuda_graph(Counting(), torch.randn(1), max_graphs=0), ValueError, r"max_graphs must be an int >= 1; got 0"),
     (lambda: cuda_graph(Counting(), torch.randn(1), on_cpu="skip"), ValueError, r"on_cpu must be 'raise' or 'eager'; got 'skip'"),
     (lambda: cuda_graph(Counting(), 2.0, 3), ValueError, r"example_inputs hold no tensor"),
+    (lambda: cuda_graph(Counting(), (torch.randn(1),)), TypeError,
+     r"example input 0 is a tuple; pass the tensors as top-level arguments"),
+    (lambda: cuda_graph(Counting(), torch.randn(1), clone_outputs="no"), TypeError,
+     r"clone_outputs must be True or False; got 'no'"),
 ])
 def test_bad_arguments(call, exc, match):
     with pytest.raises(exc, match=match):
@@ -451,3 +455,10 @@ def test_real_cuda_graph_ddim_with_guidance_equals_eager():
     kw = dict(steps=5, cond=y, null_cond=torch.full_like(y, null_label(model)), cfg_scale=4.0)
     torch.testing.assert_close(ddim_sample(model, noise, cuda_graph=True, **kw), ddim_sample(model, noise, **kw),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_ddim_sample_names_an_unknown_cuda_graph_option():
+    from uvit_fast.sampling import ddim_sample
+
+    with pytest.raises(ValueError, match=r"ddim_sample: unknown cuda_graph option\(s\) 'warmpu'; choose from backend, "):
+        ddim_sample(lambda x, t: x, torch.randn(1, 2, 4, 4), steps=2, cuda_graph={"warmpu": 1})

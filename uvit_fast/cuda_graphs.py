@@ -232,9 +232,16 @@ def cuda_graph(
         raise ValueError(f"cuda_graph: max_graphs must be an int >= 1; got {max_graphs!r}")
     if on_cpu not in ("raise", "eager"):
         raise ValueError(f"cuda_graph: on_cpu must be 'raise' or 'eager'; got {on_cpu!r}")
+    if not isinstance(clone_outputs, bool):
+        raise TypeError(f"cuda_graph: clone_outputs must be True or False; got {clone_outputs!r}")
     backend = CudaBackend() if backend is None else backend
     tensors = [(k, v) for k, v in [*enumerate(example_inputs), *example_kwargs.items()] if isinstance(v, torch.Tensor)]
     if not tensors:
+        nested = [(k, v) for k, v in [*enumerate(example_inputs), *example_kwargs.items()]
+                  if isinstance(v, (tuple, list, dict))]
+        if nested:
+            raise TypeError(f"cuda_graph: example input {nested[0][0]} is a {type(nested[0][1]).__name__}; pass the "
+                            "tensors as top-level arguments (cuda_graph(model, x, t, y))")
         raise ValueError("cuda_graph: example_inputs hold no tensor; a graph needs at least one tensor input")
     off = [(k, v) for k, v in tensors if v.device.type != backend.device_type]
     eager = False

@@ -48,6 +48,10 @@ def null_label(model: nn.Module) -> int:
     return n - 1
 
 
+#: the options of uvit_fast.cuda_graph that ddim_sample(cuda_graph={...}) passes on
+_CUDA_GRAPH_OPTIONS = frozenset({"warmup", "max_graphs", "clone_outputs", "on_cpu", "backend"})
+
+
 @torch.no_grad()
 def ddim_sample(
     model: Callable[..., torch.Tensor],
@@ -103,6 +107,10 @@ def ddim_sample(
         from uvit_fast.cuda_graphs import cuda_graph as capture
 
         options = {} if cuda_graph is True else dict(cuda_graph)
+        unknown = sorted(set(options) - _CUDA_GRAPH_OPTIONS)
+        if unknown:
+            raise ValueError(f"ddim_sample: unknown cuda_graph option(s) {', '.join(map(repr, unknown))}; "
+                             f"choose from {', '.join(sorted(_CUDA_GRAPH_OPTIONS))}")
         step = capture(denoise, x, torch.full((B,), float(ts[0]), device=x.device), cond, null_cond, cfg_scale,
                        **options)
     iterator = ts
