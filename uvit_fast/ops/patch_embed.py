@@ -591,3 +591,39 @@ _DECODER_DISPATCH = DispatchOp(
         )
     },
 )
+
+
+# ----------------------------------------------------------------------------------------------
+# FLOP formulas (torch.utils.flop_counter): each kernel's GEMM, as the reference's conv / linear counts
+# it, so that FlopCounterMode sees the same FLOPs on the fused path as on the plain one.
+# ----------------------------------------------------------------------------------------------
+def _register_flop_formulas() -> None:
+    from torch.utils.flop_counter import register_flop_formula
+
+    def embed_gemm(x_shape, w_shape) -> int:
+        patches = x_shape[0] * math.prod(s // p for s, p in zip(x_shape[2:], w_shape[2:]))
+        return 2 * patches * w_shape[0] * math.prod(w_shape[1:])  # rows x D x (C * patch)
+
+    @register_flop_formula(torch.ops.uvit_fast.patchify_embed)
+    def _embed(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+        return embed_gemm(x_shape, w_shape)
+
+    @register_flop_formula(torch.ops.uvit_fast.patchify_embed_backward)
+    def _embed_bwd(grad_shape, x_shape, w_shape, extras, need_x, need_weight, need_bias, *args, out_shape=None,
+                   **kwargs) -> int:
+        return embed_gemm(x_shape, w_shape) * (int(need_x) + int(need_weight))
+
+    def decoder_gemm(tokens_shape, w_shape, extras) -> int:
+        return 2 * tokens_shape[0] * (tokens_shape[1] - extras) * w_shape[0] * w_shape[1]
+
+    @register_flop_formula(torch.ops.uvit_fast.decoder_unpatchify)
+    def _decoder(tokens_shape, w_shape, bias_shape, patch, grid, extras, *args, out_shape=None, **kwargs) -> int:
+        return decoder_gemm(tokens_shape, w_shape, extras)
+
+    @register_flop_formula(torch.ops.uvit_fast.decoder_unpatchify_backward)
+    def _decoder_bwd(grad_shape, tokens_shape, w_shape, patch, grid, extras, need_tokens, need_weight, need_bias,
+                     *args, out_shape=None, **kwargs) -> int:
+        return decoder_gemm(tokens_shape, w_shape, extras) * (int(need_tokens) + int(need_weight))
+
+
+_register_flop_formulas()

@@ -14,6 +14,7 @@ backend runs the reference, which autocast handles itself, with the same result 
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -244,3 +245,26 @@ _DISPATCH = DispatchOp(
     "skip_concat_linear", torch.ops.uvit_fast.skip_concat_linear, _setup_context, _backward, n_diff=1,
     candidates=lambda h, skip, weight, bias: {"torch": lambda *a: (skip_concat_linear_reference(*a),)},
 )
+
+
+def _register_flop_formulas() -> None:
+    """torch.utils.flop_counter formulas: the GEMM of ``Linear(cat([h, skip]))``, as the reference counts it."""
+    from torch.utils.flop_counter import register_flop_formula
+
+    def gemm(h_shape, n: int) -> int:
+        return 2 * math.prod(h_shape[:-1]) * 2 * h_shape[-1] * n
+
+    @register_flop_formula(torch.ops.uvit_fast.skip_concat_linear)
+    def _fwd(h_shape, skip_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+        return gemm(h_shape, w_shape[0])
+
+    @register_flop_formula(torch.ops.uvit_fast.skip_concat_linear_backward_input)
+    def _bwd_input(grad_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+        return 2 * math.prod(grad_shape[:-1]) * grad_shape[-1] * w_shape[1]
+
+    @register_flop_formula(torch.ops.uvit_fast.skip_concat_linear_backward_weight)
+    def _bwd_weight(grad_shape, h_shape, *args, out_shape=None, **kwargs) -> int:
+        return gemm(h_shape, grad_shape[-1])
+
+
+_register_flop_formulas()
