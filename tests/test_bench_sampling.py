@@ -157,5 +157,8 @@ def test_time_interleaved_calls_each_function_in_rounds():
     order = []
     t = host.time_interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, 40)
     warm = max(3, 40 // 20)
-    assert order == ["a", "b"] * (warm + 40)  # one call of each per round, warm-up rounds first
+    assert order[: 2 * warm] == ["a", "b"] * warm  # warm-up rounds first
+    rounds = [order[i:i + 2] for i in range(2 * warm, len(order), 2)]
+    assert len(rounds) == 40 and all(sorted(r) == ["a", "b"] for r in rounds)  # one call of each per round
+    assert {tuple(r) for r in rounds} == {("a", "b"), ("b", "a")}  # in shuffled order: no fixed neighbour
     assert set(t) == {"a", "b"} and all(v["us_min"] <= v["us"] <= v["us_p80"] for v in t.values())
