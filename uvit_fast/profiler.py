@@ -31,7 +31,6 @@ measured AMP training step (peak memory, time) sits beside the model.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
 import math
@@ -40,7 +39,7 @@ import sys
 import threading
 import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, ContextManager, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -357,21 +356,14 @@ def _kernel_name(kernel: Any) -> str:
     return getattr(fn, "__name__", None) or type(fn).__name__
 
 
-@contextlib.contextmanager
-def launch_path(fused: bool) -> Iterator[None]:
+def launch_path(fused: bool) -> ContextManager[None]:
     """What a CUDA device runs: fused -> ``use_backend("triton")`` (every fused op on its Triton
     kernel); plain -> SDPA dispatched as on an sm80+ GPU (one flash / memory-efficient kernel,
-    not meta's math decomposition; :class:`uvit_fast.memory._GpuSdpa`)."""
-    from uvit_fast import use_backend
+    not meta's math decomposition): :func:`uvit_fast.memory.path_context`, which the memory profile
+    counts under too."""
+    from uvit_fast.memory import path_context
 
-    if fused:
-        with use_backend("triton"):
-            yield
-    else:
-        from uvit_fast.memory import _GpuSdpa
-
-        with _GpuSdpa():
-            yield
+    return path_context(fused)
 
 
 def count_launches(
