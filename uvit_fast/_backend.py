@@ -189,15 +189,9 @@ def compiled_before_interpreter() -> List[str]:
     interpreted kernel that calls a GPU-built one fails deep inside with an InterpreterError."""
     if "triton" not in sys.modules:
         return []
-    return list(_gpu_built(_kernel_modules(len(sys.modules))))
-
-
-@functools.lru_cache(maxsize=8)
-def _kernel_modules(n_modules: int) -> Tuple[str, ...]:
-    """The modules :func:`compiled_before_interpreter` looks at, scanned again only when the number
-    of imported modules changed (the scan of ``sys.modules`` cost ~300 us a call)."""
-    kernels = sorted(n for n in list(sys.modules) if n.startswith("uvit_fast.kernels."))
-    return ("triton.language.standard", *kernels)
+    # (a scan of sys.modules: it runs when an op first sees a call signature, not at every call)
+    names = ("triton.language.standard",) + tuple(sorted(n for n in list(sys.modules) if n.startswith("uvit_fast.kernels.")))
+    return list(_gpu_built(names))
 
 
 @functools.lru_cache(maxsize=64)
