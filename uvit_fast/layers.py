@@ -164,6 +164,8 @@ def mlp_parts(mlp: nn.Module) -> Optional[Tuple[nn.Linear, str, nn.Linear]]:
     Called once per block per forward: the full check runs again only when the module's children
     change (or its modes, hooks or dropout rates, which are read each time); otherwise the answer
     comes from a per-module cache (host time: the full check took ~10 us)."""
+    if torch.compiler.is_compiling():  # traced once: no cache (dynamo would guard on its weak keys)
+        return _mlp_parts(mlp) if _no_global_hooks() else None
     children = tuple(mlp._modules.values())
     cached = _MLP_ROUTES.get(mlp)
     if cached is None or cached[0] != children or cached[1] != _mlp_state(mlp, children):
