@@ -31,6 +31,8 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
+from uvit_fast.dispatch import is_training, stream_capturing
+
 #: bumped by :func:`invalidate`; a table whose generation differs is emptied on its next lookup
 _GENERATION = [0]
 
@@ -91,45 +93,29 @@ class Plans:
                 for t in tensors:
                     append(None if t is None else (t.shape, t.dtype, t.device))
             key = tuple(sig)
-            if self._generation != _GENERATION[0]:
-                self._table = {}
-                self._generation = _GENERATION[0]
-                return key, None
-            return key, self._table.get(key)
+            return key, self._current().get(key)
         except (AttributeError, TypeError):
             return None, None
 
-    def get(self, sig: Tuple[Any, ...]) -> Optional[Callable[..., Any]]:
+    def _current(self) -> Dict[Tuple[Any, ...], Callable[..., Any]]:
+        """The table, emptied first if :func:`invalidate` ran since it was filled."""
         if self._generation != _GENERATION[0]:
             self._table = {}
             self._generation = _GENERATION[0]
-            return None
-        return self._table.get(sig)
+        return self._table
 
     def put(self, sig: Optional[Tuple[Any, ...]], plan: Callable[..., Any]) -> Callable[..., Any]:
         """Store ``plan`` under ``sig`` (not for ``sig=None``, nor while a stream is capturing: see
         the module docstring); returns it."""
-        if sig is None or sig[0] != _GENERATION[0] or _capturing():
+        if sig is None or sig[0] != _GENERATION[0] or stream_capturing():
             return plan
-        if self._generation != _GENERATION[0]:
-            self._table = {}
-            self._generation = _GENERATION[0]
-        if len(self._table) >= self.maxsize:
+        if len(self._current()) >= self.maxsize:
             self._table = {}
         self._table[sig] = plan
         return plan
 
     def __len__(self) -> int:
-        return len(self._table) if self._generation == _GENERATION[0] else 0
-
-    def clear(self) -> None:
-        self._table = {}
-
-
-def _capturing() -> bool:
-    from uvit_fast.dispatch import stream_capturing
-
-    return stream_capturing()
+        return len(self._current())
 
 
 _dispatch_depth = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 1)
@@ -169,6 +155,5 @@ class Direct:
 
 
 def inference(tensors) -> bool:
-    """A call whose outputs need no autograd: grad mode off, or no floating tensor requiring grad."""
-    return not (_is_grad_enabled() and any(
-        isinstance(t, torch.Tensor) and t.requires_grad and t.is_floating_point() for t in tensors))
+    """A call whose outputs need no autograd (not :func:`uvit_fast.dispatch.is_training`)."""
+    return not is_training(tensors)
