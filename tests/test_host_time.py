@@ -396,3 +396,42 @@ def test_a_float_patch_size_is_checked_even_after_an_int_one():
     ops.decoder_unpatchify(t, w, None, patch_size=2, grid=(2, 2))
     with pytest.raises(TypeError, match="decoder_unpatchify: patch_size must be an int or a sequence of 2 ints; got 2.0"):
         ops.decoder_unpatchify(t, w, None, patch_size=2.0, grid=(2, 2))
+
+
+def test_recent_signatures_are_matched_by_a_tensor_guard(fresh):
+    """The last few signatures of an op are checked by a C-level tensor guard before the dict:
+    a repeat call hits it; what it does not cover (another None position, strides, grad mode,
+    autocast, a device) falls to the full signature and still gets the right plan."""
+    x, sh, sc, w, b = _adaln_args()
+    plans = adaln._ADALN_PLANS
+    statics = ("auto", 1e-6, 1.0)
+    with torch.no_grad():
+        for args in ((x, sh, sc, w, None), (x, sh, sc, None, b)):  # the same shapes, None moved
+            torch.testing.assert_close(ops.adaln_layer_norm(*args, 1e-6, 1.0),
+                                       ops.adaln_layer_norm_reference(*args, 1e-6, 1.0))
+            assert plans.lookup(statics, *args)[0] is _hot._HIT
+        sig, plan = plans.lookup(statics, x, sh, sc, b, None)  # b for w: the same shape, the same guard
+        assert sig is _hot._HIT
+        t = torch.randn(72, 7).t().unsqueeze(0)  # x's shape, other strides: the dict's plan
+        sig, plan = plans.lookup(statics, t, sh, sc, w, None)
+        assert sig is not _hot._HIT and plan is not None
+        torch.testing.assert_close(ops.adaln_layer_norm(t, sh, sc, w, None, 1e-6, 1.0),
+                                   ops.adaln_layer_norm_reference(t, sh, sc, w, None, 1e-6, 1.0))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert plans.lookup(statics, x, sh, sc, w, None)[0] is not _hot._HIT
+        assert plans.lookup(statics, x.to("meta"), sh, sc, w, None)[1] is None  # another device
+        assert plans.lookup(("auto", 1e-5, 1.0), x, sh, sc, w, None)[1] is None  # another eps
+    assert plans.lookup(statics, x, sh, sc, w, None)[0] is not _hot._HIT  # grad mode on
+    uvit_fast.refresh_settings()
+    with torch.no_grad():
+        assert plans.lookup(statics, x, sh, sc, w, None)[1] is None  # invalidated: guards dropped too
+
+
+def test_the_dict_alone_still_serves_where_no_guard_can_be_built(fresh, monkeypatch):
+    monkeypatch.setattr(_hot, "_TensorGuards", None)
+    x, sh, sc, w, b = _adaln_args()
+    with torch.no_grad():
+        first = ops.adaln_layer_norm(x, sh, sc, w, b, 1e-6, 1.0)
+        sig, plan = adaln._ADALN_PLANS.lookup(("auto", 1e-6, 1.0), x, sh, sc, w, b)
+        assert sig is not _hot._HIT and plan is not None
+        torch.testing.assert_close(ops.adaln_layer_norm(x, sh, sc, w, b, 1e-6, 1.0), first, rtol=0, atol=0)

@@ -60,18 +60,56 @@ def _autocast_state() -> Optional[Tuple[Any, ...]]:
     return tuple(state) or None
 
 
+def _tensor_guard(tensors: Tuple[Optional[torch.Tensor], ...]) -> Optional[Tuple[bool, Any]]:
+    """``(has_none, guard)``: a C-level check that later arguments match ``tensors`` (the
+    ``TensorGuards`` that torch.compile's own guards use: type, dispatch keys, dtype, device, shape,
+    strides, requires_grad), with :data:`_NONE` standing in for each ``None``; ``None`` where it
+    cannot be built (a tensor subclass, a torch whose private guard API moved)."""
+    if _TensorGuards is None:
+        return None
+    has_none = any(t is None for t in tensors)
+    try:
+        guard = _TensorGuards(*(_NONE if t is None else t for t in tensors),
+                              dynamic_dims_sizes=None, dynamic_dims_strides=None)
+        if not guard.check(*(_NONE if t is None else t for t in tensors)):
+            return None
+    except Exception:  # noqa: BLE001  (private API: any failure only means no fast check)
+        return None
+    return has_none, guard
+
+
+try:
+    from torch._C._dynamo.guards import TensorGuards as _TensorGuards
+except ImportError:  # pragma: no cover (every torch this package supports has it)
+    _TensorGuards = None
+#: what a ``None`` argument is checked as in a guard: a meta tensor no caller passes (4-D, empty,
+#: odd strides)
+_NONE = torch.empty_strided((0, 3, 0, 5), (1, 7, 11, 13), dtype=torch.uint8, device="meta")
+#: how many signatures per op get the guard check before the dict lookup
+RECENT = 8
+
+
 class Plans:
     """One op's plans: signature -> the function that runs a call of that signature.
+
+    Two levels. The last :data:`RECENT` signatures stored each keep a C-level tensor guard
+    (:func:`_tensor_guard`): a call whose non-tensor arguments and grad mode equal an entry's, with
+    no autocast on, is checked against it (well under a microsecond for four tensors) and runs its
+    plan. Any other call builds the full signature (a tuple of shapes, dtypes and devices: a few
+    microseconds) and looks it up in the table. The guard is stricter than the signature (it also
+    compares strides and dispatch keys), so whatever it accepts the signature would too; what it
+    rejects takes the table.
 
     ``maxsize`` bounds the table (a workload whose shapes never repeat would grow it without end):
     when full it is emptied, and the next calls make their plans again."""
 
-    __slots__ = ("op", "maxsize", "_table", "_generation")
+    __slots__ = ("op", "maxsize", "_table", "_recent", "_generation")
 
     def __init__(self, op: str, maxsize: int = 4096):
         self.op = op
         self.maxsize = maxsize
         self._table: Dict[Tuple[Any, ...], Callable[..., Any]] = {}
+        self._recent: Tuple[Tuple[Any, ...], ...] = ()
         self._generation = _GENERATION[0]
 
     def lookup(self, statics: Any, *tensors: Optional[torch.Tensor]) -> Tuple[Any, Optional[Callable[..., Any]]]:
@@ -80,8 +118,18 @@ class Plans:
         path then runs, and its checks say what is wrong."""
         if _is_compiling():
             return None, None
+        grad = _is_grad_enabled()
+        if self._recent and self._generation == _GENERATION[0] and not _any_autocast():
+            for entry_statics, entry_grad, has_none, guard, plan in self._recent:
+                try:
+                    if entry_grad is grad and entry_statics == statics and (
+                        guard.check(*[_NONE if t is None else t for t in tensors]) if has_none
+                        else guard.check(*tensors)
+                    ):
+                        return _HIT, plan
+                except Exception:  # noqa: BLE001  (a tensor among the statics, another arity: no match)
+                    continue
         try:
-            grad = _is_grad_enabled()
             # the generation first: a plan made across an invalidate() (another thread leaving a
             # use_backend block meanwhile) is stored under its old generation, which no lookup matches
             sig = [_GENERATION[0], statics, grad, _any_autocast() and _autocast_state()]
@@ -93,7 +141,7 @@ class Plans:
                 for t in tensors:
                     append(None if t is None else (t.shape, t.dtype, t.device))
             key = tuple(sig)
-            return key, self._current().get(key)
+            return (key, tensors), self._current().get(key)
         except (AttributeError, TypeError):
             return None, None
 
@@ -101,21 +149,34 @@ class Plans:
         """The table, emptied first if :func:`invalidate` ran since it was filled."""
         if self._generation != _GENERATION[0]:
             self._table = {}
+            self._recent = ()
             self._generation = _GENERATION[0]
         return self._table
 
     def put(self, sig: Optional[Tuple[Any, ...]], plan: Callable[..., Any]) -> Callable[..., Any]:
         """Store ``plan`` under ``sig`` (not for ``sig=None``, nor while a stream is capturing: see
         the module docstring); returns it."""
-        if sig is None or sig[0] != _GENERATION[0] or stream_capturing():
+        if sig is None or sig is _HIT:
+            return plan
+        key, tensors = sig
+        if key[0] != _GENERATION[0] or stream_capturing():
             return plan
         if len(self._current()) >= self.maxsize:
             self._table = {}
-        self._table[sig] = plan
+            self._recent = ()
+        self._table[key] = plan
+        if not key[3]:  # no autocast: the guard checks no autocast state
+            guarded = _tensor_guard(tensors)
+            if guarded is not None:
+                self._recent = ((key[1], key[2], *guarded, plan),) + self._recent[:RECENT - 1]
         return plan
 
     def __len__(self) -> int:
         return len(self._current())
+
+
+#: the signature of a call the guards matched (nothing to store)
+_HIT = ("hit",)
 
 
 _dispatch_depth = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 1)
