@@ -5,6 +5,7 @@ Without a GPU the capture state machine runs on CPU tensors through a simulated 
 with NaN) and keeps it; its "replay" runs it again on the static input buffers and writes the
 results into the static outputs. The real-CUDA tests at the end run when a GPU runs the suite."""
 import contextlib
+import importlib
 import types
 import warnings
 
@@ -16,8 +17,10 @@ from torch.utils._pytree import tree_flatten
 import uvit_fast
 from uvit_fast import create_model, dispatch
 from uvit_fast.cuda_graphs import CudaGraphRunner, cuda_graph
+from uvit_fast.ops import _hot, adaln
 from uvit_fast.sampling import ddim_sample, null_label
 from uvit_fast.testing import randomize_
+fl_mod = importlib.import_module("uvit_fast.ops.fused_linear")
 
 CUDA = torch.cuda.is_available()
 
@@ -291,11 +294,14 @@ def test_without_warmup_the_capture_rule_times_nothing_while_capturing(tuned, mo
 
     monkeypatch.setattr(dispatch, "choose", watching_choose)
     monkeypatch.setattr(dispatch, "stream_capturing", lambda: sim.capturing)
+    monkeypatch.setattr(_hot, "stream_capturing", lambda: sim.capturing)  # (imported by name there)
     model = _tiny_dit()
     x, t, y = model.example_inputs(2)
     cuda_graph(model, x, t, y, warmup=0, backend=sim)
     assert sim.events.count("capture") == 1
     assert timed_while == [] and tuned.decisions() == {}
+    # and no plan was stored while capturing: the next (plain) call of each op makes its own
+    assert not any(len(p) for p in (adaln._ADALN_PLANS, adaln._RESIDUAL_PLANS, fl_mod._LINEAR_PLANS, fl_mod._MLP_PLANS))
     # (a real replay runs no Python; the simulated one would decide the keys, so none is made here)
 
 
@@ -319,6 +325,8 @@ def test_cpu_tensors_run_eagerly_with_on_cpu_eager():
     x = torch.randn(2, 4)
     out = runner(x)
     assert torch.equal(out, model.lin(x).detach()) and runner.eager_calls == 1 and not out.requires_grad
+    with pytest.raises(ValueError, match=r"this runner's graphs are on cpu; got argument 0 \(tensor \(2, 4\) float32 on meta\)"):
+        runner(x.to("meta"))  # an eager runner belongs to its device too
 
 
 @pytest.mark.parametrize("call, exc, match", [

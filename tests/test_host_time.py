@@ -6,6 +6,7 @@ the host figures themselves are the benchmark's (`uvit-fast bench --suite sampli
 import importlib
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -382,7 +383,7 @@ def test_a_plan_made_across_an_invalidation_is_not_stored():
     """A plan built while another thread refreshes the settings (leaving a use_backend block) keeps
     the generation it was looked up under: it is not stored for the calls after the refresh."""
     x = torch.randn(1, 4, 16)
-    sig, plan = adaln._ADALN_PLANS.lookup(("auto", 1e-5, 1.0), x, None, None, None, None)
+    sig, plan = adaln._ADALN_PLANS.lookup(("auto", 1e-5, 1.0, float, float), x, None, None, None, None)
     assert plan is None
     uvit_fast.refresh_settings()  # meanwhile, elsewhere
     adaln._ADALN_PLANS.put(sig, lambda *a: pytest.fail("a stale plan ran"))
@@ -404,7 +405,7 @@ def test_recent_signatures_are_matched_by_a_tensor_guard(fresh):
     autocast, a device) falls to the full signature and still gets the right plan."""
     x, sh, sc, w, b = _adaln_args()
     plans = adaln._ADALN_PLANS
-    statics = ("auto", 1e-6, 1.0)
+    statics = ("auto", 1e-6, 1.0, float, float)
     with torch.no_grad():
         for args in ((x, sh, sc, w, None), (x, sh, sc, None, b)):  # the same shapes, None moved
             torch.testing.assert_close(ops.adaln_layer_norm(*args, 1e-6, 1.0),
@@ -420,7 +421,7 @@ def test_recent_signatures_are_matched_by_a_tensor_guard(fresh):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert plans.lookup(statics, x, sh, sc, w, None)[0] is not _hot._HIT
         assert plans.lookup(statics, x.to("meta"), sh, sc, w, None)[1] is None  # another device
-        assert plans.lookup(("auto", 1e-5, 1.0), x, sh, sc, w, None)[1] is None  # another eps
+        assert plans.lookup(("auto", 1e-5, 1.0, float, float), x, sh, sc, w, None)[1] is None  # another eps
     assert plans.lookup(statics, x, sh, sc, w, None)[0] is not _hot._HIT  # grad mode on
     uvit_fast.refresh_settings()
     with torch.no_grad():
@@ -432,6 +433,96 @@ def test_the_dict_alone_still_serves_where_no_guard_can_be_built(fresh, monkeypa
     x, sh, sc, w, b = _adaln_args()
     with torch.no_grad():
         first = ops.adaln_layer_norm(x, sh, sc, w, b, 1e-6, 1.0)
-        sig, plan = adaln._ADALN_PLANS.lookup(("auto", 1e-6, 1.0), x, sh, sc, w, b)
+        sig, plan = adaln._ADALN_PLANS.lookup(("auto", 1e-6, 1.0, float, float), x, sh, sc, w, b)
         assert sig is not _hot._HIT and plan is not None
         torch.testing.assert_close(ops.adaln_layer_norm(x, sh, sc, w, b, 1e-6, 1.0), first, rtol=0, atol=0)
+
+
+def test_calls_with_several_nones_are_guarded_but_one_tensor_twice_is_not():
+    x, sh, sc, w, b = _adaln_args()
+    assert _hot._tensor_guard((x, None, None, w, b)) is not None  # a LayerNorm call: one sentinel per position
+    assert _hot._tensor_guard((x, None, None, None, None)) is not None
+    assert _hot._tensor_guard((x, sh, sh, w, b)) is None  # the guard rejects aliased arguments: the dict serves it
+    plans = adaln._ADALN_PLANS
+    with torch.no_grad():
+        for args in ((x, None, None, w, b), (x, sh, sh, w, b)):
+            torch.testing.assert_close(ops.adaln_layer_norm(*args, 1e-6, 1.0), ops.adaln_layer_norm_reference(*args, 1e-6, 1.0))
+        statics = ("auto", 1e-6, 1.0, float, float)
+        assert plans.lookup(statics, x, None, None, w, b)[0] is _hot._HIT
+        sig, plan = plans.lookup(statics, x, sh, sh, w, b)
+        assert sig is not _hot._HIT and plan is not None
+
+
+def test_a_refresh_between_the_check_and_the_store_leaves_no_stale_plan(monkeypatch):
+    """Another thread refreshing the settings (leaving a use_backend block) while ``put`` stores:
+    the plan made under the old settings must never run after the refresh."""
+    x = torch.randn(1, 4, 16)
+    plans = adaln._ADALN_PLANS
+    statics = ("auto", 1e-5, 1.0, float, float)
+    sig, plan = plans.lookup(statics, x, None, None, None, None)
+    assert plan is None
+
+    def other_thread_refreshes():  # runs inside put(), after its generation check
+        uvit_fast.refresh_settings()
+        plans.lookup(statics, x, None, None, None, None)  # the table adopts the new generation
+        return False
+
+    monkeypatch.setattr(_hot, "stream_capturing", other_thread_refreshes)
+    plans.put(sig, lambda *a: pytest.fail("a stale plan ran"))
+    monkeypatch.undo()
+    with torch.no_grad():
+        torch.testing.assert_close(ops.adaln_layer_norm(x), ops.adaln_layer_norm_reference(x))
+        torch.testing.assert_close(ops.adaln_layer_norm(x), ops.adaln_layer_norm_reference(x))
+
+
+def test_fake_tensors_are_not_timed_and_leave_no_plan(fresh):
+    """A first call under FakeTensorMode (torch.export, a FLOP count on fake inputs) would time
+    Python overhead, not compute: it runs PyTorch undecided, stores no decision and no plan."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        h, s, w, b = torch.randn(2, 5, 16), torch.randn(2, 5, 16), torch.randn(16, 32), torch.randn(16)
+        with torch.no_grad():
+            out = ops.skip_concat_linear(h, s, w, b)
+    assert out.shape == (2, 5, 16)
+    assert not fresh.decisions()
+    skip_mod = importlib.import_module("uvit_fast.ops.skip_linear")
+    assert len(skip_mod._PLANS) == 0
+    h, s, w, b = torch.randn(2, 5, 16), torch.randn(2, 5, 16), torch.randn(16, 32), torch.randn(16)
+    with torch.no_grad():
+        torch.testing.assert_close(ops.skip_concat_linear(h, s, w, b), ops.skip_concat_linear_reference(h, s, w, b))
+    assert fresh.decisions()  # the real call measured
+
+
+def test_meta_tensors_and_jit_trace_go_through_the_op():
+    """The direct launch is for real tensors in eager calls: on meta the op's fake implementation
+    runs, and torch.jit.trace records the op (not the kernel's output allocation)."""
+    h, s, w = torch.randn(2, 4, 8, device="meta"), torch.randn(2, 4, 8, device="meta"), torch.randn(12, 16, device="meta")
+    with torch.no_grad():
+        assert ops.skip_concat_linear(h, s, w, backend="triton").shape == (2, 4, 12)
+    assert ops.skip_concat_linear(h, s, w.requires_grad_(), backend="triton").shape == (2, 4, 12)
+    x = torch.randn(1, 7, 72)
+    with torch.no_grad():
+        ops.adaln_layer_norm(x, backend="triton")  # a stored inference plan on the direct path
+        traced = torch.jit.trace(lambda t: ops.adaln_layer_norm(t, backend="triton"), (x,))
+    assert "uvit_fast::adaln_layer_norm" in str(traced.graph)
+    torch.testing.assert_close(traced(x), ops.adaln_layer_norm_reference(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("first, again, match", [
+    (lambda a: ops.adaln_layer_norm(a[0], eps=0.5), lambda a: ops.adaln_layer_norm(a[0], eps=np.float32(0.5)),
+     r"adaln_layer_norm: eps must be a non-negative number; got np.float32\(0.5\)"),
+    (lambda a: ops.attention(*(a[0].view(1, 7, 2, 36),) * 3, scale=0.5),
+     lambda a: ops.attention(*(a[0].view(1, 7, 2, 36),) * 3, scale=np.float32(0.5)),
+     r"attention: scale must be a float or None; got float32"),
+    (lambda a: ops.decoder_unpatchify(a[0].view(1, 6, 84)[:, :5], torch.ones(8, 84), None, patch_size=2, grid=(2, 2), extras=1),
+     lambda a: ops.decoder_unpatchify(a[0].view(1, 6, 84)[:, :5], torch.ones(8, 84), None, patch_size=2, grid=(2, 2), extras=True),
+     r"decoder_unpatchify: extras must be a non-negative int; got True"),
+])
+def test_a_non_tensor_argument_of_another_type_is_checked_after_a_good_call(first, again, match):
+    """2.0, True and np.float32(0.5) equal 2, 1 and 0.5 and hash alike: signatures hold their types."""
+    args = _adaln_args()
+    with torch.no_grad():
+        first(args)
+        with pytest.raises((TypeError, ValueError), match=match):
+            again(args)

@@ -166,9 +166,9 @@ class CudaGraphRunner:
         return _Graph(graph, statics, outputs)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        signature, tensors = self._signature(args, kwargs)  # (checks every tensor's device)
         if self.eager:
             return self._eager(args, kwargs)
-        signature, tensors = self._signature(args, kwargs)
         entry = self.graphs.get(signature)
         if entry is None:
             if len(self.graphs) >= self.max_graphs:

@@ -100,6 +100,24 @@ def stream_capturing() -> bool:
         return False
 
 
+def timing_allowed(tensors: Sequence[Any]) -> bool:
+    """Whether a decision may be timed for a call on ``tensors`` now. Not while a CUDA stream is
+    capturing (:func:`stream_capturing`), and not where what would be timed is not the call's
+    computation: fake tensors (``FakeTensorMode``: torch.export, a FLOP count on fake inputs), meta
+    tensors, other tensor subclasses, and calls inside a functorch transform. There a key without a
+    stored decision runs PyTorch and stays undecided."""
+    if stream_capturing() or _functorch_active():
+        return False
+    return all(type(t) in _PLAIN_TENSORS and not t.is_meta for t in tensors if t is not None)
+
+
+#: how many calls :func:`measure` has run undecided because :func:`timing_allowed` said no (a plan
+#: made across one of them is not stored: ``uvit_fast.ops._hot``)
+UNTIMED = [0]
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
 @dataclasses.dataclass(frozen=True)
 class DispatchKey:
     """What one decision is valid for. ``shape`` holds the op's dims with the row dim bucketed."""
@@ -555,7 +573,8 @@ def measure(
     key = make_key(name, present, training=training, rows=rows, dims=dims)
     decision = _DISPATCHER.lookup(key)
     if decision is None:
-        if stream_capturing():  # nothing is timed while a CUDA graph is captured: PyTorch, undecided
+        if not timing_allowed(present):  # capturing a CUDA graph, fake tensors, ...: PyTorch, undecided
+            UNTIMED[0] += 1
             return next(iter(candidates))
         bound = {cand: _bind(fn, inputs, training) for cand, fn in candidates.items()}
         decision = _DISPATCHER.decide(key, bound, decision_timer(device.type, training))

@@ -10,7 +10,8 @@ reads, no key strings, no locks.
 
 A signature holds everything the slow path's outcome depends on:
 
-- the op's non-tensor arguments (``backend``, eps, activation, ...), given by the op;
+- the op's non-tensor arguments (``backend``, eps, activation, ...) and their types (``2.0`` and
+  ``True`` equal ``2`` and ``1``, but the checks tell them apart), given by the op;
 - for each tensor argument (``None`` kept as ``None``): its shape, dtype and device, and, when
   grad mode is on, whether it requires grad (a training call decides under another key);
 - grad mode, and the autocast state (enabled device types and their dtypes) when any is on.
@@ -23,7 +24,9 @@ running process, call :func:`uvit_fast.refresh_settings` (tests do so after ``mo
 
 Plans are never used while tracing (``torch.compiler.is_compiling()``: the op's own Python is what
 the compiler traces), and never stored while a CUDA stream is capturing a graph (a key first seen
-there runs its stored decision or PyTorch, untimed; see :mod:`uvit_fast.dispatch`).
+there runs its stored decision or PyTorch, untimed; see :mod:`uvit_fast.dispatch`), nor when a
+decision the plan needed could not be timed (fake or meta tensors, a functorch transform:
+:func:`uvit_fast.dispatch.timing_allowed`).
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
-from uvit_fast.dispatch import is_training, stream_capturing
+from uvit_fast.dispatch import UNTIMED, is_training, stream_capturing
 
 #: bumped by :func:`invalidate`; a table whose generation differs is emptied on its next lookup
 _GENERATION = [0]
@@ -63,15 +66,16 @@ def _autocast_state() -> Optional[Tuple[Any, ...]]:
 def _tensor_guard(tensors: Tuple[Optional[torch.Tensor], ...]) -> Optional[Tuple[bool, Any]]:
     """``(has_none, guard)``: a C-level check that later arguments match ``tensors`` (the
     ``TensorGuards`` that torch.compile's own guards use: type, dispatch keys, dtype, device, shape,
-    strides, requires_grad), with :data:`_NONE` standing in for each ``None``; ``None`` where it
-    cannot be built (a tensor subclass, a torch whose private guard API moved)."""
-    if _TensorGuards is None:
+    strides, requires_grad), with the ``i``-th of :data:`_NONES` standing in for a ``None`` in
+    position ``i``; ``None`` where it cannot be built: the same tensor passed twice (the guard
+    rejects aliased arguments), more tensors than sentinels, a torch whose private guard API moved."""
+    if _TensorGuards is None or len(tensors) > len(_NONES):
         return None
     has_none = any(t is None for t in tensors)
     try:
-        guard = _TensorGuards(*(_NONE if t is None else t for t in tensors),
-                              dynamic_dims_sizes=None, dynamic_dims_strides=None)
-        if not guard.check(*(_NONE if t is None else t for t in tensors)):
+        args = [n if t is None else t for t, n in zip(tensors, _NONES)]
+        guard = _TensorGuards(*args, dynamic_dims_sizes=None, dynamic_dims_strides=None)
+        if not guard.check(*args):
             return None
     except Exception:  # noqa: BLE001  (private API: any failure only means no fast check)
         return None
@@ -82,9 +86,9 @@ try:
     from torch._C._dynamo.guards import TensorGuards as _TensorGuards
 except ImportError:  # pragma: no cover (every torch this package supports has it)
     _TensorGuards = None
-#: what a ``None`` argument is checked as in a guard: a meta tensor no caller passes (4-D, empty,
-#: odd strides)
-_NONE = torch.empty_strided((0, 3, 0, 5), (1, 7, 11, 13), dtype=torch.uint8, device="meta")
+#: what a ``None`` argument in position ``i`` is checked as in a guard: meta tensors no caller
+#: passes (empty, odd strides), one per position (the guard rejects one object passed twice)
+_NONES = tuple(torch.empty_strided((0, 3, i, 5), (1, 7, 11, 13), dtype=torch.uint8, device="meta") for i in range(12))
 #: how many signatures per op get the guard check before the dict lookup
 RECENT = 8
 
@@ -119,11 +123,12 @@ class Plans:
         if _is_compiling():
             return None, None
         grad = _is_grad_enabled()
-        if self._recent and self._generation == _GENERATION[0] and not _any_autocast():
-            for entry_statics, entry_grad, has_none, guard, plan in self._recent:
+        if self._recent and not _any_autocast():
+            generation = _GENERATION[0]
+            for entry_generation, entry_statics, entry_grad, has_none, guard, plan in self._recent:
                 try:
-                    if entry_grad is grad and entry_statics == statics and (
-                        guard.check(*[_NONE if t is None else t for t in tensors]) if has_none
+                    if entry_generation == generation and entry_grad is grad and entry_statics == statics and (
+                        guard.check(*[n if t is None else t for t, n in zip(tensors, _NONES)]) if has_none
                         else guard.check(*tensors)
                     ):
                         return _HIT, plan
@@ -141,7 +146,7 @@ class Plans:
                 for t in tensors:
                     append(None if t is None else (t.shape, t.dtype, t.device))
             key = tuple(sig)
-            return (key, tensors), self._current().get(key)
+            return (key, tensors, UNTIMED[0]), self._current().get(key)
         except (AttributeError, TypeError):
             return None, None
 
@@ -158,17 +163,23 @@ class Plans:
         the module docstring); returns it."""
         if sig is None or sig is _HIT:
             return plan
-        key, tensors = sig
-        if key[0] != _GENERATION[0] or stream_capturing():
+        key, tensors, untimed = sig
+        # not stored: across an invalidate(), while capturing, or when a decision it needed could
+        # not be timed (fake tensors, functorch: uvit_fast.dispatch.timing_allowed) and
+        # PyTorch ran undecided in its place
+        if key[0] != _GENERATION[0] or untimed != UNTIMED[0] or stream_capturing():
             return plan
-        if len(self._current()) >= self.maxsize:
-            self._table = {}
+        table = self._current()
+        if len(table) >= self.maxsize:
+            table.clear()
             self._recent = ()
-        self._table[key] = plan
+        table[key] = plan
         if not key[3]:  # no autocast: the guard checks no autocast state
             guarded = _tensor_guard(tensors)
             if guarded is not None:
-                self._recent = ((key[1], key[2], *guarded, plan),) + self._recent[:RECENT - 1]
+                # each entry keeps its generation: one stored across an invalidate() in another
+                # thread never matches (the dict's keys hold theirs the same way)
+                self._recent = ((key[0], key[1], key[2], *guarded, plan),) + self._recent[:RECENT - 1]
         return plan
 
     def __len__(self) -> int:
@@ -182,6 +193,7 @@ _HIT = ("hit",)
 _dispatch_depth = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 1)
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
 _profiling = torch.autograd._profiler_enabled
+_jit_tracing = torch._C._get_tracing_state
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter, type(None), int, float, bool, str)
@@ -198,7 +210,7 @@ class Direct:
     requiring grad under grad mode), and each call still goes through the op whenever something
     watches the dispatcher (a ``TorchDispatchMode`` such as ``FlopCounterMode`` or fake tensors, a
     functorch transform, the autograd profiler, whose trace then names the op), traces it
-    (torch.compile, torch.export), or gets a tensor subclass with a dispatch of its own."""
+    (torch.compile, torch.export, torch.jit.trace), or gets a tensor subclass with a dispatch of its own."""
 
     __slots__ = ("op", "body")
 
@@ -207,7 +219,7 @@ class Direct:
         self.body = body if body is not None else op._init_fn
 
     def __call__(self, *args: Any) -> Any:
-        if _is_compiling() or _dispatch_depth() or _functorch_active() or _profiling():
+        if _is_compiling() or _dispatch_depth() or _functorch_active() or _profiling() or _jit_tracing():
             return self.op(*args)  # (a plan made while tracing may hold one: the graph gets the op)
         for a in args:  # a tensor subclass (DTensor, torchao's) dispatches through the op
             if type(a) not in _PLAIN and isinstance(a, torch.Tensor):
@@ -215,6 +227,14 @@ class Direct:
         return self.body(*args)
 
 
-def inference(tensors) -> bool:
-    """A call whose outputs need no autograd (not :func:`uvit_fast.dispatch.is_training`)."""
-    return not is_training(tensors)
+def types_of(value: Any) -> Any:
+    """The type of a non-tensor argument for a signature (a tuple's: its items' types): ``2.0``,
+    ``True`` and ``np.int64(2)`` equal ``2`` and hash alike, but the op's checks tell them apart."""
+    return tuple(map(type, value)) if type(value) is tuple else type(value)
+
+
+def may_run_direct(tensors) -> bool:
+    """Whether a Triton plan of this signature may call the op's body directly (:class:`Direct`):
+    no output needs autograd (not :func:`uvit_fast.dispatch.is_training`) and no tensor is on the
+    meta device (the body launches a kernel; the op runs its fake implementation there)."""
+    return not is_training(tensors) and not any(isinstance(t, torch.Tensor) and t.is_meta for t in tensors)

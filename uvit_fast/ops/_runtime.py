@@ -218,10 +218,10 @@ class DispatchOp:
         if pinned is None:
             names = self._names(args)
             decision = dispatch.dispatcher().lookup(key)
-            if decision is None and dispatch.stream_capturing():
+            if decision is None and not dispatch.timing_allowed([a for a in args if isinstance(a, torch.Tensor)]):
                 # nothing is timed while a CUDA graph is captured (torch.compile's cudagraph trees
-                # capture this op's body): PyTorch runs, and the key stays undecided (a training key
-                # is pinned to it, so that its backward runs the same candidate)
+                # capture this op's body), nor on fake tensors: PyTorch runs, and the key stays
+                # undecided (a training key is pinned to it, so that its backward runs the same candidate)
                 choice = names[0]
             else:
                 if decision is None:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from uvit_fast._backend import load_kernel, resolve
 from uvit_fast.dispatch import measure
-from uvit_fast.ops._hot import Direct, Plans, inference
+from uvit_fast.ops._hot import Direct, Plans, may_run_direct
 from uvit_fast.ops._runtime import DispatchOp
 from uvit_fast.ops._checks import check_same_device, check_tensor, shape_str
 
@@ -136,7 +136,7 @@ def adaln_layer_norm(
     Returns:
         Tensor of ``x``'s shape (dtype: see the module docstring).
     """
-    sig, plan = _ADALN_PLANS.lookup((backend, eps, scale_offset), x, shift, scale, weight, bias)
+    sig, plan = _ADALN_PLANS.lookup((backend, eps, scale_offset, type(eps), type(scale_offset)), x, shift, scale, weight, bias)
     if plan is None:  # the first call of this signature (uvit_fast.ops._hot)
         plan = _ADALN_PLANS.put(sig, _adaln_plan(x, shift, scale, weight, bias, eps, scale_offset, backend))
     return plan(x, shift, scale, weight, bias, eps, scale_offset)
@@ -163,7 +163,7 @@ def _adaln_plan(x, shift, scale, weight, bias, eps, scale_offset, backend):
 
 def _call(direct: Direct, tensors) -> Optional[Direct]:
     """How a Triton plan calls its op: directly for inference signatures (:class:`Direct`)."""
-    return direct if inference(tensors) else None
+    return direct if may_run_direct(tensors) else None
 
 
 _ADALN_PLANS = Plans("adaln_layer_norm")
@@ -228,7 +228,7 @@ def residual_adaln_layer_norm(
     Returns:
         ``(x_new, h)``, both ``(B, L, D)``.
     """
-    sig, plan = _RESIDUAL_PLANS.lookup((backend, eps, scale_offset), x, branch, gate, shift, scale, weight, bias)
+    sig, plan = _RESIDUAL_PLANS.lookup((backend, eps, scale_offset, type(eps), type(scale_offset)), x, branch, gate, shift, scale, weight, bias)
     if plan is None:  # the first call of this signature (uvit_fast.ops._hot)
         plan = _RESIDUAL_PLANS.put(
             sig, _residual_plan(x, branch, gate, shift, scale, weight, bias, eps, scale_offset, backend))

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from uvit_fast._backend import BackendError, check_triton_device, get_backend, measuring
 from uvit_fast.dispatch import measure
-from uvit_fast.ops._hot import Direct, Plans, inference
+from uvit_fast.ops._hot import Direct, Plans, may_run_direct
 from uvit_fast.ops._runtime import DispatchOp
 from uvit_fast.kernels._precision import tf32_matmul_allowed
 from uvit_fast.ops._autocast import autocast_cast, autocast_dtype
@@ -432,7 +432,7 @@ def attention(
         ``(B, Lq, H, D)`` in the inputs' dtype (the autocast dtype inside an autocast region);
         contiguous from the Triton kernel.
     """
-    sig, plan = _PLANS.lookup((backend, causal, scale, _tf32_state(q)), q, k, v)
+    sig, plan = _PLANS.lookup((backend, causal, scale, type(causal), type(scale), _tf32_state(q)), q, k, v)
     if plan is None:  # the first call of this signature (uvit_fast.ops._hot)
         plan = _PLANS.put(sig, _plan(q, k, v, causal, scale, backend))
     return plan(q, k, v, causal, scale)
@@ -456,7 +456,7 @@ def _plan(q, k, v, causal, scale, backend):
         return lambda q, k, v, causal, scale: _attention_triton(q, k, v, causal, scale, call=call)
     if choice == "measure":
         choice = _measure("attention", (q, k, v), _attention_candidates(q, k, causal, scale), causal)
-    if choice == "triton" and inference((q, k, v)):
+    if choice == "triton" and may_run_direct((q, k, v)):
         return functools.partial(_attention_triton, call=_ATTENTION_DIRECT)
     return _RUNNERS[choice]
 
@@ -483,7 +483,7 @@ def attention_qkvpacked(
     With the Triton backend the backward writes one packed ``(B, L, 3, H, D)`` gradient (no
     per-slice zero-fill and sum); with flash-attn it calls ``flash_attn_qkvpacked_func``.
     """
-    sig, plan = _PACKED_PLANS.lookup((backend, causal, scale, _tf32_state(qkv)), qkv)
+    sig, plan = _PACKED_PLANS.lookup((backend, causal, scale, type(causal), type(scale), _tf32_state(qkv)), qkv)
     if plan is None:  # the first call of this signature (uvit_fast.ops._hot)
         plan = _PACKED_PLANS.put(sig, _packed_plan(qkv, causal, scale, backend))
     return plan(qkv, causal, scale)
@@ -506,11 +506,11 @@ def _packed_plan(qkv, causal, scale, backend):
         candidates = {
             name: (lambda qkv, fn=fn: fn(*qkv.unbind(2))) for name, fn in _attention_candidates(q, k, causal, scale).items()
         }
-        direct = _PACKED_DIRECT if inference((qkv,)) else None
+        direct = _PACKED_DIRECT if may_run_direct((qkv,)) else None
         candidates["triton"] = lambda qkv: _packed_triton(qkv, causal, scale, direct)
         choice = _measure("attention_qkvpacked", (qkv,), candidates, causal, q)
     if choice == "triton":
-        return functools.partial(_packed_triton, call=_PACKED_DIRECT) if inference((qkv,)) else _packed_triton
+        return functools.partial(_packed_triton, call=_PACKED_DIRECT) if may_run_direct((qkv,)) else _packed_triton
     if choice == "flash_attn":
         return _packed_flash_attn
     runner = _RUNNERS[choice]

@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from uvit_fast._backend import get_backend, load_kernel, resolve
 from uvit_fast.dispatch import is_training, measure
 from uvit_fast.ops._autocast import autocast_cast, autocast_dtype
-from uvit_fast.ops._hot import Direct, Plans, inference
+from uvit_fast.ops._hot import Direct, Plans, may_run_direct
 from uvit_fast.ops._runtime import Ctx, DispatchOp
 from uvit_fast.ops._checks import check_same_device, check_tensor, shape_str
 
@@ -293,7 +293,7 @@ def fused_linear(
     Returns:
         ``(..., N)`` of dtype ``promote(linear dtype, gate, residual)`` (module docstring).
     """
-    sig, plan = _LINEAR_PLANS.lookup((backend, activation), x, weight, bias, residual, gate)
+    sig, plan = _LINEAR_PLANS.lookup((backend, activation, type(activation)), x, weight, bias, residual, gate)
     if plan is None:  # the first call of this signature (uvit_fast.ops._hot)
         plan = _LINEAR_PLANS.put(sig, _linear_plan(x, weight, bias, residual, gate, activation, backend))
     return plan(x, weight, bias, residual, gate, activation)
@@ -320,7 +320,7 @@ def _linear_plan(x, weight, bias, residual, gate, activation, backend):
     if choice == "addmm_activation":
         return lambda x, w, b, residual, gate, act: _epilogue_reference(
             _addmm_activation_linear(x, w, b, act, cast_to), residual, gate)
-    call = _LINEAR_DIRECT if inference((x, weight, bias, residual, gate)) else None
+    call = _LINEAR_DIRECT if may_run_direct((x, weight, bias, residual, gate)) else None
     return lambda *a: _fused_linear_triton(*a, cast_to, call=call)
 
 
@@ -340,7 +340,7 @@ def _measure_linear(x, weight, bias, residual, gate, activation, cast_to) -> str
         candidates["addmm_activation"] = lambda *t: _epilogue_reference(
             _addmm_activation_linear(*t[:3], activation, cast_to), t[3], t[4]
         )
-    call = _LINEAR_DIRECT if inference(inputs) else None
+    call = _LINEAR_DIRECT if may_run_direct(inputs) else None
     candidates["triton"] = lambda *t: _fused_linear_triton(*t, activation, cast_to, call=call)
     return measure("fused_linear", inputs, candidates, **_linear_key(x, weight, bias, residual, gate, activation))
 
@@ -446,7 +446,7 @@ def fused_mlp(
     fc1's GEMM, and the activation's derivative runs in the epilogue of fc2's input-gradient GEMM
     (module docstring).
     """
-    sig, plan = _MLP_PLANS.lookup((backend, activation), x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, gate)
+    sig, plan = _MLP_PLANS.lookup((backend, activation, type(activation)), x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, gate)
     if plan is None:  # the first call of this signature (uvit_fast.ops._hot)
         plan = _MLP_PLANS.put(sig, _mlp_plan(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, gate, activation, backend))
     return plan(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, gate, activation)
@@ -471,7 +471,7 @@ def _mlp_plan(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, gate, act
         return _mlp_reference
     if choice == "addmm_activation":
         return lambda *a: _mlp_addmm_activation(*a, cast_to)
-    call = _MLP_DIRECT if inference(tensors) else None
+    call = _MLP_DIRECT if may_run_direct(tensors) else None
     return lambda *a: _fused_mlp_triton(*a, cast_to, call=call)
 
 
@@ -492,7 +492,7 @@ def _measure_mlp(x, w1, b1, w2, b2, residual, gate, activation, cast_to) -> str:
     candidates: Dict[str, Callable] = {"torch": lambda *t: _mlp_reference(*t, activation)}
     if _addmm_activation_ok(activation, b1, x.device.type, inputs):
         candidates["addmm_activation"] = lambda *t: _mlp_addmm_activation(*t, activation, cast_to)
-    call = _MLP_DIRECT if inference(inputs) else None
+    call = _MLP_DIRECT if may_run_direct(inputs) else None
     candidates["triton"] = lambda *t: _fused_mlp_triton(*t, activation, cast_to, call=call)
     return measure("fused_mlp", inputs, candidates, **_mlp_key(*inputs, activation))
 

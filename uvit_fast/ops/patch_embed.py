@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from uvit_fast._backend import load_kernel, resolve
 from uvit_fast.dispatch import measure
-from uvit_fast.ops._hot import Direct, Plans, inference
+from uvit_fast.ops._hot import Direct, Plans, may_run_direct, types_of
 from uvit_fast.ops._runtime import DispatchOp
 from uvit_fast.ops._autocast import autocast_cast, autocast_dtype
 from uvit_fast.ops._checks import as_tuple, check_same_device, check_tensor, shape_str
@@ -245,11 +245,11 @@ def _embed_plan(x, weight, bias, prefix, pos_embed, backend):
         )
         if torch.compiler.is_compiling():  # decided inside the graph, when it runs
             return functools.partial(_patchify_embed_triton, call=_EMBED_DISPATCH.bind("patchify_embed", tensors, **key))
-        triton = functools.partial(_patchify_embed_triton, call=_EMBED_DIRECT if inference(tensors) else None)
+        triton = functools.partial(_patchify_embed_triton, call=_EMBED_DIRECT if may_run_direct(tensors) else None)
         choice = measure("patchify_embed", tensors, {"torch": _embed_reference, "triton": triton}, **key)
     if choice == "torch":
         return _embed_reference
-    return functools.partial(_patchify_embed_triton, call=_EMBED_DIRECT if inference((x, weight, bias, prefix, pos_embed)) else None)
+    return functools.partial(_patchify_embed_triton, call=_EMBED_DIRECT if may_run_direct((x, weight, bias, prefix, pos_embed)) else None)
 
 
 def _embed_reference(x, weight, bias, prefix, pos_embed):
@@ -447,8 +447,8 @@ def decoder_unpatchify(
         ``torch.autocast`` (tokens, weight and bias are cast like autocast casts a linear's
         arguments). tokens, weight and bias must share one dtype (after autocast).
     """
-    # (the types too: patch_size=2.0 hashes as 2 and must meet the checks)
-    sig, plan = _DECODER_PLANS.lookup((backend, patch_size, type(patch_size), grid, extras), tokens, weight, bias)
+    # (the types too: patch_size=2.0 or extras=True hash as 2 and 1, and must meet the checks)
+    sig, plan = _DECODER_PLANS.lookup((backend, patch_size, types_of(patch_size), grid, types_of(grid), extras, type(extras)), tokens, weight, bias)
     if plan is None:  # the first call of this signature (uvit_fast.ops._hot)
         plan = _DECODER_PLANS.put(sig, _decoder_plan(tokens, weight, bias, patch_size, grid, extras, backend))
     return plan(tokens, weight, bias)
@@ -461,7 +461,7 @@ def _decoder_plan(tokens, weight, bias, patch_size, grid, extras, backend):
     choice = resolve(backend, "decoder_unpatchify", tokens, weight, bias)
     if choice in ("triton", "measure") and backend != "triton" and not _decoder_dtypes_ok(tokens):
         choice = "torch"  # "auto": dtypes the kernel does not compute in (e.g. float64)
-    direct = _DECODER_DIRECT if inference((tokens, weight, bias)) else None
+    direct = _DECODER_DIRECT if may_run_direct((tokens, weight, bias)) else None
     if choice == "measure":  # time both paths once per key (uvit_fast.dispatch)
         key = dict(rows=tokens.shape[0] * math.prod(g), dims=(*patch, *g, extras, *weight.shape),
                    flags=f"bias={int(bias is not None)}")

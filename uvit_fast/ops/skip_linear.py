@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from uvit_fast._backend import get_backend, load_kernel, resolve
 from uvit_fast.dispatch import measure
-from uvit_fast.ops._hot import Direct, Plans, inference
+from uvit_fast.ops._hot import Direct, Plans, may_run_direct
 from uvit_fast.ops._runtime import DispatchOp
 from uvit_fast.ops._autocast import autocast_cast, autocast_dtype
 from uvit_fast.ops._checks import check_same_device, check_tensor, shape_str
@@ -141,7 +141,7 @@ def _plan(h, skip, weight, bias, backend):
             )
     if choice == "torch":
         return skip_concat_linear_reference
-    call = _DIRECT if inference((h, skip, weight, bias)) else None
+    call = _DIRECT if may_run_direct((h, skip, weight, bias)) else None
     return lambda *t: _skip_concat_linear_triton(*_linear_operands(*t, cast_to), call=call)
 
 
@@ -156,7 +156,7 @@ def _measure(op, h, skip, weight, bias, cast_to):
     if torch.compiler.is_compiling():  # decided inside the graph, when it runs
         call = _DISPATCH.bind(op, (h, skip, weight, bias), **key)
         return lambda *t: _skip_concat_linear_triton(*_linear_operands(*t, cast_to), call=call)
-    direct = _DIRECT if inference((h, skip, weight, bias)) else None
+    direct = _DIRECT if may_run_direct((h, skip, weight, bias)) else None
     return measure(op, (h, skip, weight, bias), {
         "torch": skip_concat_linear_reference,
         "triton": lambda *t: _skip_concat_linear_triton(*_linear_operands(*t, cast_to), call=direct),
