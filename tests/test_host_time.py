@@ -440,7 +440,7 @@ def test_the_dict_alone_still_serves_where_no_guard_can_be_built(fresh, monkeypa
 
 def test_calls_with_several_nones_are_guarded_but_one_tensor_twice_is_not():
     x, sh, sc, w, b = _adaln_args()
-    assert _hot._tensor_guard((x, None, None, w, b)) is not None  # a LayerNorm call: one sentinel per position
+    assert _hot._tensor_guard((x, None, None, w, b)) is not None  # a LayerNorm call: the None positions are checked apart
     assert _hot._tensor_guard((x, None, None, None, None)) is not None
     assert _hot._tensor_guard((x, sh, sh, w, b)) is None  # the guard rejects aliased arguments: the dict serves it
     plans = adaln._ADALN_PLANS

@@ -30,6 +30,7 @@ decision the plan needed could not be timed (fake or meta tensors, a functorch t
 """
 from __future__ import annotations
 
+import operator
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
@@ -63,32 +64,42 @@ def _autocast_state() -> Optional[Tuple[Any, ...]]:
     return tuple(state) or None
 
 
-def _tensor_guard(tensors: Tuple[Optional[torch.Tensor], ...]) -> Optional[Tuple[bool, Any]]:
-    """``(has_none, guard)``: a C-level check that later arguments match ``tensors`` (the
-    ``TensorGuards`` that torch.compile's own guards use: type, dispatch keys, dtype, device, shape,
-    strides, requires_grad), with the ``i``-th of :data:`_NONES` standing in for a ``None`` in
-    position ``i``; ``None`` where it cannot be built: the same tensor passed twice (the guard
-    rejects aliased arguments), more tensors than sentinels, a torch whose private guard API moved."""
-    if _TensorGuards is None or len(tensors) > len(_NONES):
+def _tensor_guard(tensors: Tuple[Optional[torch.Tensor], ...]) -> Optional[Tuple[Any, Any, Tuple[None, ...], Any]]:
+    """``(take, gaps, nones, guard)`` for a call on ``tensors``: ``gaps(args) == nones`` says the
+    ``None`` arguments are where they were (``gaps`` is None where there is none), and ``guard.check(*take(args))`` that the others match
+    (the ``TensorGuards`` that torch.compile's own guards use: type, dispatch keys, dtype, device,
+    shape, strides, requires_grad). ``None`` where it cannot be built: no tensor at all, the same
+    tensor passed twice (the guard rejects aliased arguments), a torch whose private guard API moved."""
+    if _TensorGuards is None:
         return None
-    has_none = any(t is None for t in tensors)
+    present = tuple(i for i, t in enumerate(tensors) if t is not None)
+    absent = tuple(i for i, t in enumerate(tensors) if t is None)
+    if not present:
+        return None
     try:
-        args = [n if t is None else t for t, n in zip(tensors, _NONES)]
-        guard = _TensorGuards(*args, dynamic_dims_sizes=None, dynamic_dims_strides=None)
-        if not guard.check(*args):
+        take, gaps = _getter(present), _getter(absent)
+        guard = _TensorGuards(*take(tensors), dynamic_dims_sizes=None, dynamic_dims_strides=None)
+        if not guard.check(*take(tensors)) or gaps(tensors) != (None,) * len(absent):
             return None
     except Exception:  # noqa: BLE001  (private API: any failure only means no fast check)
         return None
-    return has_none, guard
+    return take, gaps if absent else None, (None,) * len(absent), guard
+
+
+def _getter(positions: Tuple[int, ...]) -> Callable[[Tuple[Any, ...]], Tuple[Any, ...]]:
+    """``args -> tuple(args[i] for i in positions)``, in C (``itemgetter``) where it returns a tuple."""
+    if len(positions) > 1:
+        return operator.itemgetter(*positions)
+    if positions:
+        i = positions[0]
+        return lambda args: (args[i],)
+    return lambda args: ()
 
 
 try:
     from torch._C._dynamo.guards import TensorGuards as _TensorGuards
 except ImportError:  # pragma: no cover (every torch this package supports has it)
     _TensorGuards = None
-#: what a ``None`` argument in position ``i`` is checked as in a guard: meta tensors no caller
-#: passes (empty, odd strides), one per position (the guard rejects one object passed twice)
-_NONES = tuple(torch.empty_strided((0, 3, i, 5), (1, 7, 11, 13), dtype=torch.uint8, device="meta") for i in range(12))
 #: how many signatures per op get the guard check before the dict lookup
 RECENT = 8
 
@@ -96,10 +107,11 @@ RECENT = 8
 class Plans:
     """One op's plans: signature -> the function that runs a call of that signature.
 
-    Two levels. The last :data:`RECENT` signatures stored each keep a C-level tensor guard
-    (:func:`_tensor_guard`): a call whose non-tensor arguments and grad mode equal an entry's, with
-    no autocast on, is checked against it (well under a microsecond for four tensors) and runs its
-    plan. Any other call builds the full signature (a tuple of shapes, dtypes and devices: a few
+    Two levels. The last :data:`RECENT` signatures stored with autocast off each keep a C-level
+    tensor guard (:func:`_tensor_guard`): a call whose non-tensor arguments and grad mode equal an
+    entry's is checked against it (about a microsecond for four tensors) and runs its plan. The
+    guard compares each tensor's dispatch keys under the thread's current state, which include
+    autocast being on for the tensor's device type: a call under autocast fails it. Any other call builds the full signature (a tuple of shapes, dtypes and devices: a few
     microseconds) and looks it up in the table. The guard is stricter than the signature (it also
     compares strides and dispatch keys), so whatever it accepts the signature would too; what it
     rejects takes the table.
@@ -123,14 +135,12 @@ class Plans:
         if _is_compiling():
             return None, None
         grad = _is_grad_enabled()
-        if self._recent and not _any_autocast():
+        if self._recent:  # (entries are made with autocast off: the guard's dispatch keys then say so)
             generation = _GENERATION[0]
-            for entry_generation, entry_statics, entry_grad, has_none, guard, plan in self._recent:
+            for entry_generation, entry_statics, entry_grad, take, gaps, nones, guard, plan in self._recent:
                 try:
-                    if entry_generation == generation and entry_grad is grad and entry_statics == statics and (
-                        guard.check(*[n if t is None else t for t, n in zip(tensors, _NONES)]) if has_none
-                        else guard.check(*tensors)
-                    ):
+                    if (entry_generation == generation and entry_grad is grad and entry_statics == statics
+                            and (gaps is None or gaps(tensors) == nones) and guard.check(*take(tensors))):
                         return _HIT, plan
                 except Exception:  # noqa: BLE001  (a tensor among the statics, another arity: no match)
                     continue
