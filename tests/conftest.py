@@ -26,6 +26,12 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
+# pytest-xdist (`-n auto`, the README's command): the workers share the machine's cores, so each
+# keeps its share of PyTorch's intra-op threads instead of one thread per core each
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
+
 
 EXTENDED = os.environ.get("UVIT_FAST_EXTENDED", "0") == "1"
 

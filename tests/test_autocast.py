@@ -66,10 +66,10 @@ FAST = {
 # 5 blocks (U-ViT: two long skips) and few tokens, for the Triton kernels under the interpreter
 SMALL = {
     "uvit_uncond": ("cifar10_uvit_small", dict(embed_dim=64, num_heads=2, depth=4, img_size=16)),
-    "uvit_cond": ("imagenet256_uvit_huge", dict(embed_dim=64, num_heads=2, depth=4, img_size=16)),
+    "uvit_cond": ("imagenet256_uvit_huge", dict(embed_dim=64, num_heads=2, depth=4, img_size=8)),
     "uvit_t2i": ("mscoco_uvit_small", dict(embed_dim=64, num_heads=2, depth=4, img_size=16, clip_dim=40,
                                             num_clip_token=13)),
-    "dit": ("DiT-XL/2", dict(hidden_size=64, num_heads=2, depth=5, input_size=16)),
+    "dit": ("DiT-XL/2", dict(hidden_size=64, num_heads=2, depth=5, input_size=8)),
     "vit": ("vit_base_patch16_224", dict(embed_dim=64, num_heads=2, depth=5, img_size=64)),
     "vivit": ("vivit_b_16x2_model2", dict(embed_dim=64, num_heads=2, depth=3, temporal_depth=2, img_size=32,
                                           num_frames=4)),

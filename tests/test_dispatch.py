@@ -549,3 +549,19 @@ def test_clip_fp32_layer_norm_is_measured_against_its_float32_path(fresh, monkey
     keys = sorted(k.split("[")[0] for k in fresh.decisions())
     assert keys == ["layer_norm_fp32", "residual_layer_norm_fp32"]
     assert all(d.choice == winner for d in fresh.decisions().values())
+
+
+@pytest.mark.parametrize("call_ms, runs", [(0.01, 10), (20.0, 4), (400.0, 2)])
+def test_cpu_timer_runs_fewer_times_as_a_call_gets_slower(monkeypatch, call_ms, runs):
+    """Microsecond calls: a warm-up and 9 timed runs; tens of milliseconds (an interpreted
+    kernel): three timed runs once 30 ms are spent; a third of a second or more: one."""
+    now = [0.0]
+    monkeypatch.setattr(dispatch, "_clock", lambda: now[0])
+    calls = []
+
+    def fn():
+        calls.append(1)
+        now[0] += call_ms / 1e3
+
+    assert dispatch.cpu_timer(fn) == pytest.approx(call_ms)
+    assert len(calls) == runs

@@ -64,7 +64,8 @@ def _worker(rank, world, init_file, out_dir, backend):
     os._exit(0)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+# the Triton backend under DDP is extended: FSDP2 of the fused model runs it in the full suite
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.extended)])
 @pytest.mark.slow
 def test_ddp_two_processes_match_one(tmp_path, backend):
     mp.start_processes(_worker, args=(2, str(tmp_path / "rdzv"), str(tmp_path), backend), nprocs=2,

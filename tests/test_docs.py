@@ -114,3 +114,12 @@ def test_ops_section_says_which_ops_have_a_backend_and_a_reference():
         fn = getattr(ops, name)
         full = "backend" in inspect.signature(fn).parameters and hasattr(ops, f"{name}_reference")
         assert full or f"`{name}`" in intro, name
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    """.ci/run's command is the README's test command, and both run the suite on every core."""
+    command = re.search(r"^pip install torch==[\d.]+ && pip install -e \"\.\[test\]\" && python -m pytest.*$", README, re.M)
+    assert command, "the README's test command"
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert command.group(0) in ci, ci
+    assert "-n auto" in command.group(0) and "pytest-xdist" in PYPROJECT
