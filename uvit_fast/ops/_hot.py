@@ -66,7 +66,8 @@ def _autocast_state() -> Optional[Tuple[Any, ...]]:
 
 def _tensor_guard(tensors: Tuple[Optional[torch.Tensor], ...]) -> Optional[Tuple[Any, Any, Tuple[None, ...], Any]]:
     """``(take, gaps, nones, guard)`` for a call on ``tensors``: ``gaps(args) == nones`` says the
-    ``None`` arguments are where they were (``gaps`` is None where there is none), and ``guard.check(*take(args))`` that the others match
+    ``None`` arguments are where they were (``gaps`` is None where there is none: then ``take`` is
+    not needed), and ``guard.check(*take(args))`` that the others match
     (the ``TensorGuards`` that torch.compile's own guards use: type, dispatch keys, dtype, device,
     shape, strides, requires_grad). ``None`` where it cannot be built: no tensor at all, the same
     tensor passed twice (the guard rejects aliased arguments), a torch whose private guard API moved."""
@@ -140,7 +141,8 @@ class Plans:
             for entry_generation, entry_statics, entry_grad, take, gaps, nones, guard, plan in self._recent:
                 try:
                     if (entry_generation == generation and entry_grad is grad and entry_statics == statics
-                            and (gaps is None or gaps(tensors) == nones) and guard.check(*take(tensors))):
+                            and (guard.check(*tensors) if gaps is None
+                                 else gaps(tensors) == nones and guard.check(*take(tensors)))):
                         return _HIT, plan
                 except Exception:  # noqa: BLE001  (a tensor among the statics, another arity: no match)
                     continue
