@@ -307,7 +307,8 @@ def _baseline_and_ref(q, k, v, dout, *, causal, scale):
     return _run(spec, q, k, v, dout), _run(spec, q.double(), k.double(), v.double(), dout.double())
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, marks=pytest.mark.slow), torch.float16],
+                         ids=["fp32", "fp16"])  # the quick subset keeps fp16 (where the tail steps disagreed)
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 def test_backward_tail_step_does_not_change_the_gradients(causal, dtype, monkeypatch, device):
     """L 77 at scale 30 (the case that got the 32-row tail reverted): the 16- and 32-row tail steps

@@ -291,7 +291,7 @@ def test_readme_presets_listed():
     assert all(model_config(n)["depth"] >= 12 for n in UVIT_PRESETS)
 
 
-@pytest.mark.parametrize("dt", list(LOW))
+@pytest.mark.parametrize("dt", [d if d == "bf16" else pytest.param(d, marks=pytest.mark.slow) for d in LOW])
 @pytest.mark.parametrize("name", [n if n == "imagenet256_uvit_huge" else pytest.param(n, marks=pytest.mark.slow)
                                   for n in UVIT_PRESETS])
 def test_readme_autocast_snippet_runs_for_every_uvit_preset(name, dt):
@@ -373,7 +373,7 @@ def test_fake_cuda_sees_cuda_autocast_rules():
 
 
 @pytest.mark.skipif(ON_CUDA, reason="a GPU runs the real CUDA autocast in the tests above")
-@pytest.mark.parametrize("dt", list(LOW))
+@pytest.mark.parametrize("dt", [d if d == "bf16" else pytest.param(d, marks=pytest.mark.slow) for d in LOW])
 @pytest.mark.parametrize("family", list(SMALL))
 def test_dtypes_follow_cuda_autocast(family, dt, monkeypatch):
     """Under CUDA autocast every module of the fused model on the Triton path (the custom ops' fake

@@ -23,6 +23,7 @@ def quick_result():
                             progress=False, sampling={"depth": 1, "host_calls": (60, 6), "host_models": ("DiT-XL/2",)})
 
 
+@pytest.mark.slow  # the quick_result fixture runs the suite (8 s)
 def test_ddim_rows_are_skipped_on_cpu_with_the_reason(quick_result):
     ddim = [r for r in quick_result["rows"] if r["op"].startswith("ddim step")]
     assert {r["provider"] for r in ddim} == set(sampling.PROVIDERS)
@@ -34,6 +35,7 @@ def test_ddim_rows_are_skipped_on_cpu_with_the_reason(quick_result):
         assert "ms" not in r  # nothing invented
 
 
+@pytest.mark.slow  # the quick_result fixture runs the suite (8 s)
 def test_host_op_rows_and_their_ratios(quick_result):
     rows = {r["provider"]: r for r in quick_result["rows"] if r["op"] == "host op adaln_layer_norm"}
     assert set(rows) >= {"reference", "torch", "auto"}
@@ -50,6 +52,7 @@ def test_host_op_rows_and_their_ratios(quick_result):
     assert math.isclose(auto["extra_us"], auto["us"] - rows["torch"]["us"])
 
 
+@pytest.mark.slow  # the quick_result fixture runs the suite (8 s)
 def test_host_forward_rows_keep_the_depth_given(quick_result):
     fwd = {r["provider"]: r for r in quick_result["rows"] if r["op"] == "host forward DiT-XL/2"}
     assert set(fwd) == {"plain", "fused"}

@@ -44,6 +44,7 @@ def test_console_script_info_json():
     assert json.loads(out.stdout)["uvit_fast"]
 
 
+@pytest.mark.slow  # a subprocess
 def test_module_entry_and_help(capsys):
     assert main([]) == 0
     assert "profile" in capsys.readouterr().out
@@ -88,6 +89,7 @@ def test_version_flag(capsys):
     assert out.returncode == 0 and uvit_fast.__version__ in out.stdout
 
 
+@pytest.mark.slow  # a subprocess
 def test_lazy_package_exports_keep_optimize_a_function():
     """``import uvit_fast`` is lazy; importing the submodule ``uvit_fast.optimize`` must not
     replace the function ``uvit_fast.optimize`` (Python binds submodules to their package)."""
@@ -164,6 +166,7 @@ def test_bench_unwritable_output_fails_before_the_work(tmp_path, capsys, flag):
     assert "is a folder; give a file name" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a subprocess
 def test_python_dash_m_uvit_fast_is_the_console_script():
     """Without the console script on PATH (a venv not activated), ``python -m uvit_fast`` works too."""
     import uvit_fast
@@ -196,6 +199,7 @@ def test_model_names_given_as_examples_in_the_help_exist():
     assert not [e for e in examples if e not in names], examples
 
 
+@pytest.mark.slow  # a subprocess
 def test_kernels_with_a_kernel_filter_that_matches_nothing_is_an_error():
     """``uvit-fast kernels --kernel NAME`` with a NAME no kernel has compiled nothing and exited 0
     with an empty report; it is now exit 2 naming the kernels the cases launch."""

@@ -280,6 +280,7 @@ EXPORT_FUSED = {
 _EXTENDED = pytest.mark.extended
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", [f if f == "dit" else pytest.param(f, marks=_EXTENDED) for f in EXPORT_FUSED])
 def test_export_fused_model_keeps_the_kernels(family):
     model = _fused(family, torch.float32)
@@ -289,6 +290,7 @@ def test_export_fused_model_keeps_the_kernels(family):
     assert EXPORT_FUSED[family] <= ops, sorted(ops)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", [k if k == "vit" else pytest.param(k, marks=_EXTENDED)
                                   for k in ["uvit", "uvit_cond", "uvit_t2i", "dit", "vit"]])
 def test_export_optimized_upstream_model_keeps_the_kernels(kind):
@@ -338,6 +340,7 @@ def _aoti_torch_path(model, inputs, tmp_path, tol=1e-9):
     assert proc.returncode == 0 and "PACKAGE OK" in proc.stdout, proc.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_aoti_package_of_the_pytorch_path_runs_in_a_fresh_process(tmp_path):
     """AOTInductor on CPU: export on the PyTorch path (aten ops only), compile and package, load the
     package in a fresh process that never imports uvit_fast, equal to eager in float64."""

@@ -531,7 +531,15 @@ def _opcheck_cases():
     ]
 
 
-@pytest.mark.parametrize("name, args", _opcheck_cases(), ids=[f"{n}-{i}" for i, (n, _) in enumerate(_opcheck_cases())])
+def _opcheck_params():
+    """Every case; the quick subset keeps the first of each op (the repeats are slow)."""
+    seen = set()
+    for i, (n, args) in enumerate(_opcheck_cases()):
+        yield pytest.param(n, args, id=f"{n}-{i}", marks=[pytest.mark.slow] if n in seen else [])
+        seen.add(n)
+
+
+@pytest.mark.parametrize("name, args", _opcheck_params())
 def test_opcheck(name, args):
     torch.library.opcheck(getattr(torch.ops.uvit_fast, name).default, args())
 
