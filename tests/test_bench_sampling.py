@@ -64,6 +64,7 @@ def test_host_forward_rows_keep_the_depth_given(quick_result):
     assert env["threads"] == 1 and env["env"]["UVIT_FAST_TUNE"] == "1" and env["env"]["TRITON_INTERPRET"] == "1"
 
 
+@pytest.mark.slow  # the quick_result fixture runs the suite (8 s)
 def test_output_json_and_markdown(quick_result, tmp_path):
     json_path, md_path = runner.save(quick_result, str(tmp_path / "s.json"))
     data = json.loads(open(json_path).read())

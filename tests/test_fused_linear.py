@@ -589,7 +589,7 @@ def test_torch_compile_fullgraph(which, device):
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["forced", "measured"])
+@pytest.mark.parametrize("mode", [pytest.param("forced", marks=pytest.mark.slow), "measured"])
 def test_compile_float32_residual_stream(mode, fresh, monkeypatch, device):
     """torch.compile(fullgraph=True) of the MLP with fp16 weights, a float32 residual and an fp16
     gate: forced onto the kernels, and through the run-time dispatch op with the Triton side timed
