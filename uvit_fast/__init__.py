@@ -30,6 +30,8 @@ _EXPORTS: Dict[str, Tuple[str, Any]] = {
     "text_to_image_context": ("uvit_fast.models", "text_to_image_context"),
     "optimize": ("uvit_fast.optimize", "optimize"),
     "OptimizeReport": ("uvit_fast.optimize", "OptimizeReport"),
+    "quantize": ("uvit_fast.quantization", "quantize"),
+    "QuantizeReport": ("uvit_fast.quantization", "QuantizeReport"),
     "tune": ("uvit_fast.tuning", "tune"),
     "dispatch_report": ("uvit_fast.dispatch", "dispatch_report"),
     "cuda_graph": ("uvit_fast.cuda_graphs", "cuda_graph"),

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from uvit_fast import dispatch, ops
 from uvit_fast._backend import resolve
 from uvit_fast.ops.patch_embed import _check_patchify_embed as check_patchify_embed
+from uvit_fast.quantization import FP8Linear
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -156,7 +157,8 @@ _MLP_CHILDREN = ("fc1", "act", "drop", "drop1", "norm", "fc2", "drop2")
 
 def mlp_parts(mlp: nn.Module) -> Optional[Tuple[nn.Linear, str, nn.Linear]]:
     """``(fc1, activation, fc2)`` when ``mlp(x)`` computes ``fc2(act(fc1(x)))`` and nothing else, else
-    None (the block then calls ``mlp`` itself). Two forms: a class named ``Mlp`` (ours, timm's, upstream
+    None (the block then calls ``mlp`` itself). fc1 and fc2 are both plain linears or both
+    :class:`uvit_fast.quantization.FP8Linear` (:func:`is_fp8_linear`). Two forms: a class named ``Mlp`` (ours, timm's, upstream
     U-ViT's) with only timm's ``Mlp`` children, inactive dropouts and no ``norm`` (or an Identity one);
     OpenAI CLIP's ``nn.Sequential(c_fc, gelu, c_proj)``. Both need plain linears of matching widths
     (:func:`is_plain_linear`), a known activation (:func:`activation_name`) and no hooks.
@@ -204,10 +206,16 @@ def _mlp_parts(mlp: nn.Module) -> Optional[Tuple[nn.Linear, str, nn.Linear]]:
         if not all(_inactive_dropout(getattr(mlp, n, None)) for n in ("drop", "drop1", "drop2")):
             return None
         fc1, act_mod, fc2 = getattr(mlp, "fc1", None), getattr(mlp, "act", None), getattr(mlp, "fc2", None)
-    if not (is_plain_linear(fc1) and is_plain_linear(fc2)) or fc2.in_features != fc1.out_features:
+    same_kind = (is_plain_linear(fc1) and is_plain_linear(fc2)) or (is_fp8_linear(fc1) and is_fp8_linear(fc2))
+    if not same_kind or fc2.in_features != fc1.out_features:
         return None  # e.g. timm's GluMlp (fc1 twice as wide, its output chunked) is not this
     act = activation_name(act_mod)
     return None if act is None else (fc1, act, fc2)
+
+
+def is_fp8_linear(m: nn.Module) -> bool:
+    """``m`` is a :class:`uvit_fast.quantization.FP8Linear` (that class's forward) without hooks."""
+    return type(m) is FP8Linear and _no_hooks(m) and _no_global_hooks()
 
 
 def linear(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -226,6 +234,8 @@ def mlp_residual(mlp: nn.Module, x: torch.Tensor, h: torch.Tensor, gate: Optiona
         y = mlp(h)
         return x + y if gate is None else x + gate.unsqueeze(1) * y
     fc1, act, fc2 = parts
+    if type(fc1) is FP8Linear:  # uvit_fast.quantize: fc1's activation and fc2's gate and residual in the GEMMs
+        return fc2(fc1(h, activation=act), residual=x, gate=gate)
     return ops.fused_mlp(h, fc1.weight, fc1.bias, fc2.weight, fc2.bias, activation=act, residual=x, gate=gate)
 
 

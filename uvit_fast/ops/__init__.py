@@ -24,6 +24,14 @@ from uvit_fast.ops.patch_embed import (
     patchify_embed_reference,
     unpatchify,
 )
+from uvit_fast.ops.fp8 import (
+    dequantize_fp8,
+    fp8_linear,
+    fp8_linear_reference,
+    quantize_fp8,
+    quantize_fp8_reference,
+    quantize_fp8_weight,
+)
 from uvit_fast.ops.skip_linear import skip_concat_linear, skip_concat_linear_reference
 
 __all__ = [
@@ -46,4 +54,10 @@ __all__ = [
     "fused_linear_reference",
     "fused_mlp",
     "fused_mlp_reference",
+    "fp8_linear",
+    "fp8_linear_reference",
+    "quantize_fp8",
+    "quantize_fp8_reference",
+    "quantize_fp8_weight",
+    "dequantize_fp8",
 ]

@@ -1,0 +1,371 @@
+"""FP8 (e4m3) W8A8 linears: row-wise quantization and the GEMM with the fused epilogue.
+
+* :func:`quantize_rows`: ``x (M, K)`` in float16 / bfloat16 / float32 to ``(x_q, scale)``, one scale
+  per row: ``scale[m]`` is the smallest power of two with ``amax(|x[m]|) / scale[m] <= 448`` (amax at
+  least EPS) and ``x_q[m] = e4m3(x[m] / scale[m])``, rounded to nearest even (saturated at +-448).
+  Power-of-two scales (as the MX formats' shared exponents) make the scaling exact: the only
+  rounding is e4m3's, so every backend gives the same bits, and e4m3 being a floating format, a
+  normal value's relative precision does not depend on where in the range the scale puts it. One program per ``BLOCK_M`` rows: a pass over K for
+  the amax, a second one that quantizes (the rows are in L1/L2 by then).
+* :func:`fp8_linear_forward`: ``out = residual + gate[m // gate_rows] * act((x_q @ w_q.T) * x_scale[m]
+  * w_scale[n] + bias)``. ``w_q (N, K)`` is nn.Linear's layout in e4m3 with one scale per output
+  channel. Persistent programs in grouped tile order, fp32 accumulation of the exact e4m3 products,
+  the dequantization on the accumulator tile, then :mod:`kernels.fused_linear`'s epilogue (bias,
+  activation, gate, residual) and one store in ``out_dtype``. On sm_90 the x and weight tiles come
+  through TMA descriptors and ``tl.dot`` of two e4m3 tiles is an FP8 wgmma (K-major A and B: x's
+  rows and the weight's rows are both K-contiguous, as wgmma's FP8 form needs); pointer loads where
+  the layout does not allow TMA (K not a multiple of 16, strided views) and under the interpreter.
+
+Rounding to e4m3 is done explicitly in fp32 bits (:func:`round_e4m3`) before the conversion, which is
+then exact: the interpreter's float32-to-e4m3 conversion drops the carry into the exponent (31.08
+became 16), and the explicit rounding gives the same bits as PyTorch's ``.to(torch.float8_e4m3fn)``
+on the interpreter and on the GPU. The GEMM needs a GPU with FP8 tensor cores (sm_89 and newer);
+the launchers refuse others. This module never imports ``uvit_fast``.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import empty, launch, on_inputs_device
+from ._utils import capability as _capability, smem_limit as _smem_limit
+from .fused_linear import (
+    _act_code,
+    _check_gate,
+    _check_matrix,
+    _descriptor,
+    _epilogue,
+    _set_desc_blocks,
+    _shape_text,
+    _sm_count,
+    _tile_coords,
+    _tma_ok,
+    m_bucket,
+)
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip() == "1"
+
+FP8_MAX = 448.0  # the largest finite float8_e4m3fn
+EPS = 1e-12  # the smallest amax a scale is computed from (a row of zeros gets scale 2**-48)
+FP8_DTYPE = torch.float8_e4m3fn
+OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_Y_ROUND = {torch.float16: 1, torch.bfloat16: 2}
+
+
+# --------------------------------------------------------------------------------------------
+# rounding and quantization
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def round_e4m3(v):
+    """fp32 ``v`` (``|v| <= 448``) rounded to the nearest e4m3 value, ties to even, still in fp32.
+
+    Normal e4m3 values keep 3 mantissa bits: add half an ulp (minus one, plus the kept lsb: ties to
+    even) to the fp32 bits and clear the 20 dropped bits; a carry moves into the exponent as it
+    should. Below 2**-6 the e4m3 step is 2**-9 (subnormals): ``20 + (-6 - e)`` bits are dropped for
+    exponents ``e`` down to -9; below that the value rounds to 0 or to 2**-9 (above 2**-10)."""
+    bits = v.to(tl.int32, bitcast=True)
+    e = ((bits >> 23) & 0xFF) - 127
+    drop = 20 + tl.minimum(tl.maximum(-6 - e, 0), 3)
+    lsb = tl.where(drop == 23, 1, (bits >> drop) & 1)  # at 2**-9 the kept bit is the implicit one
+    r = (bits + ((1 << (drop - 1)) - 1) + lsb) & ~((1 << drop) - 1)
+    tiny = tl.where((bits & 0x7FFFFFFF) > 0x3A800000, 0x3B000000, 0)  # above 2**-10: 2**-9, else 0
+    r = tl.where(e < -9, (bits & -2147483648) | tiny, r)  # (with v's sign)
+    return r.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def row_scale(amax):
+    """``(scale, inverse)`` of rows with absolute maxima ``amax`` (fp32, at least EPS): ``scale`` is
+    the smallest power of two with ``amax / scale <= 448``, built from amax's exponent and mantissa
+    bits (``amax = m * 2**E``, ``m`` in [1, 2): ``2**(E - 8)`` when ``m <= 1.75``, else ``2**(E - 7)``),
+    so that both are exact and ``x * inverse`` only shifts exponents."""
+    bits = tl.maximum(amax, 1e-12).to(tl.int32, bitcast=True)
+    e = ((bits >> 23) & 0xFF) - 135 + tl.where((bits & 0x7FFFFF) > 0x600000, 1, 0)
+    scale = ((e + 127) << 23).to(tl.float32, bitcast=True)
+    inverse = ((127 - e) << 23).to(tl.float32, bitcast=True)
+    return scale, inverse
+
+
+@triton.jit
+def quantize_tile(x, inverse):
+    """e4m3 of the fp32 tile ``x`` times the per-row ``inverse`` scales, saturated at +-448."""
+    v = tl.minimum(tl.maximum(x * inverse[:, None], -448.0), 448.0)
+    return round_e4m3(v).to(tl.float8e4nv)
+
+
+@triton.jit
+def _quantize_rows_kernel(X, Q, S, M, K, stride_xm, stride_xk, stride_qm,
+                          BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = rows < M
+    cols = tl.arange(0, BLOCK_K)
+    amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask = mask_m[:, None] & (cols[None, :] + k0 < K)
+        x = tl.load(X + rows[:, None] * stride_xm + (cols[None, :] + k0) * stride_xk, mask=mask, other=0.0)
+        amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
+    scale, inverse = row_scale(amax)
+    tl.store(S + rows, scale, mask=mask_m)
+    for k0 in range(0, K, BLOCK_K):
+        mask = mask_m[:, None] & (cols[None, :] + k0 < K)
+        x = tl.load(X + rows[:, None] * stride_xm + (cols[None, :] + k0) * stride_xk, mask=mask, other=0.0)
+        tl.store(Q + rows[:, None] * stride_qm + cols[None, :] + k0, quantize_tile(x.to(tl.float32), inverse),
+                 mask=mask)
+
+
+def _check_fp8_device(name: str, t: torch.Tensor) -> None:
+    """The kernels need FP8 conversions and tensor cores: sm_89 or newer (or the interpreter)."""
+    cap = _capability(t)
+    if cap is not None and tuple(cap) < (8, 9):
+        raise ValueError(f"{name} is on a GPU of compute capability {cap[0]}.{cap[1]}; the FP8 kernels need "
+                         f"8.9 or newer (Ada, Hopper)")
+
+
+@on_inputs_device
+def quantize_rows(x: torch.Tensor):
+    """``(x_q (M, K) float8_e4m3fn contiguous, scale (M,) float32)`` of a 2-D ``x`` of any strides."""
+    _check_matrix("x", x)
+    _check_fp8_device("x", x)
+    M, K = x.shape
+    q = empty(M, K, dtype=FP8_DTYPE, device=x.device)
+    s = empty(M, dtype=torch.float32, device=x.device)
+    if M == 0:
+        return q, s
+    if K == 0:
+        s.fill_(2.0 ** -48)  # the scale of amax EPS
+        return q, s
+    block_k = min(triton.next_power_of_2(K), 1024 if not _INTERPRET else 128)
+    block_m = max(1, min(16, 4096 // block_k))
+    launch(_quantize_rows_kernel, (triton.cdiv(M, block_m),), x, q, s, M, K, x.stride(0), x.stride(1), q.stride(0),
+           BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4)
+    return q, s
+
+
+# --------------------------------------------------------------------------------------------
+# the GEMM
+# --------------------------------------------------------------------------------------------
+# BLOCK_M, BLOCK_N, BLOCK_K, warps, stages: 128-byte K tiles (BLOCK_K = 128 e4m3), as the bf16
+# kernel's 64; the 64-row tiles for small M (sampling at batch 1-8)
+_FWD_SHAPES = [
+    (128, 256, 128, 8, 3),
+    (128, 256, 128, 8, 4),
+    (256, 128, 128, 8, 3),
+    (128, 128, 128, 8, 4),
+    (128, 128, 128, 4, 4),
+    (64, 128, 128, 4, 4),
+    (64, 64, 128, 4, 4),
+]
+
+
+def _configs():
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}, num_warps=4,
+                              num_stages=1, pre_hook=_set_desc_blocks)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w,
+                          num_stages=s, pre_hook=_set_desc_blocks) for bm, bn, bk, w, s in _FWD_SHAPES]
+
+
+def smem_bytes(config, out_elem: int, tma_epilogue: bool) -> int:
+    """Shared memory of a config: ``stages`` buffers of the e4m3 x and weight tiles, plus the TMA
+    epilogue's staging buffer of one ``(BLOCK_M, BLOCK_N / 2)`` output half (quarter when the
+    output is float32, as in :mod:`kernels.fused_linear`)."""
+    k = config.kwargs
+    smem = config.num_stages * (k["BLOCK_M"] + k["BLOCK_N"]) * k["BLOCK_K"]
+    if tma_epilogue:
+        smem += k["BLOCK_M"] * (k["BLOCK_N"] // (4 if out_elem >= 4 else 2)) * out_elem
+    return smem
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop configs over the GPU's shared memory; on the pointer path with an epilogue beyond the
+    bias, drop those whose fp32 accumulator takes 128 or more registers per thread (as the bf16 kernel)."""
+    out = named_args["OUT"]
+    out_t = getattr(out, "base", out)
+    cap = _capability(out_t)
+    tma = bool(kwargs.get("USE_TMA", False))
+    kept = [c for c in configs if smem_bytes(c, out_t.element_size(), tma) <= _smem_limit(cap)]
+    heavy = not tma and bool(kwargs.get("ACTIVATION", 0) or kwargs.get("HAS_GATE") or kwargs.get("HAS_RES"))
+    if heavy:
+        kept = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] < 128 * 32 * c.num_warps]
+    return kept or [min(configs, key=lambda c: smem_bytes(c, out_t.element_size(), tma))]
+
+
+@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "ACTIVATION", "HAS_GATE", "HAS_RES", "USE_TMA",
+                                          "Y_ROUND", "EPI_QUARTERS"], prune_configs_by={"early_config_prune": _prune})
+@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+@triton.jit
+def _fp8_linear_fwd_kernel(
+    X, W, XS, WS, BIAS, RES, GATE, OUT,
+    M, N, K, M_BUCKET, gate_rows,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_xs, stride_ws, stride_b,
+    stride_rm, stride_rn, stride_gg, stride_gn, stride_om, stride_on,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr,
+    USE_TMA: tl.constexpr, Y_ROUND: tl.constexpr, EPI_QUARTERS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    """X, W (and OUT, RES) are TMA descriptors with ``USE_TMA``, else pointers (``stride_*``). The K
+    loop accumulates e4m3 products in fp32; the row and column scales multiply the accumulator tile;
+    the epilogue is :func:`kernels.fused_linear._epilogue` (``STORE_PRE`` off)."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_tiles = num_pid_m * num_pid_n
+    k_steps = tl.cdiv(K, BLOCK_K)
+    offs_k = tl.arange(0, BLOCK_K)
+    for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+        pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
+        offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_m = offs_m < M
+        mask_n = offs_n < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if USE_TMA:
+            for ks in range(0, k_steps):
+                a = X.load([pid_m * BLOCK_M, ks * BLOCK_K])
+                b = W.load([pid_n * BLOCK_N, ks * BLOCK_K])
+                acc = tl.dot(a, b.T, acc)
+        else:
+            a_ptrs = X + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+            b_ptrs = W + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn  # b[k, n] = w_q[n, k]
+            for ks in range(0, k_steps):
+                if EVEN_K:
+                    a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
+                    b = tl.load(b_ptrs, mask=mask_n[None, :], other=0.0)
+                else:
+                    mask_k = offs_k < K - ks * BLOCK_K
+                    a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+                    b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+                acc = tl.dot(a, b, acc)
+                a_ptrs += BLOCK_K * stride_xk
+                b_ptrs += BLOCK_K * stride_wk
+        xs = tl.load(XS + offs_m * stride_xs, mask=mask_m, other=0.0)
+        ws = tl.load(WS + offs_n * stride_ws, mask=mask_n, other=0.0)
+        acc = acc * xs[:, None] * ws[None, :]
+
+        # the epilogue in column halves (quarters for a float32 output), as the bf16 kernel's
+        halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
+        acc0, acc1 = tl.split(halves)
+        m0 = pid_m * BLOCK_M
+        n0 = pid_n * BLOCK_N
+        if EPI_QUARTERS:
+            acc00, acc01 = tl.split(tl.permute(tl.reshape(acc0, (BLOCK_M, 2, BLOCK_N // 4)), (0, 2, 1)))
+            acc10, acc11 = tl.split(tl.permute(tl.reshape(acc1, (BLOCK_M, 2, BLOCK_N // 4)), (0, 2, 1)))
+            _epilogue(acc00, m0, n0, offs_m, mask_m, BIAS, RES, GATE, OUT, OUT, N, gate_rows, stride_b,
+                      stride_rm, stride_rn, stride_gg, stride_gn, stride_om, stride_on, 0, 0,
+                      HAS_BIAS, ACTIVATION, HAS_GATE, HAS_RES, False, USE_TMA, Y_ROUND, BLOCK_N // 4)
+            _epilogue(acc01, m0, n0 + BLOCK_N // 4, offs_m, mask_m, BIAS, RES, GATE, OUT, OUT, N, gate_rows,
+                      stride_b, stride_rm, stride_rn, stride_gg, stride_gn, stride_om, stride_on, 0, 0,
+                      HAS_BIAS, ACTIVATION, HAS_GATE, HAS_RES, False, USE_TMA, Y_ROUND, BLOCK_N // 4)
+            _epilogue(acc10, m0, n0 + BLOCK_N // 2, offs_m, mask_m, BIAS, RES, GATE, OUT, OUT, N, gate_rows,
+                      stride_b, stride_rm, stride_rn, stride_gg, stride_gn, stride_om, stride_on, 0, 0,
+                      HAS_BIAS, ACTIVATION, HAS_GATE, HAS_RES, False, USE_TMA, Y_ROUND, BLOCK_N // 4)
+            _epilogue(acc11, m0, n0 + 3 * (BLOCK_N // 4), offs_m, mask_m, BIAS, RES, GATE, OUT, OUT, N, gate_rows,
+                      stride_b, stride_rm, stride_rn, stride_gg, stride_gn, stride_om, stride_on, 0, 0,
+                      HAS_BIAS, ACTIVATION, HAS_GATE, HAS_RES, False, USE_TMA, Y_ROUND, BLOCK_N // 4)
+        else:
+            _epilogue(acc0, m0, n0, offs_m, mask_m, BIAS, RES, GATE, OUT, OUT, N, gate_rows, stride_b,
+                      stride_rm, stride_rn, stride_gg, stride_gn, stride_om, stride_on, 0, 0,
+                      HAS_BIAS, ACTIVATION, HAS_GATE, HAS_RES, False, USE_TMA, Y_ROUND, BLOCK_N // 2)
+            _epilogue(acc1, m0, n0 + BLOCK_N // 2, offs_m, mask_m, BIAS, RES, GATE, OUT, OUT, N, gate_rows,
+                      stride_b, stride_rm, stride_rn, stride_gg, stride_gn, stride_om, stride_on, 0, 0,
+                      HAS_BIAS, ACTIVATION, HAS_GATE, HAS_RES, False, USE_TMA, Y_ROUND, BLOCK_N // 2)
+
+
+def use_tma(x_q, w_q, out, residual=None) -> bool:
+    """TMA on sm_90 when every 2-D operand allows it (16-byte aligned rows: K a multiple of 16 for
+    the e4m3 operands)."""
+    cap = _capability(x_q)
+    if cap is None or cap[0] != 9:
+        return False
+    return all(_tma_ok(t) for t in (x_q, w_q, out, residual) if t is not None)
+
+
+def _check_scale(name: str, s, n: int, device) -> None:
+    if not isinstance(s, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor; got {type(s).__name__}")
+    if s.dtype != torch.float32 or s.dim() != 1 or s.shape[0] != n:
+        raise ValueError(f"{name} must be a float32 tensor of shape ({n},); got {s.dtype} {_shape_text(s)}")
+    if s.device != device:
+        raise ValueError(f"{name} is on {s.device}, expected {device}")
+
+
+@on_inputs_device
+def fp8_linear_forward(x_q, x_scale, w_q, w_scale, bias=None, *, activation=None, residual=None, gate=None,
+                       gate_rows=1, out_dtype=torch.bfloat16, _use_tma=None):
+    """``residual + gate[m // gate_rows] * act((x_q @ w_q.T) * x_scale[:, None] * w_scale + bias)``.
+
+    ``x_q (M, K)`` and ``w_q (N, K)`` float8_e4m3fn (any strides; TMA needs unit column strides and
+    16-byte aligned rows); ``x_scale (M,)``, ``w_scale (N,)`` float32; ``bias (N,)``, ``residual
+    (M, N)`` and ``gate (G, N)`` (``G * gate_rows == M``) in float16 / bfloat16 / float32, read in
+    their own dtypes. Returns ``out (M, N)`` contiguous in ``out_dtype`` (bfloat16, float16 or
+    float32). When the epilogue has a gate or a residual and ``out_dtype`` is 16-bit,
+    ``act(...)`` is rounded to ``out_dtype`` before them, as eager's ``residual + gate * y`` with a
+    16-bit ``y``."""
+    for name, t in (("x_q", x_q), ("w_q", w_q)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor; got {type(t).__name__}")
+        if t.dtype != FP8_DTYPE:
+            raise TypeError(f"{name} must be torch.float8_e4m3fn; got {t.dtype}")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D; got shape {_shape_text(t)}")
+    M, K = x_q.shape
+    dev = x_q.device
+    if w_q.shape[1] != K:
+        raise ValueError(f"w_q must have shape (N, {K}) for x_q {_shape_text(x_q)}; got {_shape_text(w_q)}")
+    if w_q.device != dev:
+        raise ValueError(f"w_q is on {w_q.device}, expected {dev}")
+    _check_fp8_device("x_q", x_q)
+    N = w_q.shape[0]
+    _check_scale("x_scale", x_scale, M, dev)
+    _check_scale("w_scale", w_scale, N, dev)
+    code = _act_code(activation)
+    if out_dtype not in OUT_DTYPES:
+        raise TypeError(f"out_dtype must be torch.bfloat16, torch.float16 or torch.float32; got {out_dtype}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or bias.dim() != 1 or bias.shape[0] != N:
+            raise ValueError(f"bias must be a tensor of shape ({N},); got {_shape_text(bias)}")
+        _check_matrix("bias", bias.view(1, N), device=dev)
+    if residual is not None:
+        _check_matrix("residual", residual, rows=M, cols=N, device=dev)
+    _check_gate(gate, gate_rows, M, N, None, dev)
+    out = empty(M, N, dtype=out_dtype, device=dev)
+    if M == 0 or N == 0:
+        return out
+    y_round = _Y_ROUND.get(out_dtype, 0) if (gate is not None or residual is not None) else 0
+    if K == 0:  # no reduction: act(bias) broadcast
+        from .fused_linear import _act_torch
+        z = torch.zeros(M, N, dtype=torch.float32, device=dev) + (0 if bias is None else bias.float())
+        h = _act_torch(z, activation)
+        h = h.to(out_dtype).float() if y_round else h
+        h = h * (gate.float().repeat_interleave(gate_rows, 0) if gate is not None else 1)
+        out.copy_(h + (residual.float() if residual is not None else 0))
+        return out
+    tma = use_tma(x_q, w_q, out, residual) if _use_tma is None else bool(_use_tma)
+    if tma:
+        x_arg, w_arg, out_arg = _descriptor(x_q), _descriptor(w_q), _descriptor(out)
+        res_arg = _descriptor(residual) if residual is not None else out_arg
+    else:
+        x_arg, w_arg, out_arg = x_q, w_q, out
+        res_arg = residual if residual is not None else out
+    sms = _sm_count(dev)
+
+    def grid(meta):
+        tiles = triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
+        per_sm = 1 if meta["BLOCK_M"] * meta["BLOCK_N"] >= 128 * 128 else 2
+        return (min(tiles, sms * per_sm),)
+
+    launch(_fp8_linear_fwd_kernel, grid,
+           x_arg, w_arg, x_scale, w_scale,
+           bias if bias is not None else out, res_arg, gate if gate is not None else out, out_arg,
+           M, N, K, m_bucket(M), int(gate_rows),
+           x_q.stride(0), x_q.stride(1), w_q.stride(0), w_q.stride(1), x_scale.stride(0), w_scale.stride(0),
+           bias.stride(0) if bias is not None else 0,
+           residual.stride(0) if residual is not None else 0, residual.stride(1) if residual is not None else 0,
+           gate.stride(0) if gate is not None else 0, gate.stride(1) if gate is not None else 0,
+           out.stride(0), out.stride(1),
+           HAS_BIAS=bias is not None, ACTIVATION=code, HAS_GATE=gate is not None, HAS_RES=residual is not None,
+           USE_TMA=tma, Y_ROUND=y_round, EPI_QUARTERS=out.element_size() >= 4)
+    return out
