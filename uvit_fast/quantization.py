@@ -158,21 +158,26 @@ def _keep_reason(model: nn.Module, path: str, m: nn.Module, skip: Tuple[str, ...
     return None
 
 
-def _device_note(model: nn.Module) -> Tuple[bool, Optional[str]]:
-    """``(go on, note)`` from the device of the model's parameters."""
+def _model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first floating parameter or buffer (CPU when it has none)."""
     p = next((t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()), None)
-    if p is None or p.device.type == "cpu":
+    return torch.device("cpu") if p is None else p.device
+
+
+def _device_note(device: torch.device) -> Tuple[bool, Optional[str]]:
+    """``(go on, note)`` for a model on ``device``."""
+    if device.type == "cpu":
         return True, ("on CPU: the FP8 linears run the reference math (float32 on the dequantized operands), "
                       "an emulation for accuracy and tests, not a speedup")
-    if p.device.type == "meta":
+    if device.type == "meta":
         return True, "on the meta device: shapes only"
-    if p.device.type == "cuda":
-        cap = torch.cuda.get_device_capability(p.device)
-        if cap < (8, 9):
-            return False, (f"{p.device} has compute capability {cap[0]}.{cap[1]}: no FP8 tensor cores (8.9 or newer "
+    if device.type == "cuda":
+        cap = torch.cuda.get_device_capability(device)
+        if tuple(cap) < (8, 9):
+            return False, (f"{device} has compute capability {cap[0]}.{cap[1]}: no FP8 tensor cores (8.9 or newer "
                            f"needed); the model is left unchanged in its dtype")
         return True, None
-    return False, f"FP8 linears run on CUDA (or CPU, emulated); the model is on {p.device}: left unchanged"
+    return False, f"FP8 linears run on CUDA (or CPU, emulated); the model is on {device}: left unchanged"
 
 
 def quantize(model: nn.Module, mode: str = "fp8", *, skip: Iterable[str] = ()) -> QuantizeReport:
@@ -189,7 +194,7 @@ def quantize(model: nn.Module, mode: str = "fp8", *, skip: Iterable[str] = ()) -
         skip = (skip,)
     skip = tuple(skip)
     report = QuantizeReport(mode=mode)
-    go, note = _device_note(model)
+    go, note = _device_note(_model_device(model))
     if note:
         report.notes.append(note)
     total = done = 0
