@@ -171,11 +171,18 @@ def _configs():
 def smem_bytes(config, out_elem: int, tma_epilogue: bool) -> int:
     """Shared memory of a config: ``stages`` buffers of the e4m3 x and weight tiles, plus the TMA
     epilogue's staging buffer of one ``(BLOCK_M, BLOCK_N / 2)`` output half (quarter when the
-    output is float32, as in :mod:`kernels.fused_linear`)."""
+    output is float32, as in :mod:`kernels.fused_linear`), plus on the TMA path one 8-byte mbarrier
+    per stage. Compiled for sm_90 (Triton 3.9, bfloat16 output, every config of ``_FWD_SHAPES`` at
+    U-ViT-H/2 and DiT-XL/2) the kernel's shared memory was the tiles and staging buffer plus 24 B
+    at 3 stages and 32 B at 4 (e.g. 128x256x128: 180248 B at 3 stages, 229408 B at 4), which this
+    now gives exactly; without the barriers the estimate was that much low (no config within 32 B
+    of a limit, so no prune decision changes). The pointer path compiled for sm_90 took the tiles
+    alone (147456 B for 128x256x128 at 3 stages), as this gives without ``tma_epilogue``."""
     k = config.kwargs
     smem = config.num_stages * (k["BLOCK_M"] + k["BLOCK_N"]) * k["BLOCK_K"]
     if tma_epilogue:
         smem += k["BLOCK_M"] * (k["BLOCK_N"] // (4 if out_elem >= 4 else 2)) * out_elem
+        smem += 8 * config.num_stages  # the TMA loads' mbarriers
     return smem
 
 

@@ -176,7 +176,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 # kernels: what `uvit_fast.kernel_report` knows (kept here so --help imports neither torch nor triton)
 KERNEL_REPORT_ARCHS = ("sm_90", "sm_80")
 KERNEL_REPORT_SHAPES = ("uvit-h2", "dit-xl2", "uvit-m4", "clip-l14-text", "clip-l14-vision", "vivit-b")
-KERNEL_REPORT_OPS = ("adaln", "adaln_residual", "patchify", "decoder", "skip_linear", "attention", "fused_linear")
+KERNEL_REPORT_OPS = ("adaln", "adaln_residual", "patchify", "decoder", "skip_linear", "attention", "fused_linear",
+                     "fp8_linear")
 
 
 def add_kernels_arguments(parser: argparse.ArgumentParser) -> None:

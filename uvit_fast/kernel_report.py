@@ -7,6 +7,8 @@ would derive on the GPU (16-byte pointer alignment from ``data_ptr``, integers d
 and an autotuned kernel compiles every config its own prune function keeps. Each compiled kernel
 is then read for registers, local memory (spills), shared memory, blocks per SM, the tensor-core
 instruction of each ``tl.dot``, the widest global load and asynchronous copies (cp.async / TMA).
+An op the target cannot run (the FP8 linears, sm_89+, on sm_80) compiles nothing: its cases are
+one ``n/a`` row each, with the reason.
 
 Harness API (importable on its own; nothing here needs a GPU)::
 
@@ -469,9 +471,10 @@ class Shape:
 SHAPES: Tuple[Shape, ...] = (
     Shape("uvit-h2", "U-ViT-H/2 (latent 256 px)", 1152, 16, 258, 32, extras=2, image=(4, 32, 32), patch=(2, 2),
           out_chans=4, ops=("adaln", "adaln_residual", "patchify", "decoder", "skip_linear", "attention",
-                                "fused_linear")),
+                                "fused_linear", "fp8_linear")),
     Shape("dit-xl2", "DiT-XL/2 (latent 256 px)", 1152, 16, 256, 32, image=(4, 32, 32), patch=(2, 2), out_chans=8,
-          norm="adaln", ops=("adaln", "adaln_residual", "patchify", "decoder", "attention", "fused_linear")),
+          norm="adaln", ops=("adaln", "adaln_residual", "patchify", "decoder", "attention", "fused_linear",
+                             "fp8_linear")),
     Shape("uvit-m4", "U-ViT-M/4 (ImageNet 64 px)", 768, 12, 258, 32, extras=2, image=(3, 64, 64), patch=(4, 4),
           out_chans=3, ops=("adaln", "adaln_residual", "patchify", "decoder", "skip_linear", "attention")),
     Shape("clip-l14-text", "CLIP ViT-L/14 text tower (causal)", 768, 12, 77, 32, causal=True,
@@ -482,7 +485,27 @@ SHAPES: Tuple[Shape, ...] = (
           patch=(2, 16, 16), prefix=True, ops=("patchify",)),
 )
 
-OPS = ("adaln", "adaln_residual", "patchify", "decoder", "skip_linear", "attention", "fused_linear")
+OPS = ("adaln", "adaln_residual", "patchify", "decoder", "skip_linear", "attention", "fused_linear", "fp8_linear")
+
+# ops that run in some dtypes only (others: every one of DTYPES): the FP8 linears quantize a bfloat16
+# block's activations and write bfloat16 (uvit_fast.quantize keeps the model's dtype)
+OP_DTYPES: Dict[str, Tuple[str, ...]] = {"fp8_linear": ("bf16",)}
+# ops that need a newer GPU than some archs: (compute capability, why); on older archs the report
+# lists them as not applicable instead of compiling them (their launchers refuse such GPUs)
+OP_MIN_CAPABILITY: Dict[str, Tuple[int, str]] = {
+    "fp8_linear": (89, "FP8 (e4m3) needs compute capability 8.9 or newer (Ada, Hopper)"),
+}
+# the kernels such an op launches (a --kernel filter that matches none of them drops its n/a row)
+OP_KERNELS: Dict[str, Tuple[str, ...]] = {"fp8_linear": ("_quantize_rows_kernel", "_fp8_linear_fwd_kernel")}
+
+
+def not_applicable(op: str, arch: Any) -> Optional[str]:
+    """Why ``op`` does not run on ``arch`` (None when it does): the FP8 linears on sm_80."""
+    need = OP_MIN_CAPABILITY.get(op)
+    a = get_arch(arch)
+    if need is None or a.capability >= need[0]:
+        return None
+    return f"not applicable on {a.name} ({a.gpu}): {need[1]}"
 
 
 def _torch_dtype(name: str):
@@ -611,6 +634,42 @@ def _launch_fused_linear(s: Shape, dt) -> None:
         k.fused_linear_backward_weight(dy32, h, gate=gate, gate_rows=L, compute_bias=True)
 
 
+def _launch_fp8_linear(s: Shape, dt) -> None:
+    """The block's linears as :func:`uvit_fast.quantize` runs them (kernels/fp8_linear.py, bfloat16
+    output): each input's rows quantized to e4m3 (``quantize_rows`` at K = D: x for qkv and fc1, and
+    the attention output for proj, one launch shape; at K = 4D: fc1's output for fc2), then the FP8 GEMM
+    with the block's epilogue: qkv (DiT: bias; U-ViT-H/2 has none), proj (bias: the block adds
+    its residual in the residual LayerNorm), fc1 + GELU (DiT: tanh form) and fc2 + residual (DiT:
+    + per-sample gate), as :func:`uvit_fast.layers.mlp_residual` calls them."""
+    import torch
+
+    from uvit_fast.kernels import fp8_linear as k
+
+    B, L, D = s.batch, s.tokens, s.dim
+    M, H = B * L, 4 * D
+    dit = s.norm == "adaln"
+    act = "gelu_tanh" if dit else "gelu"
+    gate = _randn(B, D, dtype=dt) if dit else None
+
+    def weight(n, kk):  # per-output-channel e4m3 weight, as quantize_fp8_weight stores it
+        return torch.randn(n, kk).to(k.FP8_DTYPE), torch.rand(n) + 0.5
+
+    def quantized(kk):  # the activations' rows quantized (compile-only: the launch writes nothing)
+        k.quantize_rows(_randn(M, kk, dtype=dt))
+        return torch.randn(M, kk).to(k.FP8_DTYPE), torch.rand(M) + 0.5
+
+    x = _randn(M, D, dtype=dt)  # the residual stream
+    (w_qkv, s_qkv), (w_proj, s_proj) = weight(3 * D, D), weight(D, D)
+    (w1, s1), (w2, s2) = weight(H, D), weight(D, H)
+    xq, xs = quantized(D)  # proj's input (the attention output, (M, D) too) is the same launch: not repeated
+    k.fp8_linear_forward(xq, xs, w_qkv, s_qkv, _randn(3 * D, dtype=dt) if dit else None, out_dtype=torch.bfloat16)
+    k.fp8_linear_forward(xq, xs, w_proj, s_proj, _randn(D, dtype=dt), out_dtype=torch.bfloat16)
+    k.fp8_linear_forward(xq, xs, w1, s1, _randn(H, dtype=dt), activation=act, out_dtype=torch.bfloat16)
+    hq, hs = quantized(H)
+    k.fp8_linear_forward(hq, hs, w2, s2, _randn(D, dtype=dt), residual=x, gate=gate, gate_rows=L,
+                         out_dtype=torch.bfloat16)
+
+
 _LAUNCHERS: Dict[str, Callable] = {
     "adaln": lambda s, dt: _launch_adaln(s, dt, residual=False),
     "adaln_residual": lambda s, dt: _launch_adaln(s, dt, residual=True),
@@ -619,6 +678,7 @@ _LAUNCHERS: Dict[str, Callable] = {
     "skip_linear": _launch_skip_linear,
     "attention": _launch_attention,
     "fused_linear": _launch_fused_linear,
+    "fp8_linear": _launch_fp8_linear,
 }
 
 
@@ -642,7 +702,7 @@ def cases(shapes=None, ops=None, dtypes=None) -> List[Case]:
         for op in s.ops:
             if ops and op not in ops:
                 continue
-            for dt in DTYPES:
+            for dt in OP_DTYPES.get(op, DTYPES):
                 if not dtypes or dt in dtypes:
                     out.append(Case(s, op, dt))
     return out
@@ -650,14 +710,22 @@ def cases(shapes=None, ops=None, dtypes=None) -> List[Case]:
 
 def run_case(case: Case, arch: Any = "sm_90", kernels: Optional[List[str]] = None,
              max_configs: Optional[int] = None, seen: Optional[List[str]] = None) -> List[Launch]:
-    """Compile every launch of ``case`` for ``arch`` (see :func:`compile_only` for the filters)."""
+    """Compile every launch of ``case`` for ``arch`` (see :func:`compile_only` for the filters).
+    A case :func:`not_applicable` on ``arch`` (FP8 on sm_80) launches nothing: ``[]``."""
+    if not_applicable(case.op, arch):
+        return []
     with compile_only(arch, kernels=kernels, max_configs=max_configs, seen=seen) as launches:
         _LAUNCHERS[case.op](case.shape, _torch_dtype(case.dtype))
     return launches
 
 
 def rows(case: Case, launches: List[Launch], arch: Any) -> List[Dict[str, Any]]:
-    """One flat dict per (launch, config): the report's rows."""
+    """One flat dict per (launch, config): the report's rows. A case :func:`not_applicable` on
+    ``arch`` is one row of status ``n/a`` with the reason in ``error``."""
+    reason = not_applicable(case.op, arch)
+    if reason and not launches:
+        return [{"shape": case.shape.name, "op": case.op, "dtype": case.dtype, "kernel": "-", "config": {},
+                 "status": "n/a", "order": None, "programs": None, "error": reason}]
     out = []
     for launch in launches:
         for r in launch.results:
@@ -677,6 +745,8 @@ def rows(case: Case, launches: List[Launch], arch: Any) -> List[Dict[str, Any]]:
 
 def _config_text(row: Dict[str, Any]) -> str:
     cfg = row["config"]
+    if not cfg:
+        return "-"
     tiles = [f"{k.replace('BLOCK_', 'B')}{v}" for k, v in cfg.items() if k.startswith("BLOCK_") and "TAIL" not in k]
     warps = row.get("num_warps", cfg.get("num_warps", "?"))  # the compiled value where there is one
     stages = row.get("num_stages", cfg.get("num_stages", "?"))
@@ -711,7 +781,7 @@ def format_table(report_rows: List[Dict[str, Any]]) -> str:
         lines.append((
             f"{r['shape']}/{r['op']}/{r['dtype']}", r["kernel"].lstrip("_"), _config_text(r),
             "-" if r["order"] is None else str(r["order"]),
-            r["status"] if r["status"] != "error" else f"error: {r['error']}",
+            r["status"] if r["status"] not in ("error", "n/a") else f"{r['status']}: {r['error']}",
             str(r["regs"]) if ok else "", str(r["spill_bytes"]) if ok else "",
             f"{r['smem'] / 1024:.1f}" if ok else "", str(r["blocks_per_sm"]) if ok else "",
             r["mma"] if ok else "", _load_text(r) if ok else "", _async_text(r) if ok else "",
@@ -741,6 +811,10 @@ def iter_report(arch: Any = "sm_90", shapes=None, ops=None, dtypes=None, kernels
     for case in it:
         if progress:
             it.set_postfix_str(case.name)
+        if (kernels and not_applicable(case.op, arch)
+                and not any(k in name for k in kernels for name in OP_KERNELS.get(case.op, ()))):
+            yield case, []  # not applicable on this arch, and not asked for by --kernel
+            continue
         yield case, rows(case, run_case(case, arch, kernels, seen=seen), arch)
 
 
@@ -769,8 +843,9 @@ def run(args) -> int:
     a = get_arch(args.arch)
     if not cases(args.shape, args.op, args.dtype):
         known = ", ".join(f"{s.name} ({'/'.join(s.ops)})" for s in SHAPES)
+        only = "".join(f"; {op} runs in {'/'.join(d)} only" for op, d in OP_DTYPES.items())
         print(f"uvit-fast kernels: no case matches --shape {args.shape} --op {args.op} --dtype {args.dtype}; "
-              f"the shapes and their ops: {known}", file=sys.stderr)
+              f"the shapes and their ops: {known}{only}", file=sys.stderr)
         return 2
     if not args.json:
         print(f"# {a.name} ({a.gpu}: {a.sms} SMs, {a.smem_per_block // 1024} KiB shared memory per block, "
