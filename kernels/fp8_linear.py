@@ -16,7 +16,7 @@
   rows and the weight's rows are both K-contiguous, as wgmma's FP8 form needs); pointer loads where
   the layout does not allow TMA (K not a multiple of 16, strided views) and under the interpreter.
 
-Rounding to e4m3 is done explicitly in fp32 bits (:func:`round_e4m3`) before the conversion, which is
+Rounding to e4m3 is done explicitly in fp32 bits (:func:`kernels._fp8.round_e4m3`) before the conversion, which is
 then exact: the interpreter's float32-to-e4m3 conversion drops the carry into the exponent (31.08
 became 16), and the explicit rounding gives the same bits as PyTorch's ``.to(torch.float8_e4m3fn)``
 on the interpreter and on the GPU. The GEMM needs a GPU with FP8 tensor cores (sm_89 and newer);
@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._fp8 import EPS, FP8_DTYPE, FP8_MAX, quantize_tile, round_e4m3, row_scale  # noqa: F401
 from ._utils import empty, launch, on_inputs_device
 from ._utils import capability as _capability, smem_limit as _smem_limit
 from .fused_linear import (
@@ -48,9 +49,6 @@ from .fused_linear import (
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip() == "1"
 
-FP8_MAX = 448.0  # the largest finite float8_e4m3fn
-EPS = 1e-12  # the smallest amax a scale is computed from (a row of zeros gets scale 2**-48)
-FP8_DTYPE = torch.float8_e4m3fn
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _Y_ROUND = {torch.float16: 1, torch.bfloat16: 2}
 
@@ -58,44 +56,6 @@ _Y_ROUND = {torch.float16: 1, torch.bfloat16: 2}
 # --------------------------------------------------------------------------------------------
 # rounding and quantization
 # --------------------------------------------------------------------------------------------
-@triton.jit
-def round_e4m3(v):
-    """fp32 ``v`` (``|v| <= 448``) rounded to the nearest e4m3 value, ties to even, still in fp32.
-
-    Normal e4m3 values keep 3 mantissa bits: add half an ulp (minus one, plus the kept lsb: ties to
-    even) to the fp32 bits and clear the 20 dropped bits; a carry moves into the exponent as it
-    should. Below 2**-6 the e4m3 step is 2**-9 (subnormals): ``20 + (-6 - e)`` bits are dropped for
-    exponents ``e`` down to -9; below that the value rounds to 0 or to 2**-9 (above 2**-10)."""
-    bits = v.to(tl.int32, bitcast=True)
-    e = ((bits >> 23) & 0xFF) - 127
-    drop = 20 + tl.minimum(tl.maximum(-6 - e, 0), 3)
-    lsb = tl.where(drop == 23, 1, (bits >> drop) & 1)  # at 2**-9 the kept bit is the implicit one
-    r = (bits + ((1 << (drop - 1)) - 1) + lsb) & ~((1 << drop) - 1)
-    tiny = tl.where((bits & 0x7FFFFFFF) > 0x3A800000, 0x3B000000, 0)  # above 2**-10: 2**-9, else 0
-    r = tl.where(e < -9, (bits & -2147483648) | tiny, r)  # (with v's sign)
-    return r.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def row_scale(amax):
-    """``(scale, inverse)`` of rows with absolute maxima ``amax`` (fp32, at least EPS): ``scale`` is
-    the smallest power of two with ``amax / scale <= 448``, built from amax's exponent and mantissa
-    bits (``amax = m * 2**E``, ``m`` in [1, 2): ``2**(E - 8)`` when ``m <= 1.75``, else ``2**(E - 7)``),
-    so that both are exact and ``x * inverse`` only shifts exponents."""
-    bits = tl.maximum(amax, 1e-12).to(tl.int32, bitcast=True)
-    e = ((bits >> 23) & 0xFF) - 135 + tl.where((bits & 0x7FFFFF) > 0x600000, 1, 0)
-    scale = ((e + 127) << 23).to(tl.float32, bitcast=True)
-    inverse = ((127 - e) << 23).to(tl.float32, bitcast=True)
-    return scale, inverse
-
-
-@triton.jit
-def quantize_tile(x, inverse):
-    """e4m3 of the fp32 tile ``x`` times the per-row ``inverse`` scales, saturated at +-448."""
-    v = tl.minimum(tl.maximum(x * inverse[:, None], -448.0), 448.0)
-    return round_e4m3(v).to(tl.float8e4nv)
-
-
 @triton.jit
 def _quantize_rows_kernel(X, Q, S, M, K, stride_xm, stride_xk, stride_qm,
                           BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -124,6 +84,15 @@ def _check_fp8_device(name: str, t: torch.Tensor) -> None:
                          f"8.9 or newer (Ada, Hopper)")
 
 
+def quantize_block_k(K: int) -> int:
+    """The quantize kernel's column block: the power of two in [128, 1024] (<= 128 under the
+    interpreter) that pads K least, the larger on a tie (K = 1152: 128, 9 full steps; 1024 would
+    leave 896 of its second step's columns masked, as compiled for sm_90; K = 4608: 512)."""
+    if _INTERPRET or K <= 128:
+        return min(triton.next_power_of_2(K), 128)
+    return min((1024, 512, 256, 128), key=lambda b: (triton.cdiv(K, b) * b - K, -b))
+
+
 @on_inputs_device
 def quantize_rows(x: torch.Tensor):
     """``(x_q (M, K) float8_e4m3fn contiguous, scale (M,) float32)`` of a 2-D ``x`` of any strides."""
@@ -137,7 +106,7 @@ def quantize_rows(x: torch.Tensor):
     if K == 0:
         s.fill_(2.0 ** -48)  # the scale of amax EPS
         return q, s
-    block_k = min(triton.next_power_of_2(K), 1024 if not _INTERPRET else 128)
+    block_k = quantize_block_k(K)
     block_m = max(1, min(16, 4096 // block_k))
     launch(_quantize_rows_kernel, (triton.cdiv(M, block_m),), x, q, s, M, K, x.stride(0), x.stride(1), q.stride(0),
            BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4)
