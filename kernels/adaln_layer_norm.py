@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._fp8 import FP8_DTYPE, quantize_row
 from ._utils import empty, row_launch_config, on_inputs_device
 
 
@@ -38,7 +39,7 @@ from ._utils import empty, row_launch_config, on_inputs_device
 @triton.jit
 def _adaln_fwd_kernel(
     X, BR, G, SH, SC, W, BI,          # inputs (unused pointers are dummies)
-    XN, Y, MEAN, RSTD,                # outputs: x_new (residual only), y, fp32 stats
+    XN, Y, MEAN, RSTD, YS,            # outputs: x_new (residual only), y, fp32 stats, y's row scale (QUANT)
     L, D,
     sx_b, sx_l, sx_d,
     sbr_b, sbr_l, sbr_d,
@@ -49,7 +50,7 @@ def _adaln_fwd_kernel(
     HAS_RES: tl.constexpr, HAS_GATE: tl.constexpr,
     HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, QUANT: tl.constexpr = False,
 ):
     row = tl.program_id(0).to(tl.int64)
     b = row // L
@@ -87,7 +88,12 @@ def _adaln_fwd_kernel(
         y = y * (sc + scale_offset)
     if HAS_SHIFT:
         y = y + tl.load(SH + b * ssh_b + l * ssh_l + cols * ssh_d, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + row * D + cols, y.to(Y.dtype.element_ty), mask=mask)
+    if QUANT:  # y in e4m3 with its row scale (kernels/_fp8.py), for an FP8 GEMM's input
+        q, row_scale = quantize_row(y, mask)
+        tl.store(Y + row * D + cols, q, mask=mask)
+        tl.store(YS + row, row_scale)
+    else:
+        tl.store(Y + row * D + cols, y.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -259,7 +265,7 @@ def _dummy(device: torch.device) -> torch.Tensor:
 # launchers
 # ----------------------------------------------------------------------------------------------
 @on_inputs_device
-def _forward(x, branch, gate, shift, scale, weight, bias, eps, scale_offset, out_dtype, xn_dtype):
+def _forward(x, branch, gate, shift, scale, weight, bias, eps, scale_offset, out_dtype, xn_dtype, quant=False):
     D = x.shape[-1]
     device = x.device
     # the kernels read weight and bias (D,) at unit stride: copy a strided view (D elements)
@@ -271,21 +277,22 @@ def _forward(x, branch, gate, shift, scale, weight, bias, eps, scale_offset, out
     has_res = branch is not None
     br3 = _as_rows3(branch) if has_res else None
     xn = empty(*x.shape, dtype=xn_dtype, device=device) if has_res else None
-    y = empty(*x.shape, dtype=out_dtype, device=device)
+    y = empty(*x.shape, dtype=FP8_DTYPE if quant else out_dtype, device=device)
     mean = empty(N, dtype=torch.float32, device=device)
     rstd = empty(N, dtype=torch.float32, device=device)
+    y_scale = empty(*x.shape[:-1], dtype=torch.float32, device=device) if quant else None
     if N == 0 or D == 0:
         if D == 0:  # LayerNorm over an empty dim: NaN statistics, as PyTorch
             mean.fill_(float("nan"))
             rstd.fill_(float("nan"))
-        return xn, y, mean, rstd
+        return (xn, y, mean, rstd, y_scale) if quant else (xn, y, mean, rstd)
     BLOCK_D, num_warps = row_launch_config(D)
     dummy = _dummy(device)
     _adaln_fwd_kernel[(N,)](
         x3, br3 if has_res else dummy, gate if gate is not None else dummy,
         shift if shift is not None else dummy, scale if scale is not None else dummy,
         weight if weight is not None else dummy, bias if bias is not None else dummy,
-        xn if has_res else dummy, y, mean, rstd,
+        xn if has_res else dummy, y, mean, rstd, y_scale if quant else dummy,
         L, D,
         *x3.stride(),
         *(br3.stride() if has_res else (0, 0, 0)),
@@ -296,9 +303,9 @@ def _forward(x, branch, gate, shift, scale, weight, bias, eps, scale_offset, out
         HAS_RES=has_res, HAS_GATE=gate is not None,
         HAS_SHIFT=shift is not None, HAS_SCALE=scale is not None,
         HAS_W=weight is not None, HAS_B=bias is not None,
-        BLOCK_D=BLOCK_D, num_warps=num_warps,
+        BLOCK_D=BLOCK_D, num_warps=num_warps, QUANT=quant,
     )
-    return xn, y, mean, rstd
+    return (xn, y, mean, rstd, y_scale) if quant else (xn, y, mean, rstd)
 
 
 def adaln_layer_norm_forward(
@@ -318,6 +325,17 @@ def adaln_layer_norm_forward(
     """
     _, y, mean, rstd = _forward(x, None, None, shift, scale, weight, bias, eps, scale_offset, out_dtype, None)
     return y, mean, rstd
+
+
+def adaln_layer_norm_fp8_forward(x, shift, scale, weight, bias, eps: float, scale_offset: float, branch=None,
+                                 gate=None, xn_dtype=None):
+    """:func:`adaln_layer_norm_forward` (with ``branch``: :func:`residual_adaln_layer_norm_forward`)
+    writing ``y`` in float8_e4m3fn with one float32 scale per row (:mod:`kernels._fp8`), computed from
+    the fp32 ``y`` (not rounded to a 16-bit dtype first). Returns ``(x_new or None, y_q, y_scale)``;
+    ``y_scale`` has ``x.shape[:-1]``. Inference only: no statistics are returned."""
+    xn, y, _, _, y_scale = _forward(x, branch, gate, shift, scale, weight, bias, eps, scale_offset, None,
+                                    xn_dtype, quant=True)
+    return xn, y, y_scale
 
 
 def residual_adaln_layer_norm_forward(

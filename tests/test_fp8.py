@@ -115,6 +115,68 @@ def test_weight_scales_per_output_channel():
 
 
 # ---------------------------------------------------------------------------------------------
+# the norms with an FP8 output
+# ---------------------------------------------------------------------------------------------
+def _norm_inputs(B, L, D, dtype, seed=6):
+    g = torch.Generator().manual_seed(seed)
+    t = [torch.randn(*s, generator=g).to(dtype).to(DEVICE) for s in ((B, L, D), (B, L, D), (B, D), (B, D), (B, D))]
+    t[0][0, 1] *= 30  # a token of another range
+    return t  # x, branch, gate, shift, scale
+
+
+def _assert_fp8_close(act, y64, name):
+    """``act`` (an FP8Activation) against the quantization of the float64 ``y64`` rounded to float32:
+    the same scales, the same bits but where the fp32 LayerNorm and float64's differ across an e4m3
+    rounding boundary (at most 1 in 1000 elements, and those one e4m3 step apart)."""
+    q, s = F8.quantize_fp8_reference(y64.float())
+    assert torch.equal(act.scale, s), f"{name}: row scales differ"
+    diff = _bits(act.q) != _bits(q)
+    assert diff.float().mean() <= 1e-3, f"{name}: {int(diff.sum())} of {diff.numel()} e4m3 values differ"
+    step = (act.q.float() - q.float()).abs()[diff]
+    assert torch.all(step <= q.float().abs()[diff] * 2 ** -3 + 2 ** -9), f"{name}: more than one e4m3 step apart"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B, L, D", [(1, 258, 72), (2, 77, 80), (1, 5, 1152)])
+def test_adaln_fp8_output(B, L, D, dtype):
+    """adaln_layer_norm(..., quantize="fp8") and residual_adaln_layer_norm(..., quantize="fp8"): the
+    kernel's e4m3 values and row scales from its fp32 result, against float64's quantized (DiT's
+    modulation, eps 1e-6; U-ViT's plain affine norm)."""
+    x, br, gate, shift, scale = _norm_inputs(B, L, D, dtype)
+    w, b = torch.randn(D).to(dtype).to(DEVICE), torch.randn(D).to(dtype).to(DEVICE)
+    act = ops.adaln_layer_norm(x, shift, scale, eps=1e-6, backend="triton", quantize="fp8")
+    assert isinstance(act, F8.FP8Activation) and act.q.shape == x.shape and act.scale.shape == (B, L)
+    assert act.dtype == dtype
+    _assert_fp8_close(act, ops.adaln_layer_norm_reference(x.double(), shift.double(), scale.double(), eps=1e-6),
+                      "adaln")
+    x_new, act = ops.residual_adaln_layer_norm(x, br, None, None, None, w, b, backend="triton", quantize="fp8")
+    x_ref, _ = ops.residual_adaln_layer_norm(x, br, None, None, None, w, b, backend="triton")
+    assert torch.equal(x_new, x_ref)
+    _assert_fp8_close(act, ops.adaln_layer_norm_reference(x_new.double(), None, None, w.double(), b.double()),
+                      "residual")
+    x_new, act = ops.residual_adaln_layer_norm(x, br, gate, shift, scale, eps=1e-6, backend="triton", quantize="fp8")
+    _assert_fp8_close(act, ops.adaln_layer_norm_reference(x_new.double(), shift.double(), scale.double(), eps=1e-6),
+                      "gated residual")
+
+
+def test_adaln_fp8_torch_path_and_errors():
+    x, br, gate, shift, scale = _norm_inputs(2, 7, 32, torch.float32)
+    act = ops.adaln_layer_norm(x, shift, scale, backend="torch", quantize="fp8")
+    q, s = F8.quantize_fp8_reference(ops.adaln_layer_norm_reference(x, shift, scale))
+    assert torch.equal(_bits(act.q), _bits(q)) and torch.equal(act.scale, s)
+    with pytest.raises(ValueError, match=r"adaln_layer_norm: quantize must be None or 'fp8'; got 'int8'"):
+        ops.adaln_layer_norm(x, quantize="int8")
+    with pytest.raises(ValueError, match=r"residual_adaln_layer_norm: quantize must be None or 'fp8'"):
+        ops.residual_adaln_layer_norm(x, br, quantize="e5m2")
+    with pytest.raises(TypeError, match=r"adaln_layer_norm: quantize='fp8' takes float16, bfloat16 or float32 x"):
+        ops.adaln_layer_norm(x.double(), quantize="fp8")
+    with pytest.raises(ValueError, match=r"residual_adaln_layer_norm: branch \(2, 7, 31\) must have the shape of x"):
+        ops.residual_adaln_layer_norm(x, br[..., :31], quantize="fp8")
+    with pytest.raises(TypeError, match=r"inference-only .* x requires grad"):
+        ops.adaln_layer_norm(x.requires_grad_(True), quantize="fp8")
+
+
+# ---------------------------------------------------------------------------------------------
 # fp8_linear parity (the kernel against float64, beside PyTorch in the same dtype)
 # ---------------------------------------------------------------------------------------------
 EPILOGUES = {
@@ -230,6 +292,12 @@ def _opcheck_cases():
     return [
         ("fp8_quantize", lambda: (torch.randn(18, 72, device=DEVICE),)),
         ("fp8_quantize", lambda: (torch.randn(18, 72, device=DEVICE).half(),)),
+        ("adaln_layer_norm_fp8", lambda: (torch.randn(2, 9, 72, device=DEVICE), None, None, r[:2, :1].expand(2, 72),
+                                          torch.randn(2, 72, device=DEVICE), None, None, 1e-6, 1.0)),
+        ("adaln_layer_norm_fp8", lambda: (torch.randn(2, 9, 72, device=DEVICE).half(),
+                                          torch.randn(2, 9, 72, device=DEVICE).half(), torch.randn(2, 72, device=DEVICE),
+                                          None, None, torch.randn(72, device=DEVICE), torch.randn(72, device=DEVICE),
+                                          1e-5, 0.0)),
         ("fp8_linear", lambda: (x_q, x_s, w_q, w_s, None, None, None, None, 1, torch.float32)),
         ("fp8_linear", lambda: (x_q, x_s, w_q, w_s, r[0], r, r[:2].half(), "gelu", 9, torch.float32)),
         ("fp8_linear", lambda: (x_q, x_s, w_q, w_s, r[0].half(), r.half(), None, "gelu_tanh", 1, torch.float16)),
@@ -493,7 +561,9 @@ def test_quantized_model_on_the_kernels():
             base = m(x, t, y)
         with uvit_fast.use_backend("triton"), CustomOpRecorder() as rec:
             out = m(x, t, y)
-    assert {"uvit_fast.fp8_linear.default", "uvit_fast.fp8_quantize.default"} <= rec.ops
+    # the norms write qkv's and fc1's inputs in FP8; the quantize kernel writes proj's and fc2's
+    assert {"uvit_fast.fp8_linear.default", "uvit_fast.fp8_quantize.default",
+            "uvit_fast.adaln_layer_norm_fp8.default"} <= rec.ops
 
     def rel(a):
         return ((a.double() - ref).norm() / ref.norm()).item()

@@ -75,12 +75,70 @@ class LayerNorm(nn.LayerNorm):
         shift: Optional[torch.Tensor] = None,
         scale: Optional[torch.Tensor] = None,
         scale_offset: float = 1.0,
+        quantize: Optional[str] = None,
     ):
-        """``x_new = x + gate * branch``; returns ``(x_new, self.modulated(x_new, shift, scale))``."""
+        """``x_new = x + gate * branch``; returns ``(x_new, self.modulated(x_new, shift, scale))``;
+        with ``quantize="fp8"`` the second is an FP8 GEMM input (:meth:`quantized`)."""
         args = (x, branch, gate, shift, scale, self.weight, self.bias, self.eps, scale_offset)
         if not self._fusable(x):
-            return ops.residual_adaln_layer_norm_reference(*args)
+            x_new, h = ops.residual_adaln_layer_norm_reference(*args)
+            return (x_new, h) if quantize is None else (x_new, _fp8_activation(h))
+        if quantize is not None:
+            return ops.residual_adaln_layer_norm(*args, quantize=quantize)
         return ops.residual_adaln_layer_norm(*args)
+
+    def quantized(self, x: torch.Tensor, shift: Optional[torch.Tensor] = None, scale: Optional[torch.Tensor] = None,
+                  scale_offset: float = 1.0):
+        """The norm (modulated when ``shift`` / ``scale`` are given) as the FP8 input of the next
+        GEMM (:class:`uvit_fast.ops.fp8.FP8Activation`): the norm kernel writes e4m3 and the row
+        scales in its own pass, for a :class:`uvit_fast.quantization.FP8Linear`."""
+        if not self._fusable(x):
+            return _fp8_activation(ops.adaln_layer_norm_reference(x, shift, scale, self.weight, self.bias, self.eps,
+                                                                  scale_offset))
+        return ops.adaln_layer_norm(x, shift, scale, self.weight, self.bias, self.eps, scale_offset, quantize="fp8")
+
+
+def _fp8_activation(y: torch.Tensor):
+    from uvit_fast.ops.fp8 import FP8Activation, quantize_fp8
+
+    return FP8Activation(*quantize_fp8(y), y.dtype)
+
+
+def fp8_input(m: nn.Module) -> Optional[str]:
+    """``"fp8"`` when ``m`` (the GEMM a norm feeds) is an :class:`FP8Linear` that takes its input
+    already quantized (:func:`is_fp8_linear`), else None."""
+    return "fp8" if is_fp8_linear(m) else None
+
+
+def mlp_fp8_input(mlp: nn.Module) -> Optional[str]:
+    """``"fp8"`` when :func:`mlp_residual` runs ``mlp`` as two FP8 GEMMs (fc1 takes an FP8 input)."""
+    parts = None if torch.jit.is_tracing() else mlp_parts(mlp)
+    return "fp8" if parts is not None and type(parts[0]) is FP8Linear else None
+
+
+def attention_fp8_input(attn: nn.Module) -> Optional[str]:
+    """``"fp8"`` when ``attn`` is this module's :class:`Attention` (its forward) with an FP8 ``qkv``:
+    it then takes its input as an :class:`uvit_fast.ops.fp8.FP8Activation`."""
+    if type(attn).forward is not Attention.forward or not _no_hooks(attn):
+        return None
+    return fp8_input(attn.qkv)
+
+
+def norm_into(norm: nn.Module, attn: nn.Module, x: torch.Tensor):
+    """``norm(x)`` for the attention ``attn``: written in FP8 by the norm kernel when ``attn``'s qkv is
+    an :class:`FP8Linear` (:func:`attention_fp8_input`) and ``norm`` this module's :class:`LayerNorm`
+    (:meth:`LayerNorm.quantized`)."""
+    if type(norm) is LayerNorm and attention_fp8_input(attn):
+        return norm.quantized(x)
+    return norm(x)
+
+
+def residual_into(norm: nn.Module, mlp: nn.Module, x: torch.Tensor, branch: torch.Tensor, *args):
+    """``norm.residual(x, branch, *args)``, its ``h`` written in FP8 by the norm kernel when ``mlp``
+    runs as FP8 GEMMs (:func:`mlp_fp8_input`) and ``norm`` is this module's :class:`LayerNorm`."""
+    if type(norm) is LayerNorm and mlp_fp8_input(mlp):
+        return norm.residual(x, branch, *args, quantize="fp8")
+    return norm.residual(x, branch, *args)
 
 
 class Mlp(nn.Module):

@@ -34,7 +34,7 @@ from typing import Iterable, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from uvit_fast.ops.fp8 import FP8_DTYPE, OUT_DTYPES, fp8_linear, quantize_fp8, quantize_fp8_weight
+from uvit_fast.ops.fp8 import FP8_DTYPE, OUT_DTYPES, FP8Activation, fp8_linear, quantize_fp8, quantize_fp8_weight
 
 MODES = ("fp8",)
 MIN_FEATURES = 128
@@ -75,9 +75,14 @@ class FP8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor, *, activation: Optional[str] = None, residual: Optional[torch.Tensor] = None,
                 gate: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``residual + gate * act(linear(x))`` with the epilogue in the GEMM (:func:`fp8_linear`)."""
-        out_dtype = x.dtype if x.dtype in OUT_DTYPES else torch.bfloat16
-        x_q, x_scale = quantize_fp8(x)
+        """``residual + gate * act(linear(x))`` with the epilogue in the GEMM (:func:`fp8_linear`).
+        ``x``: a tensor (quantized per row here, :func:`quantize_fp8`) or an :class:`FP8Activation`
+        a norm kernel already wrote (:meth:`uvit_fast.layers.LayerNorm.quantized`)."""
+        if isinstance(x, FP8Activation):
+            x_q, x_scale, dtype = x
+        else:
+            (x_q, x_scale), dtype = quantize_fp8(x), x.dtype
+        out_dtype = dtype if dtype in OUT_DTYPES else torch.bfloat16
         return fp8_linear(x_q, x_scale, self.weight, self.weight_scale, self.bias, activation=activation,
                           residual=residual, gate=gate, out_dtype=out_dtype)
 

@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 
 from uvit_fast.layers import (
-    Attention, LayerNorm, Mlp, PatchEmbed, decode_tokens, mlp_residual, script_twin, script_unpatchify,
-    timestep_embedding,
+    Attention, LayerNorm, Mlp, PatchEmbed, attention_fp8_input, decode_tokens, mlp_residual, residual_into, script_twin,
+    script_unpatchify, timestep_embedding,
 )
 from uvit_fast.models.common import check_image, check_labels, check_timesteps
 
@@ -91,9 +91,12 @@ class DiTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        attn_out = self.attn(self.norm1.modulated(x, shift_msa, scale_msa))
+        if self.fused and attention_fp8_input(self.attn):  # uvit_fast.quantize: the norm writes qkv's FP8 input
+            attn_out = self.attn(self.norm1.quantized(x, shift_msa, scale_msa))
+        else:
+            attn_out = self.attn(self.norm1.modulated(x, shift_msa, scale_msa))
         if self.fused:
-            x, h = self.norm2.residual(x, attn_out, gate_msa, shift_mlp, scale_mlp)
+            x, h = residual_into(self.norm2, self.mlp, x, attn_out, gate_msa, shift_mlp, scale_mlp)
             return mlp_residual(self.mlp, x, h, gate_mlp)  # x + gate_mlp * mlp(h): one fused_mlp call
         x = x + gate_msa.unsqueeze(1) * attn_out
         h = self.norm2.modulated(x, shift_mlp, scale_mlp)

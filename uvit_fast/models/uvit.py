@@ -13,8 +13,8 @@ import torch.nn as nn
 import torch.utils.checkpoint
 
 from uvit_fast.layers import (
-    Attention, LayerNorm, Mlp, PatchEmbed, SkipLinear, decode_tokens, mlp_residual, script_twin, script_unpatchify,
-    timestep_embedding,
+    Attention, LayerNorm, Mlp, PatchEmbed, SkipLinear, decode_tokens, mlp_residual, norm_into, residual_into,
+    script_twin, script_unpatchify, timestep_embedding,
 )
 from uvit_fast.models.common import check_image, check_input_dtype, check_labels, check_timesteps
 
@@ -65,7 +65,8 @@ class Block(nn.Module):
             x = self.skip_linear(x, skip)
         if self.fused and isinstance(self.norm2, LayerNorm):
             # residual add + norm2 in one pass; the MLP with its residual add in one fused_mlp call
-            x, h = self.norm2.residual(x, self.attn(self.norm1(x)))
+            h = norm_into(self.norm1, self.attn, x)  # norm1(x), in FP8 for a quantized qkv
+            x, h = residual_into(self.norm2, self.mlp, x, self.attn(h))
             return mlp_residual(self.mlp, x, h)
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))

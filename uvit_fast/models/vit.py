@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from uvit_fast.layers import Attention, LayerNorm, Mlp, PatchEmbed, mlp_residual, script_twin
+from uvit_fast.layers import Attention, LayerNorm, Mlp, PatchEmbed, mlp_residual, norm_into, residual_into, script_twin
 from uvit_fast.models.common import check_image
 
 
@@ -48,7 +48,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
-            x, h = self.norm2.residual(x, self.attn(self.norm1(x)))  # residual add + norm2 in one pass
+            h = norm_into(self.norm1, self.attn, x)  # norm1(x), in FP8 for a quantized qkv
+            x, h = residual_into(self.norm2, self.mlp, x, self.attn(h))  # residual add + norm2
             return mlp_residual(self.mlp, x, h)  # fc1 + GELU, fc2 + residual: one fused_mlp call
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))

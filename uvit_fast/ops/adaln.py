@@ -31,6 +31,12 @@ from uvit_fast.ops._runtime import DispatchOp
 from uvit_fast.ops._checks import check_same_device, check_tensor, shape_str
 
 
+def _fp8():
+    from uvit_fast.ops import fp8
+
+    return fp8
+
+
 def _check_mod(op: str, name: str, t: Optional[torch.Tensor], x: torch.Tensor) -> None:
     """Modulation: ``(B, D)`` per sample or ``(B, L, D)`` per token; B may be 1 (broadcast)."""
     if t is None:
@@ -123,6 +129,7 @@ def adaln_layer_norm(
     scale_offset: float = 1.0,
     *,
     backend: str = "auto",
+    quantize: Optional[str] = None,
 ) -> torch.Tensor:
     """LayerNorm over the last dim with optional affine and optional AdaLN modulation.
 
@@ -133,9 +140,17 @@ def adaln_layer_norm(
         eps: LayerNorm epsilon (1e-5 in U-ViT, 1e-6 in DiT).
         scale_offset: 1.0 for DiT's ``x * (1 + scale) + shift``, 0.0 for ``scale * x + shift``.
 
+        quantize: ``"fp8"`` for an FP8 GEMM's input (inference only): the output as
+            ``(y_q, row_scale)`` (:class:`uvit_fast.ops.fp8.FP8Activation`: float8_e4m3fn values, one
+            float32 scale per row, and the dtype ``y`` would have); the Triton kernel writes them in
+            the same pass (:mod:`uvit_fast.ops.fp8`).
+
     Returns:
         Tensor of ``x``'s shape (dtype: see the module docstring).
     """
+    if quantize is not None:
+        _fp8().check_quantize("adaln_layer_norm", quantize)
+        return _fp8().adaln_layer_norm_fp8(x, shift, scale, weight, bias, eps, scale_offset, backend)
     sig, plan = _ADALN_PLANS.lookup((backend, eps, scale_offset, type(eps), type(scale_offset)), x, shift, scale, weight, bias)
     if plan is None:  # the first call of this signature (uvit_fast.ops._hot)
         plan = _ADALN_PLANS.put(sig, _adaln_plan(x, shift, scale, weight, bias, eps, scale_offset, backend))
@@ -213,6 +228,7 @@ def residual_adaln_layer_norm(
     scale_offset: float = 1.0,
     *,
     backend: str = "auto",
+    quantize: Optional[str] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The (gated) residual add followed by the next (modulated) LayerNorm, in one pass.
 
@@ -225,9 +241,16 @@ def residual_adaln_layer_norm(
         gate: ``(B, D)`` or ``(B, L, D)``, or None.
         the rest: as :func:`adaln_layer_norm`.
 
+        quantize: ``"fp8"``: ``h`` as an :class:`uvit_fast.ops.fp8.FP8Activation` (as
+            :func:`adaln_layer_norm`'s).
+
     Returns:
         ``(x_new, h)``, both ``(B, L, D)``.
     """
+    if quantize is not None:
+        _fp8().check_quantize("residual_adaln_layer_norm", quantize)
+        return _fp8().residual_adaln_layer_norm_fp8(x, branch, gate, shift, scale, weight, bias, eps, scale_offset,
+                                                     backend)
     sig, plan = _RESIDUAL_PLANS.lookup((backend, eps, scale_offset, type(eps), type(scale_offset)), x, branch, gate, shift, scale, weight, bias)
     if plan is None:  # the first call of this signature (uvit_fast.ops._hot)
         plan = _RESIDUAL_PLANS.put(

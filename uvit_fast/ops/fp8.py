@@ -33,7 +33,7 @@ These ops are for inference: they have no autograd formulas, and a call that wou
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
@@ -236,6 +236,74 @@ def _fp8_choice(op: str, backend: str, *tensors) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# the LayerNorms with an FP8 output (adaln_layer_norm(..., quantize="fp8") and the residual form)
+# --------------------------------------------------------------------------------------------
+QUANTIZE = (None, "fp8")
+
+
+class FP8Activation(NamedTuple):
+    """An activation already in FP8: ``q`` float8_e4m3fn ``(..., K)``, ``scale`` float32 ``(...)``
+    (one per row), and ``dtype``, the dtype the unquantized activation had (the dtype a
+    :class:`uvit_fast.quantization.FP8Linear` taking it returns)."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+
+def check_quantize(op: str, quantize) -> None:
+    if quantize not in QUANTIZE:
+        raise ValueError(f"{op}: quantize must be None or 'fp8'; got {quantize!r}")
+
+
+def adaln_layer_norm_fp8(x, shift, scale, weight, bias, eps, scale_offset, backend) -> FP8Activation:
+    """``adaln_layer_norm(..., quantize="fp8")``: the LayerNorm's output as an :class:`FP8Activation`.
+    Triton: the norm kernel writes e4m3 and the row scales from its fp32 result (one pass, no 16-bit
+    output); PyTorch: the reference in x's dtype, then :func:`quantize_fp8_reference`."""
+    from uvit_fast.ops import adaln
+
+    op = "adaln_layer_norm"
+    adaln._check_adaln(op, x, shift, scale, weight, bias, eps)
+    _check_norm_input(op, x)
+    _check_no_grad(op, x=x, shift=shift, scale=scale, weight=weight, bias=bias)
+    if _fp8_choice(op, backend, x, shift, scale, weight, bias) == "torch":
+        y = adaln.adaln_layer_norm_reference(x, shift, scale, weight, bias, eps, scale_offset)
+        return FP8Activation(*quantize_fp8_reference(y), y.dtype)
+    _, q, s = torch.ops.uvit_fast.adaln_layer_norm_fp8(x, None, None, shift, scale, weight, bias, float(eps),
+                                                      float(scale_offset))
+    return FP8Activation(q, s, adaln._promote(adaln._ln_dtype(x), scale, shift))
+
+
+def residual_adaln_layer_norm_fp8(x, branch, gate, shift, scale, weight, bias, eps, scale_offset, backend):
+    """``residual_adaln_layer_norm(..., quantize="fp8")``: ``(x_new, FP8Activation of h)``."""
+    from uvit_fast.ops import adaln
+
+    op = "residual_adaln_layer_norm"
+    adaln._check_adaln(op, x, shift, scale, weight, bias, eps)
+    adaln._check_residual(op, x, branch, gate)
+    _check_norm_input(op, x)
+    _check_no_grad(op, x=x, branch=branch, gate=gate, shift=shift, scale=scale, weight=weight, bias=bias)
+    if _fp8_choice(op, backend, x, branch, gate, shift, scale, weight, bias) == "torch":
+        x_new, h = adaln.residual_adaln_layer_norm_reference(x, branch, gate, shift, scale, weight, bias, eps,
+                                                            scale_offset)
+        return x_new, FP8Activation(*quantize_fp8_reference(h), h.dtype)
+    x_new, q, s = torch.ops.uvit_fast.adaln_layer_norm_fp8(x, branch, gate, shift, scale, weight, bias, float(eps),
+                                                          float(scale_offset))
+    return x_new, FP8Activation(q, s, adaln._promote(adaln._ln_dtype(x, x_new.dtype), scale, shift))
+
+
+def _check_norm_input(op: str, x) -> None:
+    if x.dtype not in _INPUT_DTYPES:
+        raise TypeError(f"{op}: quantize='fp8' takes float16, bfloat16 or float32 x; got {x.dtype}")
+    if x.shape[-1] == 0:
+        raise ValueError(f"{op}: quantize='fp8' needs a non-empty last dim; got x {tuple(x.shape)}")
+
+
+# --------------------------------------------------------------------------------------------
 # fp8_linear
 # --------------------------------------------------------------------------------------------
 BACKENDS = ("auto", "torch", "scaled_mm", "triton")
@@ -383,6 +451,40 @@ def _(x):
     return x.new_empty(x.shape, dtype=FP8_DTYPE), x.new_empty((x.shape[0],), dtype=torch.float32)
 
 
+@torch.library.custom_op("uvit_fast::adaln_layer_norm_fp8", mutates_args=())
+def _adaln_fp8_op(
+    x: torch.Tensor,
+    branch: Optional[torch.Tensor],
+    gate: Optional[torch.Tensor],
+    shift: Optional[torch.Tensor],
+    scale: Optional[torch.Tensor],
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    eps: float,
+    scale_offset: float,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x_new, y_q, y_scale)``; ``x_new`` is an empty ``(0,)`` tensor without ``branch``."""
+    k = load_kernel("adaln_layer_norm", "adaln_layer_norm")
+    xn_dtype = _xn_dtype(x, branch, gate)
+    x_new, q, s = k.adaln_layer_norm_fp8_forward(x, shift, scale, weight, bias, eps, scale_offset, branch=branch,
+                                                 gate=gate, xn_dtype=xn_dtype)
+    return (x_new if x_new is not None else x.new_empty((0,))), q, s
+
+
+def _xn_dtype(x, branch, gate):
+    dtype = x.dtype
+    for t in (branch, gate):
+        if t is not None:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+@_adaln_fp8_op.register_fake
+def _(x, branch, gate, shift, scale, weight, bias, eps, scale_offset):
+    x_new = x.new_empty(x.shape, dtype=_xn_dtype(x, branch, gate)) if branch is not None else x.new_empty((0,))
+    return x_new, x.new_empty(x.shape, dtype=FP8_DTYPE), x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
 @torch.library.custom_op("uvit_fast::fp8_linear", mutates_args=())
 def _fp8_linear_op(
     x_q: torch.Tensor,
@@ -417,7 +519,10 @@ def _register_flop_formulas() -> None:
 _register_flop_formulas()
 
 __all__ = [
+    "FP8Activation",
     "FP8_DTYPE",
+    "adaln_layer_norm_fp8",
+    "residual_adaln_layer_norm_fp8",
     "FP8_MAX",
     "dequantize_fp8",
     "fp8_linear",
