@@ -57,23 +57,35 @@ _Y_ROUND = {torch.float16: 1, torch.bfloat16: 2}
 # rounding and quantization
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _quantize_rows_kernel(X, Q, S, M, K, stride_xm, stride_xk, stride_qm,
-                          BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+def _row_tile(X, X2, rows, c, mask_m, K, K1, stride_xm, stride_xk, stride_x2m, stride_x2k, HAS_X2: tl.constexpr):
+    """Columns ``c`` of the rows, in fp32: of ``X`` below ``K1`` and of ``X2`` from ``K1`` on (the
+    concat ``[X, X2]`` without materialising it) when ``HAS_X2``; zeros outside ``K``."""
+    if HAS_X2:
+        a = tl.load(X + rows[:, None] * stride_xm + c[None, :] * stride_xk,
+                    mask=mask_m[:, None] & (c[None, :] < K1), other=0.0).to(tl.float32)
+        b = tl.load(X2 + rows[:, None] * stride_x2m + (c[None, :] - K1) * stride_x2k,
+                    mask=mask_m[:, None] & (c[None, :] >= K1) & (c[None, :] < K), other=0.0).to(tl.float32)
+        return a + b
+    return tl.load(X + rows[:, None] * stride_xm + c[None, :] * stride_xk,
+                   mask=mask_m[:, None] & (c[None, :] < K), other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _quantize_rows_kernel(X, X2, Q, S, M, K, K1, stride_xm, stride_xk, stride_x2m, stride_x2k, stride_qm,
+                          BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, HAS_X2: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = rows < M
     cols = tl.arange(0, BLOCK_K)
     amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        mask = mask_m[:, None] & (cols[None, :] + k0 < K)
-        x = tl.load(X + rows[:, None] * stride_xm + (cols[None, :] + k0) * stride_xk, mask=mask, other=0.0)
-        amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
+        x = _row_tile(X, X2, rows, cols + k0, mask_m, K, K1, stride_xm, stride_xk, stride_x2m, stride_x2k, HAS_X2)
+        amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
     scale, inverse = row_scale(amax)
     tl.store(S + rows, scale, mask=mask_m)
     for k0 in range(0, K, BLOCK_K):
-        mask = mask_m[:, None] & (cols[None, :] + k0 < K)
-        x = tl.load(X + rows[:, None] * stride_xm + (cols[None, :] + k0) * stride_xk, mask=mask, other=0.0)
-        tl.store(Q + rows[:, None] * stride_qm + cols[None, :] + k0, quantize_tile(x.to(tl.float32), inverse),
-                 mask=mask)
+        x = _row_tile(X, X2, rows, cols + k0, mask_m, K, K1, stride_xm, stride_xk, stride_x2m, stride_x2k, HAS_X2)
+        tl.store(Q + rows[:, None] * stride_qm + cols[None, :] + k0, quantize_tile(x, inverse),
+                 mask=mask_m[:, None] & (cols[None, :] + k0 < K))
 
 
 def _check_fp8_device(name: str, t: torch.Tensor) -> None:
@@ -94,11 +106,16 @@ def quantize_block_k(K: int) -> int:
 
 
 @on_inputs_device
-def quantize_rows(x: torch.Tensor):
-    """``(x_q (M, K) float8_e4m3fn contiguous, scale (M,) float32)`` of a 2-D ``x`` of any strides."""
+def quantize_rows(x: torch.Tensor, x2=None):
+    """``(x_q (M, K) float8_e4m3fn contiguous, scale (M,) float32)`` of a 2-D ``x`` of any strides;
+    with ``x2 (M, K2)``, of the rows of ``[x, x2]`` (``K = K1 + K2``; U-ViT's long-skip concat, which
+    is never materialised in 16 bits): one scale per row over both halves."""
     _check_matrix("x", x)
     _check_fp8_device("x", x)
-    M, K = x.shape
+    M, K1 = x.shape
+    if x2 is not None:
+        _check_matrix("x2", x2, rows=M, device=x.device)
+    K = K1 + (x2.shape[1] if x2 is not None else 0)
     q = empty(M, K, dtype=FP8_DTYPE, device=x.device)
     s = empty(M, dtype=torch.float32, device=x.device)
     if M == 0:
@@ -106,10 +123,11 @@ def quantize_rows(x: torch.Tensor):
     if K == 0:
         s.fill_(2.0 ** -48)  # the scale of amax EPS
         return q, s
-    block_k = quantize_block_k(K)
+    block_k = quantize_block_k(K1 if x2 is not None and x2.shape[1] == K1 else K)
     block_m = max(1, min(16, 4096 // block_k))
-    launch(_quantize_rows_kernel, (triton.cdiv(M, block_m),), x, q, s, M, K, x.stride(0), x.stride(1), q.stride(0),
-           BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4)
+    launch(_quantize_rows_kernel, (triton.cdiv(M, block_m),), x, x2 if x2 is not None else x, q, s, M, K, K1,
+           x.stride(0), x.stride(1), *(x2.stride() if x2 is not None else (0, 0)), q.stride(0),
+           BLOCK_M=block_m, BLOCK_K=block_k, HAS_X2=x2 is not None, num_warps=4)
     return q, s
 
 

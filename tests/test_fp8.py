@@ -93,6 +93,23 @@ def test_quantize_parity(shape, dtype):
     assert torch.equal(s, s_ref)
 
 
+@pytest.mark.parametrize("dtypes", [(torch.float16, torch.float16), (torch.bfloat16, torch.float32)], ids=str)
+def test_quantize_concat_parity(dtypes):
+    """U-ViT's long-skip input: the rows of [h, skip] quantized without the concat (a float32 skip
+    beside bfloat16 h, as under autocast), bit for bit as the reference on torch.cat."""
+    g = torch.Generator().manual_seed(7)
+    h = (torch.randn(2, 258, 72, generator=g) * 3).to(dtypes[0]).to(DEVICE)
+    skip = (torch.randn(2, 258, 72, generator=g) * 5).to(dtypes[1]).to(DEVICE)
+    h[0, 3] = 0
+    skip[1, 4] *= 100
+    q, s = F8.quantize_fp8_concat(h, skip, backend="triton")
+    q_ref, s_ref = F8.quantize_fp8_reference(torch.cat([h, skip], dim=-1))
+    assert q.shape == (2, 258, 144) and s.shape == (2, 258)
+    assert torch.equal(_bits(q), _bits(q_ref)) and torch.equal(s, s_ref)
+    with pytest.raises(ValueError, match=r"quantize_fp8_concat: h and skip must have the same leading dims"):
+        F8.quantize_fp8_concat(h, skip[:, :5])
+
+
 def test_scales_are_the_smallest_powers_of_two():
     g = torch.Generator().manual_seed(2)
     x = torch.randn(64, 96, generator=g) * torch.logspace(-8, 8, 64).unsqueeze(1)
@@ -292,6 +309,7 @@ def _opcheck_cases():
     return [
         ("fp8_quantize", lambda: (torch.randn(18, 72, device=DEVICE),)),
         ("fp8_quantize", lambda: (torch.randn(18, 72, device=DEVICE).half(),)),
+        ("fp8_quantize", lambda: (torch.randn(18, 72, device=DEVICE).half(), torch.randn(18, 40, device=DEVICE))),
         ("adaln_layer_norm_fp8", lambda: (torch.randn(2, 9, 72, device=DEVICE), None, None, r[:2, :1].expand(2, 72),
                                           torch.randn(2, 72, device=DEVICE), None, None, 1e-6, 1.0)),
         ("adaln_layer_norm_fp8", lambda: (torch.randn(2, 9, 72, device=DEVICE).half(),
@@ -425,6 +443,26 @@ def test_quantize_dit_report_and_accuracy():
     assert out.dtype == torch.bfloat16
     assert _cos(out, ref) > 0.99
     assert uvit_fast.quantize(m).quantized == report.quantized  # again: nothing more
+
+
+def test_quantize_uvit_with_its_long_skips():
+    """This package's U-ViT: block linears and the out-blocks' long-skip linears in FP8
+    (FP8SkipLinear: one quantize kernel over [h, skip]); close to float64."""
+    from uvit_fast.quantization import FP8SkipLinear
+
+    torch.manual_seed(0)
+    m = uvit_fast.create_model("cifar10_uvit_small", img_size=16, depth=5, embed_dim=256, num_heads=4).eval()
+    randomize_(m, std=0.05)
+    m64 = copy.deepcopy(m).double()
+    m = m.to(torch.bfloat16)
+    report = uvit_fast.quantize(m)
+    skips = [p for p in report.quantized if p.endswith("skip_linear")]
+    assert len(skips) == len(m.out_blocks) and all(type(m.get_submodule(p)) is FP8SkipLinear for p in skips)
+    x, t = torch.randn(2, 3, 16, 16, dtype=torch.float64), torch.tensor([3.0, 700.0], dtype=torch.float64)
+    with torch.no_grad():
+        ref = m64(x, t)
+        out = m(x.bfloat16(), t.bfloat16())
+    assert out.dtype == torch.bfloat16 and _cos(out, ref) > 0.99
 
 
 def test_fp8_blocks_fuse_their_epilogues(monkeypatch):

@@ -34,7 +34,9 @@ from typing import Iterable, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from uvit_fast.ops.fp8 import FP8_DTYPE, OUT_DTYPES, FP8Activation, fp8_linear, quantize_fp8, quantize_fp8_weight
+from uvit_fast.ops.fp8 import (
+    FP8_DTYPE, OUT_DTYPES, FP8Activation, fp8_linear, quantize_fp8, quantize_fp8_concat, quantize_fp8_weight,
+)
 
 MODES = ("fp8",)
 MIN_FEATURES = 128
@@ -104,6 +106,18 @@ class FP8Linear(nn.Module):
                                       error_msgs)
 
 
+class FP8SkipLinear(FP8Linear):
+    """U-ViT's long-skip :class:`uvit_fast.layers.SkipLinear` (``Linear(2D, D)`` on ``cat([h, skip])``)
+    in FP8: ``forward(h, skip)`` quantizes the rows of the concat in one kernel without writing it
+    in 16 bits (:func:`uvit_fast.ops.fp8.quantize_fp8_concat`), then one FP8 GEMM. Same state_dict
+    keys as :class:`FP8Linear`."""
+
+    def forward(self, h: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        dtype = torch.promote_types(h.dtype, skip.dtype)
+        x_q, x_scale = quantize_fp8_concat(h, skip)
+        return super().forward(FP8Activation(x_q, x_scale, dtype))
+
+
 @dataclass
 class QuantizeReport:
     """What :func:`quantize` did: ``quantized`` module paths, ``kept`` as ``(path, reason)``."""
@@ -136,6 +150,13 @@ def _is_plain_linear(m: nn.Module) -> bool:
     return is_plain_linear(m)
 
 
+def _is_skip_linear(m: nn.Module) -> bool:
+    """This package's U-ViT long-skip linear (becomes an :class:`FP8SkipLinear`)."""
+    from uvit_fast.layers import SkipLinear, _no_hooks
+
+    return type(m) is SkipLinear and _no_hooks(m)
+
+
 def _in_block(model: nn.Module, path: str) -> bool:
     """Whether ``path`` passes through an indexed child of an ``nn.ModuleList`` (a block)."""
     parts = path.split(".")
@@ -150,7 +171,7 @@ def _in_block(model: nn.Module, path: str) -> bool:
 def _keep_reason(model: nn.Module, path: str, m: nn.Module, skip: Tuple[str, ...]) -> Optional[str]:
     if any(fnmatch.fnmatchcase(path, p) for p in skip):
         return "matches skip"
-    if not _is_plain_linear(m):
+    if not (_is_plain_linear(m) or _is_skip_linear(m)):
         return "not a plain nn.Linear (a subclass with its own forward, or hooks)"
     lowered = path.lower()
     if not _in_block(model, path):
@@ -223,7 +244,7 @@ def quantize(model: nn.Module, mode: str = "fp8", *, skip: Iterable[str] = ()) -
         for path, m in todo:
             parent_path, _, name = path.rpartition(".")
             parent = model.get_submodule(parent_path) if parent_path else model
-            setattr(parent, name, FP8Linear.from_linear(m))
+            setattr(parent, name, (FP8SkipLinear if _is_skip_linear(m) else FP8Linear).from_linear(m))
             report.quantized.append(path)
         report.notes.append("attention (softmax(QK^T)V) stays in its dtype; the model is for inference only")
     else:

@@ -218,6 +218,26 @@ def _quantize_triton(x):
 _QUANT_PLANS = Plans("quantize_fp8")
 
 
+def quantize_fp8_concat(h: torch.Tensor, skip: torch.Tensor, *, backend: str = "auto"):
+    """:func:`quantize_fp8` of ``torch.cat([h, skip], -1)`` without the concat in 16 bits: U-ViT's
+    long-skip linear input, one scale per row over both halves. Returns ``(x_q (..., 2D), scale (...))``."""
+    op = "quantize_fp8_concat"
+    check_tensor(op, "h", h)
+    check_tensor(op, "skip", skip)
+    if h.dim() < 1 or tuple(h.shape[:-1]) != tuple(skip.shape[:-1]):
+        raise ValueError(f"{op}: h and skip must have the same leading dims (..., D); got h {tuple(h.shape)} "
+                         f"and skip {tuple(skip.shape)}")
+    check_same_device(op, h=h, skip=skip)
+    for name, t in (("h", h), ("skip", skip)):
+        if t.dtype not in _INPUT_DTYPES:
+            raise TypeError(f"{op}: {name} must be float16, bfloat16 or float32; got {t.dtype}")
+    _check_no_grad(op, h=h, skip=skip)
+    if _fp8_choice(op, backend, h, skip) == "torch":
+        return quantize_fp8_reference(torch.cat([h, skip], dim=-1))
+    q, s = torch.ops.uvit_fast.fp8_quantize(_rows2d(h), _rows2d(skip))
+    return q.view(*h.shape[:-1], q.shape[-1]), s.view(h.shape[:-1])
+
+
 def _fp8_choice(op: str, backend: str, *tensors) -> str:
     """``"torch"`` or ``"triton"`` for the quantize op (``"measure"`` is not used: one pass over x,
     nothing for PyTorch to win); Triton on CUDA with FP8 (sm_89+) or when forced."""
@@ -442,13 +462,15 @@ def _kernel():
 
 
 @torch.library.custom_op("uvit_fast::fp8_quantize", mutates_args=())
-def _fp8_quantize_op(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    return _kernel().quantize_rows(x)
+def _fp8_quantize_op(x: torch.Tensor, x2: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The rows of ``x (M, K)``, or of ``[x, x2]`` with ``x2 (M, K2)``, in e4m3 with their scales."""
+    return _kernel().quantize_rows(x, x2)
 
 
 @_fp8_quantize_op.register_fake
-def _(x):
-    return x.new_empty(x.shape, dtype=FP8_DTYPE), x.new_empty((x.shape[0],), dtype=torch.float32)
+def _(x, x2=None):
+    K = x.shape[1] + (x2.shape[1] if x2 is not None else 0)
+    return x.new_empty((x.shape[0], K), dtype=FP8_DTYPE), x.new_empty((x.shape[0],), dtype=torch.float32)
 
 
 @torch.library.custom_op("uvit_fast::adaln_layer_norm_fp8", mutates_args=())
@@ -529,6 +551,7 @@ __all__ = [
     "fp8_linear_reference",
     "fp8_supported",
     "quantize_fp8",
+    "quantize_fp8_concat",
     "quantize_fp8_reference",
     "quantize_fp8_weight",
 ]
