@@ -5,7 +5,9 @@
 #   summary.txt        device, driver, Python/torch/triton versions, commit, and each step's time and exit code
 #   parity.txt         1. GPU parity of every op at the flagship shapes, bf16/fp16/fp32 (~2 min)
 #   bench-ops.jsonl    2. op benchmarks at the flagship shapes (attention first), with its printed
-#   bench-ops.txt         table
+#   bench-ops.txt         table; then 2b. FP8 (scripts/gpu_bench_fp8.py: fp8_linear against bf16 cuBLAS
+#                         and torch._scaled_mm at U-ViT-H/2 batch 64, quantized vs bf16 forwards,
+#                         torchao where installed), its rows appended to both files
 #   bench-models.json  3. model rows: `uvit-fast bench --suite models` (its markdown table is
 #   bench-models.md       written next to it)
 #                      4. `uvit-fast bench --suite sampling --quick`: ms per guided DDIM step of U-ViT-H/2
@@ -122,6 +124,8 @@ fi
 step parity 150 "$out_dir/parity.txt" "$PY" scripts/gpu_parity_flagship.py
 # --- 2. op benchmarks at the flagship shapes
 step bench-ops 150 "$out_dir/bench-ops.txt" "$PY" scripts/gpu_bench_flagship.py --out "$out_dir/bench-ops.jsonl" --budget 130
+# --- 2b. FP8: fp8_linear against bf16 cuBLAS and torch._scaled_mm, quantized forwards (issue 24's targets)
+step bench-fp8 90 "$out_dir/bench-ops.txt" "$PY" scripts/gpu_bench_fp8.py --out "$out_dir/bench-ops.jsonl" --budget 75
 # --- 3. model rows
 step bench-models 100 "$out_dir/pytest.txt" "${UVF[@]}" bench --suite models --out "$out_dir/bench-models.json" \
   --time-budget 80 --no-progress

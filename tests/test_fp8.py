@@ -609,3 +609,16 @@ def test_quantized_model_on_the_kernels():
     assert torch.isfinite(out).all()
     assert rel(out) <= 1.2 * rel(base), (rel(out), rel(base))
     assert _cos(out, ref) > 0.99
+
+
+@pytest.mark.skipif(ON_CUDA, reason="checks the refusal without a GPU")
+def test_gpu_bench_script_refuses_without_cuda(tmp_path):
+    """scripts/gpu_bench_fp8.py (a step of scripts/gpu_check.sh) exits 2 without a CUDA device, and
+    gpu_check.sh runs it."""
+    import runpy
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    main = runpy.run_path(str(root / "scripts" / "gpu_bench_fp8.py"))["main"]
+    assert main(["--out", str(tmp_path / "fp8.jsonl")]) == 2
+    assert "scripts/gpu_bench_fp8.py --out" in (root / "scripts" / "gpu_check.sh").read_text()

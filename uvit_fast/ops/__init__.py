@@ -25,10 +25,12 @@ from uvit_fast.ops.patch_embed import (
     unpatchify,
 )
 from uvit_fast.ops.fp8 import (
+    FP8Activation,
     dequantize_fp8,
     fp8_linear,
     fp8_linear_reference,
     quantize_fp8,
+    quantize_fp8_concat,
     quantize_fp8_reference,
     quantize_fp8_weight,
 )
@@ -57,7 +59,9 @@ __all__ = [
     "fp8_linear",
     "fp8_linear_reference",
     "quantize_fp8",
+    "quantize_fp8_concat",
     "quantize_fp8_reference",
     "quantize_fp8_weight",
     "dequantize_fp8",
+    "FP8Activation",
 ]
