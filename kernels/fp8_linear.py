@@ -34,6 +34,7 @@ from ._fp8 import EPS, FP8_DTYPE, FP8_MAX, quantize_tile, round_e4m3, row_scale 
 from ._utils import empty, launch, on_inputs_device
 from ._utils import capability as _capability, smem_limit as _smem_limit
 from .fused_linear import (
+    _act,
     _act_code,
     _check_gate,
     _check_matrix,
@@ -155,7 +156,11 @@ def _configs():
                           num_stages=s, pre_hook=_set_desc_blocks) for bm, bn, bk, w, s in _FWD_SHAPES]
 
 
-def smem_bytes(config, out_elem: int, tma_epilogue: bool) -> int:
+#: the partial row maxima of an ``amax_out`` GEMM are per this many columns, whatever the config
+MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in _configs())
+
+
+def smem_bytes(config, out_elem: int, tma_epilogue: bool, a_elem: int = 1) -> int:
     """Shared memory of a config: ``stages`` buffers of the e4m3 x and weight tiles, plus the TMA
     epilogue's staging buffer of one ``(BLOCK_M, BLOCK_N / 2)`` output half (quarter when the
     output is float32, as in :mod:`kernels.fused_linear`), plus on the TMA path one 8-byte mbarrier
@@ -166,7 +171,9 @@ def smem_bytes(config, out_elem: int, tma_epilogue: bool) -> int:
     of a limit, so no prune decision changes). The pointer path compiled for sm_90 took the tiles
     alone (147456 B for 128x256x128 at 3 stages), as this gives without ``tma_epilogue``."""
     k = config.kwargs
-    smem = config.num_stages * (k["BLOCK_M"] + k["BLOCK_N"]) * k["BLOCK_K"]
+    # a_elem 2: A_QUANT's 16-bit x tiles, counted in every stage (an upper bound: compiled for sm_90
+    # the kernel took 16-32 KiB less, e.g. 180280 B for 128x128x128 in 4 stages against 213024 B here)
+    smem = config.num_stages * (k["BLOCK_M"] * a_elem + k["BLOCK_N"]) * k["BLOCK_K"]
     if tma_epilogue:
         smem += k["BLOCK_M"] * (k["BLOCK_N"] // (4 if out_elem >= 4 else 2)) * out_elem
         smem += 8 * config.num_stages  # the TMA loads' mbarriers
@@ -180,30 +187,75 @@ def _prune(configs, named_args, **kwargs):
     out_t = getattr(out, "base", out)
     cap = _capability(out_t)
     tma = bool(kwargs.get("USE_TMA", False))
-    kept = [c for c in configs if smem_bytes(c, out_t.element_size(), tma) <= _smem_limit(cap)]
+    a_elem = 2 if kwargs.get("A_QUANT") else 1
+
+    def smem(c):
+        return smem_bytes(c, out_t.element_size(), tma, a_elem)
+
+    kept = [c for c in configs if smem(c) <= _smem_limit(cap)]
     heavy = not tma and bool(kwargs.get("ACTIVATION", 0) or kwargs.get("HAS_GATE") or kwargs.get("HAS_RES"))
     if heavy:
         kept = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] < 128 * 32 * c.num_warps]
-    return kept or [min(configs, key=lambda c: smem_bytes(c, out_t.element_size(), tma))]
+    if kwargs.get("A_QUANT"):
+        # the x tile is quantized in registers (fp32) beside the accumulator: compiled for sm_90 (fc2 of
+        # U-ViT-H/2 and DiT-XL/2, bf16) 128x256 with 8 warps spilled 56 B/thread and 128x128 with 4
+        # warps 488-536 B at 255 registers; the configs whose x tile plus accumulator take at most 128
+        # fp32 registers per thread did not spill
+        k = lambda c: c.kwargs  # noqa: E731
+        kept = [c for c in kept
+                if k(c)["BLOCK_M"] * (k(c)["BLOCK_K"] + k(c)["BLOCK_N"]) <= 128 * 32 * c.num_warps]
+    return kept or [min(configs, key=smem)]
+
+
+@triton.jit
+def _amax_epilogue(acc, m0, n0, offs_m, mask_m, BIAS, OUT, N, stride_b, stride_om, stride_on,
+                   HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, USE_TMA: tl.constexpr, EPI_N: tl.constexpr):
+    """The epilogue of a GEMM whose output is the next FP8 GEMM's input (``AMAX_OUT``: fc1 before
+    fc2): bias, activation, the store in the output's dtype, and the absolute maximum of each row's
+    stored values over this ``(BLOCK_M, EPI_N)`` part (returned, fp32)."""
+    offs_n = n0.to(tl.int64) + tl.arange(0, EPI_N)
+    mask_n = offs_n < N
+    mask = mask_m[:, None] & mask_n[None, :]
+    if HAS_BIAS:
+        acc += tl.load(BIAS + offs_n * stride_b, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    acc = _act(acc, ACTIVATION)
+    if USE_TMA:
+        y = acc.to(OUT.dtype)
+        OUT.store([m0, n0], y)
+    else:
+        y = acc.to(OUT.dtype.element_ty)
+        tl.store(OUT + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on, y, mask=mask)
+    return tl.max(tl.where(mask, tl.abs(y.to(tl.float32)), 0.0), axis=1)
 
 
 @triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "ACTIVATION", "HAS_GATE", "HAS_RES", "USE_TMA",
-                                          "Y_ROUND", "EPI_QUARTERS"], prune_configs_by={"early_config_prune": _prune})
-@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+                                          "Y_ROUND", "EPI_QUARTERS", "A_QUANT", "AMAX_OUT"],
+                 prune_configs_by={"early_config_prune": _prune})
+@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0,
+                    "AMAX_SLOTS": lambda args: args["BLOCK_N"] // MIN_BLOCK_N})
 @triton.jit
 def _fp8_linear_fwd_kernel(
-    X, W, XS, WS, BIAS, RES, GATE, OUT,
-    M, N, K, M_BUCKET, gate_rows,
+    X, W, XS, WS, BIAS, RES, GATE, OUT, XA, AMAX,
+    M, N, K, M_BUCKET, gate_rows, TA,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_xs, stride_ws, stride_b,
-    stride_rm, stride_rn, stride_gg, stride_gn, stride_om, stride_on,
+    stride_rm, stride_rn, stride_gg, stride_gn, stride_om, stride_on, stride_xa, stride_am,
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr,
     USE_TMA: tl.constexpr, Y_ROUND: tl.constexpr, EPI_QUARTERS: tl.constexpr,
+    A_QUANT: tl.constexpr, AMAX_OUT: tl.constexpr, BLOCK_TA: tl.constexpr, AMAX_SLOTS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr,
 ):
     """X, W (and OUT, RES) are TMA descriptors with ``USE_TMA``, else pointers (``stride_*``). The K
     loop accumulates e4m3 products in fp32; the row and column scales multiply the accumulator tile;
-    the epilogue is :func:`kernels.fused_linear._epilogue` (``STORE_PRE`` off)."""
+    the epilogue is :func:`kernels.fused_linear._epilogue` (``STORE_PRE`` off).
+
+    ``A_QUANT`` (fc2 after fc1): X holds 16-bit activations, not e4m3; each row's scale comes from
+    the ``TA`` partial maxima fc1 wrote in XA (``(M, TA)``), and every x tile is quantized in
+    registers (:func:`kernels._fp8.quantize_tile`) before its dot: the bits the quantize kernel
+    would have written, without its pass over x. ``AMAX_OUT`` (fc1 before fc2; no gate, residual or
+    float32 output): the epilogue also writes the absolute maximum of each row's stored values over
+    each ``MIN_BLOCK_N`` columns to AMAX (``(M, cdiv(N, MIN_BLOCK_N))``: ``AMAX_SLOTS`` slots per
+    tile, the same value in each, so that the layout does not depend on the config)."""
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_tiles = num_pid_m * num_pid_n
@@ -216,9 +268,19 @@ def _fp8_linear_fwd_kernel(
         mask_m = offs_m < M
         mask_n = offs_n < N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if A_QUANT:  # the rows' scales from fc1's partial maxima
+            offs_ta = tl.arange(0, BLOCK_TA)
+            part = tl.load(XA + offs_m[:, None] * stride_xa + offs_ta[None, :],
+                           mask=mask_m[:, None] & (offs_ta[None, :] < TA), other=0.0)
+            xs, x_inv = row_scale(tl.max(part, axis=1))
+        else:
+            xs = tl.load(XS + offs_m * stride_xs, mask=mask_m, other=0.0)
+            x_inv = xs
         if USE_TMA:
             for ks in range(0, k_steps):
                 a = X.load([pid_m * BLOCK_M, ks * BLOCK_K])
+                if A_QUANT:
+                    a = quantize_tile(a.to(tl.float32), x_inv)
                 b = W.load([pid_n * BLOCK_N, ks * BLOCK_K])
                 acc = tl.dot(a, b.T, acc)
         else:
@@ -232,10 +294,11 @@ def _fp8_linear_fwd_kernel(
                     mask_k = offs_k < K - ks * BLOCK_K
                     a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
                     b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+                if A_QUANT:
+                    a = quantize_tile(a.to(tl.float32), x_inv)
                 acc = tl.dot(a, b, acc)
                 a_ptrs += BLOCK_K * stride_xk
                 b_ptrs += BLOCK_K * stride_wk
-        xs = tl.load(XS + offs_m * stride_xs, mask=mask_m, other=0.0)
         ws = tl.load(WS + offs_n * stride_ws, mask=mask_n, other=0.0)
         acc = acc * xs[:, None] * ws[None, :]
 
@@ -244,7 +307,18 @@ def _fp8_linear_fwd_kernel(
         acc0, acc1 = tl.split(halves)
         m0 = pid_m * BLOCK_M
         n0 = pid_n * BLOCK_N
-        if EPI_QUARTERS:
+        if AMAX_OUT:
+            amax = tl.maximum(
+                _amax_epilogue(acc0, m0, n0, offs_m, mask_m, BIAS, OUT, N, stride_b, stride_om, stride_on,
+                               HAS_BIAS, ACTIVATION, USE_TMA, BLOCK_N // 2),
+                _amax_epilogue(acc1, m0, n0 + BLOCK_N // 2, offs_m, mask_m, BIAS, OUT, N, stride_b, stride_om,
+                               stride_on, HAS_BIAS, ACTIVATION, USE_TMA, BLOCK_N // 2))
+            slots = pid_n * AMAX_SLOTS + tl.arange(0, AMAX_SLOTS)
+            n_slots = tl.cdiv(N, BLOCK_N // AMAX_SLOTS)
+            tl.store(AMAX + offs_m[:, None] * stride_am + slots[None, :],
+                     tl.broadcast_to(amax[:, None], (BLOCK_M, AMAX_SLOTS)),
+                     mask=mask_m[:, None] & (slots[None, :] < n_slots))
+        elif EPI_QUARTERS:
             acc00, acc01 = tl.split(tl.permute(tl.reshape(acc0, (BLOCK_M, 2, BLOCK_N // 4)), (0, 2, 1)))
             acc10, acc11 = tl.split(tl.permute(tl.reshape(acc1, (BLOCK_M, 2, BLOCK_N // 4)), (0, 2, 1)))
             _epilogue(acc00, m0, n0, offs_m, mask_m, BIAS, RES, GATE, OUT, OUT, N, gate_rows, stride_b,
@@ -288,7 +362,7 @@ def _check_scale(name: str, s, n: int, device) -> None:
 
 @on_inputs_device
 def fp8_linear_forward(x_q, x_scale, w_q, w_scale, bias=None, *, activation=None, residual=None, gate=None,
-                       gate_rows=1, out_dtype=torch.bfloat16, _use_tma=None):
+                       gate_rows=1, out_dtype=torch.bfloat16, x_amax=None, amax_out=False, _use_tma=None):
     """``residual + gate[m // gate_rows] * act((x_q @ w_q.T) * x_scale[:, None] * w_scale + bias)``.
 
     ``x_q (M, K)`` and ``w_q (N, K)`` float8_e4m3fn (any strides; TMA needs unit column strides and
@@ -297,8 +371,22 @@ def fp8_linear_forward(x_q, x_scale, w_q, w_scale, bias=None, *, activation=None
     their own dtypes. Returns ``out (M, N)`` contiguous in ``out_dtype`` (bfloat16, float16 or
     float32). When the epilogue has a gate or a residual and ``out_dtype`` is 16-bit,
     ``act(...)`` is rounded to ``out_dtype`` before them, as eager's ``residual + gate * y`` with a
-    16-bit ``y``."""
+    16-bit ``y``.
+
+    The MLP's pair (fc1 then fc2) without a quantize pass between them:
+
+    * ``amax_out=True`` (fc1: no gate or residual, a 16-bit ``out_dtype``) returns ``(out, amax)``,
+      ``amax (M, cdiv(N, MIN_BLOCK_N))`` float32: the absolute maxima of ``out``'s stored values per
+      ``MIN_BLOCK_N`` columns of each row;
+    * ``x_amax=amax`` (fc2): ``x_q`` is that 16-bit ``out`` (``x_scale`` None), quantized in the
+      kernel with each row's scale from the maxima, which gives the bits :func:`quantize_rows` would."""
+    if x_amax is not None:
+        _check_matrix("x", x_q)
+        if x_scale is not None:
+            raise ValueError("x_scale must be None with x_amax (the row scales come from x_amax)")
     for name, t in (("x_q", x_q), ("w_q", w_q)):
+        if x_amax is not None and name == "x_q":
+            continue
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a tensor; got {type(t).__name__}")
         if t.dtype != FP8_DTYPE:
@@ -313,7 +401,12 @@ def fp8_linear_forward(x_q, x_scale, w_q, w_scale, bias=None, *, activation=None
         raise ValueError(f"w_q is on {w_q.device}, expected {dev}")
     _check_fp8_device("x_q", x_q)
     N = w_q.shape[0]
-    _check_scale("x_scale", x_scale, M, dev)
+    if x_amax is not None:
+        _check_matrix("x_amax", x_amax, rows=M, dtype=torch.float32, device=dev)
+        if x_amax.stride(1) != 1:
+            raise ValueError("x_amax must have unit column stride")
+    else:
+        _check_scale("x_scale", x_scale, M, dev)
     _check_scale("w_scale", w_scale, N, dev)
     code = _act_code(activation)
     if out_dtype not in OUT_DTYPES:
@@ -325,9 +418,12 @@ def fp8_linear_forward(x_q, x_scale, w_q, w_scale, bias=None, *, activation=None
     if residual is not None:
         _check_matrix("residual", residual, rows=M, cols=N, device=dev)
     _check_gate(gate, gate_rows, M, N, None, dev)
+    if amax_out and (residual is not None or gate is not None or out_dtype == torch.float32):
+        raise ValueError("amax_out needs a 16-bit out_dtype and no residual or gate (fc1 before fc2)")
     out = empty(M, N, dtype=out_dtype, device=dev)
+    amax = empty(M, triton.cdiv(N, MIN_BLOCK_N), dtype=torch.float32, device=dev) if amax_out else None
     if M == 0 or N == 0:
-        return out
+        return (out, amax) if amax_out else out
     y_round = _Y_ROUND.get(out_dtype, 0) if (gate is not None or residual is not None) else 0
     if K == 0:  # no reduction: act(bias) broadcast
         from .fused_linear import _act_torch
@@ -336,7 +432,11 @@ def fp8_linear_forward(x_q, x_scale, w_q, w_scale, bias=None, *, activation=None
         h = h.to(out_dtype).float() if y_round else h
         h = h * (gate.float().repeat_interleave(gate_rows, 0) if gate is not None else 1)
         out.copy_(h + (residual.float() if residual is not None else 0))
-        return out
+        if amax_out:
+            pad = amax.shape[1] * MIN_BLOCK_N - N
+            a = torch.nn.functional.pad(out.float().abs(), (0, pad)).view(M, -1, MIN_BLOCK_N).amax(-1)
+            amax.copy_(a)
+        return (out, amax) if amax_out else out
     tma = use_tma(x_q, w_q, out, residual) if _use_tma is None else bool(_use_tma)
     if tma:
         x_arg, w_arg, out_arg = _descriptor(x_q), _descriptor(w_q), _descriptor(out)
@@ -351,15 +451,21 @@ def fp8_linear_forward(x_q, x_scale, w_q, w_scale, bias=None, *, activation=None
         per_sm = 1 if meta["BLOCK_M"] * meta["BLOCK_N"] >= 128 * 128 else 2
         return (min(tiles, sms * per_sm),)
 
+    ta = x_amax.shape[1] if x_amax is not None else 1
     launch(_fp8_linear_fwd_kernel, grid,
-           x_arg, w_arg, x_scale, w_scale,
+           x_arg, w_arg, x_scale if x_scale is not None else w_scale, w_scale,
            bias if bias is not None else out, res_arg, gate if gate is not None else out, out_arg,
-           M, N, K, m_bucket(M), int(gate_rows),
-           x_q.stride(0), x_q.stride(1), w_q.stride(0), w_q.stride(1), x_scale.stride(0), w_scale.stride(0),
+           x_amax if x_amax is not None else w_scale, amax if amax is not None else w_scale,
+           M, N, K, m_bucket(M), int(gate_rows), ta,
+           x_q.stride(0), x_q.stride(1), w_q.stride(0), w_q.stride(1),
+           x_scale.stride(0) if x_scale is not None else 0, w_scale.stride(0),
            bias.stride(0) if bias is not None else 0,
            residual.stride(0) if residual is not None else 0, residual.stride(1) if residual is not None else 0,
            gate.stride(0) if gate is not None else 0, gate.stride(1) if gate is not None else 0,
            out.stride(0), out.stride(1),
+           x_amax.stride(0) if x_amax is not None else 0, amax.stride(0) if amax is not None else 0,
            HAS_BIAS=bias is not None, ACTIVATION=code, HAS_GATE=gate is not None, HAS_RES=residual is not None,
-           USE_TMA=tma, Y_ROUND=y_round, EPI_QUARTERS=out.element_size() >= 4)
-    return out
+           USE_TMA=tma, Y_ROUND=y_round, EPI_QUARTERS=out.element_size() >= 4,
+           A_QUANT=x_amax is not None, AMAX_OUT=bool(amax_out),
+           BLOCK_TA=triton.next_power_of_2(ta))
+    return (out, amax) if amax_out else out

@@ -259,6 +259,51 @@ def test_linear_issue_shapes(rows, K, N, epilogue):
     _check_linear(rows, K, N, epilogue, torch.float16, seed=5)
 
 
+@pytest.mark.parametrize("gate", [None, "sample", "token"])
+def test_mlp_pair_equals_the_unfused_kernels(gate):
+    """fp8_mlp on the kernels (fc1 writes h and its rows' partial maxima; fc2 quantizes h in registers)
+    gives the bits of the unfused kernels (fc1, the quantize kernel, fc2): the same h, the same
+    row scales, the same e4m3 values, the same GEMM; and the reference's result within the 2x rule
+    against float64 on the same quantized h."""
+    lead, K, H, N = (2, 77), 72, 200, 100
+    x_q, x_s, w1, s1 = _quantized_inputs(154, K, H, lead=lead)
+    _, _, w2, s2 = _quantized_inputs(8, H, N, seed=2)
+    g = torch.Generator().manual_seed(8)
+    b1, b2 = (torch.randn(n, generator=g).half().to(DEVICE) for n in (H, N))
+    r = torch.randn(*lead, N, generator=g).half().to(DEVICE)
+    gt = {None: None, "sample": torch.randn(2, N, generator=g), "token": torch.randn(*lead, N, generator=g)}[gate]
+    gt = None if gt is None else gt.half().to(DEVICE)
+    kw = dict(activation="gelu_tanh", residual=r, gate=gt, out_dtype=torch.float16)
+    out = F8.fp8_mlp(x_q, x_s, w1, s1, b1, w2, s2, b2, backend="triton", **kw)
+    h = F8.fp8_linear(x_q, x_s, w1, s1, b1, activation="gelu_tanh", out_dtype=torch.float16, backend="triton")
+    h_q, h_s = F8.quantize_fp8(h, backend="triton")
+    unfused = F8.fp8_linear(h_q, h_s, w2, s2, b2, residual=r, gate=gt, out_dtype=torch.float16, backend="triton")
+    assert torch.equal(out, unfused)
+    base = F8.fp8_linear(h_q, h_s, w2, s2, b2, residual=r, gate=gt, out_dtype=torch.float16, backend="torch")
+    ref = F8.fp8_linear(h_q, h_s, w2, s2, b2, residual=r, gate=gt, out_dtype=torch.float64, backend="torch")
+    assert_parity(out, base, ref, name="fp8_mlp")
+    ref_mlp = F8.fp8_mlp(x_q, x_s, w1, s1, b1, w2, s2, b2, backend="torch", **kw)
+    assert _cos(ref_mlp, out) > 0.999
+
+
+def test_mlp_errors():
+    x_q, x_s, w1, s1 = _quantized_inputs(6, 32, 48)
+    _, _, w2, s2 = _quantized_inputs(4, 48, 16, seed=2)
+    with pytest.raises(ValueError, match=r"fp8_mlp: fc2_w_q must have shape \(N, 48\) for fc1_w_q \(48, 32\)"):
+        F8.fp8_mlp(x_q, x_s, w1, s1, None, w2[:, :40], s2, None)
+    with pytest.raises(TypeError, match=r"fp8_mlp: fc2_w_q must be torch.float8_e4m3fn"):
+        F8.fp8_mlp(x_q, x_s, w1, s1, None, w2.float(), s2, None)
+    with pytest.raises(ValueError, match=r"fp8_mlp: fc2_w_scale must be float32 of shape \(16,\)"):
+        F8.fp8_mlp(x_q, x_s, w1, s1, None, w2, s2[:3], None)
+    with pytest.raises(ValueError, match=r"fp8_mlp: residual must have the output's shape \(6, 16\)"):
+        F8.fp8_mlp(x_q, x_s, w1, s1, None, w2, s2, None, residual=torch.zeros(6, 48))
+    with pytest.raises(TypeError, match=r"fp8_mlp: backend='triton' keeps h in out_dtype, which must be bfloat16 or float16"):
+        F8.fp8_mlp(x_q, x_s, w1, s1, None, w2, s2, None, out_dtype=torch.float32, backend="triton")
+    with pytest.raises(ValueError, match=r"amax_out needs a 16-bit out_dtype and no residual or gate"):
+        from uvit_fast.kernels import fp8_linear as k
+        k.fp8_linear_forward(x_q, x_s, w1, s1, residual=torch.zeros(6, 48), out_dtype=torch.float16, amax_out=True)
+
+
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
 def test_scaled_mm_candidate(out_dtype):
     """``torch._scaled_mm`` with the eager epilogue: a PyTorch baseline, not a kernel, so no 2x rule;
@@ -319,6 +364,11 @@ def _opcheck_cases():
         ("fp8_linear", lambda: (x_q, x_s, w_q, w_s, None, None, None, None, 1, torch.float32)),
         ("fp8_linear", lambda: (x_q, x_s, w_q, w_s, r[0], r, r[:2].half(), "gelu", 9, torch.float32)),
         ("fp8_linear", lambda: (x_q, x_s, w_q, w_s, r[0].half(), r.half(), None, "gelu_tanh", 1, torch.float16)),
+        ("fp8_linear_amax", lambda: (x_q, x_s, w_q, w_s, r[0].half(), "gelu", torch.float16)),
+        # fc2 after fc1: a 16-bit h (18, 40) with its rows' partial maxima (any positive values here)
+        ("fp8_linear_prequant", lambda: (r.half(), r[:, :4].abs() + 1, *_quantized_inputs(4, 40, 24)[2:], None,
+                                         torch.randn(18, 24, device=DEVICE), torch.randn(2, 24, device=DEVICE), 9,
+                                         torch.float32)),
     ]
 
 
@@ -466,28 +516,34 @@ def test_quantize_uvit_with_its_long_skips():
 
 
 def test_fp8_blocks_fuse_their_epilogues(monkeypatch):
-    """A quantized block's MLP runs fc1 with its activation and fc2 with the gate and residual inside
-    the FP8 GEMM calls (DiT: gelu_tanh, the per-sample adaLN gate)."""
+    """A quantized block runs its MLP as one fp8_mlp call (fc1's activation; fc2's input quantized in
+    fc2; the gate and residual in fc2's epilogue) on the norm kernel's FP8 output, and qkv on the
+    other norm's (DiT: gelu_tanh, the per-sample adaLN gate)."""
     from uvit_fast import quantization
 
     m = _dit()
     uvit_fast.quantize(m)
-    calls = []
-    real = quantization.fp8_linear
+    linears, mlps = [], []
+    real_linear, real_mlp = quantization.fp8_linear, quantization.fp8_mlp
 
-    def spy(x_q, x_scale, w_q, w_scale, bias=None, **kw):
-        calls.append((tuple(w_q.shape), kw.get("activation"), kw.get("residual") is not None,
-                      None if kw.get("gate") is None else tuple(kw["gate"].shape)))
-        return real(x_q, x_scale, w_q, w_scale, bias, **kw)
+    def spy_linear(x_q, x_scale, w_q, w_scale, bias=None, **kw):
+        linears.append(tuple(w_q.shape))
+        return real_linear(x_q, x_scale, w_q, w_scale, bias, **kw)
 
-    monkeypatch.setattr(quantization, "fp8_linear", spy)
+    def spy_mlp(x_q, x_scale, w1, s1, b1, w2, s2, b2, **kw):
+        mlps.append((tuple(w1.shape), tuple(w2.shape), kw.get("activation"), kw.get("residual") is not None,
+                     None if kw.get("gate") is None else tuple(kw["gate"].shape)))
+        return real_mlp(x_q, x_scale, w1, s1, b1, w2, s2, b2, **kw)
+
+    monkeypatch.setattr(quantization, "fp8_linear", spy_linear)
+    monkeypatch.setattr(quantization, "fp8_mlp", spy_mlp)
     x, t, y = _dit_inputs(torch.bfloat16)
     with torch.no_grad():
         m(x, t, y)
     D, H = 384, 1536
-    assert calls.count(((H, D), "gelu_tanh", False, None)) == len(m.blocks)  # fc1
-    assert calls.count(((D, H), None, True, (2, D))) == len(m.blocks)  # fc2: residual + per-sample gate
-    assert calls.count(((3 * D, D), None, False, None)) == len(m.blocks)  # qkv
+    n = len(m.blocks)
+    assert mlps == [((H, D), (D, H), "gelu_tanh", True, (2, D))] * n
+    assert linears.count((3 * D, D)) == n and linears.count((D, D)) == n and len(linears) == 2 * n
 
 
 def test_state_dict_round_trip_and_float_checkpoints():
@@ -599,9 +655,9 @@ def test_quantized_model_on_the_kernels():
             base = m(x, t, y)
         with uvit_fast.use_backend("triton"), CustomOpRecorder() as rec:
             out = m(x, t, y)
-    # the norms write qkv's and fc1's inputs in FP8; the quantize kernel writes proj's and fc2's
-    assert {"uvit_fast.fp8_linear.default", "uvit_fast.fp8_quantize.default",
-            "uvit_fast.adaln_layer_norm_fp8.default"} <= rec.ops
+    # the norms write qkv's and fc1's inputs in FP8, the quantize kernel proj's; fc2 quantizes its own
+    assert {"uvit_fast.fp8_linear.default", "uvit_fast.fp8_quantize.default", "uvit_fast.adaln_layer_norm_fp8.default",
+            "uvit_fast.fp8_linear_amax.default", "uvit_fast.fp8_linear_prequant.default"} <= rec.ops
 
     def rel(a):
         return ((a.double() - ref).norm() / ref.norm()).item()

@@ -634,13 +634,18 @@ def _launch_fused_linear(s: Shape, dt) -> None:
         k.fused_linear_backward_weight(dy32, h, gate=gate, gate_rows=L, compute_bias=True)
 
 
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _launch_fp8_linear(s: Shape, dt) -> None:
     """The block's linears as :func:`uvit_fast.quantize` runs them (kernels/fp8_linear.py, bfloat16
-    output): each input's rows quantized to e4m3 (``quantize_rows`` at K = D: x for qkv and fc1, and
-    the attention output for proj, one launch shape; at K = 4D: fc1's output for fc2), then the FP8 GEMM
-    with the block's epilogue: qkv (DiT: bias; U-ViT-H/2 has none), proj (bias: the block adds
-    its residual in the residual LayerNorm), fc1 + GELU (DiT: tanh form) and fc2 + residual (DiT:
-    + per-sample gate), as :func:`uvit_fast.layers.mlp_residual` calls them."""
+    output): the attention output's rows quantized to e4m3 (``quantize_rows`` at K = D; the norms
+    write qkv's and fc1's inputs themselves), then the FP8 GEMM with the block's epilogue: qkv (DiT:
+    bias; U-ViT-H/2 has none), proj (bias: the block adds its residual in the residual LayerNorm),
+    fc1 + GELU (DiT: tanh form) writing its rows' partial maxima, and fc2 + residual (DiT: +
+    per-sample gate) quantizing its bf16 input in the kernel, as :func:`uvit_fast.layers.mlp_residual`
+    calls them; U-ViT: the long skip's ``[h, skip]`` quantize (K = 2D)."""
     import torch
 
     from uvit_fast.kernels import fp8_linear as k
@@ -664,10 +669,16 @@ def _launch_fp8_linear(s: Shape, dt) -> None:
     xq, xs = quantized(D)  # proj's input (the attention output, (M, D) too) is the same launch: not repeated
     k.fp8_linear_forward(xq, xs, w_qkv, s_qkv, _randn(3 * D, dtype=dt) if dit else None, out_dtype=torch.bfloat16)
     k.fp8_linear_forward(xq, xs, w_proj, s_proj, _randn(D, dtype=dt), out_dtype=torch.bfloat16)
-    k.fp8_linear_forward(xq, xs, w1, s1, _randn(H, dtype=dt), activation=act, out_dtype=torch.bfloat16)
-    hq, hs = quantized(H)
-    k.fp8_linear_forward(hq, hs, w2, s2, _randn(D, dtype=dt), residual=x, gate=gate, gate_rows=L,
-                         out_dtype=torch.bfloat16)
+    # the MLP as uvit_fast.ops.fp8.fp8_mlp runs it: fc1's epilogue writes h and its rows' partial
+    # maxima (AMAX_OUT); fc2 quantizes its bf16 h tiles in registers (A_QUANT), no quantize pass
+    h = _randn(M, H, dtype=torch.bfloat16)
+    amax = torch.rand(M, triton_cdiv(H, k.MIN_BLOCK_N)) + 0.5
+    k.fp8_linear_forward(xq, xs, w1, s1, _randn(H, dtype=dt), activation=act, out_dtype=torch.bfloat16,
+                         amax_out=True)
+    k.fp8_linear_forward(h, None, w2, s2, _randn(D, dtype=dt), residual=x, gate=gate, gate_rows=L,
+                         out_dtype=torch.bfloat16, x_amax=amax)
+    if not dit:  # U-ViT's long skip: the rows of [h, skip] quantized without the concat, then its GEMM
+        k.quantize_rows(_randn(M, D, dtype=dt), _randn(M, D, dtype=dt))
 
 
 _LAUNCHERS: Dict[str, Callable] = {

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from uvit_fast import dispatch, ops
 from uvit_fast._backend import resolve
 from uvit_fast.ops.patch_embed import _check_patchify_embed as check_patchify_embed
-from uvit_fast.quantization import FP8Linear
+from uvit_fast.quantization import FP8Linear, fp8_mlp_forward
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -292,8 +292,8 @@ def mlp_residual(mlp: nn.Module, x: torch.Tensor, h: torch.Tensor, gate: Optiona
         y = mlp(h)
         return x + y if gate is None else x + gate.unsqueeze(1) * y
     fc1, act, fc2 = parts
-    if type(fc1) is FP8Linear:  # uvit_fast.quantize: fc1's activation and fc2's gate and residual in the GEMMs
-        return fc2(fc1(h, activation=act), residual=x, gate=gate)
+    if type(fc1) is FP8Linear:  # uvit_fast.quantize: fc1's activation, fc2's input quantization, gate, residual
+        return fp8_mlp_forward(fc1, act, fc2, h, residual=x, gate=gate)
     return ops.fused_mlp(h, fc1.weight, fc1.bias, fc2.weight, fc2.bias, activation=act, residual=x, gate=gate)
 
 

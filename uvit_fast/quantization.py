@@ -35,7 +35,8 @@ import torch
 import torch.nn as nn
 
 from uvit_fast.ops.fp8 import (
-    FP8_DTYPE, OUT_DTYPES, FP8Activation, fp8_linear, quantize_fp8, quantize_fp8_concat, quantize_fp8_weight,
+    FP8_DTYPE, OUT_DTYPES, FP8Activation, fp8_linear, fp8_mlp, quantize_fp8, quantize_fp8_concat,
+    quantize_fp8_weight,
 )
 
 MODES = ("fp8",)
@@ -104,6 +105,22 @@ class FP8Linear(nn.Module):
             state_dict.setdefault(prefix + "weight_scale", s)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+
+
+def fp8_mlp_forward(fc1: FP8Linear, activation: Optional[str], fc2: FP8Linear, x, residual=None, gate=None):
+    """``residual + gate * fc2(act(fc1(x)))`` for two :class:`FP8Linear` (``x``: a tensor or an
+    :class:`FP8Activation`): one :func:`uvit_fast.ops.fp8.fp8_mlp` call, whose Triton path quantizes
+    fc2's input inside fc2 from the row maxima fc1's epilogue wrote (no quantize pass between them).
+    A float32 activation stream runs the two linears one after the other."""
+    if isinstance(x, FP8Activation):
+        x_q, x_scale, dtype = x
+    else:
+        (x_q, x_scale), dtype = quantize_fp8(x), x.dtype
+    if dtype not in (torch.bfloat16, torch.float16):
+        h = fc1(FP8Activation(x_q, x_scale, dtype), activation=activation)
+        return fc2(h, residual=residual, gate=gate)
+    return fp8_mlp(x_q, x_scale, fc1.weight, fc1.weight_scale, fc1.bias, fc2.weight, fc2.weight_scale, fc2.bias,
+                   activation=activation, residual=residual, gate=gate, out_dtype=dtype)
 
 
 class FP8SkipLinear(FP8Linear):

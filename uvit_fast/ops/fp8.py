@@ -159,21 +159,26 @@ def _check_fp8_linear(x_q, x_scale, w_q, w_scale, bias, activation, residual, ga
     if out_dtype not in OUT_DTYPES + (torch.float64,):
         raise TypeError(f"{op}: out_dtype must be torch.bfloat16, torch.float16 or torch.float32 (float64: "
                         f"backend='torch' only); got {out_dtype!r}")
-    out_shape = (*x_q.shape[:-1], N)
-    check_tensor(op, "residual", residual, optional=True)
-    check_tensor(op, "gate", gate, optional=True)
-    if residual is not None and tuple(residual.shape) != out_shape:
-        raise ValueError(f"{op}: residual must have the output's shape {out_shape} for x_q {tuple(x_q.shape)}; "
-                         f"got {tuple(residual.shape)}")
-    if gate is not None and tuple(gate.shape) != out_shape:
-        per_sample = (x_q.shape[0], N) if x_q.dim() >= 3 else None
-        if per_sample is None or tuple(gate.shape) != per_sample:
-            want = f"(B, N) = {per_sample} (per sample) or " if per_sample else ""
-            raise ValueError(f"{op}: gate must have shape {want}the output's shape {out_shape} (per token) "
-                             f"for x_q {tuple(x_q.shape)}; got {tuple(gate.shape)}")
+    _check_epilogue(op, tuple(x_q.shape), N, residual, gate)
     check_same_device(op, x_q=x_q, x_scale=x_scale, w_q=w_q, w_scale=w_scale, bias=bias, residual=residual,
                       gate=gate)
     _check_no_grad(op, bias=bias, residual=residual, gate=gate)
+
+
+def _check_epilogue(op: str, x_shape: tuple, N: int, residual, gate) -> None:
+    """The residual has the output's shape ``(..., N)``; the gate that, or ``(B, N)`` per sample."""
+    out_shape = (*x_shape[:-1], N)
+    check_tensor(op, "residual", residual, optional=True)
+    check_tensor(op, "gate", gate, optional=True)
+    if residual is not None and tuple(residual.shape) != out_shape:
+        raise ValueError(f"{op}: residual must have the output's shape {out_shape} for x_q {x_shape}; "
+                         f"got {tuple(residual.shape)}")
+    if gate is not None and tuple(gate.shape) != out_shape:
+        per_sample = (x_shape[0], N) if len(x_shape) >= 3 else None
+        if per_sample is None or tuple(gate.shape) != per_sample:
+            want = f"(B, N) = {per_sample} (per sample) or " if per_sample else ""
+            raise ValueError(f"{op}: gate must have shape {want}the output's shape {out_shape} (per token) "
+                             f"for x_q {x_shape}; got {tuple(gate.shape)}")
 
 
 def fp8_supported(device: torch.device) -> bool:
@@ -371,7 +376,7 @@ def _linear_plan(x_q, x_scale, w_q, w_scale, bias, residual, gate, activation, o
     _check_fp8_linear(x_q, x_scale, w_q, w_scale, bias, activation, residual, gate, out_dtype)
     tensors = (x_q, x_scale, w_q, w_scale, bias, residual, gate)
     if backend == "scaled_mm":
-        _check_scaled_mm(op, x_q, w_q, out_dtype, strict=True)
+        _check_scaled_mm(op, x_q.device, x_q.shape[-1], w_q.shape[0], out_dtype, strict=True)
         return _scaled_mm_linear
     if out_dtype == torch.float64:
         if backend == "triton" or (backend == "auto" and get_backend() == "triton"):
@@ -391,7 +396,7 @@ def _linear_plan(x_q, x_scale, w_q, w_scale, bias, residual, gate, activation, o
         if device.type != "cuda":  # the interpreter: the kernel's math, not its speed
             return _linear_reference
         candidates = {"triton": _linear_triton}
-        if _check_scaled_mm(op, x_q, w_q, out_dtype, strict=False):
+        if _check_scaled_mm(op, device, x_q.shape[-1], w_q.shape[0], out_dtype, strict=False):
             candidates = {"scaled_mm": _scaled_mm_linear, **candidates}
         rows = math.prod(x_q.shape[:-1])
         flags = f"act={activation},bias={int(bias is not None)},gate={_gate_flag(x_q, w_q.shape[0], gate)}," \
@@ -409,15 +414,13 @@ def _linear_reference(x_q, x_scale, w_q, w_scale, bias, residual, gate, activati
                                 gate=gate, out_dtype=out_dtype)
 
 
-def _check_scaled_mm(op: str, x_q, w_q, out_dtype, strict: bool) -> bool:
+def _check_scaled_mm(op: str, dev: torch.device, K: int, N: int, out_dtype, strict: bool) -> bool:
     """``torch._scaled_mm`` with row-wise scales: on CUDA it needs sm_89+, K and N multiples of 16 and
     a bfloat16 output; on CPU it runs any shape."""
-    dev = x_q.device
     why = None
     if out_dtype == torch.float64:
         why = "out_dtype float64"
     elif dev.type == "cuda":
-        K, N = x_q.shape[-1], w_q.shape[0]
         if not fp8_supported(dev):
             why = f"{dev} has no FP8 (compute capability below 8.9)"
         elif K % 16 or N % 16:
@@ -452,6 +455,142 @@ def _linear_triton(x_q, x_scale, w_q, w_scale, bias, residual, gate, activation,
 
 
 _LINEAR_PLANS = Plans("fp8_linear")
+
+
+# --------------------------------------------------------------------------------------------
+# fp8_mlp: fc1 + activation, then fc2 + gate + residual, with fc2's input quantized inside fc2
+# --------------------------------------------------------------------------------------------
+def fp8_mlp_reference(
+    x_q: torch.Tensor,
+    x_scale: torch.Tensor,
+    fc1_w_q: torch.Tensor,
+    fc1_w_scale: torch.Tensor,
+    fc1_bias: Optional[torch.Tensor],
+    fc2_w_q: torch.Tensor,
+    fc2_w_scale: torch.Tensor,
+    fc2_bias: Optional[torch.Tensor],
+    *,
+    activation: Optional[str] = "gelu",
+    residual: Optional[torch.Tensor] = None,
+    gate: Optional[torch.Tensor] = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """Plain PyTorch specification: ``h = fp8_linear(x, fc1, activation)`` in ``out_dtype``, ``h``
+    quantized per row (:func:`quantize_fp8_reference`), then ``fp8_linear(h, fc2, residual, gate)``."""
+    h = fp8_linear_reference(x_q, x_scale, fc1_w_q, fc1_w_scale, fc1_bias, activation=activation,
+                             out_dtype=out_dtype)
+    h_q, h_scale = quantize_fp8_reference(h)
+    return fp8_linear_reference(h_q, h_scale, fc2_w_q, fc2_w_scale, fc2_bias, residual=residual, gate=gate,
+                                out_dtype=out_dtype)
+
+
+def fp8_mlp(
+    x_q: torch.Tensor,
+    x_scale: torch.Tensor,
+    fc1_w_q: torch.Tensor,
+    fc1_w_scale: torch.Tensor,
+    fc1_bias: Optional[torch.Tensor],
+    fc2_w_q: torch.Tensor,
+    fc2_w_scale: torch.Tensor,
+    fc2_bias: Optional[torch.Tensor],
+    *,
+    activation: Optional[str] = "gelu",
+    residual: Optional[torch.Tensor] = None,
+    gate: Optional[torch.Tensor] = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``residual + gate * fc2(act(fc1(x)))`` with both GEMMs in FP8 (:func:`fp8_mlp_reference`).
+
+    The Triton path is two kernels and no quantize pass: fc1's epilogue writes ``h`` (16-bit) and the
+    partial maxima of its rows; fc2 quantizes its ``h`` tiles in registers with the row scales those
+    give, the bits :func:`quantize_fp8` would write. ``out_dtype`` must be 16-bit there (``h`` has
+    it). Backends as :func:`fp8_linear` (``"scaled_mm"``: two ``torch._scaled_mm`` with the quantize
+    kernel between them)."""
+    sig, plan = _MLP_PLANS.lookup((backend, activation, type(activation), out_dtype), x_q, x_scale, fc1_w_q,
+                                  fc1_w_scale, fc1_bias, fc2_w_q, fc2_w_scale, fc2_bias, residual, gate)
+    if plan is None:
+        plan = _MLP_PLANS.put(sig, _mlp_plan(x_q, x_scale, fc1_w_q, fc1_w_scale, fc1_bias, fc2_w_q, fc2_w_scale,
+                                             fc2_bias, residual, gate, activation, out_dtype, backend))
+    return plan(x_q, x_scale, fc1_w_q, fc1_w_scale, fc1_bias, fc2_w_q, fc2_w_scale, fc2_bias, residual, gate,
+                activation, out_dtype)
+
+
+def _mlp_plan(x_q, x_scale, w1, s1, b1, w2, s2, b2, residual, gate, activation, out_dtype, backend):
+    op = "fp8_mlp"
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {BACKENDS}; got {backend!r}")
+    _check_fp8_linear(x_q, x_scale, w1, s1, b1, activation, None, None, out_dtype)
+    H = w1.shape[0]
+    _check_fp8(op, "fc2_w_q", w2, 2)
+    if w2.shape[1] != H:
+        raise ValueError(f"{op}: fc2_w_q must have shape (N, {H}) for fc1_w_q {tuple(w1.shape)}; got {tuple(w2.shape)}")
+    N = w2.shape[0]
+    check_tensor(op, "fc2_w_scale", s2)
+    if s2.dtype != torch.float32 or tuple(s2.shape) != (N,):
+        raise ValueError(f"{op}: fc2_w_scale must be float32 of shape ({N},); got {s2.dtype} {tuple(s2.shape)}")
+    check_tensor(op, "fc2_bias", b2, 1, optional=True)
+    if b2 is not None and b2.shape[0] != N:
+        raise ValueError(f"{op}: fc2_bias has shape {shape_str(b2)} but fc2_w_q {tuple(w2.shape)} needs ({N},)")
+    _check_epilogue(op, tuple(x_q.shape), N, residual, gate)
+    check_same_device(op, x_q=x_q, fc2_w_q=w2, fc2_w_scale=s2, fc2_bias=b2, residual=residual, gate=gate)
+    _check_no_grad(op, fc2_bias=b2, residual=residual, gate=gate)
+    tensors = (x_q, x_scale, w1, s1, b1, w2, s2, b2, residual, gate)
+    forced = backend == "triton" or (backend == "auto" and get_backend() == "triton")
+    if backend == "scaled_mm":
+        _check_scaled_mm(op, x_q.device, x_q.shape[-1], H, out_dtype, strict=True)
+        _check_scaled_mm(op, x_q.device, H, N, out_dtype, strict=True)
+        return _mlp_scaled_mm
+    if out_dtype not in (torch.bfloat16, torch.float16):
+        if forced:
+            raise TypeError(f"{op}: backend='triton' keeps h in out_dtype, which must be bfloat16 or float16; got "
+                            f"{out_dtype} (use backend='torch')")
+        return _mlp_reference
+    choice = resolve(backend, op, *tensors)
+    device = x_q.device
+    if choice in ("triton", "measure") and device.type == "cuda" and not fp8_supported(device):
+        if forced:
+            cap = torch.cuda.get_device_capability(device)
+            raise ValueError(f"{op}: backend='triton' needs a GPU of compute capability 8.9 or newer for FP8; "
+                             f"{device} is {cap[0]}.{cap[1]} (use backend='torch')")
+        return _mlp_reference
+    if choice == "measure":
+        if device.type != "cuda":
+            return _mlp_reference
+        candidates = {"triton": _mlp_triton}
+        if _check_scaled_mm(op, device, x_q.shape[-1], H, out_dtype, strict=False) and \
+                _check_scaled_mm(op, device, H, N, out_dtype, strict=False):
+            candidates = {"scaled_mm": _mlp_scaled_mm, **candidates}
+        flags = f"act={activation},gate={_gate_flag(x_q, w2.shape[0], gate)},res={int(residual is not None)}," \
+                f"out={str(out_dtype).rsplit('.', 1)[-1]}"
+        bound = {name: (lambda fn: lambda *t: fn(*t, activation, out_dtype))(fn) for name, fn in candidates.items()}
+        choice = measure(op, tensors, bound, rows=math.prod(x_q.shape[:-1]), dims=(x_q.shape[-1], H, w2.shape[0]),
+                         flags=flags)
+        return candidates[choice]
+    return _mlp_reference if choice == "torch" else _mlp_triton
+
+
+def _mlp_reference(x_q, x_scale, w1, s1, b1, w2, s2, b2, residual, gate, activation, out_dtype):
+    return fp8_mlp_reference(x_q, x_scale, w1, s1, b1, w2, s2, b2, activation=activation, residual=residual,
+                             gate=gate, out_dtype=out_dtype)
+
+
+def _mlp_scaled_mm(x_q, x_scale, w1, s1, b1, w2, s2, b2, residual, gate, activation, out_dtype):
+    h = _scaled_mm_linear(x_q, x_scale, w1, s1, b1, None, None, activation, out_dtype)
+    h_q, h_scale = quantize_fp8(h)
+    return _scaled_mm_linear(h_q, h_scale, w2, s2, b2, residual, gate, None, out_dtype)
+
+
+def _mlp_triton(x_q, x_scale, w1, s1, b1, w2, s2, b2, residual, gate, activation, out_dtype):
+    N = w2.shape[0]
+    h, amax = torch.ops.uvit_fast.fp8_linear_amax(_rows2d(x_q), x_scale.reshape(-1), w1, s1, b1, activation,
+                                                  out_dtype)
+    g2, gate_rows = _gate_rows(x_q, N, gate)
+    out = torch.ops.uvit_fast.fp8_linear_prequant(h, amax, w2, s2, b2, _rows(residual, N), g2, gate_rows, out_dtype)
+    return out.view(*x_q.shape[:-1], N)
+
+
+_MLP_PLANS = Plans("fp8_mlp")
 
 
 # --------------------------------------------------------------------------------------------
@@ -529,11 +668,56 @@ def _(x_q, x_scale, w_q, w_scale, bias, residual, gate, activation, gate_rows, o
     return x_q.new_empty((x_q.shape[0], w_q.shape[0]), dtype=out_dtype)
 
 
+@torch.library.custom_op("uvit_fast::fp8_linear_amax", mutates_args=())
+def _fp8_linear_amax_op(
+    x_q: torch.Tensor,
+    x_scale: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    activation: Optional[str],
+    out_dtype: torch.dtype,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """fc1 of :func:`fp8_mlp`: ``(h, partial row maxima of h)``."""
+    return _kernel().fp8_linear_forward(x_q, x_scale, w_q, w_scale, bias, activation=activation,
+                                        out_dtype=out_dtype, amax_out=True)
+
+
+@_fp8_linear_amax_op.register_fake
+def _(x_q, x_scale, w_q, w_scale, bias, activation, out_dtype):
+    M, N = x_q.shape[0], w_q.shape[0]
+    slots = -(-N // _kernel().MIN_BLOCK_N)
+    return x_q.new_empty((M, N), dtype=out_dtype), x_q.new_empty((M, slots), dtype=torch.float32)
+
+
+@torch.library.custom_op("uvit_fast::fp8_linear_prequant", mutates_args=())
+def _fp8_linear_prequant_op(
+    x: torch.Tensor,
+    x_amax: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    residual: Optional[torch.Tensor],
+    gate: Optional[torch.Tensor],
+    gate_rows: int,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """fc2 of :func:`fp8_mlp`: its 16-bit input quantized in the kernel from fc1's row maxima."""
+    return _kernel().fp8_linear_forward(x, None, w_q, w_scale, bias, residual=residual, gate=gate,
+                                        gate_rows=gate_rows, out_dtype=out_dtype, x_amax=x_amax)
+
+
+@_fp8_linear_prequant_op.register_fake
+def _(x, x_amax, w_q, w_scale, bias, residual, gate, gate_rows, out_dtype):
+    return x.new_empty((x.shape[0], w_q.shape[0]), dtype=out_dtype)
+
+
 def _register_flop_formulas() -> None:
     """torch.utils.flop_counter formulas: the GEMM of the FP8 linear (2 M N K), none for quantizing."""
     from torch.utils.flop_counter import register_flop_formula
 
-    @register_flop_formula(torch.ops.uvit_fast.fp8_linear)
+    @register_flop_formula([torch.ops.uvit_fast.fp8_linear, torch.ops.uvit_fast.fp8_linear_amax,
+                            torch.ops.uvit_fast.fp8_linear_prequant])
     def _fwd(x_shape, xs_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
         return 2 * x_shape[0] * x_shape[1] * w_shape[0]
 
@@ -549,6 +733,8 @@ __all__ = [
     "dequantize_fp8",
     "fp8_linear",
     "fp8_linear_reference",
+    "fp8_mlp",
+    "fp8_mlp_reference",
     "fp8_supported",
     "quantize_fp8",
     "quantize_fp8_concat",
