@@ -20,6 +20,10 @@ OPS = {
     "attention": r"^tests/test_attention\.py::test_parity_matrix",
     "fused_linear": r"^tests/test_fused_linear\.py::test_linear_every_activation\[",
     "fused_mlp": r"^tests/test_fused_linear\.py::test_mlp_parity\[",
+    "fp8_linear": r"^tests/test_fp8\.py::test_linear_every_epilogue\[",
+    "fp8_mlp": r"^tests/test_fp8\.py::test_mlp_pair_equals_the_unfused_kernels\[",
+    "quantize_fp8": r"^tests/test_fp8\.py::test_quantize_parity\[",
+    "adaln fp8 output": r"^tests/test_fp8\.py::test_adaln_fp8_output\[",
 }
 OPCHECK = {
     "adaln ops": r"^tests/test_adaln_layer_norm\.py::test_opcheck",
@@ -27,6 +31,7 @@ OPCHECK = {
     "skip_concat_linear": r"^tests/test_skip_concat_linear\.py::test_opcheck",
     "attention ops": r"^tests/test_attention\.py::test_opcheck",
     "fused_linear ops": r"^tests/test_fused_linear\.py::test_opcheck",
+    "fp8 ops": r"^tests/test_fp8\.py::test_opcheck",
 }
 MODELS = {
     "UViT": r"^tests/test_models\.py::test_uvit_matches_reference",
